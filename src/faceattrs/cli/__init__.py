@@ -1,0 +1,68 @@
+"""Command line: ``faceattrs COMMAND ...``. Each command lives in ``cli/COMMAND.py``.
+
+A command module only parses arguments (``add_arguments(parser)``) and calls stage
+functions (``run(args) -> exit status``); the work itself lives in the stage modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+
+from .. import __version__
+from ..exceptions import FaceattrsError
+
+# (command, module, one-line help); listed in pipeline order.
+COMMANDS = [
+    ("prepare", "prepare", "read, validate, de-duplicate and split a face CSV or photo folder"),
+    ("train", "train", "train the multitask (gender + ethnicity) model"),
+    ("evaluate", "evaluate", "metrics and figures of a trained model on a split or a file"),
+    ("calibrate", "calibrate", "fit temperature scaling on the validation split"),
+    ("explain", "explain", "Grad-CAM overlays for a photo or misclassified test faces"),
+    ("errors", "errors", "cluster the misclassified test faces"),
+    ("train-age", "train_age", "train the age model on top of a multitask model"),
+    ("predict", "predict", "faces in photos -> gender, ethnicity, age"),
+    ("export", "export", "export the models to ONNX"),
+    ("report", "report", "write the run's self-contained report.html"),
+    ("run", "run", "every stage in order, ending with the report"),
+    ("serve", "serve", "REST API and web page"),
+]
+
+
+class CLIError(FaceattrsError):
+    """An error to print as one line, with exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="faceattrs", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"faceattrs {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module, help_ in COMMANDS:
+        modname = f"{__name__}.{module}"
+        if importlib.util.find_spec(modname) is None:
+            continue  # command not built yet
+        mod = importlib.import_module(modname)
+        p = sub.add_parser(name, help=help_, description=mod.__doc__)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+    )
+    try:
+        return int(args._run(args) or 0)
+    except FaceattrsError as e:
+        print(f"faceattrs {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,121 @@
+"""The reference's modified ResNet-18 for 48x48 grayscale faces, with named task heads.
+
+Input ``(B, 1, 48, 48)`` float, standardised to [-1, 1]. ``forward`` returns a dict of
+logits per head; ``embed`` returns the shared embedding ``(B, 512 * width)``.
+``cam_layer`` names the module Grad-CAM should hook (the last residual stage).
+
+>>> import torch
+>>> m = FaceResNet(ModelConfig(width=0.125)).eval()
+>>> out = m(torch.zeros(2, 1, 48, 48))
+>>> {k: tuple(v.shape) for k, v in out.items()}
+{'gender': (2, 2), 'ethnicity': (2, 5)}
+>>> tuple(m.embed(torch.zeros(2, 1, 48, 48)).shape)
+(2, 64)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    width: float = 1.0  # channel multiplier: 1.0 = 64/128/256/512 (the reference)
+    in_channels: int = 1  # grayscale input
+    dropout: float = 0.35  # before each head, after LayerNorm
+    blocks: tuple[int, ...] = (2, 2, 2, 2)  # BasicBlocks per stage (ResNet-18)
+    heads: dict[str, int] = field(default_factory=lambda: {"gender": 2, "ethnicity": 5})
+
+
+class BasicBlock(nn.Module):
+    """2 x (conv3x3 + BN) with ReLU, skip with a 1x1 projection when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class Head(nn.Module):
+    """LayerNorm + Dropout + Linear on the shared embedding."""
+
+    def __init__(self, dim: int, classes: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, classes)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.norm(z)))
+
+
+class FaceResNet(nn.Module):
+    """Backbone (stem + 4 stages + global average pool) and one :class:`Head` per task."""
+
+    cam_layer = "stages.3"  # last residual stage, 6x6 maps at 48x48 input
+
+    def __init__(self, cfg: ModelConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or ModelConfig()
+        chans = [max(8, round(c * cfg.width)) for c in (64, 128, 256, 512)]
+        # 3x3 stride-1 stem and no max-pool: 48x48 faces are too small to downsample early.
+        self.stem = nn.Sequential(
+            nn.Conv2d(cfg.in_channels, chans[0], 3, 1, 1, bias=False),
+            nn.BatchNorm2d(chans[0]),
+            nn.ReLU(inplace=True),
+        )
+        stages, cin = [], chans[0]
+        for i, (cout, n) in enumerate(zip(chans, cfg.blocks, strict=True)):
+            blocks = []
+            for j in range(n):
+                blocks.append(BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
+                cin = cout
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.embed_dim = cin
+        self.heads = nn.ModuleDict(
+            {name: Head(cin, k, cfg.dropout) for name, k in cfg.heads.items()}
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                # He normal, Var(w) = 2 / fan_in, as the reference specifies.
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d | nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, 48, 48)`` -> feature maps ``(B, D, 6, 6)``."""
+        return self.stages(self.stem(x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, 48, 48)`` -> embedding ``(B, D)``, D = 512 at full width."""
+        return self.pool(self.forward_features(x)).flatten(1)
+
+    def forward_head(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: head(z) for name, head in self.heads.items()}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.forward_head(self.embed(x))
