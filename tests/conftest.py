@@ -1,0 +1,55 @@
+"""Shared fixtures: paths to the real data in ../shared (skipped when absent) and small
+synthetic face sets for logic tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+SHARED_CSV = SHARED / "utkface48.csv.gz"
+SHARED_PHOTOS = SHARED / "photos"
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture
+def shared_csv() -> Path:
+    if not SHARED_CSV.exists():
+        pytest.skip(f"real data not available: {SHARED_CSV} is absent (it lives outside the repo)")
+    return SHARED_CSV
+
+
+@pytest.fixture
+def shared_photos() -> Path:
+    if not SHARED_PHOTOS.is_dir():
+        pytest.skip(f"real photos not available: {SHARED_PHOTOS} is absent (outside the repo)")
+    return SHARED_PHOTOS
+
+
+def synthetic_faceset(n: int = 60, seed: int = 0, split: bool = True):
+    """A small random :class:`FaceSet` with every class present and a 80/10/10-ish split."""
+    from faceattrs.dataset import FaceSet
+
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 48, 48), dtype=np.uint8)
+    ethnicity = (np.arange(n) % 5).astype(np.int8)
+    gender = ((np.arange(n) // 5) % 2).astype(np.int8)
+    age = rng.integers(1, 90, size=n).astype(np.int16)
+    sp = np.zeros(n, np.int8)
+    if split:
+        sp[np.arange(n) % 10 == 8] = 1
+        sp[np.arange(n) % 10 == 9] = 2
+    else:
+        sp[:] = -1
+    names = np.array([f"img{i}.jpg" for i in range(n)])
+    return FaceSet(images, age, gender, ethnicity, sp, names)
+
+
+@pytest.fixture
+def tiny_faces():
+    return synthetic_faceset()
