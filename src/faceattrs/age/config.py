@@ -1,0 +1,58 @@
+"""Settings of the age stage (``faceattrs train-age``): one dataclass, named presets.
+
+``paper`` follows the reference (six bins, head-only training then full fine-tuning,
+early stopping on validation macro-F1, one regressor per bin); ``cpu`` shortens every
+schedule so that the whole stage runs in well under an hour on two CPU cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class AgeConfig:
+    # Bins
+    n_bins: int = 6  # coarse age bins of about equal size (training-age quantiles)
+    edges: tuple[float, ...] = ()  # explicit inner edges, e.g. 16,26,29,37,53; () = quantiles
+    min_age: float = 1.0  # predictions and training targets are clipped to [min_age, max_age]
+    max_age: float = 100.0
+    # Fine-tuning from the multitask backbone (coarse classifier and direct head alike)
+    batch_size: int = 128  # training batch size
+    head_epochs: int = 3  # stage 1: only the new head trains, the backbone is frozen
+    head_lr: float = 1e-3  # stage 1 learning rate (AdamW)
+    finetune_epochs: int = 20  # stage 2: the whole network trains
+    finetune_lr: float = 1e-4  # stage 2 learning rate: lower, the backbone is already trained
+    warmup_epochs: int = 1  # stage 2 linear warm-up before the cosine schedule
+    weight_decay: float = 1e-3  # AdamW weight decay (as the multitask model)
+    label_smoothing: float = 0.0  # coarse classifier cross-entropy label smoothing
+    patience: int = 5  # early stopping patience (epochs) in stage 2
+    min_delta: float = 1e-3  # smallest improvement that resets the patience
+    max_batches: int = 0  # stop each epoch after this many batches (0 = all; for smoke tests)
+    # Per-bin regressors on the frozen coarse embeddings
+    reg_hidden: int = 128  # hidden units of each regressor
+    reg_dropout: float = 0.1  # dropout inside each regressor
+    reg_loss: str = "huber"  # "huber" or "l1", in years
+    huber_delta: float = 2.0  # Huber transition point, years
+    reg_epochs: int = 200  # maximum epochs per regressor (early-stopped on its bin's val MAE)
+    reg_lr: float = 1e-3  # regressor learning rate (AdamW)
+    reg_weight_decay: float = 1e-4  # regressor weight decay
+    reg_patience: int = 20  # regressor early-stopping patience (epochs)
+    reg_batch_size: int = 256  # regressor batch size
+    clip_to_bin: bool = True  # clamp each regressor's output to its bin's training-age range
+    # The alternative: a direct age head on the same backbone
+    direct: bool = True  # also train the direct head and compare
+    direct_loss: str = "dldl"  # "dldl" (label distribution + L1 on the mean) or "mean_variance"
+    direct_sigma: float = 2.0  # std (years) of the Gaussian label distribution (dldl)
+    direct_mean_weight: float = 1.0  # weight of the expectation term (L1 for dldl, L2 for mv)
+    direct_var_weight: float = 0.05  # weight of the variance term (mean_variance only)
+    # Run
+    seed: int = 0  # seeds every random choice (init, batches, augmentation)
+    eval_batch_size: int = 512  # batch size for embeddings and evaluation
+
+
+PRESETS: dict[str, dict] = {
+    "paper": {"head_epochs": 5, "finetune_epochs": 30, "patience": 8},
+    "cpu": {"head_epochs": 1, "finetune_epochs": 2, "patience": 2, "reg_epochs": 100,
+            "reg_patience": 10},
+}

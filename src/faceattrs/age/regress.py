@@ -1,0 +1,176 @@
+"""Stage 2 of the two-stage age model: one small regressor per age bin, and routing.
+
+Each regressor is a small fully connected head on the frozen coarse model's embedding,
+trained only on the training faces of its own bin (L1 or Huber loss in years) and
+early-stopped on that bin's validation faces. Predictions are combined by routing:
+
+- ``hard``: the regressor of the predicted bin (the reference);
+- ``soft``: the bin probabilities weight all regressors' outputs;
+- ``oracle``: the regressor of the true bin (needs the true age: evaluation only).
+
+>>> probs = np.array([[0.7, 0.3], [0.2, 0.8]])
+>>> per_bin = np.array([[10.0, 30.0], [12.0, 40.0]])
+>>> route(probs, per_bin, "hard").tolist()
+[10.0, 40.0]
+>>> route(probs, per_bin, "soft").round(6).tolist()
+[16.0, 34.4]
+>>> route_by_bin(per_bin, np.array([1, 0])).tolist()
+[30.0, 12.0]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..exceptions import FaceattrsError
+from .bins import assign_bins
+
+log = logging.getLogger(__name__)
+
+ROUTINGS = ("hard", "soft")
+
+
+def route(bin_probs: np.ndarray, per_bin: np.ndarray, routing: str) -> np.ndarray:
+    """Combine per-bin predictions ``(N, K)`` with bin probabilities ``(N, K)`` -> ``(N,)``."""
+    if routing == "hard":
+        return route_by_bin(per_bin, np.argmax(bin_probs, axis=1))
+    if routing == "soft":
+        return np.sum(bin_probs * per_bin, axis=1)
+    raise FaceattrsError(f"unknown age routing {routing!r}; use one of {ROUTINGS}")
+
+
+def route_by_bin(per_bin: np.ndarray, bins: np.ndarray) -> np.ndarray:
+    """The prediction of bin ``bins[i]``'s regressor for each face."""
+    return per_bin[np.arange(len(per_bin)), np.asarray(bins)]
+
+
+class BinRegressors(nn.Module):
+    """``K`` independent MLPs on a ``(B, D)`` embedding -> ``(B, K)`` ages in years.
+
+    Regressor ``k`` predicts ``center[k] + scale[k] * mlp_k(z)`` (targets standardised per
+    bin so that every head starts near its bin's typical age). With ``clip=True`` each
+    output is clamped to ``[low[k], high[k]]``, the range of its bin's training ages.
+    The centres, scales and ranges are buffers, so they travel in the weights file.
+    """
+
+    def __init__(self, dim: int, n_bins: int, hidden: int = 128, dropout: float = 0.1):
+        super().__init__()
+        self.dim, self.n_bins, self.hidden, self.dropout = dim, n_bins, hidden, dropout
+        self.mlps = nn.ModuleList(
+            nn.Sequential(
+                nn.LayerNorm(dim),
+                nn.Linear(dim, hidden),
+                nn.ReLU(),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, 1),
+            )
+            for _ in range(n_bins)
+        )
+        for name in ("center", "scale", "low", "high"):
+            self.register_buffer(name, torch.zeros(n_bins))
+        self.scale.fill_(1.0)
+        self.high.fill_(math.inf)
+
+    def settings(self) -> dict:
+        return {"dim": self.dim, "n_bins": self.n_bins, "hidden": self.hidden,
+                "dropout": self.dropout}
+
+    def forward_one(self, k: int, z: torch.Tensor) -> torch.Tensor:
+        """Bin ``k``'s unclipped prediction ``(B,)`` in years."""
+        return self.center[k] + self.scale[k] * self.mlps[k](z).squeeze(1)
+
+    def forward(self, z: torch.Tensor, clip: bool = True) -> torch.Tensor:
+        out = torch.stack([self.forward_one(k, z) for k in range(self.n_bins)], dim=1)
+        return torch.clamp(out, self.low, self.high) if clip else out
+
+
+def regression_loss(kind: str, delta: float):
+    if kind == "l1":
+        return nn.L1Loss()
+    if kind == "huber":
+        return nn.HuberLoss(delta=delta)
+    raise FaceattrsError(f"unknown regression loss {kind!r}; use 'l1' or 'huber'")
+
+
+def train_regressors(
+    z_train: np.ndarray,
+    age_train: np.ndarray,
+    z_val: np.ndarray,
+    age_val: np.ndarray,
+    edges: np.ndarray,
+    cfg,
+) -> tuple[BinRegressors, list[dict]]:
+    """Fit one regressor per bin on that bin's training embeddings only.
+
+    ``z_*``: ``(N, D)`` float embeddings; ``age_*``: ``(N,)`` years; ``edges``: inner bin
+    edges; ``cfg``: an :class:`~faceattrs.age.config.AgeConfig`. Returns the module
+    (eval mode, CPU) and one summary dict per bin (sizes, best epoch, validation MAE).
+    """
+    n_bins = len(edges) + 1
+    b_train, b_val = assign_bins(age_train, edges), assign_bins(age_val, edges)
+    reg = BinRegressors(z_train.shape[1], n_bins, cfg.reg_hidden, cfg.reg_dropout)
+    summaries = []
+    for k in tqdm(range(n_bins), desc="age regressors", leave=False):
+        tr, va = np.flatnonzero(b_train == k), np.flatnonzero(b_val == k)
+        if len(tr) == 0:
+            raise FaceattrsError(f"age bin {k} has no training faces: choose other bin edges")
+        y = age_train[tr].astype(np.float32)
+        # Targets clipped to the age range the model predicts in.
+        y = np.clip(y, cfg.min_age, cfg.max_age)
+        reg.center[k] = float(np.median(y))
+        reg.scale[k] = max(float(np.std(y)), 1.0)
+        reg.low[k] = float(y.min())
+        reg.high[k] = float(y.max())
+        info = _fit_one(reg, k, z_train[tr], y, z_val[va],
+                        np.clip(age_val[va], cfg.min_age, cfg.max_age), cfg)
+        summaries.append({"bin": k, "n_train": len(tr), "n_val": len(va), **info})
+        log.info("age bin %d: %d train, %d val faces, val MAE %.2f (epoch %d)", k, len(tr),
+                 len(va), info["val_mae"], info["best_epoch"])
+    return reg.eval(), summaries
+
+
+def _fit_one(reg: BinRegressors, k: int, x: np.ndarray, y: np.ndarray, xv: np.ndarray,
+             yv: np.ndarray, cfg) -> dict:
+    """Train ``reg.mlps[k]`` on ``(x, y)``; keep the epoch with the lowest validation MAE
+    (training MAE when the bin has no validation faces)."""
+    from ..train import EarlyStopping
+
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + k)
+    torch.manual_seed(cfg.seed * 1000 + k)
+    for m in reg.mlps[k].modules():  # re-initialise from the seed: bins are independent
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
+    has_val = len(xv) > 0
+    xv = torch.as_tensor(xv, dtype=torch.float32) if has_val else x
+    yv = torch.as_tensor(yv, dtype=torch.float32) if has_val else y
+    params = list(reg.mlps[k].parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.reg_lr, weight_decay=cfg.reg_weight_decay)
+    loss_fn = regression_loss(cfg.reg_loss, cfg.huber_delta)
+    stopper = EarlyStopping(monitor="val_mae", mode="min", patience=cfg.reg_patience,
+                            min_delta=1e-3)
+    best_state, best, best_epoch, epoch = None, math.inf, 0, 0
+    for epoch in range(1, cfg.reg_epochs + 1):
+        reg.mlps[k].train()
+        for idx in torch.randperm(len(x), generator=gen).split(cfg.reg_batch_size):
+            loss = loss_fn(reg.forward_one(k, x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        reg.mlps[k].eval()
+        with torch.no_grad():
+            mae = float((reg.forward_one(k, xv) - yv).abs().mean())
+        if mae < best:
+            best, best_epoch = mae, epoch
+            best_state = {n: t.clone() for n, t in reg.mlps[k].state_dict().items()}
+        if stopper.step(mae):
+            break
+    reg.mlps[k].load_state_dict(best_state)
+    return {"val_mae": best, "best_epoch": best_epoch, "epochs": epoch,
+            "monitored": "val" if has_val else "train"}

@@ -1,0 +1,31 @@
+"""Fit temperature scaling on the validation split and save it with the model
+(RUN/calibration.json, applied by prediction); ECE before and after, reliability diagrams.
+
+    faceattrs calibrate --model runs/paper
+"""
+
+from __future__ import annotations
+
+from .evaluate import add_common
+
+
+def add_arguments(p) -> None:
+    add_common(p, split=False)
+    p.add_argument(
+        "--bins", type=int, default=15, help="equal-width confidence bins for ECE (default 15)"
+    )
+
+
+def run(args) -> int:
+    from ..calibrate import calibrate_run
+    from ..evaluate import load_data, resolve_device
+
+    faces = load_data(args.model, args.data, "val")
+    result = calibrate_run(args.model, faces, n_bins=args.bins, device=resolve_device(args.device))
+    for head, t in result["temperatures"].items():
+        parts = [
+            f"{s} ECE {v['ece_before']:.4f} -> {v['ece_after']:.4f}"
+            for s, v in result["heads"][head].items()
+        ]
+        print(f"{head}: T = {t:.3f}; " + "; ".join(parts))
+    return 0

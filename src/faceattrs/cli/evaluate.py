@@ -1,0 +1,49 @@
+"""Metrics and figures of a trained model on the test split, the validation split or every
+row of an external CSV (``--split all``: no de-duplication, no split).
+
+    faceattrs evaluate --model runs/paper
+    faceattrs evaluate --model runs/paper --data other.csv --split all --out runs/paper/eval_other
+
+Writes metrics.json, predictions.npz and figures (confusion matrices, gender ROC,
+reliability diagrams, fairness bars, captioned faces) into RUN/eval by default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_common(p, split: bool = True) -> None:
+    """Arguments shared by the evaluation commands (evaluate, explain, errors, calibrate)."""
+    p.add_argument("--model", required=True, metavar="RUN", help="run folder holding best.json")
+    p.add_argument(
+        "--data",
+        metavar="PATH",
+        help="prepared folder or CSV (default: the data recorded in RUN/config.json)",
+    )
+    if split:
+        p.add_argument(
+            "--split",
+            default="test",
+            choices=("test", "val", "all"),
+            help="rows to use (default test; 'all' = every row of a CSV, as is)",
+        )
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+
+
+def add_arguments(p) -> None:
+    add_common(p)
+    p.add_argument("--out", metavar="DIR", help="output folder (default RUN/eval, RUN/eval_SPLIT)")
+    p.add_argument("--grid", type=int, default=24, help="faces in the captioned grid (default 24)")
+
+
+def run(args) -> int:
+    from ..evaluate import default_out, evaluate_run, load_data, resolve_device
+
+    faces = load_data(args.model, args.data, args.split)
+    out = Path(args.out) if args.out else default_out(args.model, "eval", args.split)
+    evaluate_run(
+        args.model, faces, args.split, out, device=resolve_device(args.device), n_grid=args.grid
+    )
+    print(out / "metrics.json")
+    return 0

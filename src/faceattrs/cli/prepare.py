@@ -1,0 +1,54 @@
+"""Read, validate, de-duplicate and split a face CSV (plain or .gz) or a folder of
+UTKFace-style photos into a prepared folder that every later stage reads.
+
+    faceattrs prepare --data ../shared/data/utkface48.csv.gz --out prepared/utkface48
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..config import resolve
+from ..prepare import PrepareConfig, prepare
+
+
+def add_arguments(p) -> None:
+    p.add_argument(
+        "--data", required=True, help="CSV / CSV.gz in the public layout, or a photo folder"
+    )
+    p.add_argument("--out", required=True, help="folder to write the prepared dataset into")
+    p.add_argument(
+        "--near-threshold", type=float, help="cosine similarity for near duplicates (0.98)"
+    )
+    p.add_argument("--on-conflict", choices=["keep", "drop"], help="copies with disagreeing labels")
+    p.add_argument(
+        "--on-bad-row", choices=["error", "skip"], help="invalid rows: stop, or skip and count"
+    )
+    p.add_argument("--seed", type=int, help="split seed (0)")
+
+
+def run(args) -> int:
+    overrides = {
+        k: v
+        for k, v in {
+            "near_threshold": args.near_threshold,
+            "on_conflict": args.on_conflict,
+            "on_bad_row": args.on_bad_row,
+            "seed": args.seed,
+        }.items()
+        if v is not None
+    }
+    cfg = resolve(PrepareConfig, {}, None, overrides)
+    report = prepare(args.data, args.out, cfg)
+    keys = (
+        "rows_read",
+        "rows_invalid",
+        "exact_removed",
+        "near_removed",
+        "conflicting_groups",
+        "rows_kept",
+        "split_sizes",
+    )
+    print(json.dumps({k: report[k] for k in keys}, indent=1))
+    print(f"prepared data in {args.out}")
+    return 0

@@ -1,0 +1,188 @@
+"""Classification and per-group metrics: pure functions on numpy arrays, JSON-ready results.
+
+Every function takes integer labels / scores as arrays and returns plain Python values
+(floats, lists, dicts) so the result can go straight into ``metrics.json``. Accuracy, F1,
+precision / recall, confusion matrices and ROC come from scikit-learn.
+
+>>> r = classification_report([0, 0, 1, 1], [0, 1, 1, 1], ["Male", "Female"])
+>>> r["accuracy"], round(r["macro_f1"], 4), r["confusion"]
+(0.75, 0.7333, [[1, 1], [0, 2]])
+>>> r["per_class"]["Female"]
+{'precision': 0.6667, 'recall': 1.0, 'f1': 0.8, 'support': 2}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
+
+# Age groups for the fairness breakdown: lower edges in years, the last group open-ended.
+AGE_GROUP_EDGES = (0, 13, 20, 30, 45, 60)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``(N, K)`` logits divided by ``temperature``.
+
+    >>> softmax(np.array([[0.0, 0.0], [0.0, np.log(3.0)]])).round(2).tolist()
+    [[0.5, 0.5], [0.25, 0.75]]
+    >>> softmax(np.array([[0.0, 2.0]]), temperature=2.0).round(4).tolist()
+    [[0.2689, 0.7311]]
+    """
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def classification_report(
+    y_true: Sequence[int], y_pred: Sequence[int], names: Sequence[str]
+) -> dict:
+    """Accuracy, macro-F1, per-class precision / recall / F1 / support, confusion counts.
+
+    ``names[k]`` is the name of class ``k``; the confusion matrix has rows = true class,
+    columns = predicted class, over all ``len(names)`` classes. Macro-F1 averages over
+    the classes that occur in ``y_true`` or ``y_pred`` (scikit-learn's default), so an
+    external file without some class is not penalised for it.
+
+    >>> r = classification_report([0, 1, 2, 2], [0, 2, 2, 2], ["a", "b", "c"])
+    >>> r["per_class"]["b"], r["per_class"]["c"]["precision"]
+    ({'precision': 0.0, 'recall': 0.0, 'f1': 0.0, 'support': 1}, 0.6667)
+    >>> round(r["macro_f1"], 4)  # (1 + 0 + 0.8) / 3
+    0.6
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    labels = list(range(len(names)))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    per_class = {
+        name: {"precision": _r(p[k]), "recall": _r(r[k]), "f1": _r(f[k]), "support": int(s[k])}
+        for k, name in enumerate(names)
+    }
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "per_class": per_class,
+        "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "n": int(len(y_true)),
+    }
+
+
+def row_normalise(confusion: Sequence[Sequence[int]]) -> np.ndarray:
+    """Confusion counts -> each row divided by its sum (recall on the diagonal); empty rows stay 0.
+
+    >>> row_normalise([[3, 1], [0, 0]]).tolist()
+    [[0.75, 0.25], [0.0, 0.0]]
+    """
+    cm = np.asarray(confusion, dtype=np.float64)
+    sums = cm.sum(axis=1, keepdims=True)
+    return np.divide(cm, sums, out=np.zeros_like(cm), where=sums > 0)
+
+
+def binary_roc(y_true: Sequence[int], score: Sequence[float]) -> dict | None:
+    """ROC curve and AUC for a binary task (positive class = 1); None if a class is absent.
+
+    >>> r = binary_roc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    >>> r["auc"], r["fpr"], r["tpr"]
+    (0.75, [0.0, 0.0, 0.5, 0.5, 1.0], [0.0, 0.5, 0.5, 1.0, 1.0])
+    """
+    y_true, score = np.asarray(y_true), np.asarray(score)
+    if len(np.unique(y_true)) < 2:
+        return None
+    fpr, tpr, _ = roc_curve(y_true, score)
+    return {
+        "auc": float(roc_auc_score(y_true, score)),
+        "fpr": [_r(v) for v in fpr],
+        "tpr": [_r(v) for v in tpr],
+    }
+
+
+def macro_recall(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """Mean recall over the classes present in ``y_true`` (balanced accuracy).
+
+    Within one ethnicity group this is that class's recall; within a gender or age group
+    it weighs every ethnicity equally, so groups with different class mixes compare fairly.
+
+    >>> macro_recall([0, 0, 0, 1], [0, 0, 1, 0])  # (2/3 + 0) / 2
+    0.3333
+    """
+    y_true = np.asarray(y_true)
+    present = np.unique(y_true)
+    value = recall_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
+    return _r(value)
+
+
+def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """Fraction of equal labels.
+
+    >>> accuracy([1, 0, 1, 1], [1, 1, 1, 0])
+    0.5
+    """
+    return _r(accuracy_score(y_true, y_pred))
+
+
+def age_group_names(edges: Sequence[int] = AGE_GROUP_EDGES) -> list[str]:
+    """Names of the age groups that start at ``edges`` (years).
+
+    >>> age_group_names((0, 13, 20, 60))
+    ['0-12', '13-19', '20-59', '60+']
+    """
+    names = [f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    return names + [f"{edges[-1]}+"]
+
+
+def age_groups(age: Sequence[int], edges: Sequence[int] = AGE_GROUP_EDGES) -> np.ndarray:
+    """Ages in years -> group names (half-open ``[lo, hi)``, the last group open-ended).
+
+    >>> age_groups([5, 12, 13, 29, 30, 60, 99], (0, 13, 30, 60)).tolist()
+    ['0-12', '0-12', '13-29', '13-29', '30-59', '60+', '60+']
+    """
+    idx = np.searchsorted(np.asarray(edges), np.asarray(age), side="right") - 1
+    return np.asarray(age_group_names(edges), dtype=object)[np.clip(idx, 0, len(edges) - 1)]
+
+
+def per_group(
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    y_true: Sequence[int],
+    y_pred: Sequence[int],
+    groups: Sequence,
+    order: Sequence | None = None,
+    min_size: int = 1,
+) -> dict:
+    """``metric`` within each group, and the largest gap between groups of ``min_size`` or more.
+
+    Returns ``{"groups": {name: {"value", "n"}}, "max_gap", "gap_between": [low, high],
+    "min_size"}``; groups smaller than ``min_size`` are listed but left out of the gap
+    (their value is too noisy to call a bias). ``order`` fixes the group order (groups
+    absent from the data are skipped).
+
+    >>> r = per_group(accuracy, [1, 1, 0, 0, 1], [1, 0, 0, 0, 1], ["a", "a", "b", "b", "c"],
+    ...               min_size=2)
+    >>> r["groups"]["a"], r["max_gap"], r["gap_between"]
+    ({'value': 0.5, 'n': 2}, 0.5, ['a', 'b'])
+    """
+    y_true, y_pred, groups = np.asarray(y_true), np.asarray(y_pred), np.asarray(groups)
+    names = [g for g in (order if order is not None else np.unique(groups)) if (groups == g).any()]
+    out = {}
+    for g in names:
+        mask = groups == g
+        out[str(g)] = {"value": float(metric(y_true[mask], y_pred[mask])), "n": int(mask.sum())}
+    counted = {k: v["value"] for k, v in out.items() if v["n"] >= min_size}
+    gap, between = None, None
+    if len(counted) >= 2:
+        low, high = min(counted, key=counted.get), max(counted, key=counted.get)
+        gap, between = _r(counted[high] - counted[low]), [low, high]
+    return {"groups": out, "max_gap": gap, "gap_between": between, "min_size": min_size}
+
+
+def _r(x: float) -> float:
+    """Round for JSON (4 decimals are more than any of these estimates supports)."""
+    return round(float(x), 4)

@@ -1,0 +1,287 @@
+"""Figures of the evaluation stages: confusion matrices, ROC, reliability diagrams, fairness
+bars, captioned face grids, Grad-CAM grids, error-cluster montages and their PCA map.
+
+Every function takes saved numbers / arrays (never a model) and writes one PNG.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from ..metrics import row_normalise
+from .common import save
+
+WRONG = "#d62728"  # mistakes are marked in red
+RIGHT = "#222222"
+
+
+def confusion(cm: Sequence[Sequence[int]], names: Sequence[str], path: Path, title: str) -> Path:
+    """Counts (left) and row-normalised rates (right; recall on the diagonal)."""
+    cm = np.asarray(cm)
+    k = len(names)
+    fig, axes = plt.subplots(1, 2, figsize=(2.6 + 1.3 * k, 1.6 + 0.55 * k))
+    for ax, data, fmt, sub in (
+        (axes[0], cm, "{:d}", "counts"),
+        (axes[1], row_normalise(cm), "{:.2f}", "row-normalised"),
+    ):
+        ax.imshow(data, cmap="Blues", vmin=0, vmax=max(data.max(), 1e-9))
+        for i in range(k):
+            for j in range(k):
+                dark = data[i, j] > 0.6 * data.max()
+                ax.text(
+                    j,
+                    i,
+                    fmt.format(data[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if dark else "black",
+                )
+        ax.set_xticks(range(k), names, rotation=30, ha="right")
+        ax.set_yticks(range(k), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{title}: {sub}", fontsize=10)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def roc(curve: dict, path: Path, title: str = "Gender ROC") -> Path:
+    """``curve`` = :func:`faceattrs.metrics.binary_roc` output."""
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    ax.plot(curve["fpr"], curve["tpr"], lw=2, label=f"AUC = {curve['auc']:.3f}")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="chance")
+    ax.set(
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title=title,
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
+    ax.legend(loc="lower right")
+    return save(fig, path)
+
+
+def reliability(before: dict, after: dict | None, path: Path, title: str, ece=None) -> Path:
+    """Accuracy vs confidence per bin (bars), before and after temperature scaling."""
+    panels = [("before", before)] + ([("after", after)] if after is not None else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), squeeze=False)
+    for i, (ax, (name, bins)) in enumerate(zip(axes[0], panels, strict=True)):
+        edges = np.asarray(bins["edges"])
+        width = np.diff(edges)
+        acc = [a if a is not None else 0 for a in bins["accuracy"]]
+        conf = [c if c is not None else np.nan for c in bins["confidence"]]
+        ax.bar(
+            edges[:-1], acc, width=width, align="edge", edgecolor="k", alpha=0.8, label="accuracy"
+        )
+        ax.plot(
+            conf,
+            [a if a is not None else np.nan for a in bins["accuracy"]],
+            "o",
+            c="C1",
+            ms=3,
+            label="mean confidence",
+        )
+        ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+        label = f"{name} scaling" + (f", ECE {ece[i]:.3f}" if ece is not None else "")
+        ax.set(
+            xlim=(0, 1),
+            ylim=(0, 1),
+            xlabel="confidence (max probability)",
+            ylabel="accuracy",
+            title=label,
+        )
+        ax.legend(loc="upper left", fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def fairness(fair: dict, path: Path) -> Path:
+    """Bars per group: one row per metric, one column per grouping; the largest gap in titles."""
+    metrics = list(fair)
+    groupings = list(fair[metrics[0]])
+    fig, axes = plt.subplots(
+        len(metrics),
+        len(groupings),
+        squeeze=False,
+        figsize=(3.4 * len(groupings), 2.8 * len(metrics)),
+    )
+    for r, metric in enumerate(metrics):
+        for c, grouping in enumerate(groupings):
+            ax, res = axes[r, c], fair[metric][grouping]
+            names = list(res["groups"])
+            vals = [res["groups"][g]["value"] for g in names]
+            small = [res["groups"][g]["n"] < res["min_size"] for g in names]
+            bars = ax.bar(names, vals, color=["#bbbbbb" if s else f"C{r}" for s in small])
+            for b, g in zip(bars, names, strict=True):
+                ax.text(
+                    b.get_x() + b.get_width() / 2,
+                    b.get_height(),
+                    f"n={res['groups'][g]['n']}",
+                    ha="center",
+                    va="bottom",
+                    fontsize=6,
+                )
+            gap = "n/a" if res["max_gap"] is None else f"{res['max_gap']:.3f}"
+            ax.set_title(
+                f"{metric.replace('_', ' ')} by {grouping.removeprefix('by_')}\nlargest gap {gap}",
+                fontsize=9,
+            )
+            ax.set_ylim(0, 1.1)
+            ax.tick_params(axis="x", labelrotation=35, labelsize=7)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def face_grid(
+    images: np.ndarray,
+    captions: Sequence[Sequence[tuple[str, bool]]],
+    path: Path,
+    ncols: int = 6,
+    title: str | None = None,
+) -> Path:
+    """Faces with caption lines ``(text, correct)``; wrong lines and frames in red."""
+    n = len(images)
+    nrows = max(1, -(-n // ncols))
+    lines = max((len(c) for c in captions), default=1)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(2.7 * ncols, (2.5 + 0.22 * lines) * nrows + 0.4), squeeze=False
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, caption in zip(axes.flat, images, captions, strict=False):
+        ax.imshow(img, cmap="gray", vmin=0, vmax=255)
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ok = all(good for _, good in caption)
+        for spine in ax.spines.values():
+            spine.set_edgecolor(RIGHT if ok else WRONG)
+            spine.set_linewidth(1 if ok else 3)
+        for i, (text, good) in enumerate(caption):
+            ax.text(
+                0.5,
+                -0.04 - 0.1 * i,
+                text,
+                transform=ax.transAxes,
+                ha="center",
+                va="top",
+                fontsize=7,
+                color=RIGHT if good else WRONG,
+            )
+    if title:
+        fig.suptitle(title, fontsize=11)
+    # room below each face for its caption lines (tight_layout ignores free text)
+    fig.subplots_adjust(
+        left=0.01, right=0.99, top=0.95, bottom=0.04, wspace=0.08, hspace=0.12 + 0.11 * lines
+    )
+    return save(fig, path)
+
+
+def _overlay(ax, face: np.ndarray, cam: np.ndarray, title: str, color: str = RIGHT) -> None:
+    """A face with its (already smoothly upsampled) heat map on top."""
+    size = cam.shape[0]
+    ax.imshow(
+        face, cmap="gray", vmin=0, vmax=255, extent=(0, size, size, 0), interpolation="bicubic"
+    )
+    ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1, extent=(0, size, size, 0))
+    ax.set_title(title, fontsize=7, color=color)
+    ax.axis("off")
+
+
+def cam_grid(rows: Sequence[dict], path: Path, title: str | None = None) -> Path:
+    """One row per face: the face, then one overlay per head.
+
+    Each row: ``{"face": (48,48) uint8, "label": str, "cams": {head: (S,S) in [0,1]},
+    "titles": {head: str}, "wrong": {head: bool}}``.
+    """
+    heads = list(rows[0]["cams"])
+    ncols = 1 + len(heads)
+    fig, axes = plt.subplots(
+        len(rows), ncols, figsize=(2.6 * ncols, 2.8 * len(rows)), squeeze=False
+    )
+    for r, row in enumerate(rows):
+        axes[r, 0].imshow(row["face"], cmap="gray", vmin=0, vmax=255)
+        axes[r, 0].set_title(row.get("label", ""), fontsize=7)
+        axes[r, 0].axis("off")
+        for c, head in enumerate(heads, start=1):
+            color = WRONG if row.get("wrong", {}).get(head) else RIGHT
+            _overlay(axes[r, c], row["face"], row["cams"][head], row["titles"][head], color)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+    return save(fig, path)
+
+
+def photo_boxes(image: np.ndarray, boxes: Sequence[Sequence[int]], path: Path) -> Path:
+    """The photo with numbered face boxes ``(x, y, w, h)``."""
+    h, w = image.shape[:2]
+    fig, ax = plt.subplots(figsize=(5, 5 * h / max(w, 1)))
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+    for i, (x, y, bw, bh) in enumerate(boxes):
+        ax.add_patch(plt.Rectangle((x, y), bw, bh, fill=False, ec="lime", lw=2))
+        ax.text(x, y - 2, str(i), color="lime", fontsize=10, va="bottom")
+    ax.axis("off")
+    return save(fig, path)
+
+
+def cluster_montage(clusters: Sequence[dict], path: Path, per_row: int = 10) -> Path:
+    """One row of example faces per cluster, above it the cluster's measured description."""
+    fig, axes = plt.subplots(
+        len(clusters), per_row, figsize=(1.2 * per_row, 1.75 * len(clusters)), squeeze=False
+    )
+    for r, cl in enumerate(clusters):
+        for c in range(per_row):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(cl["images"]):
+                ax.imshow(cl["images"][c], cmap="gray", vmin=0, vmax=255)
+        title = textwrap.fill(cl["title"], width=int(per_row * 14))
+        axes[r, 0].text(
+            0, 1.06, title, transform=axes[r, 0].transAxes, ha="left", va="bottom", fontsize=8
+        )
+    fig.subplots_adjust(left=0.01, right=0.99, wspace=0.05, hspace=0.55)
+    return save(fig, path)
+
+
+def pca_scatter(
+    points: np.ndarray,
+    cluster: np.ndarray,
+    markers: np.ndarray,
+    marker_names,
+    path: Path,
+    explained: Sequence[float],
+) -> Path:
+    """2-D PCA of error embeddings, coloured by cluster, one marker per true class."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    shapes = "osD^vP*X"
+    for k in np.unique(cluster):
+        for m in np.unique(markers):
+            sel = (cluster == k) & (markers == m)
+            if sel.any():
+                ax.scatter(
+                    points[sel, 0],
+                    points[sel, 1],
+                    s=14,
+                    c=f"C{k}",
+                    marker=shapes[m % 8],
+                    alpha=0.7,
+                    edgecolors="none",
+                )
+    for k in np.unique(cluster):
+        ax.scatter([], [], c=f"C{k}", label=f"cluster {k}")
+    for m in np.unique(markers):
+        ax.scatter([], [], c="grey", marker=shapes[m % 8], label=f"true {marker_names[m]}")
+    ax.set(
+        xlabel=f"PC1 ({explained[0]:.0%} of variance)",
+        ylabel=f"PC2 ({explained[1]:.0%})",
+        title="Misclassified ethnicity embeddings (PCA)",
+    )
+    ax.legend(fontsize=7, loc="best")
+    return save(fig, path)

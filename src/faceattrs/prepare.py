@@ -1,0 +1,230 @@
+"""Preparation: read -> validate -> de-duplicate -> split, written once for every later stage.
+
+A prepared folder holds ``faces.npz`` (uint8 faces, labels, split), ``dedup_report.json``,
+``removed.csv`` (every row not kept, and why), ``manifest.json`` (cache key, settings) and
+figures. Preparing the same input with the same settings again reuses it (near-instant).
+
+    faceattrs prepare --data ../shared/data/utkface48.csv.gz --out prepared/utkface48
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import config as cfgmod
+from .data import DataError, RawFaces, read_faces
+from .dataset import FaceSet
+from .io import write_json_atomic, write_text_atomic, write_with
+from .labels import SPLITS
+
+log = logging.getLogger(__name__)
+FORMAT = "faceattrs-prepared-1"
+
+
+@dataclass
+class PrepareConfig:
+    near_threshold: float = 0.98  # cosine similarity (pixels scaled to [-1, 1]) for near duplicates
+    on_conflict: str = "keep"  # keep | drop: groups of copies whose labels disagree
+    on_bad_row: str = "error"  # error | skip: invalid rows
+    val_fraction: float = 0.1  # share of kept rows for validation
+    test_fraction: float = 0.1  # share of kept rows for test
+    seed: int = 0  # split seed
+
+
+def _key(path: Path, cfg: PrepareConfig) -> str:
+    """Content hash of the input (file bytes, or each photo's name and bytes) + settings."""
+    h = hashlib.sha256(FORMAT.encode())
+    h.update(json.dumps(cfgmod.to_dict(cfg), sort_keys=True).encode())
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        h.update(str(p.relative_to(path) if path.is_dir() else "").encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:20]
+
+
+def split_rows(ethnicity: np.ndarray, gender: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
+    """Stratified (ethnicity x gender), seeded split codes: 0 train, 1 val, 2 test."""
+    from sklearn.model_selection import train_test_split  # slow import: only when splitting
+
+    n = len(ethnicity)
+    idx = np.arange(n)
+    strata = ethnicity.astype(np.int64) * 2 + gender
+    holdout = cfg.val_fraction + cfg.test_fraction
+    counts = np.bincount(strata)
+    strat = strata if counts[counts > 0].min() >= 4 else None  # tiny sets: plain shuffle
+    train, rest = train_test_split(idx, test_size=holdout, random_state=cfg.seed, stratify=strat)
+    strat_rest = strata[rest] if strat is not None else None
+    val, test = train_test_split(
+        rest, test_size=cfg.test_fraction / holdout, random_state=cfg.seed + 1, stratify=strat_rest
+    )
+    split = np.zeros(n, np.int8)
+    split[val], split[test] = 1, 2
+    return split
+
+
+def prepare(data: str | Path, out: str | Path, cfg: PrepareConfig | None = None) -> dict:
+    """Prepare ``data`` (CSV or photo folder) into ``out``; returns the dedup report.
+
+    Reuses ``out`` when it already holds this input prepared with these settings.
+    """
+    cfg = cfg or PrepareConfig()
+    if cfg.on_conflict not in ("keep", "drop"):
+        raise DataError(f"on_conflict must be 'keep' or 'drop', not {cfg.on_conflict!r}")
+    data, out = Path(data), Path(out)
+    if not data.exists():
+        raise DataError(f"{data}: no such file or folder")
+    key = _key(data, cfg)
+    manifest = out / "manifest.json"
+    if manifest.exists() and (out / "faces.npz").exists():
+        try:
+            if json.loads(manifest.read_text()).get("key") == key:
+                log.info("prepared data up to date in %s (cache hit)", out)
+                return json.loads((out / "dedup_report.json").read_text())
+        except (json.JSONDecodeError, OSError):
+            pass  # unreadable: prepare again
+    from .dedup import find_duplicates  # scipy: only when preparing
+
+    t0 = time.perf_counter()
+    raw = read_faces(data, cfg.on_bad_row)
+    labels = {"age": raw.age, "gender": raw.gender, "ethnicity": raw.ethnicity}
+    dup = find_duplicates(raw.images, labels, cfg.near_threshold)
+    keep = dup.keep
+    conflicted = np.isin(dup.rep, dup.conflict_groups)
+    if cfg.on_conflict == "drop":
+        keep = keep[~np.isin(keep, dup.conflict_groups)]
+    split = split_rows(raw.ethnicity[keep], raw.gender[keep], cfg)
+    faces = FaceSet(
+        raw.images[keep],
+        raw.age[keep],
+        raw.gender[keep],
+        raw.ethnicity[keep],
+        split,
+        raw.names[keep],
+    )
+    report = _report(raw, dup, conflicted, keep, split, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    write_with(out / "faces.npz", lambda p: np.savez(open(p, "wb"), **faces.to_arrays()))
+    write_text_atomic(out / "removed.csv", _removed_csv(raw, dup, keep, conflicted))
+    write_json_atomic(out / "dedup_report.json", report)
+    _figures(out, raw, dup, faces)
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    write_json_atomic(
+        manifest,
+        {
+            "format": FORMAT,
+            "key": key,
+            "source": str(data.resolve()),
+            "config": cfgmod.to_dict(cfg),
+        },
+    )
+    log.info("prepared %d faces into %s in %.1f s", len(faces), out, report["seconds"])
+    return report
+
+
+def _report(raw: RawFaces, dup, conflicted, keep, split, cfg) -> dict:
+    removed = dup.kind != ""
+    dropped_conflict = int(np.sum(~removed & ~np.isin(np.arange(len(raw.images)), keep)))
+    return {
+        "rows_read": int(raw.rows_read),
+        "rows_invalid": int(sum(raw.invalid.values())),
+        "invalid_reasons": dict(raw.invalid),
+        "rows_valid": int(len(raw.images)),
+        "exact_removed": int(np.sum(dup.kind == "exact")),
+        "near_removed": int(np.sum(dup.kind == "near")),
+        "duplicate_groups": int(np.sum(np.bincount(dup.rep) > 1)),
+        "conflicting_groups": int(len(dup.conflict_groups)),
+        "conflicting_fields": dup.conflict_fields,
+        "rows_in_conflicting_groups": int(conflicted.sum()),
+        "conflict_rows_dropped": dropped_conflict,
+        "rows_kept": int(len(keep)),
+        "split_sizes": {s: int(np.sum(split == i)) for i, s in enumerate(SPLITS)},
+        "settings": cfgmod.to_dict(cfg),
+    }
+
+
+def _removed_csv(raw: RawFaces, dup, keep, conflicted) -> str:
+    """One line per row not kept: where it was, why, and which row was kept instead."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["line", "img_name", "reason", "kept_line", "similarity"])
+    kept = np.zeros(len(raw.images), bool)
+    kept[keep] = True
+    for i in np.flatnonzero(~kept):
+        reason = dup.kind[i] or "conflicting labels"
+        if dup.kind[i] and conflicted[i]:
+            reason += " (conflicting labels)"
+        r = dup.rep[i]
+        w.writerow(
+            [
+                raw.lines[i],
+                raw.names[i],
+                reason,
+                raw.lines[r] if r != i else "",
+                f"{dup.similarity[i]:.4f}",
+            ]
+        )
+    return buf.getvalue()
+
+
+def _figures(out: Path, raw: RawFaces, dup, faces: FaceSet) -> None:
+    from .plots.data import duplicate_pairs, label_distribution
+
+    label_distribution(faces, out / "label_distribution.png")
+    removed = np.flatnonzero(dup.kind != "")
+    duplicate_pairs(raw, dup, removed, out / "duplicate_pairs.png")
+
+
+def load_prepared(folder: str | Path) -> FaceSet:
+    """Read ``faces.npz`` from a prepared folder."""
+    path = Path(folder) / "faces.npz"
+    if not path.exists():
+        raise DataError(f"{folder}: not a prepared folder (no faces.npz); run `faceattrs prepare`")
+    with np.load(path, allow_pickle=False) as z:
+        return FaceSet(**{k: z[k] for k in FaceSet.__dataclass_fields__})
+
+
+def cache_dir() -> Path:
+    """Where CSVs given directly to later stages are prepared ($FACEATTRS_CACHE)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "faceattrs"
+    return Path(os.environ.get("FACEATTRS_CACHE", default)) / "prepared"
+
+
+def prepared_folder(path: str | Path, cfg: PrepareConfig | None = None) -> Path:
+    """A prepared folder for ``path``: itself if already prepared, else a cache folder."""
+    path = Path(path)
+    if path.is_dir() and (path / "faces.npz").exists():
+        return path
+    cfg = cfg or PrepareConfig()
+    out = cache_dir() / f"{path.name}-{_key(path, cfg)}" if path.exists() else path
+    prepare(path, out, cfg)
+    return out
+
+
+def load_faces(path: str | Path, cfg: PrepareConfig | None = None) -> FaceSet:
+    """A prepared folder, or a CSV / photo folder prepared on the fly (cached)."""
+    return load_prepared(prepared_folder(path, cfg))
+
+
+def read_csv_unsplit(path: str | Path, on_bad_row: str = "error") -> FaceSet:
+    """Every valid row of an external file, not de-duplicated nor split (split = -1)."""
+    raw = read_faces(path, on_bad_row)
+    return FaceSet(
+        raw.images,
+        raw.age,
+        raw.gender,
+        raw.ethnicity,
+        np.full(len(raw.images), -1, np.int8),
+        raw.names,
+    )

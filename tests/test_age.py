@@ -1,0 +1,234 @@
+"""Age stage: bins, routing, per-bin regressors, the bundle, evaluation and a CLI smoke run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import synthetic_faceset
+
+from faceattrs.age import bins as binsmod
+from faceattrs.age import regress
+from faceattrs.age.bundle import AgeModel, load_age_model, resolve_bundle, save_age_model
+from faceattrs.age.config import AgeConfig
+from faceattrs.age.direct import dldl_loss, expected_age, mean_variance_loss
+from faceattrs.age.evaluate import age_metrics, evaluate_age
+from faceattrs.checkpoint import CheckpointError, save_checkpoint
+from faceattrs.exceptions import FaceattrsError
+from faceattrs.model import FaceResNet, ModelConfig
+
+FAST = AgeConfig(head_epochs=1, finetune_epochs=1, reg_epochs=5, reg_patience=2,
+                 batch_size=16, eval_batch_size=64)
+
+
+# ---------------------------------------------------------------- bins
+def test_quantile_bins_equal_sized_on_known_sequence():
+    ages = np.arange(1, 601)
+    edges = binsmod.quantile_edges(ages, 6)
+    assert np.bincount(binsmod.assign_bins(ages, edges)).tolist() == [100] * 6
+    # Ties: every age 5 times; edges must fall between distinct ages and stay equal-sized.
+    tied = np.repeat(np.arange(1, 13), 5)
+    e = binsmod.quantile_edges(np.random.default_rng(0).permutation(tied), 6)
+    assert e.tolist() == [3, 5, 7, 9, 11]
+    assert np.bincount(binsmod.assign_bins(tied, e)).tolist() == [10] * 6
+
+
+def test_bins_half_open_last_open_ended_and_labels():
+    edges = np.array(binsmod.REFERENCE_EDGES)
+    assert binsmod.assign_bins(np.array([15, 16, 25, 26, 52, 53, 116]), edges).tolist() == [
+        0, 1, 1, 2, 4, 5, 5]
+    assert binsmod.bin_labels(edges) == ["0-16", "16-26", "26-29", "29-37", "37-53", "53+"]
+    with pytest.raises(FaceattrsError):
+        binsmod.check_edges([16, 16, 20])
+    with pytest.raises(FaceattrsError):
+        binsmod.quantile_edges(np.full(100, 30), 6)  # one distinct age cannot make 6 bins
+
+
+# ---------------------------------------------------------------- routing
+def _toy_model(per_bin_value: list[float], logits: list[list[float]]):
+    """An AgeModel whose coarse head returns ``logits[i]`` for image i (images encode i in
+    pixel (0, 0)) and whose regressor k always answers ``per_bin_value[k]``."""
+
+    class Lookup(FaceResNet):
+        def forward_head(self, z):
+            idx = z[:, 0].round().long()
+            return {"age_bin": torch.tensor(logits, dtype=torch.float32)[idx]}
+
+        def embed(self, x):
+            pix = ((x[:, 0, 0, 0] * 0.5 + 0.5) * 255).round()
+            return torch.stack([pix, torch.zeros_like(pix)], 1)
+
+    coarse = Lookup(ModelConfig(width=0.125, heads={"age_bin": len(per_bin_value)}))
+    reg = regress.BinRegressors(2, len(per_bin_value), hidden=4, dropout=0.0)
+    for k, v in enumerate(per_bin_value):
+        torch.nn.init.zeros_(reg.mlps[k][-1].weight)
+        torch.nn.init.zeros_(reg.mlps[k][-1].bias)
+        reg.center[k] = v
+    images = np.zeros((len(logits), 48, 48), np.uint8)
+    images[:, 0, 0] = np.arange(len(logits))
+    return AgeModel(coarse, reg.eval(), np.array([20.0, 40.0]), clip=(1, 100)), images
+
+
+def test_routing_hard_and_soft_on_hand_built_toy():
+    log = np.log
+    logits = [[log(0.7), log(0.2), log(0.1)], [log(0.1), log(0.3), log(0.6)]]
+    model, images = _toy_model([10.0, 30.0, 60.0], logits)
+    hard = model.predict(images, routing="hard")
+    soft = model.predict(images, routing="soft")
+    assert hard["value"].tolist() == pytest.approx([10.0, 60.0])
+    assert soft["value"].tolist() == pytest.approx([0.7 * 10 + 0.2 * 30 + 0.1 * 60,
+                                                    0.1 * 10 + 0.3 * 30 + 0.6 * 60])
+    assert hard["bin"].tolist() == [0, 2]
+    assert hard["bin_probabilities"] == pytest.approx(np.exp(np.array(logits)))
+    assert model.bin_labels == ["0-20", "20-40", "40+"]
+
+
+def test_oracle_mae_not_worse_than_hard_on_toy():
+    # Embeddings carry the age; the coarse bin is wrong for 40 % of the faces.
+    rng = np.random.default_rng(0)
+    edges = np.array([20.0, 40.0])
+
+    def make(n):
+        age = rng.integers(1, 70, n).astype(np.float64)
+        z = np.stack([age / 70, rng.normal(size=n), rng.normal(size=n)], 1).astype(np.float32)
+        return z, age
+
+    (zt, at), (zv, av), (ze, ae) = make(600), make(150), make(300)
+    cfg = AgeConfig(reg_epochs=150, reg_patience=30, reg_lr=3e-3)
+    reg, _ = regress.train_regressors(zt, at, zv, av, edges, cfg)
+    with torch.no_grad():
+        per_bin = reg(torch.as_tensor(ze)).double().numpy()
+    true_bin = binsmod.assign_bins(ae, edges)
+    noisy = np.where(rng.random(len(ae)) < 0.4, (true_bin + 1) % 3, true_bin)
+    probs = np.full((len(ae), 3), 0.1)
+    probs[np.arange(len(ae)), noisy] = 0.8
+    pred = {"per_bin": per_bin, "bin_probabilities": probs,
+            "hard": regress.route(probs, per_bin, "hard"),
+            "soft": regress.route(probs, per_bin, "soft")}
+    m = age_metrics(pred, ae, np.zeros(len(ae), int), np.zeros(len(ae), int), edges,
+                    binsmod.bin_labels(edges), "hard", "two_stage", (1, 100))
+    assert m["bin_accuracy"] == pytest.approx((noisy == true_bin).mean(), abs=1e-4)
+    assert m["mae_oracle_bins"] < 4.0  # the regressors learnt their bins
+    assert m["mae_oracle_bins"] <= m["mae_hard"]
+    assert m["mae_hard"] > 2 * m["mae_oracle_bins"]  # wrong bins cost years
+
+
+def test_per_bin_regressor_never_sees_other_bins(monkeypatch):
+    rng = np.random.default_rng(1)
+    age = rng.integers(1, 90, 200)
+    edges = binsmod.quantile_edges(age, 6)
+    seen = {}
+    real = regress._fit_one
+
+    def spy(reg, k, x, y, xv, yv, cfg):
+        seen[k] = (x.copy(), y.copy(), yv.copy())
+        return real(reg, k, x, y, xv, yv, cfg)
+
+    monkeypatch.setattr(regress, "_fit_one", spy)
+    z = np.column_stack([age, rng.normal(size=(200, 3))]).astype(np.float32)  # col 0 = age
+    regress.train_regressors(z[:150], age[:150], z[150:], age[150:], edges,
+                             AgeConfig(reg_epochs=2))
+    lo, hi = [0, *edges], [*edges, np.inf]
+    assert sorted(seen) == list(range(6))
+    for k, (x, y, yv) in seen.items():
+        assert np.all((y >= lo[k]) & (y < hi[k])), f"bin {k} got other bins' training ages"
+        assert np.all((yv >= lo[k]) & (yv < hi[k])), f"bin {k} got other bins' val ages"
+        assert np.array_equal(x[:, 0], y)  # embeddings travel with their own ages
+    assert sum(len(v[1]) for v in seen.values()) == 150
+
+
+# ---------------------------------------------------------------- direct head losses
+@pytest.mark.parametrize("kind", ["dldl", "mean_variance"])
+def test_direct_losses_pull_expected_age_to_target(kind):
+    torch.manual_seed(0)
+    logits = torch.zeros(4, 101, requires_grad=True)
+    age = torch.tensor([5.0, 25.0, 50.0, 80.0])
+    opt = torch.optim.Adam([logits], lr=0.3)
+    for _ in range(150):
+        loss = (dldl_loss(logits, age, 2.0, 1.0) if kind == "dldl"
+                else mean_variance_loss(logits, age, 0.2, 0.05))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (expected_age(logits) - age).abs().max() < 1.5
+
+
+# ---------------------------------------------------------------- bundle
+def _tiny_multitask(run_dir):
+    torch.manual_seed(0)
+    save_checkpoint(run_dir, "best", FaceResNet(ModelConfig(width=0.125)),
+                    {"epoch": 0, "score": 0.0})
+    return run_dir
+
+
+def _tiny_age_model(direct: bool = True) -> AgeModel:
+    torch.manual_seed(1)
+    coarse = FaceResNet(ModelConfig(width=0.125, heads={"age_bin": 6})).eval()
+    reg = regress.BinRegressors(coarse.embed_dim, 6, hidden=8)
+    reg.center.copy_(torch.tensor([8.0, 20, 27, 33, 45, 70]))
+    reg.scale.fill_(5.0)
+    reg.low.copy_(torch.tensor([1.0, 16, 26, 29, 37, 53]))
+    reg.high.copy_(torch.tensor([15.0, 25, 28, 36, 52, 100]))
+    d = FaceResNet(ModelConfig(width=0.125, heads={"age": 101})).eval() if direct else None
+    return AgeModel(coarse, reg.eval(), np.array([16.0, 26, 29, 37, 53]), routing="hard",
+                    approach="two_stage", direct=d, clip=(1.0, 100.0))
+
+
+def test_bundle_roundtrip_and_resolve(tmp_path):
+    mt = _tiny_multitask(tmp_path / "run")
+    model = _tiny_age_model()
+    save_age_model(tmp_path / "run" / "age", model, mt, {"selection": {}})
+    images = synthetic_faceset(12).images
+    loaded = load_age_model(tmp_path / "run" / "age")
+    for approach in ("two_stage", "direct"):
+        a, b = model.predict(images, approach), loaded.predict(images, approach)
+        np.testing.assert_allclose(a["value"], b["value"], rtol=1e-5)
+        assert a["value"].min() >= 1 and a["value"].max() <= 100
+        assert b["bin_probabilities"].shape == (12, 6)
+        np.testing.assert_allclose(b["bin_probabilities"].sum(1), 1, rtol=1e-6)
+    assert loaded.bin_labels == ["0-16", "16-26", "26-29", "29-37", "37-53", "53+"]
+    assert loaded.routing == "hard" and loaded.approach == "two_stage"
+    # hard routing stays inside the predicted bin's training range
+    p = loaded.predict(images)
+    lo, hi = model.regressors.low.numpy(), model.regressors.high.numpy()
+    assert np.all((p["value"] >= lo[p["bin"]]) & (p["value"] <= hi[p["bin"]]))
+    # Either folder names the same bundle.
+    run, age = (tmp_path / "run").resolve(), tmp_path / "run" / "age"
+    assert resolve_bundle(age) == (run, age)
+    assert resolve_bundle(tmp_path / "run") == (tmp_path / "run", age)
+    assert load_age_model(tmp_path / "run") is not None
+
+
+def test_resolve_bundle_without_age_and_errors(tmp_path):
+    mt = _tiny_multitask(tmp_path / "mt")
+    assert resolve_bundle(mt) == (mt, None)
+    assert load_age_model(mt) is None
+    with pytest.raises(CheckpointError, match="not a model folder"):
+        resolve_bundle(tmp_path)
+    # An age run elsewhere refers to its multitask run; a moved-away one says so clearly.
+    save_age_model(tmp_path / "elsewhere" / "age", _tiny_age_model(direct=False), mt, {})
+    assert resolve_bundle(tmp_path / "elsewhere" / "age")[0] == mt.resolve()
+    meta = json.loads((tmp_path / "elsewhere" / "age" / "age.json").read_text())
+    meta.update(multitask="../nowhere", multitask_absolute=str(tmp_path / "nowhere"))
+    (tmp_path / "elsewhere" / "age" / "age.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="multitask model is missing"):
+        resolve_bundle(tmp_path / "elsewhere" / "age")
+
+
+def test_evaluate_age_writes_metrics_and_figures(tmp_path):
+    faces = synthetic_faceset(80)
+    m = evaluate_age(_tiny_age_model(), faces, "all", out_dir=tmp_path)
+    for key in ("mae", "mae_hard", "mae_soft", "mae_oracle_bins", "median_ae", "cs5",
+                "bin_accuracy", "bin_macro_f1", "mae_per_bin", "mae_per_ethnicity",
+                "mae_per_gender", "direct"):
+        assert key in m, key
+    assert m["n"] == 80 and m["mae"] == m["mae_hard"]  # the toy's default routing is hard
+    assert sum(b["n"] for b in m["mae_per_bin"].values()) == 80
+    assert set(m["mae_per_ethnicity"]["groups"]) == {"White", "Black", "Asian", "Indian", "Other"}
+    for name in ("age_scatter", "age_mae_by_bin", "age_mae_by_group", "age_bin_confusion",
+                 "age_grid"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "age_metrics.json").read_text())
+    assert saved["mae_oracle_bins"] == m["mae_oracle_bins"]
