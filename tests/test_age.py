@@ -92,11 +92,11 @@ def test_oracle_mae_not_worse_than_hard_on_toy():
 
     def make(n):
         age = rng.integers(1, 70, n).astype(np.float64)
-        z = np.stack([age / 70, rng.normal(size=n), rng.normal(size=n)], 1).astype(np.float32)
+        z = np.column_stack([age / 70, rng.normal(size=(n, 7))]).astype(np.float32)
         return z, age
 
-    (zt, at), (zv, av), (ze, ae) = make(600), make(150), make(300)
-    cfg = AgeConfig(reg_epochs=150, reg_patience=30, reg_lr=3e-3)
+    (zt, at), (zv, av), (ze, ae) = make(450), make(150), make(300)
+    cfg = AgeConfig(reg_epochs=40, reg_patience=10, reg_lr=1e-2, reg_batch_size=64)
     reg, _ = regress.train_regressors(zt, at, zv, av, edges, cfg)
     with torch.no_grad():
         per_bin = reg(torch.as_tensor(ze)).double().numpy()
@@ -232,3 +232,68 @@ def test_evaluate_age_writes_metrics_and_figures(tmp_path):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "age_metrics.json").read_text())
     assert saved["mae_oracle_bins"] == m["mae_oracle_bins"]
+
+
+# ---------------------------------------------------------------- the whole stage
+def _prepared(tmp_path, n=120):
+    """A prepared folder (faces.npz) holding a synthetic split face set."""
+    faces = synthetic_faceset(n)
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    np.savez(folder / "faces.npz", **faces.to_arrays())
+    return folder, faces
+
+
+def test_train_age_cli_one_epoch_smoke(tmp_path):
+    from faceattrs.cli import main
+
+    mt = _tiny_multitask(tmp_path / "mt")
+    data, faces = _prepared(tmp_path)
+    out = tmp_path / "age"
+    argv = ["train-age", "--model", str(mt), "--data", str(data), "--out", str(out),
+            "--preset", "cpu", "--device", "cpu", "--set", "batch_size=32",
+            "--set", "max_batches=2", "--set", "reg_epochs=3", "--set", "eval_batch_size=64"]
+    assert main(argv) == 0
+    for name in ("age.json", "config.json", "coarse.json", "coarse.safetensors",
+                 "regressors.safetensors", "direct.json", "direct.safetensors",
+                 "metrics.json", "summary.json", "regressors.json",
+                 "figures/age_grid.png", "figures/age_scatter.png",
+                 "figures/age_predictions_test.npz"):
+        assert (out / name).exists(), name
+    history = [json.loads(line) for line in (out / "coarse_history.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in history] == [(1, 1), (2, 1)]
+    meta = json.loads((out / "age.json").read_text())
+    sel = meta["selection"]
+    assert meta["routing"] == min(("hard", "soft"), key=lambda r: sel[f"val_mae_{r}"])
+    direct_better = sel["val_mae_direct"] < sel[f"val_mae_{meta['routing']}"]
+    assert meta["approach"] == ("direct" if direct_better else "two_stage")
+    # bins from the training split's quantiles
+    train_age = faces.age[faces.split == 0]
+    assert meta["edges"] == binsmod.quantile_edges(train_age, 6).tolist()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["age"]["n"] == int((faces.split == 2).sum())
+    assert metrics["val"]["age"]["n"] == int((faces.split == 1).sum())
+    assert metrics["age"]["mae_soft"] >= 0 and metrics["age"]["direct"]["mae"] >= 0
+    # The age run is a model bundle: it finds its multitask model and predicts.
+    assert resolve_bundle(out)[0] == mt.resolve()
+    p = load_age_model(out).predict(faces.images[:5])
+    assert p["value"].shape == (5,) and p["bin_probabilities"].shape == (5, 6)
+
+
+def test_train_age_explicit_bins_no_direct_and_backbone_copy(tmp_path):
+    from faceattrs.age import train_age
+    from faceattrs.checkpoint import load_model
+
+    mt = _tiny_multitask(tmp_path / "mt")
+    faces = synthetic_faceset(120)
+    cfg = AgeConfig(edges=(16, 26, 29, 37, 53), direct=False, head_epochs=1, finetune_epochs=0,
+                    batch_size=32, max_batches=2, reg_epochs=2, eval_batch_size=64)
+    summary = train_age(mt, faces, tmp_path / "age", cfg, device="cpu")
+    assert summary["bin_labels"] == ["0-16", "16-26", "26-29", "29-37", "37-53", "53+"]
+    assert summary["test"]["direct_mae"] is None and summary["test"]["approach"] == "two_stage"
+    # Stage 1 only: the backbone is exactly the multitask one (frozen, BN statistics too).
+    mt_state = load_model(mt)[0].state_dict()
+    coarse_state = load_model(tmp_path / "age", "coarse")[0].state_dict()
+    for k, v in mt_state.items():
+        if k.startswith(("stem.", "stages.")):
+            assert torch.equal(v, coarse_state[k]), k

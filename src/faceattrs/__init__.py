@@ -6,3 +6,13 @@ Stages, one module each: ``data`` (read, validate), ``dedup``, ``prepare`` (spli
 """
 
 __version__ = "0.1.0"
+
+_LAZY = {"analyze": "predict", "FaceAnalyzer": "predict"}  # loaded on first use: keeps import light
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,6 +17,7 @@ Command: ``faceattrs calibrate --model runs/paper`` (validation split of the run
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -123,7 +124,8 @@ def calibration_summary(
 
 
 def load_temperatures(run_dir: str | Path) -> dict[str, float]:
-    """``{head: T}`` from ``RUN/calibration.json``; ``{}`` when the run is not calibrated.
+    """``{head: T}`` from ``RUN/calibration.json``; ``{}`` when the run is not calibrated, or
+    was calibrated for other weights (a warning says so).
 
     Apply with :func:`apply_temperatures` (a head missing from the dict keeps T = 1).
     """
@@ -131,12 +133,31 @@ def load_temperatures(run_dir: str | Path) -> dict[str, float]:
     if not path.exists():
         return {}
     try:
-        temps = json.loads(path.read_text())["temperatures"]
+        saved = json.loads(path.read_text())
+        temps = saved["temperatures"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise FaceattrsError(
             f"{path} is not a calibration file ({e}); delete it or rerun `faceattrs calibrate`"
         ) from None
+    if saved.get("weights_sha256") not in (None, weights_id(run_dir)):
+        log.warning(
+            "%s was fitted for other weights (retrained?): ignored; rerun `faceattrs calibrate`",
+            path,
+        )
+        return {}
     return {str(k): float(v) for k, v in temps.items()}
+
+
+def weights_id(run_dir: str | Path, name: str = "best") -> str | None:
+    """Short SHA-256 of ``NAME.safetensors``: ties a calibration to the weights it was fitted on."""
+    path = Path(run_dir) / f"{name}.safetensors"
+    if not path.exists():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def apply_temperatures(
@@ -174,9 +195,14 @@ def calibrate_run(
     logits = {s: predict(model, f.images) for s, f in parts.items() if len(f)}
     heads = [h for h in model.cfg.heads if hasattr(faces, h)]
     result = {"temperatures": {}, "fitted_on": "val", "n_bins": n_bins, "heads": {}}
+    result["weights_sha256"] = weights_id(model_dir)
     for head in heads:
         t = fit_temperature(logits["val"][head], getattr(parts["val"], head))
         result["temperatures"][head] = t
+        if not T_BOUNDS[0] * 1.01 < t < T_BOUNDS[1] * 0.99:
+            log.warning(
+                "%s: T = %.3f is at the search bound %s: is the model trained?", head, t, T_BOUNDS
+            )
         result["heads"][head] = {
             s: calibration_summary(z[head], getattr(parts[s], head), t, n_bins)
             for s, z in logits.items()

@@ -216,7 +216,7 @@ def _figures(plots, result, sub, logits, temps, names, out_dir, n_grid, seed) ->
 
 
 def _evaluate_age(model_dir: Path, meta: dict, faces: FaceSet, split: str, out_dir: Path):
-    """>>> AGE HOOK <<< owned by the age stage, not implemented here.
+    """AGE HOOK, owned by the age stage (faceattrs.age), not implemented here.
 
     When the run holds an age model (``RUN/age/`` or ``"age"`` in the checkpoint JSON),
     call ``faceattrs.age.evaluate_age(model_dir, faces, split, out_dir / "age")`` and put

@@ -120,6 +120,11 @@ def _face_record(ex, names, i: int) -> dict:
     }
 
 
+def _detector(face) -> dict:
+    """The photo stage's extra facts about a face (detector score, how it was found), if any."""
+    return {k: getattr(face, k) for k in ("score", "kind") if getattr(face, k, None) is not None}
+
+
 def explain_photo(
     model_dir: str | Path, photo: str | Path, out_dir: str | Path, device: str = "cpu"
 ) -> dict:
@@ -154,7 +159,10 @@ def explain_photo(
     )
     result = {
         "photo": str(photo),
-        "faces": [{"box": boxes[i], **_face_record(ex, names, i)} for i in range(len(found))],
+        "faces": [
+            {"box": boxes[i], "detector": _detector(f), **_face_record(ex, names, i)}
+            for i, f in enumerate(found)
+        ],
         "figures": [f"{stem}_faces.png", f"{stem}_gradcam.png"],
     }
     write_json_atomic(out_dir / f"{stem}.json", result)

@@ -105,6 +105,10 @@ class FaceResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d | nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        for head in self.heads.values():
+            # Small output layers: He init gives logits of std ~1 and an initial loss far
+            # above log(K); std 0.01 starts at log(K) and still passes gradient back.
+            nn.init.normal_(head.fc.weight, std=0.01)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, 48, 48)`` -> feature maps ``(B, D, 6, 6)``."""

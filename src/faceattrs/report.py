@@ -191,7 +191,7 @@ def _metrics_html(m: dict) -> str:
     for head in ("gender", "ethnicity"):
         per = _get(m, f"{head}.per_class") or {}
         rows = [[c, v["precision"], v["recall"], v["f1"], v["support"]] for c, v in per.items()]
-        out += f"<h4>{head}: per class</h4>" + _table(
+        out += f"<h5>{head}: per class</h5>" + _table(
             rows, ["class", "precision", "recall", "F1", "support"]
         )
     return out
@@ -211,7 +211,7 @@ def _fairness_html(m: dict) -> str:
                     " vs ".join(res["gap_between"] or []),
                 ]
             )
-        out += f"<h4>{html.escape(metric)}</h4>" + _table(
+        out += f"<h5>{html.escape(metric)}</h5>" + _table(
             rows, ["by", "groups", "largest gap", "between"]
         )
     return out
@@ -303,8 +303,10 @@ def _json_html(path: Path, run_dir: Path, section: str) -> str:
             body = SPECIAL[path.name](data)
         else:
             body = _table(_scalars(data)[:60], ["key", "value"])
+    if section == "Fairness":  # the file itself is shown, raw, under Evaluation
+        return f"<h4>{_link(path, run_dir)}</h4>{body}"
     raw = html.escape(json.dumps(data, indent=1)[:20000])
-    return f"<h3>{_link(path, run_dir)}</h3>{body}<details><summary>raw JSON</summary><pre>{raw}</pre></details>"
+    return f"<h4>{_link(path, run_dir)}</h4>{body}<details><summary>raw JSON</summary><pre>{raw}</pre></details>"
 
 
 def _jsonl_html(path: Path, run_dir: Path) -> str:
@@ -313,16 +315,16 @@ def _jsonl_html(path: Path, run_dir: Path) -> str:
         dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, int | float | str))
     )
     table = _table([[r.get(k) for k in keys] for r in rows[-100:]], keys)
-    return f"<h3>{_link(path, run_dir)}</h3><p>{len(rows)} rows</p><div class=scroll>{table}</div>"
+    return f"<h4>{_link(path, run_dir)}</h4><p>{len(rows)} rows</p><div class=scroll>{table}</div>"
 
 
-def _csv_html(path: Path, run_dir: Path, limit: int = 30) -> str:
+def _csv_html(path: Path, run_dir: Path, limit: int = 100) -> str:
     with open(path, newline="") as f:
         rows = [r for _, r in zip(range(limit + 1), csv.reader(f), strict=False)]
     if not rows:
         return f"<p>{_link(path, run_dir)} (empty)</p>"
     note = f"first {limit} rows" if len(rows) > limit else f"{len(rows) - 1} rows"
-    return f"<h3>{_link(path, run_dir)}</h3><p>{note}</p><div class=scroll>{_table(rows[1:], rows[0])}</div>"
+    return f"<h4>{_link(path, run_dir)}</h4><p>{note}</p><div class=scroll>{_table(rows[1:], rows[0])}</div>"
 
 
 def render_file(path: Path, run_dir: Path, section: str) -> str:
@@ -339,11 +341,19 @@ def render_file(path: Path, run_dir: Path, section: str) -> str:
 
 
 def render_section(name: str, files: list[Path], run_dir: Path) -> str:
-    """Tables and links first, then the figures in a wrapping grid."""
-    text = [render_file(p, run_dir, name) for p in files if KINDS[p.suffix.lower()] != "image"]
-    figs = [render_file(p, run_dir, name) for p in files if KINDS[p.suffix.lower()] == "image"]
+    """One block per folder: its tables and links first, then its figures in a wrapping grid."""
+    folders: dict[Path, list[Path]] = {}
+    for p in files:
+        folders.setdefault(p.parent, []).append(p)
+    blocks = []
+    for folder, group in folders.items():
+        rel = os.path.relpath(folder, run_dir)
+        head = f"<h3>{html.escape(rel)}/</h3>" if len(folders) > 1 or rel != "." else ""
+        text = [render_file(p, run_dir, name) for p in group if KINDS[p.suffix.lower()] != "image"]
+        figs = [render_file(p, run_dir, name) for p in group if KINDS[p.suffix.lower()] == "image"]
+        blocks.append(f"{head}{''.join(text)}<div class=figs>{''.join(figs)}</div>")
     anchor = name.lower().replace(" ", "-")
-    return f'<section id="{anchor}"><h2>{name}</h2>{"".join(text)}<div class=figs>{"".join(figs)}</div></section>'
+    return f'<section id="{anchor}"><h2>{name}</h2>{"".join(blocks)}</section>'
 
 
 def _summary(eval_files: list[Path], run_dir: Path) -> str:
@@ -367,8 +377,8 @@ def _summary(eval_files: list[Path], run_dir: Path) -> str:
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}
-th{background:#f3f3f3}figure{margin:.5em;display:inline-block;vertical-align:top}
-img{max-width:640px;border:1px solid #ddd}figcaption{font-size:12px}pre{font-size:11px;max-height:400px;overflow:auto}
+th{background:#f3f3f3}figure{margin:.5em;display:inline-block;vertical-align:top;max-width:100%}
+img{max-width:100%;border:1px solid #ddd}figcaption{font-size:12px}pre{font-size:11px;max-height:400px;overflow:auto}
 .scroll{max-height:420px;overflow:auto}nav a{margin-right:1em}section{border-top:2px solid #eee;margin-top:1.5em}"""
 
 

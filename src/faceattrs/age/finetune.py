@@ -4,8 +4,8 @@ Used by both age models (the coarse bin classifier and the direct head). Stage 1
 the backbone (its batch-norm statistics too) and trains only the new head; stage 2
 fine-tunes everything at a lower learning rate with warm-up + cosine, early-stopped on a
 validation score. The best model over both stages is kept. Augmentation is the
-multitask model's (``augment.Augmenter`` built from its run's settings). One JSON line
-per epoch goes to the history file.
+multitask model's (``augment.Augmenter`` built from its run's settings); the loop is
+``engine.train_one_epoch``. One JSON line per epoch goes to the history file.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..augment import AugmentConfig, Augmenter, minority_classes
 from ..dataset import FaceSet
+from ..engine import train_one_epoch
 from ..io import write_text_atomic
 from ..model import FaceResNet
 
@@ -63,20 +64,15 @@ class HeadOnly(nn.Module):
         return self.net(x)
 
 
-def batches(faces: FaceSet, targets: dict[str, np.ndarray], batch_size: int, seed: int,
-            device, max_batches: int = 0):
-    """Shuffled dict batches: ``images`` uint8 ``(B, 48, 48)``, ``ethnicity`` and each target,
-    as tensors on ``device``; the order depends only on ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(faces), generator=gen)
-    images = torch.as_tensor(faces.images)
-    eth = torch.as_tensor(faces.ethnicity.astype(np.int64))
-    tgt = {k: torch.as_tensor(v) for k, v in targets.items()}
-    for i, idx in enumerate(order.split(batch_size)):
-        if max_batches and i >= max_batches:
-            return
-        yield {"images": images[idx].to(device), "ethnicity": eth[idx].to(device),
-               **{k: v[idx].to(device) for k, v in tgt.items()}}
+def augmenter_for(mt_meta: dict, train: FaceSet, device) -> Augmenter:
+    """The multitask run's augmentation (its saved ``augment`` settings; the reference's
+    when the checkpoint has none), minority classes from these training faces."""
+    from ..train import config_from_dict
+
+    saved = mt_meta.get("config")
+    aug_cfg = config_from_dict(saved).augment if saved else AugmentConfig()
+    minority = minority_classes(train.ethnicity, aug_cfg.minority_ratio)
+    return Augmenter(aug_cfg, minority).to(device)
 
 
 def train_two_stages(
@@ -96,56 +92,78 @@ def train_two_stages(
     """Stage 1 (head only, ``cfg.head_epochs``) then stage 2 (everything,
     ``cfg.finetune_epochs``, early stopping on ``monitor`` of ``score_fn(net)``).
 
-    ``loss_fn(outputs, batch)``: outputs = the model's dict of logits, batch = a dict from
-    :func:`batches` plus ``x`` (the augmented input). Returns the best network (eval mode)
-    and a summary (best epoch / stage / score, epochs run, seconds).
+    ``loss_fn(outputs, batch)`` as in :func:`faceattrs.engine.train_one_epoch`; the batch
+    holds ``image`` (uint8), ``ethnicity`` and each array of ``targets`` (``(N,)`` per
+    training face). ``score_fn(net) -> {name: value}`` scores the validation split.
+    Returns the best network over both stages (eval mode) and a summary.
     """
-    from ..train import EarlyStopping
+    from ..train import (
+        EarlyStopping,
+        epoch_order,
+        make_optimizer,
+        make_scheduler,
+        seed_epoch,
+        use_bf16,
+    )
 
     net.to(device)
-    augment = make_augmenter(mt_meta, train, device, cfg.seed)
+    bf16 = use_bf16("auto", device)
+    augment = augmenter_for(mt_meta, train, device)
+    data = {
+        "image": torch.from_numpy(np.ascontiguousarray(train.images)).to(device),
+        "ethnicity": torch.from_numpy(train.ethnicity.astype(np.int64)).to(device),
+        **{k: torch.from_numpy(np.asarray(v)).to(device) for k, v in targets.items()},
+    }
+    steps = math.ceil(len(train) / cfg.batch_size)
+    if cfg.max_batches:
+        steps = min(steps, cfg.max_batches)
     rows: list[dict] = []
     best = {"score": None, "stage": 0, "epoch": 0, "state": None}
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
 
-    def run_epoch(stage, epoch, model, opt, sched, lr):
-        t0 = time.time()
-        seed = cfg.seed * 10_000 + stage * 1000 + epoch
-        stats = _train_epoch(model, loss_fn, batches(train, targets, cfg.batch_size, seed,
-                                                     device, cfg.max_batches),
-                             opt, sched, augment, device)
+    def prepare(batch):
+        return augment(batch["image"], batch["ethnicity"])
+
+    def run_epoch(stage: int, epoch: int, model, opt, sched) -> float:
+        lr = opt.param_groups[0]["lr"]
+        seed_epoch(cfg.seed, 100 * stage + epoch)  # augmentation and dropout
+        order = epoch_order(None, len(train), cfg.seed, 100 * stage + epoch).to(device)
+        tr = train_one_epoch(model, loss_fn, data, order, opt, prepare,
+                             batch_size=cfg.batch_size, scheduler=sched, bf16=bf16,
+                             max_batches=cfg.max_batches,
+                             progress=f"{name} stage {stage} epoch {epoch}")
         scores = score_fn(net)
-        row = {"model": name, "stage": stage, "epoch": epoch, "lr": lr, **stats, **scores,
-               "seconds": round(time.time() - t0, 1)}
-        rows.append(row)
-        _append_jsonl(history_path, rows)
-        log.info("%s stage %d epoch %d: %s", name, stage, epoch,
-                 ", ".join(f"{k} {v:.4f}" for k, v in {**stats, **scores}.items()))
-        if best["score"] is None or better(scores[monitor], best["score"]):
+        rows.append({"model": name, "stage": stage, "epoch": epoch, "lr": lr,
+                     "train_loss": tr["loss"], **scores, "seconds": round(tr["seconds"], 1),
+                     "images_per_s": round(tr["images_per_s"], 1)})
+        write_text_atomic(history_path, "".join(json.dumps(r) + "\n" for r in rows))
+        new_best = best["score"] is None or better(scores[monitor], best["score"])
+        log.info("%s stage %d epoch %d: loss %.4f, %s%s (%.0f s)", name, stage, epoch,
+                 tr["loss"], ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),
+                 "  *best*" if new_best else "", tr["seconds"])
+        if new_best:
             best.update(score=scores[monitor], stage=stage, epoch=epoch,
                         state=copy.deepcopy(net.state_dict()))
         return scores[monitor]
 
-    # Stage 1: the backbone frozen, batch-norm statistics included.
+    # Stage 1: only the new head learns; the backbone (batch-norm statistics too) is frozen.
+    torch.manual_seed(cfg.seed)
     head_only = HeadOnly(net)
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.head_lr,
-                            weight_decay=cfg.weight_decay)
+    opt = make_optimizer([p for p in net.parameters() if p.requires_grad], cfg.head_lr,
+                         cfg.weight_decay)
     for epoch in range(1, cfg.head_epochs + 1):
-        run_epoch(1, epoch, head_only, opt, None, cfg.head_lr)
+        run_epoch(1, epoch, head_only, opt, None)
     for p in net.parameters():
         p.requires_grad_(True)
 
-    # Stage 2: everything, lower learning rate, warm-up + cosine, early stopping.
+    # Stage 2: everything, at a lower rate, warm-up + cosine, early stopping.
     if cfg.finetune_epochs > 0:
-        opt = torch.optim.AdamW(net.parameters(), lr=cfg.finetune_lr,
-                                weight_decay=cfg.weight_decay)
-        steps = cfg.finetune_epochs * _n_batches(len(train), cfg)
-        sched = warmup_cosine(opt, cfg.warmup_epochs * _n_batches(len(train), cfg), steps)
-        stopper = EarlyStopping(monitor=monitor, mode=mode, patience=cfg.patience,
-                                min_delta=cfg.min_delta)
+        opt = make_optimizer(net.parameters(), cfg.finetune_lr, cfg.weight_decay)
+        sched = make_scheduler(opt, cfg.warmup_epochs * steps, cfg.finetune_epochs * steps)
+        stopper = EarlyStopping(monitor, mode, cfg.patience, cfg.min_delta)
         for epoch in range(1, cfg.finetune_epochs + 1):
-            value = run_epoch(2, epoch, net, opt, sched, opt.param_groups[0]["lr"])
-            if stopper.step(value):
+            stopper.step(run_epoch(2, epoch, net, opt, sched), epoch)
+            if stopper.should_stop:
                 log.info("%s: early stop after stage-2 epoch %d", name, epoch)
                 break
     if best["state"] is not None:
@@ -153,48 +171,3 @@ def train_two_stages(
     summary = {"best_stage": best["stage"], "best_epoch": best["epoch"], monitor: best["score"],
                "epochs": len(rows), "seconds": round(sum(r["seconds"] for r in rows), 1)}
     return net.eval(), summary
-
-
-def warmup_cosine(opt, warmup_steps: int, total_steps: int):
-    """Linear warm-up to the base rate, then cosine decay to zero (per optimizer step)."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def _n_batches(n: int, cfg) -> int:
-    full = math.ceil(n / cfg.batch_size)
-    return min(full, cfg.max_batches) if cfg.max_batches else full
-
-
-def _append_jsonl(path: Path, rows: list[dict]) -> None:
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def make_augmenter(mt_meta: dict, train: FaceSet, device, seed: int):
-    """PLACEHOLDER until augment.Augmenter lands."""
-    from ..augment import normalise
-
-    return lambda images, ethnicity: normalise(images)
-
-
-def _train_epoch(model, loss_fn, batch_iter, opt, sched, augment, device) -> dict:
-    """PLACEHOLDER until engine.train_one_epoch lands."""
-    model.train()
-    total, n = 0.0, 0
-    for batch in batch_iter:
-        batch["x"] = augment(batch["images"], batch["ethnicity"])
-        loss = loss_fn(model(batch["x"]), batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        total += float(loss) * len(batch["x"])
-        n += len(batch["x"])
-    return {"train_loss": total / max(n, 1)}

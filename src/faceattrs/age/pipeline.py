@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from .. import config as cfgmod
 from ..checkpoint import load_model
 from ..dataset import FaceSet
+from ..engine import evaluate_heads
 from ..engine import predict as engine_predict
 from ..exceptions import FaceattrsError
 from ..io import write_json_atomic
-from ..metrics import classification_report
 from . import direct as directmod
 from .bins import assign_bins, bin_labels, check_edges, quantile_edges
 from .bundle import COARSE_HEAD, AgeModel, save_age_model
@@ -52,7 +52,7 @@ def train_age(multitask_dir: str | Path, faces: FaceSet, out_dir: str | Path,
     cfg = cfg or AgeConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = select_device(device)
+    device = select_device(device or "auto")
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -70,17 +70,21 @@ def train_age(multitask_dir: str | Path, faces: FaceSet, out_dir: str | Path,
     # Coarse classifier: early stopping on validation macro-F1.
     val_bins = assign_bins(val.age, edges)
 
+    val_data = {"image": torch.from_numpy(np.ascontiguousarray(val.images)).to(device),
+                COARSE_HEAD: torch.from_numpy(val_bins).to(device)}
+
     def coarse_loss(out, batch):
-        return F.cross_entropy(out[COARSE_HEAD].float(), batch["bin"],
+        return F.cross_entropy(out[COARSE_HEAD], batch[COARSE_HEAD],
                                label_smoothing=cfg.label_smoothing)
 
     def coarse_score(model):
-        pred = engine_predict(model, val.images, cfg.eval_batch_size)[COARSE_HEAD].argmax(1)
-        r = classification_report(val_bins, pred, labels)
+        r = evaluate_heads(model, val_data, {COARSE_HEAD: len(labels)},
+                           batch_size=cfg.eval_batch_size)[COARSE_HEAD]
         return {"val_macro_f1": r["macro_f1"], "val_accuracy": r["accuracy"]}
 
+    torch.manual_seed(cfg.seed)  # the new head's initial weights
     coarse = from_backbone(mt_model, {COARSE_HEAD: len(labels)})
-    targets = {"bin": assign_bins(train.age, edges)}
+    targets = {COARSE_HEAD: assign_bins(train.age, edges)}
     coarse, coarse_summary = train_two_stages(
         coarse, coarse_loss, coarse_score, "val_macro_f1", "max", train, targets, cfg, device,
         mt_meta, out_dir / "coarse_history.jsonl", "coarse",
@@ -147,6 +151,7 @@ def _train_direct(mt_model, mt_meta, train: FaceSet, val: FaceSet, cfg: AgeConfi
         value = np.clip(_expected(logits), cfg.min_age, cfg.max_age)
         return {"val_mae": mae(val.age, value)}
 
+    torch.manual_seed(cfg.seed + 1)
     model = from_backbone(mt_model, {directmod.HEAD: directmod.n_years(cfg.max_age)})
     targets = {"age": np.clip(train.age, cfg.min_age, cfg.max_age).astype(np.float32)}
     return train_two_stages(model, direct_loss, direct_score, "val_mae", "min", train, targets,

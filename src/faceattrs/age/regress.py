@@ -53,10 +53,11 @@ def route_by_bin(per_bin: np.ndarray, bins: np.ndarray) -> np.ndarray:
 class BinRegressors(nn.Module):
     """``K`` independent MLPs on a ``(B, D)`` embedding -> ``(B, K)`` ages in years.
 
-    Regressor ``k`` predicts ``center[k] + scale[k] * mlp_k(z)`` (targets standardised per
-    bin so that every head starts near its bin's typical age). With ``clip=True`` each
-    output is clamped to ``[low[k], high[k]]``, the range of its bin's training ages.
-    The centres, scales and ranges are buffers, so they travel in the weights file.
+    Regressor ``k`` standardises the embedding with its own bin's training statistics
+    (``x_mean[k]``, ``x_std[k]``) and predicts ``center[k] + scale[k] * mlp_k(z)``
+    (targets standardised per bin, so every head starts near its bin's typical age).
+    With ``clip=True`` each output is clamped to ``[low[k], high[k]]``, the range of its
+    bin's training ages. All statistics are buffers: they travel in the weights file.
     """
 
     def __init__(self, dim: int, n_bins: int, hidden: int = 128, dropout: float = 0.1):
@@ -64,7 +65,6 @@ class BinRegressors(nn.Module):
         self.dim, self.n_bins, self.hidden, self.dropout = dim, n_bins, hidden, dropout
         self.mlps = nn.ModuleList(
             nn.Sequential(
-                nn.LayerNorm(dim),
                 nn.Linear(dim, hidden),
                 nn.ReLU(),
                 nn.Dropout(dropout),
@@ -72,18 +72,34 @@ class BinRegressors(nn.Module):
             )
             for _ in range(n_bins)
         )
-        for name in ("center", "scale", "low", "high"):
-            self.register_buffer(name, torch.zeros(n_bins))
-        self.scale.fill_(1.0)
-        self.high.fill_(math.inf)
+        self.register_buffer("x_mean", torch.zeros(n_bins, dim))
+        self.register_buffer("x_std", torch.ones(n_bins, dim))
+        self.register_buffer("center", torch.zeros(n_bins))
+        self.register_buffer("scale", torch.ones(n_bins))
+        self.register_buffer("low", torch.full((n_bins,), -math.inf))
+        self.register_buffer("high", torch.full((n_bins,), math.inf))
 
     def settings(self) -> dict:
-        return {"dim": self.dim, "n_bins": self.n_bins, "hidden": self.hidden,
-                "dropout": self.dropout}
+        return {
+            "dim": self.dim,
+            "n_bins": self.n_bins,
+            "hidden": self.hidden,
+            "dropout": self.dropout,
+        }
+
+    def fit_statistics(self, k: int, z: np.ndarray, age: np.ndarray) -> None:
+        """Set bin ``k``'s input and target statistics from its training data."""
+        z = torch.as_tensor(z, dtype=torch.float32)
+        self.x_mean[k] = z.mean(0)
+        self.x_std[k] = z.std(0, unbiased=False).clamp_min(1e-6) if len(z) > 1 else 1.0
+        self.center[k] = float(np.median(age))
+        self.scale[k] = max(float(np.std(age)), 1.0)
+        self.low[k], self.high[k] = float(age.min()), float(age.max())
 
     def forward_one(self, k: int, z: torch.Tensor) -> torch.Tensor:
         """Bin ``k``'s unclipped prediction ``(B,)`` in years."""
-        return self.center[k] + self.scale[k] * self.mlps[k](z).squeeze(1)
+        x = (z - self.x_mean[k]) / self.x_std[k]
+        return self.center[k] + self.scale[k] * self.mlps[k](x).squeeze(1)
 
     def forward(self, z: torch.Tensor, clip: bool = True) -> torch.Tensor:
         out = torch.stack([self.forward_one(k, z) for k in range(self.n_bins)], dim=1)
@@ -123,10 +139,7 @@ def train_regressors(
         y = age_train[tr].astype(np.float32)
         # Targets clipped to the age range the model predicts in.
         y = np.clip(y, cfg.min_age, cfg.max_age)
-        reg.center[k] = float(np.median(y))
-        reg.scale[k] = max(float(np.std(y)), 1.0)
-        reg.low[k] = float(y.min())
-        reg.high[k] = float(y.max())
+        reg.fit_statistics(k, z_train[tr], y)
         info = _fit_one(reg, k, z_train[tr], y, z_val[va],
                         np.clip(age_val[va], cfg.min_age, cfg.max_age), cfg)
         summaries.append({"bin": k, "n_train": len(tr), "n_val": len(va), **info})
@@ -139,7 +152,7 @@ def _fit_one(reg: BinRegressors, k: int, x: np.ndarray, y: np.ndarray, xv: np.nd
              yv: np.ndarray, cfg) -> dict:
     """Train ``reg.mlps[k]`` on ``(x, y)``; keep the epoch with the lowest validation MAE
     (training MAE when the bin has no validation faces)."""
-    from ..train import EarlyStopping
+    from ..train import EarlyStopping, make_optimizer
 
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + k)
     torch.manual_seed(cfg.seed * 1000 + k)
@@ -150,12 +163,10 @@ def _fit_one(reg: BinRegressors, k: int, x: np.ndarray, y: np.ndarray, xv: np.nd
     has_val = len(xv) > 0
     xv = torch.as_tensor(xv, dtype=torch.float32) if has_val else x
     yv = torch.as_tensor(yv, dtype=torch.float32) if has_val else y
-    params = list(reg.mlps[k].parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.reg_lr, weight_decay=cfg.reg_weight_decay)
+    opt = make_optimizer(reg.mlps[k].parameters(), cfg.reg_lr, cfg.reg_weight_decay)
     loss_fn = regression_loss(cfg.reg_loss, cfg.huber_delta)
-    stopper = EarlyStopping(monitor="val_mae", mode="min", patience=cfg.reg_patience,
-                            min_delta=1e-3)
-    best_state, best, best_epoch, epoch = None, math.inf, 0, 0
+    stopper = EarlyStopping(monitor="val_mae", mode="min", patience=cfg.reg_patience)
+    best_state, epoch = None, 0
     for epoch in range(1, cfg.reg_epochs + 1):
         reg.mlps[k].train()
         for idx in torch.randperm(len(x), generator=gen).split(cfg.reg_batch_size):
@@ -166,11 +177,10 @@ def _fit_one(reg: BinRegressors, k: int, x: np.ndarray, y: np.ndarray, xv: np.nd
         reg.mlps[k].eval()
         with torch.no_grad():
             mae = float((reg.forward_one(k, xv) - yv).abs().mean())
-        if mae < best:
-            best, best_epoch = mae, epoch
+        if stopper.step(mae, epoch):
             best_state = {n: t.clone() for n, t in reg.mlps[k].state_dict().items()}
-        if stopper.step(mae):
+        if stopper.should_stop:
             break
     reg.mlps[k].load_state_dict(best_state)
-    return {"val_mae": best, "best_epoch": best_epoch, "epochs": epoch,
+    return {"val_mae": round(stopper.best, 4), "best_epoch": stopper.best_epoch, "epochs": epoch,
             "monitored": "val" if has_val else "train"}

@@ -68,24 +68,27 @@ def roc(curve: dict, path: Path, title: str = "Gender ROC") -> Path:
 
 
 def reliability(before: dict, after: dict | None, path: Path, title: str, ece=None) -> Path:
-    """Accuracy vs confidence per bin (bars), before and after temperature scaling."""
+    """Accuracy per confidence bin (bars) and its gap to the bin's mean confidence (hatched),
+    before and, when given, after temperature scaling. Bins: calibrate.reliability_bins."""
     panels = [("before", before)] + ([("after", after)] if after is not None else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), squeeze=False)
     for i, (ax, (name, bins)) in enumerate(zip(axes[0], panels, strict=True)):
         edges = np.asarray(bins["edges"])
-        width = np.diff(edges)
-        acc = [a if a is not None else 0 for a in bins["accuracy"]]
-        conf = [c if c is not None else np.nan for c in bins["confidence"]]
+        full = [c is not None for c in bins["confidence"]]
+        acc = np.array([a if ok else 0.0 for a, ok in zip(bins["accuracy"], full, strict=True)])
+        conf = np.array([c if ok else 0.0 for c, ok in zip(bins["confidence"], full, strict=True)])
+        kw = {"width": np.diff(edges), "align": "edge"}
+        ax.bar(edges[:-1], acc, edgecolor="k", alpha=0.8, label="accuracy", **kw)
         ax.bar(
-            edges[:-1], acc, width=width, align="edge", edgecolor="k", alpha=0.8, label="accuracy"
-        )
-        ax.plot(
-            conf,
-            [a if a is not None else np.nan for a in bins["accuracy"]],
-            "o",
-            c="C1",
-            ms=3,
-            label="mean confidence",
+            edges[:-1],
+            np.where(full, conf - acc, 0),
+            bottom=acc,
+            fill=False,
+            ec=WRONG,
+            hatch="//",
+            lw=0.6,
+            label="gap to mean confidence",
+            **kw,
         )
         ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
         label = f"{name} scaling" + (f", ECE {ece[i]:.3f}" if ece is not None else "")

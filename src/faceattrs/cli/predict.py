@@ -1,0 +1,53 @@
+"""Faces in photos -> gender, ethnicity and age, one record per face.
+
+    faceattrs predict ../shared/data/photos --model runs/cpu --out results.jsonl
+
+PATH: files, folders (searched recursively for image files) and globs. Records go to
+--out (.jsonl or .csv; JSON lines on stdout without it). A file that cannot be used
+(not an image, truncated, too large, unreadable, no face) gets an error record and the
+others are still processed; the exit status is 1 when any file failed, 2 for a missing
+or inconsistent model.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .. import config as cfgmod
+from ..photo import MAX_PIXELS, PhotoConfig
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or globs")
+    p.add_argument("--model", help="run folder (or ONNX export with --backend onnx); "
+                   "default: the model bundled with the package")  # fmt: skip
+    p.add_argument("--out", help="results file: .jsonl or .csv (default: JSON lines on stdout)")
+    p.add_argument("--annotate", metavar="DIR", help="save copies of the photos with boxes and labels")
+    p.add_argument("--explain", metavar="DIR", help="save Grad-CAM overlays, one PNG per face")
+    p.add_argument("--batch-size", type=int, default=64, help="faces per model call (default 64)")
+    p.add_argument("--no-detect", action="store_true",
+                   help="each image is one already-cropped face (no detection)")  # fmt: skip
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="torch precision")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help=f"refuse larger images (decompression-bomb guard; default {MAX_PIXELS:,})")  # fmt: skip
+    p.add_argument("--photo-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="detection / crop settings of faceattrs.photo.PhotoConfig, e.g. min_face=40")  # fmt: skip
+
+
+def run(args) -> int:
+    from ..predict import predict_files
+
+    photo = cfgmod.resolve(PhotoConfig, {}, None, args.photo_set)
+    photo = cfgmod.replace(photo, {"max_pixels": args.max_pixels})
+    counts = predict_files(
+        args.paths, args.model, out=args.out, annotate_dir=args.annotate,
+        explain_dir=args.explain, batch_size=args.batch_size, backend=args.backend,
+        device=args.device, dtype=args.dtype, detect=not args.no_detect, photo=photo,
+    )  # fmt: skip
+    log.info("%d file(s), %d face(s), %d failed%s", counts["files"], counts["faces"],
+             counts["failed"], f" -> {args.out}" if args.out else "")  # fmt: skip
+    return 1 if counts["failed"] else 0

@@ -1,0 +1,84 @@
+"""Train the multitask (gender + ethnicity) model.
+
+    faceattrs train --data local/prepared --out runs/cpu --preset cpu
+    faceattrs train --data local/prepared --out runs/paper --preset paper batch_size=256
+    faceattrs train --resume runs/cpu                      # continue an interrupted run
+    torchrun --nproc_per_node=4 -m faceattrs train --data local/prepared --out runs/p --preset paper
+
+Settings are ``KEY=VALUE`` words after the options (``lr=1e-3 epochs=20
+augment.rotation=5``); command line > preset > defaults; the resolved settings are saved
+in RUN/config.json. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .. import config as cfgmod
+from ..exceptions import FaceattrsError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="prepared folder or CSV (as `faceattrs prepare` reads it)")
+    p.add_argument("--out", help="run folder to create (holds best/last checkpoints, history)")
+    p.add_argument("--preset", default="paper", help="paper (the reference) or cpu (default: paper)")
+    p.add_argument("--resume", metavar="RUN", help="continue the interrupted run in RUN")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings, e.g. epochs=10")
+    p.add_argument("--set", dest="more", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting (same as a KEY=VALUE word; may repeat)")  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..prepare import load_faces
+    from ..train import config_from_dict, fit, resolve_config
+
+    overrides = list(args.overrides) + list(args.more)
+    if args.resume:
+        out = Path(args.resume)
+        if args.out and Path(args.out) != out:
+            raise FaceattrsError("--resume RUN continues RUN in place; drop --out or make it RUN")
+        cfg_path = out / "config.json"
+        if not cfg_path.exists():
+            raise FaceattrsError(f"cannot resume: {cfg_path} not found (not a training run?)")
+        saved = json.loads(cfg_path.read_text())
+        cfg = config_from_dict(saved["config"])
+        if overrides:  # e.g. epochs=60 to extend a finished run
+            changed = cfgmod.parse_overrides(overrides)
+            cfg = resolve_config(None, {**_flat(cfgmod.to_dict(cfg)), **changed})
+        data = args.data or saved.get("data")
+        if not data:
+            raise FaceattrsError(f"{cfg_path} does not name its data: pass --data")
+    else:
+        if not args.data or not args.out:
+            raise FaceattrsError("--data and --out are required (or --resume RUN)")
+        cfg = resolve_config(args.preset, overrides)
+        out, data = Path(args.out), args.data
+    faces = load_faces(data)
+    summary = fit(faces, out, cfg, resume=bool(args.resume),
+                  data_ref=str(Path(data).resolve()), progress=not args.no_progress)  # fmt: skip
+    if summary.get("world_size", 1) == 1 or _rank0():
+        print(
+            f"best epoch {summary['best_epoch']}: val mean macro-F1 {summary['best_score']:.4f} "
+            f"({summary['epochs_run']} epochs this session, {summary['seconds']:.0f} s) -> {out}"
+        )
+    return 0
+
+
+def _flat(d: dict) -> dict:
+    """``{"augment": {"rotation": 8}}`` -> ``{"augment.rotation": 8}``."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def _rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0

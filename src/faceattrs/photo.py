@@ -1,0 +1,386 @@
+"""Photos in, 48x48 faces out: decode, orientation, face detection, crop with margin.
+
+``load_image`` decodes JPEG, PNG, WebP, BMP, TIFF (anything Pillow reads), applies the
+EXIF orientation and returns uint8 ``(H, W)`` for gray or ``(H, W, 3)`` RGB (alpha is
+composited on white, 16-bit is scaled to 8-bit). ``extract_faces`` finds every face with
+OpenCV's bundled Haar cascades (no download) and crops each one the way the training
+faces were made: the UTKFace "aligned & cropped" extent around the face, grayscale,
+resized to 48x48 with area interpolation. Bad input raises :class:`PhotoError`.
+
+Detection (measured on the 24 shared photos and on composed multi-face images, see
+docs/photos.md):
+
+1. an image that may be a tight face crop (near-square, at most ``tight_max_side``
+   pixels) is padded and searched for one big face with the precise cascade (alt2);
+2. if that fails, a higher-recall cascade (default) looks for a big face; when it finds
+   one the whole image is taken as the face (a tight crop whose face the precise cascade
+   missed);
+3. otherwise every face of at least ``min_face`` pixels is searched in the whole image,
+   downscaled to ``max_side`` pixels.
+
+>>> import numpy as np
+>>> crop = to_face_crop(np.zeros((200, 200), np.uint8), (50, 50, 100, 100))
+>>> crop.shape, crop.dtype
+((48, 48), dtype('uint8'))
+>>> extract_faces(np.full((80, 100, 3), 90, np.uint8), detect=False)[0].box
+(0, 0, 100, 80)
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .exceptions import FaceattrsError
+from .labels import IMAGE_SIZE
+
+log = logging.getLogger(__name__)
+
+MAX_PIXELS = 50_000_000  # decompression-bomb guard: images over this many pixels are refused
+Box = tuple[int, int, int, int]  # x, y, width, height in image pixels
+
+
+class PhotoError(FaceattrsError):
+    """A photo that cannot be used: unreadable, not an image, truncated, too large, no face."""
+
+
+@dataclass
+class PhotoConfig:
+    # --- decoding
+    max_pixels: int = MAX_PIXELS  # refuse images with more pixels than this (0 = no limit)
+    # --- detection (OpenCV Haar cascades shipped in opencv-python, cv2.data.haarcascades)
+    cascade: str = "haarcascade_frontalface_alt2.xml"  # precise boxes: used for every crop
+    check_cascade: str = "haarcascade_frontalface_default.xml"  # higher recall: whole-image check
+    scale_factor: float = 1.1  # pyramid step between searched face sizes
+    min_neighbors: int = 3  # overlapping hits needed to accept a face (higher = fewer false faces)
+    min_face: int = 24  # smallest face searched, pixels at detection resolution
+    max_side: int = 1280  # the general search runs on a copy at most this long (speed)
+    overlap: float = 0.5  # drop a face covered over this share by a stronger one
+    # --- tight face crops (e.g. 200x200 UTKFace photos): the face touches the borders
+    tight_max_side: int = 512  # images up to this long side may be one tight face crop ...
+    tight_max_aspect: float = 1.5  # ... if also at most this elongated
+    tight_pad: float = 0.25  # border added (replicated), as a share of the short side
+    tight_min_face: float = 0.5  # a tight crop's face is at least this share of the short side
+    whole_pad: float = 0.5  # border for the high-recall check before whole-image fallback
+    whole_min_face: float = 0.4  # face size (share of the short side) that makes it face-sized
+    # --- crop margin: detected box -> extent of a training face (measured, docs/photos.md)
+    margin_scale: float = 1.0  # crop side / box side
+    margin_shift_x: float = 0.0  # crop centre right of the box centre, in box widths
+    margin_shift_y: float = 0.09  # crop centre below the box centre, in box heights
+    cascades: dict = field(default_factory=dict, repr=False, compare=False)  # loaded, cached
+
+    def classifier(self, name: str) -> cv2.CascadeClassifier:
+        if name not in self.cascades:
+            path = os.path.join(cv2.data.haarcascades, name)
+            clf = cv2.CascadeClassifier(path)
+            if clf.empty():
+                raise PhotoError(
+                    f"face detector {path} is missing: install opencv-python(-headless) 4.x "
+                    "(OpenCV 5 no longer bundles the Haar cascades)"
+                )
+            self.cascades[name] = clf
+        return self.cascades[name]
+
+
+@dataclass
+class Face:
+    """One face of a photo: ``box`` (x, y, w, h) in the photo, the model's 48x48 uint8 ``crop``,
+    the detector's ``score`` (Haar level weight, higher = surer; None when not detected) and
+    ``kind``: "detected", "whole" (tight crop, whole image used) or "given" (``detect=False``)."""
+
+    box: Box
+    crop: np.ndarray
+    score: float | None = None
+    kind: str = "detected"
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def load_image(src, max_pixels: int | None = None) -> np.ndarray:
+    """Decode ``src`` to uint8 ``(H, W)`` (gray) or ``(H, W, 3)`` (RGB), EXIF-oriented.
+
+    ``src``: a path, encoded bytes, a PIL image or a numpy array (``(H, W)``,
+    ``(H, W, 1|3|4)``, RGB order; uint8, uint16, bool or float in [0, 1]).
+    Raises :class:`PhotoError` for a missing or unreadable path, an empty, truncated or
+    non-image file, or an image over ``max_pixels`` (default :data:`MAX_PIXELS`).
+    """
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    if isinstance(src, np.ndarray):
+        return _from_array(src, "array")
+    if isinstance(src, Image.Image):
+        _check_size(src.size, limit, "image")
+        return _from_pil(_orient(src, "image"), "image")
+    if isinstance(src, bytes | bytearray | memoryview):
+        name, data = "data", bytes(src)
+        if not data:
+            raise PhotoError("empty data (0 bytes): not an image")
+        return _decode(io.BytesIO(data), name, limit)
+    if not isinstance(src, str | os.PathLike):
+        raise PhotoError(f"cannot read an image from a {type(src).__name__}")
+    path = Path(src)
+    if not path.exists():
+        raise PhotoError(f"{path}: no such file")
+    if path.is_dir():
+        raise PhotoError(f"{path}: is a folder, not an image")
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise PhotoError(f"{path}: empty file (0 bytes)")
+        with open(path, "rb") as fh:
+            return _decode(fh, str(path), limit)
+    except PermissionError as e:
+        raise PhotoError(f"{path}: cannot be read ({e.strerror})") from None
+    except OSError as e:
+        if isinstance(e, PhotoError):
+            raise
+        raise PhotoError(f"{path}: cannot be read ({e})") from None
+
+
+def _decode(fh, name: str, limit: int) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check ourselves
+        try:
+            im = Image.open(fh)
+        except UnidentifiedImageError:
+            raise PhotoError(f"{name}: not an image (or a format Pillow cannot read)") from None
+        except Image.DecompressionBombError as e:
+            raise PhotoError(f"{name}: too large ({e})") from None
+        with im:
+            _check_size(im.size, limit, name)
+            try:
+                im.load()
+            except (OSError, SyntaxError, ValueError, EOFError) as e:
+                raise PhotoError(f"{name}: truncated or corrupt image ({e})") from None
+            return _from_pil(_orient(im, name), name)
+
+
+def _check_size(size: tuple[int, int], limit: int, name: str) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise PhotoError(f"{name}: empty image ({w}x{h})")
+    if limit and w * h > limit:
+        raise PhotoError(
+            f"{name}: {w}x{h} is {w * h / 1e6:.1f} megapixels, over the limit of "
+            f"{limit / 1e6:g} (a decompression-bomb guard; raise it with --max-pixels)"
+        )
+
+
+def _orient(im: Image.Image, name: str) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception as e:  # a broken EXIF block must not lose an otherwise good photo
+        log.warning("%s: EXIF orientation ignored (%s)", name, e)
+        return im
+
+
+def _from_pil(im: Image.Image, name: str) -> np.ndarray:
+    mode = im.mode
+    if mode in ("1", "L"):
+        return np.asarray(im.convert("L"))
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _from_array(np.asarray(im), name)
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif mode not in ("RGB", "RGBA", "LA", "La", "RGBa", "PA"):
+        try:
+            im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV
+        except ValueError as e:
+            raise PhotoError(f"{name}: unsupported image mode {mode!r} ({e})") from None
+    if im.mode in ("LA", "La", "PA"):
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "RGBa"):
+        return _from_array(np.asarray(im.convert("RGBA")), name)
+    return np.asarray(im.convert("RGB"))
+
+
+def _from_array(a: np.ndarray, name: str) -> np.ndarray:
+    """Any supported array -> uint8 (H, W) or (H, W, 3)."""
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)) or 0 in a.shape:
+        raise PhotoError(f"{name}: expected (H, W), (H, W, 3) or (H, W, 4) pixels, got {a.shape}")
+    if a.dtype == np.uint8:
+        out = a
+    elif a.dtype == bool:
+        out = a.astype(np.uint8) * 255
+    elif a.dtype.kind == "f":
+        a = np.nan_to_num(a.astype(np.float32))
+        peak = float(a.max())
+        scale = 255.0 if peak <= 1.0 else (1.0 if peak <= 255.0 else 255.0 / 65535.0)
+        out = np.clip(a * scale + 0.5, 0, 255).astype(np.uint8)
+    elif a.dtype.kind in "iu":
+        # 16-bit (and 32-bit "I" images holding 16-bit values): keep the high byte, as
+        # Pillow does for 16-bit colour; values that already fit 8 bits are kept as they are.
+        wide = a.astype(np.int64)
+        out = np.clip(wide, 0, 65535) >> 8 if wide.max() > 255 else np.clip(wide, 0, 255)
+        out = out.astype(np.uint8)
+    else:
+        raise PhotoError(f"{name}: unsupported pixel type {a.dtype}")
+    if out.ndim == 3 and out.shape[2] == 4:  # composite on white
+        alpha = out[..., 3:4].astype(np.float32) / 255.0
+        rgb = out[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+        out = (rgb + 0.5).astype(np.uint8)
+    return np.ascontiguousarray(out)
+
+
+def to_gray(image: np.ndarray) -> np.ndarray:
+    """uint8 ``(H, W)`` or RGB ``(H, W, 3)`` -> ``(H, W)`` (ITU-R 601 luma, as Pillow's "L")."""
+    return image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+
+
+# ---------------------------------------------------------------- detection
+
+
+def detect_faces(gray: np.ndarray, cfg: PhotoConfig | None = None) -> list[tuple[Box, float, str]]:
+    """Faces of a uint8 gray image as ``(box, score, kind)``, left to right (see module doc).
+
+    A box is the detector's, so it may reach past the image border (for a face cut by the
+    border, or found in the padding of a tight crop); :func:`clip_box` cuts it for display.
+    """
+    cfg = cfg or PhotoConfig()
+    h, w = gray.shape
+    short = min(h, w)
+    if max(h, w) <= cfg.tight_max_side and max(h, w) <= cfg.tight_max_aspect * short:
+        found = _haar(gray, cfg, cfg.cascade, cfg.tight_pad, round(cfg.tight_min_face * short))
+        if found:
+            return found
+        check = _haar(
+            gray, cfg, cfg.check_cascade, cfg.whole_pad, round(cfg.whole_min_face * short)
+        )
+        if check:
+            return [((0, 0, w, h), check[0][1], "whole")]
+    scale = min(1.0, cfg.max_side / max(h, w))
+    small = (
+        gray
+        if scale == 1.0
+        else cv2.resize(
+            gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
+        )
+    )
+    found = _haar(small, cfg, cfg.cascade, 0.0, cfg.min_face)
+    return [(tuple(round(v / scale) for v in box), s, k) for box, s, k in found]
+
+
+def _haar(gray, cfg: PhotoConfig, cascade: str, pad: float, min_size: int):
+    """One cascade pass on ``gray`` padded by ``pad`` x short side (replicated border).
+
+    Boxes are in ``gray``'s coordinates and may reach past its borders (into the padding).
+    """
+    h, w = gray.shape
+    p = round(pad * min(h, w))
+    img = cv2.copyMakeBorder(gray, p, p, p, p, cv2.BORDER_REPLICATE) if p else gray
+    min_size = max(1, min_size)
+    if min_size > min(img.shape):
+        return []
+    boxes, _, weights = cfg.classifier(cascade).detectMultiScale3(
+        img,
+        cfg.scale_factor,
+        cfg.min_neighbors,
+        minSize=(min_size, min_size),
+        outputRejectLevels=True,
+    )
+    found = [
+        ((int(x - p), int(y - p), int(bw), int(bh)), float(s))
+        for (x, y, bw, bh), s in zip(boxes, np.ravel(weights), strict=True)
+        if clip_box((x - p, y - p, bw, bh), (h, w))[2] > 0
+    ]
+    keep = _suppress(found, cfg.overlap, (h, w))
+    return sorted(((b, s, "detected") for b, s in keep), key=lambda f: (f[0][0], f[0][1]))
+
+
+def clip_box(box: Box, shape: tuple[int, ...]) -> Box:
+    """``box`` cut to the image of ``shape`` (a box wholly outside gets width or height 0)."""
+    x, y, w, h = box
+    x0, y0 = min(max(0, x), shape[1]), min(max(0, y), shape[0])
+    x1, y1 = max(x0, min(shape[1], x + w)), max(y0, min(shape[0], y + h))
+    return int(x0), int(y0), int(x1 - x0), int(y1 - y0)
+
+
+def _suppress(found, overlap: float, shape):
+    """Drop boxes that a higher-scoring box covers by more than ``overlap`` of their area."""
+    keep = []
+    for box, score in sorted(found, key=lambda f: -f[1]):
+        x, y, w, h = clip_box(box, shape)
+        covered = False
+        for kept, _ in keep:
+            a, b, kw, kh = clip_box(kept, shape)
+            inter = max(0, min(x + w, a + kw) - max(x, a)) * max(0, min(y + h, b + kh) - max(y, b))
+            covered |= inter > overlap * w * h
+        if not covered:
+            keep.append((box, score))
+    return keep
+
+
+# ---------------------------------------------------------------- cropping
+
+
+def crop_region(box: Box, cfg: PhotoConfig | None = None, margin: bool = True) -> Box:
+    """The square region ``(x, y, side, side)`` cropped for a face box (may leave the image).
+
+    With ``margin`` the measured box-to-training-face mapping is applied; without, the
+    region is the box padded to a square about its centre.
+    """
+    cfg = cfg or PhotoConfig()
+    x, y, w, h = box
+    cx, cy = x + w / 2, y + h / 2
+    side = max(w, h)
+    if margin:
+        cx += cfg.margin_shift_x * w
+        cy += cfg.margin_shift_y * h
+        side *= cfg.margin_scale
+    side = max(1, round(side))
+    return round(cx - side / 2), round(cy - side / 2), side, side
+
+
+def to_face_crop(
+    image: np.ndarray, box: Box, cfg: PhotoConfig | None = None, margin: bool = True
+) -> np.ndarray:
+    """The model's input for the face in ``box``: uint8 ``(48, 48)`` grayscale.
+
+    The square :func:`crop_region` is cut out (its part outside the image filled by
+    replicating the border) and resized with area interpolation, as the training CSV was
+    made from whole 200x200 aligned faces.
+    """
+    x, y, side, _ = crop_region(box, cfg, margin)
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = max(0, x), max(0, y), min(w, x + side), min(h, y + side)
+    if x1 <= x0 or y1 <= y0:
+        raise PhotoError(f"face box {box} lies outside the {w}x{h} image")
+    region = to_gray(np.ascontiguousarray(image[y0:y1, x0:x1]))
+    top, left, bottom, right = y0 - y, x0 - x, y + side - y1, x + side - x1
+    if top or left or bottom or right:
+        region = cv2.copyMakeBorder(region, top, bottom, left, right, cv2.BORDER_REPLICATE)
+    if side == IMAGE_SIZE:
+        return np.ascontiguousarray(region)
+    interp = cv2.INTER_AREA if side > IMAGE_SIZE else cv2.INTER_LINEAR
+    return cv2.resize(region, (IMAGE_SIZE, IMAGE_SIZE), interpolation=interp)
+
+
+def extract_faces(image, detect: bool = True, cfg: PhotoConfig | None = None) -> list[Face]:
+    """Every face of ``image`` (anything :func:`load_image` takes), left to right.
+
+    ``detect=False`` treats the whole image as one already-cropped face (padded to a
+    square, no margin). An empty list means no face was found.
+    """
+    cfg = cfg or PhotoConfig()
+    image = load_image(image, cfg.max_pixels)  # arrays that are already uint8 pass unchanged
+    h, w = image.shape[:2]
+    if not detect:
+        return [
+            Face((0, 0, w, h), to_face_crop(image, (0, 0, w, h), cfg, margin=False), None, "given")
+        ]
+    gray = to_gray(image)
+    faces = []
+    for box, score, kind in detect_faces(gray, cfg):
+        crop = to_face_crop(gray, box, cfg, margin=kind == "detected")
+        faces.append(Face(clip_box(box, gray.shape), crop, round(score, 3), kind))
+    return faces

@@ -1,0 +1,43 @@
+"""Training curves from ``history.csv`` (one row per epoch, written by ``train.fit``)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from .common import save
+
+
+def plot_history(csv_path: str | Path, out_path: str | Path) -> Path:
+    """Three panels: losses, validation accuracy and macro-F1 per task, learning rate."""
+    with Path(csv_path).open(newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def col(name):
+        return [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]
+
+    ep = col("epoch")
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    ax = axes[0]
+    ax.plot(ep, col("train_loss"), "o-", label="train (augmented)")
+    ax.plot(ep, col("val_loss"), "o-", label="validation")
+    ax.set(title="weighted loss", xlabel="epoch")
+    ax.legend()
+    ax = axes[1]
+    for task, colour in (("gender", "C0"), ("ethnicity", "C1")):
+        ax.plot(ep, col(f"val_{task}_accuracy"), "--", color=colour, label=f"{task} accuracy")
+        ax.plot(ep, col(f"val_{task}_macro_f1"), "o-", color=colour, label=f"{task} macro-F1")
+    score = col("val_score")
+    ax.plot(ep, score, "k-", lw=2, label="score (mean F1)")
+    if rows:
+        best = max(range(len(score)), key=lambda i: score[i])
+        ax.axvline(ep[best], color="grey", ls=":", label=f"best epoch {ep[best]:.0f}")
+    ax.set(title="validation", xlabel="epoch")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    ax.plot(ep, col("lr"), "o-")
+    ax.set(title="learning rate (epoch start)", xlabel="epoch")
+    fig.tight_layout()
+    return save(fig, out_path)

@@ -1,0 +1,593 @@
+"""Train the multitask (gender + ethnicity) model as the reference says.
+
+Pieces, each usable on its own (the age stage reuses them): :class:`TrainConfig` and
+``PRESETS``; :func:`select_device`; :func:`sampler_weights` / :func:`epoch_order`
+(inverse-frequency sampling with replacement, one epoch = the training-set size);
+:func:`make_optimizer` / :func:`make_scheduler` (AdamW, linear warm-up then cosine, per
+step); :class:`EarlyStopping`; :func:`save_train_state` / :func:`load_train_state`
+(resume without pickle). :func:`fit` runs it all and writes the run folder::
+
+    RUN/config.json        resolved config + data path
+    RUN/best.{safetensors,json}, RUN/last.{safetensors,json}, RUN/last_state.safetensors
+    RUN/history.csv, RUN/history.png
+
+Run it with ``faceattrs train --data PREPARED --out runs/cpu --preset cpu``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from . import config as cfgmod
+from .augment import AugmentConfig, Augmenter, minority_classes
+from .checkpoint import CheckpointError, read_meta, save_checkpoint
+from .dataset import FaceSet
+from .engine import evaluate_heads, train_one_epoch
+from .exceptions import FaceattrsError
+from .io import write_json_atomic, write_text_atomic, write_with
+from .model import FaceResNet, ModelConfig
+
+log = logging.getLogger(__name__)
+
+HEADS = {"gender": 2, "ethnicity": 5}
+
+
+class TrainError(FaceattrsError):
+    """A training run that cannot start or resume (bad data, missing run folder)."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run. Defaults = the reference (the ``paper`` preset)."""
+
+    epochs: int = 50  # maximum epochs; early stopping may end sooner
+    batch_size: int = 128  # [ours] the reference does not state it
+    lr: float = 6e-4  # AdamW peak learning rate
+    weight_decay: float = 1e-3  # AdamW decoupled weight decay, on every parameter
+    warmup_epochs: float = 5.0  # linear warm-up from ~0 to lr, then cosine to min_lr
+    min_lr: float = 0.0  # floor of the cosine
+    gender_weight: float = 0.4  # L = 0.4 CE(gender) + 2.5 CE(ethnicity)
+    ethnicity_weight: float = 2.5
+    ethnicity_smoothing: float = 0.12  # label smoothing of the ethnicity CE
+    gender_smoothing: float = 0.0
+    patience: int = 8  # early stopping on the mean of both macro-F1s on validation
+    min_delta: float = 0.0  # smallest score gain that counts as an improvement
+    width: float = 1.0  # model channel multiplier (1.0 = 64/128/256/512)
+    dropout: float = 0.35  # before each head
+    balanced: bool = True  # inverse-frequency ethnicity sampling (False: plain shuffle)
+    seed: int = 0  # weights, sampling, augmentation and dropout all derive from it
+    device: str = "auto"  # auto = cuda, then mps, then cpu; or any torch device string
+    bf16: str = "auto"  # auto / on / off; auto = on for CUDA and CPUs with AVX512-BF16/AMX
+    channels_last: bool = True  # memory format of model and inputs
+    compile: bool = False  # torch.compile the model
+    eval_batch_size: int = 512  # validation batch size
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    limit: int = 0  # use at most this many faces per split (0 = all; smoke tests)
+    max_batches: int = 0  # stop each epoch after this many batches (0 = full; smoke tests)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # override as augment.KEY
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # the reference exactly (batch size is ours)
+    "paper": {},
+    # ~25 min on 2 CPU cores: 1/8 width (8..64 channels, 64-d embedding), 12 epochs,
+    # larger batch and lr, shorter warm-up and patience. Trades accuracy for time.
+    "cpu": {
+        "width": 0.125,
+        "epochs": 12,
+        "batch_size": 256,
+        "lr": 2e-3,
+        "warmup_epochs": 1.0,
+        "patience": 4,
+    },
+}
+
+
+def resolve_config(preset: str | None, overrides=()) -> TrainConfig:
+    """Default < preset < overrides (``["lr=1e-3", "augment.rotation=5"]`` or a dict)."""
+    if not isinstance(overrides, dict):
+        overrides = cfgmod.parse_overrides(overrides)
+    aug = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("augment.")}
+    top = {k: v for k, v in overrides.items() if not k.startswith("augment.")}
+    if "augment" in top:
+        raise cfgmod.ConfigError("set augmentation fields one by one: augment.KEY=VALUE")
+    cfg = cfgmod.resolve(TrainConfig, PRESETS, preset, top)
+    return dataclasses.replace(cfg, augment=cfgmod.replace(cfg.augment, aug))
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Inverse of ``config.to_dict`` for :class:`TrainConfig` (nested augment settings)."""
+    values = dict(values)
+    aug = cfgmod.from_dict(AugmentConfig, values.pop("augment", {}))
+    return dataclasses.replace(cfgmod.from_dict(TrainConfig, values), augment=aug)
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    return ModelConfig(width=cfg.width, dropout=cfg.dropout, heads=dict(HEADS))
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA, then MPS, then CPU (under torchrun: this process's local GPU)."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 matrix units (AVX512-BF16 or AMX)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, c, lambda: False)()) for c in checks)
+
+
+def use_bf16(setting: str, device: torch.device) -> bool:
+    """Resolve ``bf16`` = auto / on / off for ``device``.
+
+    auto: on for CUDA with bf16 support and for CPUs with native bf16 (AVX512-BF16/AMX);
+    off elsewhere: on AVX2-only CPUs bf16 is emulated and measured ~10x slower here.
+    """
+    s = str(setting).lower()
+    if s in ("on", "true", "1", "yes"):
+        return True
+    if s in ("off", "false", "0", "no"):
+        return False
+    if s != "auto":
+        raise cfgmod.ConfigError(f"bf16 must be auto, on or off, not {setting!r}")
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_fast_bf16()
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1).
+
+    NCCL on CUDA, gloo elsewhere. Returns ``(rank, world_size)``; ``(0, 1)`` alone.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def sampler_weights(labels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Per-sample weight = 1 / count of its class (each class gets equal total mass).
+
+    >>> sampler_weights([0, 0, 0, 1]).tolist()
+    [0.3333333432674408, 0.3333333432674408, 0.3333333432674408, 1.0]
+    """
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    counts = torch.bincount(labels).float()
+    return 1.0 / counts[labels]
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (seed, epoch, rank, stream)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def epoch_order(
+    weights: torch.Tensor | None, n: int, seed: int, epoch: int, rank: int = 0, world: int = 1
+) -> torch.Tensor:
+    """This rank's sample indices for ``epoch`` (CPU long tensor).
+
+    With ``weights``: ``n`` draws with replacement (``torch.multinomial``); without:
+    a permutation. Every rank draws the same global sequence from ``(seed, epoch)`` and
+    keeps its own contiguous share of ``n // world`` (equal shares keep DDP in step).
+    """
+    g = torch.Generator().manual_seed(_seed(seed, epoch, 1))
+    if weights is None:
+        order = torch.randperm(n, generator=g)
+    else:
+        order = torch.multinomial(weights.double(), n, replacement=True, generator=g)
+    share = n // world
+    return order[rank * share : (rank + 1) * share]
+
+
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    """Seed torch's global generators (augmentation, dropout) from (seed, epoch, rank)."""
+    torch.manual_seed(_seed(seed, epoch, rank, 2))
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def multitask_loss(cfg: TrainConfig):
+    """``loss_fn(outputs, batch) -> (L, {"gender": CE, "ethnicity": CE})``."""
+
+    def loss_fn(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]):
+        lg = F.cross_entropy(
+            outputs["gender"], batch["gender"], label_smoothing=cfg.gender_smoothing
+        )
+        le = F.cross_entropy(
+            outputs["ethnicity"], batch["ethnicity"], label_smoothing=cfg.ethnicity_smoothing
+        )
+        return cfg.gender_weight * lg + cfg.ethnicity_weight * le, {"gender": lg, "ethnicity": le}
+
+    return loss_fn
+
+
+def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """Linear warm-up to 1 over ``warmup_steps``, then cosine down to ``min_ratio``.
+
+    >>> [round(lr_factor(s, 2, 6), 3) for s in range(7)]
+    [0.5, 1.0, 1.0, 0.854, 0.5, 0.146, 0.0]
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(total_steps - warmup_steps, 1)
+    t = min((step - warmup_steps) / span, 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    total_steps: int,
+    min_ratio: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step LambdaLR following :func:`lr_factor` (call ``step()`` after each batch)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup_steps, total_steps, min_ratio)
+    )
+
+
+class EarlyStopping:
+    """Stop after ``patience`` epochs without improvement of ``monitor``.
+
+    >>> es = EarlyStopping("score", mode="max", patience=2)
+    >>> [es.step(v) for v in (0.5, 0.6, 0.6, 0.55)], es.should_stop, es.best_epoch
+    ([True, True, False, False], True, 2)
+    """
+
+    def __init__(self, monitor: str, mode: str = "max", patience: int = 8, min_delta: float = 0.0):
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', not {mode!r}")
+        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
+        self.best: float | None = None
+        self.best_epoch = 0
+        self.bad_epochs = 0
+        self.epoch = 0
+
+    def improves(self, value: float) -> bool:
+        if self.best is None or math.isnan(self.best):
+            return not math.isnan(value)
+        if self.mode == "max":
+            return value > self.best + self.min_delta
+        return value < self.best - self.min_delta
+
+    def step(self, value: float, epoch: int | None = None) -> bool:
+        """Record one epoch's value; True when it is a new best."""
+        self.epoch = epoch if epoch is not None else self.epoch + 1
+        if self.improves(value):
+            self.best, self.best_epoch, self.bad_epochs = value, self.epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        keys = ("monitor", "mode", "patience", "min_delta", "best", "best_epoch", "bad_epochs", "epoch")
+        return {k: getattr(self, k) for k in keys}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+# --------------------------------------------------------------------------- resume state
+
+STATE_FILE = "last_state.safetensors"
+
+
+def save_train_state(run_dir: Path, epoch: int, optimizer, scheduler, stopper) -> dict[str, Any]:
+    """Optimizer tensors -> ``last_state.safetensors``; returns the JSON-able rest.
+
+    The caller puts the returned dict into ``last.json`` (written last), and the epoch is
+    stored in both files so that a crash between the writes is detected on resume.
+    """
+    sd = optimizer.state_dict()
+    tensors = {
+        f"{pid}.{k}": v.detach().to("cpu").contiguous()
+        for pid, st in sd["state"].items()
+        for k, v in st.items()
+        if torch.is_tensor(v)
+    }
+    write_with(
+        run_dir / STATE_FILE, lambda p: save_file(tensors, str(p), metadata={"epoch": str(epoch)})
+    )
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    return {
+        "state_file": STATE_FILE,
+        "epoch": epoch,
+        "optimizer_param_groups": sd["param_groups"],
+        "scheduler": sched,
+        "early_stopping": stopper.state_dict(),
+    }
+
+
+def load_train_state(run_dir: Path, resume: dict[str, Any], optimizer, scheduler, stopper) -> None:
+    from safetensors import safe_open
+
+    path = run_dir / resume["state_file"]
+    if not path.exists():
+        raise TrainError(f"cannot resume: {path} is missing")
+    with safe_open(str(path), framework="pt") as f:
+        saved_epoch = int((f.metadata() or {}).get("epoch", -1))
+    if saved_epoch != resume["epoch"]:
+        raise TrainError(
+            f"cannot resume: {path} is from epoch {saved_epoch}, last.json from epoch "
+            f"{resume['epoch']} (interrupted while saving)"
+        )
+    flat = load_file(str(path))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in flat.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": resume["optimizer_param_groups"]})
+    scheduler.load_state_dict({**resume["scheduler"], "lr_lambdas": scheduler.state_dict()["lr_lambdas"]})
+    stopper.load_state_dict(resume["early_stopping"])
+
+
+# --------------------------------------------------------------------------- history
+
+HISTORY_FIELDS = [
+    "epoch", "lr", "seconds", "images_per_s",
+    "train_loss", "train_loss_gender", "train_loss_ethnicity", "val_loss",
+    "val_gender_accuracy", "val_gender_macro_f1",
+    "val_ethnicity_accuracy", "val_ethnicity_macro_f1", "val_score",
+]  # fmt: skip
+
+
+def read_history(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    lines = [",".join(HISTORY_FIELDS)]
+    for r in rows:
+        lines.append(",".join(_fmt(r.get(k, "")) for k in HISTORY_FIELDS))
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def _split_tensors(faces: FaceSet, split: str, limit: int, seed: int, device) -> dict:
+    idx = faces.indices(split)
+    if limit and len(idx) > limit:
+        rng = np.random.default_rng(_seed(seed, 3))
+        idx = np.sort(rng.choice(idx, limit, replace=False))
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(faces.images[idx])).to(device),
+        "gender": torch.from_numpy(faces.gender[idx].astype(np.int64)).to(device),
+        "ethnicity": torch.from_numpy(faces.ethnicity[idx].astype(np.int64)).to(device),
+    }
+
+
+def fit(
+    faces: FaceSet,
+    out_dir: str | Path,
+    cfg: TrainConfig,
+    resume: bool = False,
+    data_ref: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train on the ``train`` split, choose the best epoch on ``val``, write ``out_dir``.
+
+    With ``resume=True`` the run continues after the epoch saved in ``last.json``; the
+    per-epoch seeding makes the result identical to an uninterrupted run (same device).
+    Under ``torchrun`` every rank trains on its share and only rank 0 writes.
+    Returns ``{"best_epoch", "best_score", "epochs_run", "stopped_early", ...}``.
+    """
+    out_dir = Path(out_dir)
+    device = select_device(cfg.device)
+    rank, world = init_distributed(device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    bf16 = use_bf16(cfg.bf16, device)
+    main = rank == 0
+
+    train = _split_tensors(faces, "train", cfg.limit, cfg.seed, device)
+    val = _split_tensors(faces, "val", cfg.limit, cfg.seed + 1, device)
+    n_train, n_val = len(train["image"]), len(val["image"])
+    if n_train < world or n_val == 0:
+        raise TrainError(
+            f"need a train and a val split (found {n_train} train, {n_val} val faces); "
+            "pass data prepared by `faceattrs prepare`"
+        )
+    eth_train = train["ethnicity"].cpu().numpy()
+    minority = minority_classes(eth_train, cfg.augment.minority_ratio)
+    augmenter = Augmenter(cfg.augment, minority).to(device)
+    weights = sampler_weights(eth_train) if cfg.balanced else None
+
+    torch.manual_seed(cfg.seed)  # the initial weights
+    model = FaceResNet(model_config(cfg)).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
+    share = n_train // world
+    steps = math.ceil(share / cfg.batch_size)
+    if cfg.max_batches > 0:
+        steps = min(steps, cfg.max_batches)
+    scheduler = make_scheduler(
+        optimizer, max(1, round(cfg.warmup_epochs * steps)), cfg.epochs * steps, cfg.min_lr / cfg.lr
+    )
+    stopper = EarlyStopping("val_score", "max", cfg.patience, cfg.min_delta)
+    loss_fn = multitask_loss(cfg)
+
+    start_epoch, history = 1, []
+    if resume:
+        start_epoch, history = _resume(out_dir, model, optimizer, scheduler, stopper)
+    elif main:
+        _check_fresh(out_dir)
+    run_config = {"data": data_ref, "world_size": world, "bf16": bf16, "device": str(device),
+                  "minority_classes": list(minority), "train_faces": n_train, "val_faces": n_val,
+                  "config": cfgmod.to_dict(cfg)}  # fmt: skip
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / "config.json", run_config)
+    log.info(
+        "training %d faces (val %d) on %s x%d, bf16=%s, width=%s, epochs %d-%d, minority=%s",
+        n_train, n_val, device, world, bf16, cfg.width, start_epoch, cfg.epochs, minority,
+    )  # fmt: skip
+
+    net: torch.nn.Module = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.compile:
+        net = torch.compile(net)
+
+    def prepare(batch):
+        return augmenter(batch["image"], batch["ethnicity"])
+
+    t0 = time.perf_counter()
+    stopped_early = False
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        if stopper.should_stop:  # a resumed run that had already stopped
+            stopped_early = True
+            break
+        seed_epoch(cfg.seed, epoch, rank)
+        order = epoch_order(weights, n_train, cfg.seed, epoch, rank, world).to(device)
+        lr = optimizer.param_groups[0]["lr"]
+        tr = train_one_epoch(
+            net, loss_fn, train, order, optimizer, prepare,
+            batch_size=cfg.batch_size, scheduler=scheduler, bf16=bf16,
+            channels_last=cfg.channels_last, max_batches=cfg.max_batches,
+            progress=f"epoch {epoch}/{cfg.epochs}" if (progress and main) else False,
+        )  # fmt: skip
+        shard = torch.arange(rank, n_val, world, device=device)
+        ev = evaluate_heads(
+            model, val, HEADS, batch_size=cfg.eval_batch_size, loss_fn=loss_fn, bf16=bf16,
+            channels_last=cfg.channels_last, indices=shard,
+        )  # fmt: skip
+        score = (ev["gender"]["macro_f1"] + ev["ethnicity"]["macro_f1"]) / 2
+        improved = stopper.step(score, epoch)
+        row = {
+            "epoch": epoch, "lr": lr, "seconds": tr["seconds"], "images_per_s": tr["images_per_s"],
+            "train_loss": tr["loss"], "train_loss_gender": tr["loss_gender"],
+            "train_loss_ethnicity": tr["loss_ethnicity"], "val_loss": ev["loss"],
+            "val_gender_accuracy": ev["gender"]["accuracy"],
+            "val_gender_macro_f1": ev["gender"]["macro_f1"],
+            "val_ethnicity_accuracy": ev["ethnicity"]["accuracy"],
+            "val_ethnicity_macro_f1": ev["ethnicity"]["macro_f1"], "val_score": score,
+        }  # fmt: skip
+        history.append(row)
+        log.info(
+            "epoch %d/%d  loss %.4f  val gender F1 %.4f  ethnicity F1 %.4f  score %.4f%s  "
+            "%.0f img/s  %.0f s",
+            epoch, cfg.epochs, tr["loss"], ev["gender"]["macro_f1"], ev["ethnicity"]["macro_f1"],
+            score, "  *best*" if improved else "", tr["images_per_s"], tr["seconds"],
+        )  # fmt: skip
+        if main:
+            meta = {"epoch": epoch, "score": score, "monitor": "val mean macro-F1 (gender, ethnicity)",
+                    "val": {h: {k: ev[h][k] for k in ("accuracy", "macro_f1", "confusion")}
+                            for h in HEADS},
+                    "data": data_ref, "config": cfgmod.to_dict(cfg)}  # fmt: skip
+            if improved:
+                save_checkpoint(out_dir, "best", model, {**meta, "kind": "best"})
+            resume_state = save_train_state(out_dir, epoch, optimizer, scheduler, stopper)
+            write_history(out_dir / "history.csv", history)
+            save_checkpoint(out_dir, "last", model, {**meta, "kind": "last", "resume": resume_state})
+            _plot(out_dir)
+        if stopper.should_stop and epoch < cfg.epochs:
+            log.info("early stop: no gain for %d epochs, best epoch %d", cfg.patience,
+                     stopper.best_epoch)  # fmt: skip
+            stopped_early = True
+            break
+
+    summary = {
+        "best_epoch": stopper.best_epoch, "best_score": stopper.best,
+        "epochs_run": len(history), "stopped_early": stopped_early,
+        "seconds": time.perf_counter() - t0, "out_dir": str(out_dir), "bf16": bf16,
+        "device": str(device), "world_size": world,
+    }  # fmt: skip
+    if world > 1:
+        dist.barrier()
+    return summary
+
+
+def _check_fresh(out_dir: Path) -> None:
+    if (out_dir / "last.json").exists() or (out_dir / "best.json").exists():
+        raise TrainError(
+            f"{out_dir} already holds a run: continue it with --resume {out_dir}, "
+            "or choose another --out"
+        )
+
+
+def _resume(out_dir: Path, model, optimizer, scheduler, stopper) -> tuple[int, list[dict]]:
+    """Load ``last`` into the objects; returns (first epoch to run, history rows so far)."""
+    try:
+        meta = read_meta(out_dir / "last.json")
+    except CheckpointError as e:
+        raise TrainError(f"cannot resume {out_dir}: {e}") from None
+    resume = meta.get("resume")
+    if not resume:
+        raise TrainError(f"cannot resume: {out_dir / 'last.json'} holds no resume state")
+    state = load_file(str(out_dir / "last.safetensors"), device="cpu")
+    model.load_state_dict(state)
+    load_train_state(out_dir, resume, optimizer, scheduler, stopper)
+    epoch = int(resume["epoch"])
+    rows = [
+        {k: (int(v) if k == "epoch" else float(v)) for k, v in r.items() if v != ""}
+        for r in read_history(out_dir / "history.csv")
+    ]
+    rows = [r for r in rows if r["epoch"] <= epoch]
+    log.info("resuming %s after epoch %d (best %s at epoch %d)", out_dir, epoch, stopper.best,
+             stopper.best_epoch)  # fmt: skip
+    return epoch + 1, rows
+
+
+def _plot(out_dir: Path) -> None:
+    try:
+        from .plots.train import plot_history
+
+        plot_history(out_dir / "history.csv", out_dir / "history.png")
+    except Exception as e:  # a figure must never stop a training run
+        log.warning("history plot failed: %s", e)
