@@ -137,3 +137,22 @@ def test_cli_report(run, capsys):
     assert main(["report", "--run", str(run)]) == 0
     assert capsys.readouterr().out.strip() == str(run / "report.html")
     assert main(["report", "--run", str(run / "missing")]) == 2
+
+
+def test_data_report_of_a_csv_is_found_in_the_prepare_cache(tmp_path, monkeypatch):
+    from faceattrs.prepare import cache_dir
+
+    monkeypatch.setenv("FACEATTRS_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "faces.csv"
+    source.write_text("age,ethnicity,gender,img_name,pixels\n")
+    for key, src in (("aaa", source), ("bbb", tmp_path / "other" / "faces.csv")):
+        folder = cache_dir() / f"faces.csv-{key}"
+        folder.mkdir(parents=True)
+        (folder / "faces.npz").write_bytes(b"")
+        (folder / "manifest.json").write_text(json.dumps({"source": str(src.resolve())}))
+        tiny_png(folder / f"label_distribution_{key}.png")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": str(source)}))
+    text = build_report(run).read_text()
+    assert "label_distribution_aaa.png" in text and "label_distribution_bbb.png" not in text

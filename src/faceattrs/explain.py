@@ -19,7 +19,6 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from captum.attr import LayerGradCam
 
 from .augment import normalise
 from .calibrate import apply_temperatures, load_temperatures
@@ -41,6 +40,10 @@ def layer_cam(
     model: torch.nn.Module, x: torch.Tensor, head: str, target: torch.Tensor
 ) -> torch.Tensor:
     """Raw Grad-CAM ``(B, h, w)`` (ReLU'd, unscaled) of ``head``'s logit ``target`` at the CAM layer."""
+    try:
+        from captum.attr import LayerGradCam  # optional dependency: faceattrs[explain]
+    except ImportError:
+        raise FaceattrsError("Grad-CAM needs captum: pip install 'faceattrs[explain]'") from None
     layer = model.get_submodule(model.cam_layer)
     cam = LayerGradCam(lambda inp: model(inp)[head], layer)
     with torch.enable_grad():

@@ -106,21 +106,33 @@ def discover(run_dir: Path) -> dict[str, list[Path]]:
 
 
 def _data_folder(run_dir: Path) -> Path | None:
-    """The prepared folder recorded in ``config.json`` (``"data"``), when it is one."""
+    """The prepared folder of the data recorded in ``config.json`` (``"data"``): that folder
+    itself, or for a CSV the newest cache folder prepared from it (``prepare.cache_dir``)."""
     try:
         data = json.loads((run_dir / "config.json").read_text()).get("data")
     except (OSError, json.JSONDecodeError, AttributeError):
         return None
     if not isinstance(data, str):
         return None
-    for cand in (Path(data), run_dir / data):
-        if (
-            cand.is_dir()
-            and (cand / "faces.npz").exists()
-            and run_dir.resolve() not in cand.resolve().parents
-        ):
-            return cand
-    return None
+    path = Path(data) if Path(data).exists() else run_dir / data
+    if path.is_dir() and (path / "faces.npz").exists():
+        inside = path.resolve() == run_dir.resolve() or run_dir.resolve() in path.resolve().parents
+        return None if inside else path  # files inside the run folder are found anyway
+    return _cached_prepared(path) if path.is_file() else None
+
+
+def _cached_prepared(source: Path) -> Path | None:
+    from .prepare import cache_dir
+
+    hits = []
+    for manifest in cache_dir().glob(f"{source.name}-*/manifest.json"):
+        try:
+            same = json.loads(manifest.read_text()).get("source") == str(source.resolve())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if same and (manifest.parent / "faces.npz").exists():
+            hits.append(manifest.parent)
+    return max(hits, key=lambda p: p.stat().st_mtime) if hits else None
 
 
 def _href(path: Path, run_dir: Path) -> str:

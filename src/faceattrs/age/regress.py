@@ -132,20 +132,31 @@ def train_regressors(
     b_train, b_val = assign_bins(age_train, edges), assign_bins(age_val, edges)
     reg = BinRegressors(z_train.shape[1], n_bins, cfg.reg_hidden, cfg.reg_dropout)
     summaries = []
-    for k in tqdm(range(n_bins), desc="age regressors", leave=False):
-        tr, va = np.flatnonzero(b_train == k), np.flatnonzero(b_val == k)
-        if len(tr) == 0:
-            raise FaceattrsError(f"age bin {k} has no training faces: choose other bin edges")
-        y = age_train[tr].astype(np.float32)
-        # Targets clipped to the age range the model predicts in.
-        y = np.clip(y, cfg.min_age, cfg.max_age)
-        reg.fit_statistics(k, z_train[tr], y)
-        info = _fit_one(reg, k, z_train[tr], y, z_val[va],
-                        np.clip(age_val[va], cfg.min_age, cfg.max_age), cfg)
-        summaries.append({"bin": k, "n_train": len(tr), "n_val": len(va), **info})
-        log.info("age bin %d: %d train, %d val faces, val MAE %.2f (epoch %d)", k, len(tr),
-                 len(va), info["val_mae"], info["best_epoch"])
+    threads = torch.get_num_threads()
+    # Tiny MLPs: one thread is many times faster than several on a busy machine.
+    torch.set_num_threads(1)
+    try:
+        for k in tqdm(range(n_bins), desc="age regressors", leave=False):
+            summaries.append(_fit_bin(reg, k, z_train, age_train, b_train, z_val, age_val,
+                                      b_val, cfg))
+    finally:
+        torch.set_num_threads(threads)
     return reg.eval(), summaries
+
+
+def _fit_bin(reg, k, z_train, age_train, b_train, z_val, age_val, b_val, cfg) -> dict:
+    """Bin ``k``: select its faces, set its statistics, train its regressor."""
+    tr, va = np.flatnonzero(b_train == k), np.flatnonzero(b_val == k)
+    if len(tr) == 0:
+        raise FaceattrsError(f"age bin {k} has no training faces: choose other bin edges")
+    # Targets clipped to the age range the model predicts in.
+    y = np.clip(age_train[tr].astype(np.float32), cfg.min_age, cfg.max_age)
+    yv = np.clip(age_val[va].astype(np.float32), cfg.min_age, cfg.max_age)
+    reg.fit_statistics(k, z_train[tr], y)
+    info = _fit_one(reg, k, z_train[tr], y, z_val[va], yv, cfg)
+    log.info("age bin %d: %d train, %d val faces, val MAE %.2f (epoch %d)", k, len(tr), len(va),
+             info["val_mae"], info["best_epoch"])
+    return {"bin": k, "n_train": len(tr), "n_val": len(va), **info}
 
 
 def _fit_one(reg: BinRegressors, k: int, x: np.ndarray, y: np.ndarray, xv: np.ndarray,

@@ -1,0 +1,86 @@
+"""Training augmentation: shape and range survive, minority-only extras, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from faceattrs.augment import AugmentConfig, Augmenter, minority_classes, normalise
+
+# base list reduced to the identity, so only the extra (minority) list changes images
+IDENTITY_BASE = AugmentConfig(
+    crop_padding=0, hflip_p=0.0, rotation=0.0, translate=0.0, scale_min=1.0, scale_max=1.0,
+    erase_p=0.0,
+)  # fmt: skip
+
+
+def _faces(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 48, 48), generator=g, dtype=torch.uint8)
+    images[0] = 0  # extreme images must stay in range too
+    images[1] = 255
+    return images, torch.arange(n) % 5
+
+
+def test_shape_dtype_and_range_survive():
+    images, eth = _faces()
+    aug = Augmenter(AugmentConfig(), minority=(1, 2, 3, 4))
+    for _ in range(3):
+        x = aug(images, eth)
+        assert x.shape == (32, 1, 48, 48) and x.dtype == torch.float32
+        assert x.min() >= -1.0 and x.max() <= 1.0
+        assert torch.isfinite(x).all()
+    # the input is not modified in place
+    assert images.dtype == torch.uint8 and images[1].eq(255).all()
+
+
+def test_augmentation_changes_images_but_keeps_their_level():
+    images, eth = _faces()
+    torch.manual_seed(0)
+    x = Augmenter(AugmentConfig(), minority=()).eval()(images, eth)
+    plain = normalise(images)
+    changed = (x - plain).abs().flatten(1).amax(1) > 0.1
+    assert changed.float().mean() > 0.9  # crop/rotation/affine move nearly every image
+    # geometry and rare erasing keep the mean grey level close (no range mix-up)
+    assert (x.mean() - plain.mean()).abs() < 0.1
+
+
+def test_extra_list_only_on_minority_images():
+    images, eth = _faces()
+    torch.manual_seed(0)
+    x = Augmenter(IDENTITY_BASE, minority=(3, 4))(images, eth)
+    diff = (x - normalise(images)).abs().flatten(1).amax(1)
+    minority = (eth == 3) | (eth == 4)
+    assert diff[~minority].max() < 1e-4  # untouched (identity warps, up to rounding)
+    assert (diff[minority] > 0.05).all()
+
+
+def test_disabled_equals_normalise():
+    images, eth = _faces()
+    x = Augmenter(AugmentConfig(enabled=False), minority=(1, 2))(images, eth)
+    assert torch.equal(x, normalise(images))
+
+
+def test_reproducible_from_the_seed():
+    images, eth = _faces()
+    aug = Augmenter(AugmentConfig(), minority=(1, 2, 3, 4))
+    torch.manual_seed(5)
+    a = aug(images, eth)
+    torch.manual_seed(5)
+    b = aug(images, eth)
+    assert torch.equal(a, b)
+
+
+def test_minority_classes_on_reference_counts():
+    counts = {0: 10078, 1: 4526, 2: 3434, 3: 3975, 4: 1692}  # the reference's counts
+    labels = np.repeat(list(counts), list(counts.values()))
+    assert minority_classes(labels) == (1, 2, 3, 4)
+    assert minority_classes(labels, ratio=0.4) == (2, 3, 4)
+
+
+@pytest.mark.parametrize("shape", [(4, 48, 48), (4, 1, 48, 48)])
+def test_accepts_both_input_layouts(shape):
+    x = Augmenter(AugmentConfig(), minority=(1,))(torch.zeros(shape, dtype=torch.uint8),
+                                                    torch.tensor([0, 1, 1, 0]))  # fmt: skip
+    assert x.shape == (4, 1, 48, 48)

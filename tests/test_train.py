@@ -1,0 +1,266 @@
+"""Training engine: sampling, schedule, early stopping, config, CLI run, resume, DDP."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import math
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import synthetic_faceset
+from safetensors.torch import load_file
+
+from faceattrs import config as cfgmod
+from faceattrs import train as T
+from faceattrs.checkpoint import load_model
+from faceattrs.engine import evaluate_heads, scores_from_confusion
+
+TINY = {"width": 0.125, "batch_size": 16, "epochs": 3, "warmup_epochs": 1.0, "device": "cpu",
+        "eval_batch_size": 64}  # fmt: skip
+
+
+def tiny_cfg(**kw) -> T.TrainConfig:
+    return T.resolve_config("paper", {**TINY, **kw})
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def test_sampled_class_mix_is_close_to_uniform():
+    rng = np.random.default_rng(0)
+    shares = np.array([0.43, 0.19, 0.15, 0.16, 0.07])  # the data's imbalance
+    labels = rng.choice(5, size=4000, p=shares)
+    order = T.epoch_order(T.sampler_weights(labels), len(labels), seed=0, epoch=1)
+    assert len(order) == len(labels)  # one epoch = the training-set size
+    mix = np.bincount(labels[order.numpy()], minlength=5) / len(order)
+    assert np.abs(mix - 0.2).max() < 0.03
+    assert len(np.unique(order.numpy())) < len(labels)  # with replacement
+
+
+def test_epoch_order_is_seeded_and_sharded():
+    w = T.sampler_weights(np.arange(100) % 5)
+    a = T.epoch_order(w, 100, seed=3, epoch=2)
+    assert torch.equal(a, T.epoch_order(w, 100, seed=3, epoch=2))
+    assert not torch.equal(a, T.epoch_order(w, 100, seed=3, epoch=3))
+    shards = [T.epoch_order(w, 100, seed=3, epoch=2, rank=r, world=3) for r in range(3)]
+    assert all(len(s) == 33 for s in shards)
+    assert torch.equal(torch.cat(shards), a[:99])
+
+
+# ------------------------------------------------------------------ control
+
+
+def test_early_stopping_on_a_hand_written_sequence():
+    es = T.EarlyStopping("val_score", mode="max", patience=3, min_delta=0.01)
+    seq = [0.50, 0.60, 0.605, 0.59, 0.62, 0.61, 0.615, 0.60]
+    improved = [es.step(v) for v in seq[:4]]
+    assert improved == [True, True, False, False] and not es.should_stop
+    improved += [es.step(v) for v in seq[4:]]
+    # 0.605 is below best + min_delta; 0.62 improves; then three epochs without gain
+    assert improved == [True, True, False, False, True, False, False, False]
+    assert es.should_stop and es.best == 0.62 and es.best_epoch == 5
+    restored = T.EarlyStopping("x")
+    restored.load_state_dict(json.loads(json.dumps(es.state_dict())))
+    assert restored.state_dict() == es.state_dict()
+
+    low = T.EarlyStopping("val_loss", mode="min", patience=1)
+    assert [low.step(v) for v in (3.0, 2.0, 2.5)] == [True, True, False] and low.should_stop
+
+
+def test_warmup_then_cosine():
+    f = [T.lr_factor(s, 10, 100) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(f[:10], f[1:10], strict=False))  # rising warm-up
+    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))  # falling cosine
+    assert f[55] == pytest.approx(0.5, abs=0.02) and f[-1] < 0.01
+
+
+def test_config_presets_and_overrides():
+    paper = T.resolve_config("paper")
+    assert (paper.epochs, paper.lr, paper.weight_decay, paper.patience) == (50, 6e-4, 1e-3, 8)
+    assert (paper.width, paper.warmup_epochs, paper.ethnicity_smoothing) == (1.0, 5.0, 0.12)
+    cfg = T.resolve_config("cpu", ["lr=1e-3", "augment.rotation=5", "bf16=off"])
+    assert cfg.width < 1 and cfg.lr == 1e-3 and cfg.augment.rotation == 5.0
+    assert T.config_from_dict(cfgmod.to_dict(cfg)) == cfg
+    with pytest.raises(cfgmod.ConfigError):
+        T.resolve_config("cpu", ["lrr=1"])
+    with pytest.raises(cfgmod.ConfigError):
+        T.resolve_config("cpu", ["augment.rotaton=1"])
+
+
+def test_bf16_auto_follows_the_device():
+    assert T.use_bf16("off", torch.device("cpu")) is False
+    assert T.use_bf16("on", torch.device("cpu")) is True
+    assert T.use_bf16("auto", torch.device("cpu")) is T.cpu_has_fast_bf16()
+    assert T.use_bf16("auto", torch.device("mps")) is False
+
+
+def test_scores_and_evaluation_without_augmentation():
+    cm = np.array([[3, 1, 0], [0, 2, 0], [0, 0, 0]])
+    s = scores_from_confusion(cm)
+    assert s["accuracy"] == pytest.approx(5 / 6)
+    assert s["macro_f1"] == pytest.approx(np.mean([2 * 3 / 7, 2 * 2 / 5]))  # absent class skipped
+    torch.manual_seed(0)
+    from faceattrs.model import FaceResNet, ModelConfig
+
+    model = FaceResNet(ModelConfig(width=0.125))
+    faces = synthetic_faceset(40)
+    data = {"image": torch.from_numpy(faces.images),
+            "gender": torch.from_numpy(faces.gender.astype(np.int64)),
+            "ethnicity": torch.from_numpy(faces.ethnicity.astype(np.int64))}  # fmt: skip
+    a = evaluate_heads(model, data, T.HEADS, batch_size=16)
+    b = evaluate_heads(model, data, T.HEADS, batch_size=40)
+    assert a == b and a["images"] == 40 and not model.training  # deterministic: no augmentation
+    assert sum(map(sum, a["ethnicity"]["confusion"])) == 40
+
+
+# ------------------------------------------------------------------ runs
+
+
+def _history(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_fit_writes_the_run_folder(tmp_path):
+    faces = synthetic_faceset(80)
+    summary = T.fit(faces, tmp_path / "run", tiny_cfg(epochs=2), data_ref="synthetic")
+    run = tmp_path / "run"
+    for name in ("config.json", "best.json", "best.safetensors", "last.json",
+                 "last.safetensors", "last_state.safetensors", "history.csv", "history.png"):
+        assert (run / name).exists(), name  # fmt: skip
+    rows = _history(run / "history.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert set(T.HISTORY_FIELDS) <= set(rows[0])
+    best = json.loads((run / "best.json").read_text())
+    assert best["epoch"] == summary["best_epoch"]
+    assert best["score"] == pytest.approx(max(float(r["val_score"]) for r in rows))
+    assert best["config"]["width"] == 0.125 and best["class_names"]["ethnicity"][0] == "White"
+    model, meta = load_model(run, "best")
+    assert meta["normalisation"] == {"mean": 0.5, "std": 0.5} and model.embed_dim == 64
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"] == "synthetic" and config["config"]["epochs"] == 2
+    with pytest.raises(T.TrainError, match="--resume"):  # never overwrite a run
+        T.fit(faces, run, tiny_cfg(epochs=2))
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+    faces = synthetic_faceset(80)
+    cfg = tiny_cfg(epochs=3, patience=10)
+    T.fit(faces, tmp_path / "full", cfg)
+
+    calls = []
+
+    def crash_after_epoch_2(out_dir):  # called after each epoch's checkpoints are saved
+        calls.append(out_dir)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "_plot", crash_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        T.fit(faces, tmp_path / "cut", cfg)
+    assert json.loads((tmp_path / "cut" / "last.json").read_text())["epoch"] == 2
+    monkeypatch.undo()
+    summary = T.fit(faces, tmp_path / "cut", cfg, resume=True)
+    assert summary["epochs_run"] == 3
+
+    for name in ("last", "best"):
+        a = load_file(str(tmp_path / "full" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "cut" / f"{name}.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    timing = {"seconds", "images_per_s"}
+    strip = [{k: v for k, v in r.items() if k not in timing} for r in
+             _history(tmp_path / "full" / "history.csv")]  # fmt: skip
+    assert strip == [{k: v for k, v in r.items() if k not in timing}
+                     for r in _history(tmp_path / "cut" / "history.csv")]  # fmt: skip
+
+
+def test_cli_one_epoch_on_real_data(tmp_path, shared_csv, monkeypatch):
+    from faceattrs.cli import main
+
+    small = tmp_path / "small.csv"
+    with gzip.open(shared_csv, "rt") as f, small.open("w") as out:
+        for i, line in enumerate(f):
+            if i > 400:
+                break
+            out.write(line)
+    monkeypatch.setenv("FACEATTRS_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(small), "--out", str(run), "--preset", "cpu", "--no-progress",
+            "epochs=1", "batch_size=32", "max_batches=3", "device=cpu"]  # fmt: skip
+    assert main(argv) == 0
+    for name in ("config.json", "best.json", "last.json", "history.csv", "history.png"):
+        assert (run / name).exists(), name
+    assert len(_history(run / "history.csv")) == 1
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["width"] == T.PRESETS["cpu"]["width"]
+    assert config["data"] == str(small.resolve())
+    # extend the finished run by one epoch through --resume
+    assert main(["train", "--resume", str(run), "--no-progress", "epochs=2"]) == 0
+    assert [r["epoch"] for r in _history(run / "history.csv")] == ["1", "2"]
+    assert main(["train", "--data", str(small), "--out", str(run), "bogus=1"]) == 2
+
+
+# ------------------------------------------------------------------ DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, tmp: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # fmt: skip
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from faceattrs import train as TT
+    from faceattrs.engine import evaluate_heads as ev
+
+    faces = synthetic_faceset(80)
+    cfg = TT.resolve_config("paper", {**TINY, "epochs": 2, "batch_size": 8})
+    summary = TT.fit(faces, Path(tmp) / "run", cfg, progress=False)
+    model = getattr(TT, "_last_model", None)
+    del model
+    # metrics across ranks: each rank scores its shard, the result is the whole set's
+    best, _ = load_model(Path(tmp) / "run", "best")
+    val = TT._split_tensors(faces, "val", 0, 0, torch.device("cpu"))
+    shard = torch.arange(rank, len(val["image"]), world)
+    result = ev(best, val, TT.HEADS, indices=shard)
+    last = load_file(str(Path(tmp) / "run" / "last.safetensors"))
+    checksum = float(sum(v.double().sum() for v in last.values()))
+    out = {"summary": summary, "eval": result, "checksum": checksum}
+    (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["summary"]["world_size"] == 2
+    assert r0["summary"]["best_score"] == r1["summary"]["best_score"]  # same metrics on ranks
+    assert r0["eval"] == r1["eval"]
+    # the sharded, all-reduced evaluation equals one process scoring the whole split
+    best, _ = load_model(tmp_path / "run", "best")
+    faces = synthetic_faceset(80)
+    val = T._split_tensors(faces, "val", 0, 0, torch.device("cpu"))
+    whole = evaluate_heads(best, val, T.HEADS)
+    assert r0["eval"]["ethnicity"]["confusion"] == whole["ethnicity"]["confusion"]
+    assert r0["eval"]["gender"]["macro_f1"] == pytest.approx(whole["gender"]["macro_f1"])
+    rows = _history(tmp_path / "run" / "history.csv")
+    assert len(rows) == 2 and math.isfinite(float(rows[-1]["train_loss"]))
+    # each rank trained on half the epoch: 64 train faces / 2 ranks / batch 8 = 4 steps
+    assert json.loads((tmp_path / "run" / "last.json").read_text())["resume"]["scheduler"][
+        "last_epoch"] == 8  # fmt: skip
