@@ -121,6 +121,8 @@ def test_sections_and_numbers(run, page):
     assert f"{metrics['gender']['accuracy']:.4g}" in text
     clusters = json.loads((run / "errors" / "clusters.json").read_text())
     assert clusters["clusters"][0]["description"] in text
+    explained = json.loads((run / "explain" / "misclassified_Indian-Other.json").read_text())
+    assert f"{explained['n_shown']} of {explained['n_misclassified']} misclassified" in text
     assert "http://" not in text and "https://" not in text
 
 

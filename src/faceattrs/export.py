@@ -133,8 +133,12 @@ def export_onnx(model: str | Path | None, out_dir: str | Path, opset: int = OPSE
         "source": str(Path(tm.source).resolve()),
         "opset": opset,
         "torch": torch.__version__,
-        "input": {"name": "faces", "dtype": "uint8", "shape": ["batch", IMAGE_SIZE, IMAGE_SIZE],
-                  "normalisation": "inside the graph: (x / 255 - 0.5) / 0.5"},  # fmt: skip
+        "input": {
+            "name": "faces",
+            "dtype": "uint8",
+            "shape": ["batch", IMAGE_SIZE, IMAGE_SIZE],
+            "normalisation": "inside the graph: (x / 255 - 0.5) / 0.5",
+        },  # fmt: skip
         "graphs": graphs,
         "class_names": tm.class_names,
         "temperatures": tm.temperatures,
@@ -186,7 +190,9 @@ class OnnxModels:
         try:
             m = json.loads((self.dir / MANIFEST).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{self.dir / MANIFEST}: unreadable ONNX manifest ({e})") from None
+            raise CheckpointError(
+                f"{self.dir / MANIFEST}: unreadable ONNX manifest ({e})"
+            ) from None
         if m.get("format") != FORMAT:
             raise CheckpointError(f"{self.dir / MANIFEST}: not a faceattrs ONNX export")
         opts = ort.SessionOptions()
@@ -240,7 +246,9 @@ class OnnxModels:
         lo, hi = meta["clip"]
         if meta["approach"] == "direct":
             if self.direct is None:
-                raise CheckpointError(f"{self.dir}: age approach is 'direct' but its graph is missing")
+                raise CheckpointError(
+                    f"{self.dir}: age approach is 'direct' but its graph is missing"
+                )
             years = softmax(self.direct.run(None, {"faces": faces})[0])
             value = years @ np.arange(years.shape[1], dtype=np.float64)
             probs = year_probs_to_bins(years, np.asarray(meta["edges"]))

@@ -152,8 +152,18 @@ def _decode(fh, name: str, limit: int) -> np.ndarray:
             im = Image.open(fh)
         except UnidentifiedImageError:
             raise PhotoError(f"{name}: not an image (or a format Pillow cannot read)") from None
-        except Image.DecompressionBombError as e:
-            raise PhotoError(f"{name}: too large ({e})") from None
+        except Image.DecompressionBombError:  # Pillow's own guard, at 2 x MAX_IMAGE_PIXELS
+            pil = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+            why = (
+                f"over the limit of {limit / 1e6:g}"
+                if limit and limit <= pil
+                else ("over Pillow's limit (PIL.Image.MAX_IMAGE_PIXELS)")
+            )
+            raise PhotoError(
+                f"{name}: more than {pil / 1e6:.0f} megapixels, {why} (a decompression-bomb guard)"
+            ) from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise PhotoError(f"{name}: truncated or corrupt image ({e})") from None
         with im:
             _check_size(im.size, limit, name)
             try:

@@ -93,7 +93,11 @@ class TorchModels:
             raise FaceattrsError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         self.device, self.dtype = torch.device(device), dtype
         mt_dir, age_dir = _split_bundle(path)
-        self.model, self.meta = load_model(mt_dir, device=self.device)
+        try:
+            self.model, self.meta = load_model(mt_dir, device=self.device)
+        except RuntimeError as e:  # e.g. tensor shapes that differ from the settings
+            first = str(e).strip().splitlines()[-1].strip()
+            raise CheckpointError(f"{mt_dir}: weights do not match its settings ({first})") from None
         self.class_names = {h: list(self.meta["class_names"][h]) for h in HEADS}
         self.temperatures = _load_temperatures(mt_dir)
         self.age_model = None
@@ -317,7 +321,9 @@ def expand_inputs(args: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
             found = sorted(p for p in path.rglob("*")
                            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())  # fmt: skip
             if not found:
-                log.warning("%s: no image files (%s) in this folder", path, " ".join(IMAGE_EXTENSIONS))
+                log.warning(
+                    "%s: no image files (%s) in this folder", path, " ".join(IMAGE_EXTENSIONS)
+                )
             out += [(str(p), str(p.relative_to(path))) for p in found]
         elif path.exists() or not glob.has_magic(str(arg)):
             out.append((str(path), path.name))

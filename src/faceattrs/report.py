@@ -295,6 +295,31 @@ def _clusters_html(c: dict) -> str:
     )
 
 
+def _explain_html(e: dict) -> str:
+    """Faces explained (photo or misclassified): where, true labels when known, predictions."""
+
+    def pred(face, head):
+        return f"{face[head]['label']} ({face[head]['probability']:.2f})"
+
+    rows = [
+        [face.get("index", i), face.get("box", ""), (face.get("true") or {}).get("gender", ""),
+         pred(face, "gender"), (face.get("true") or {}).get("ethnicity", ""), pred(face, "ethnicity")]
+        for i, face in enumerate(e["faces"])
+    ]  # fmt: skip
+    head = [
+        "face / row",
+        "box",
+        "true gender",
+        "predicted gender",
+        "true ethnicity",
+        "predicted ethnicity",
+    ]
+    note = ""
+    if "n_misclassified" in e:
+        note = f"<p>{e['n_shown']} of {e['n_misclassified']} misclassified {e['split']} faces of {', '.join(e['classes'])}</p>"
+    return note + _table(rows, head)
+
+
 SPECIAL = {
     "metrics.json": _metrics_html,
     "calibration.json": _calibration_html,
@@ -313,6 +338,8 @@ def _json_html(path: Path, run_dir: Path, section: str) -> str:
             body = _fairness_html(data) if section == "Fairness" else _metrics_html(data)
         elif path.name in SPECIAL:
             body = SPECIAL[path.name](data)
+        elif section == "Grad-CAM" and isinstance(data.get("faces"), list):
+            body = _explain_html(data)
         else:
             body = _table(_scalars(data)[:60], ["key", "value"])
     if section == "Fairness":  # the file itself is shown, raw, under Evaluation

@@ -1,7 +1,7 @@
 """Export the models of a run to ONNX (dynamic batch), for onnxruntime.
 
-    faceattrs export --model runs/cpu --out runs/cpu/onnx
-    faceattrs predict photos/ --model runs/cpu/onnx --backend onnx
+faceattrs export --model runs/cpu --out runs/cpu/onnx
+faceattrs predict photos/ --model runs/cpu/onnx --backend onnx
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@ def add_arguments(p) -> None:
     p.add_argument("--model", help="run folder (or ONNX export with --backend onnx); "
                    "default: the model bundled with the package")  # fmt: skip
     p.add_argument("--out", help="results file: .jsonl or .csv (default: JSON lines on stdout)")
-    p.add_argument("--annotate", metavar="DIR", help="save copies of the photos with boxes and labels")
+    p.add_argument(
+        "--annotate", metavar="DIR", help="save copies of the photos with boxes and labels"
+    )
     p.add_argument("--explain", metavar="DIR", help="save Grad-CAM overlays, one PNG per face")
     p.add_argument("--batch-size", type=int, default=64, help="faces per model call (default 64)")
     p.add_argument("--no-detect", action="store_true",

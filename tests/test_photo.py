@@ -1,0 +1,291 @@
+"""The photo path: decoding (formats, EXIF, modes, bad input), detection and cropping."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from faceattrs import photo
+from faceattrs.photo import (
+    PhotoConfig,
+    PhotoError,
+    detect_faces,
+    extract_faces,
+    load_image,
+    to_face_crop,
+    to_gray,
+)
+
+
+def pattern(h=60, w=80) -> np.ndarray:
+    """An asymmetric RGB test image (orientation mistakes change it)."""
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([x * 255 // w, y * 255 // h, (x + 2 * y) % 256], -1).astype(np.uint8)
+
+
+def encode(img, fmt, **kw) -> bytes:
+    buf = io.BytesIO()
+    (img if isinstance(img, Image.Image) else Image.fromarray(img)).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def corr(a, b) -> float:
+    a = a.astype(np.float64).ravel() - a.mean()
+    b = b.astype(np.float64).ravel() - b.mean()
+    return float(a @ b / np.sqrt((a @ a) * (b @ b)))
+
+
+SHARED_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
+
+
+@pytest.fixture(scope="module")
+def photos():
+    if not SHARED_PHOTOS.is_dir():
+        pytest.skip(f"real photos not available: {SHARED_PHOTOS} is absent (outside the repo)")
+    paths = sorted(SHARED_PHOTOS.glob("*.jpg"))
+    return paths, [load_image(p) for p in paths]
+
+
+# ---------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "WEBP", "JPEG"])
+def test_formats_decode_to_rgb(fmt):
+    img = pattern()
+    kw = {"lossless": True} if fmt == "WEBP" else {"quality": 95} if fmt == "JPEG" else {}
+    out = load_image(encode(img, fmt, **kw))
+    assert out.shape == img.shape and out.dtype == np.uint8
+    tol = 12 if fmt == "JPEG" else 0
+    assert np.abs(out.astype(int) - img).mean() <= tol
+
+
+def test_path_pil_and_array_inputs_agree(tmp_path):
+    img = pattern()
+    path = tmp_path / "p.png"
+    Image.fromarray(img).save(path)
+    for src in (path, str(path), Image.open(path), img, path.read_bytes()):
+        assert np.array_equal(load_image(src), img)
+
+
+@pytest.mark.parametrize("orientation,undo", [(3, 2), (6, 1), (8, -1)])
+def test_exif_orientation_is_applied(orientation, undo):
+    img = pattern()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored = np.rot90(img, undo)  # what a camera stores; the tag says how to turn it upright
+    out = load_image(encode(stored, "PNG", exif=exif.tobytes()))
+    assert np.array_equal(out, img)
+
+
+def test_gray_rgba_palette_and_16_bit():
+    gray = pattern()[..., 0]
+    assert np.array_equal(load_image(encode(gray, "PNG")), gray)  # (H, W) stays 2-D
+    rgba = np.dstack([pattern(), np.full((60, 80), 255, np.uint8)])
+    rgba[:10, :10, 3] = 0  # transparent corner -> white
+    out = load_image(encode(rgba, "PNG"))
+    assert out.shape == (60, 80, 3)
+    assert (out[:10, :10] == 255).all() and np.array_equal(out[20:, 20:], rgba[20:, 20:, :3])
+    assert load_image(encode(Image.fromarray(pattern()).convert("P"), "PNG")).shape == (60, 80, 3)
+    assert load_image(encode(Image.fromarray(gray).convert("LA"), "PNG")).shape == (60, 80, 3)
+    cmyk = load_image(encode(Image.fromarray(pattern()).convert("CMYK"), "JPEG"))
+    assert cmyk.shape == (60, 80, 3)
+    g16 = (np.arange(60 * 80, dtype=np.uint32).reshape(60, 80) * 13 % 65536).astype(np.uint16)
+    ok, png16 = cv2.imencode(".png", g16)
+    assert np.array_equal(load_image(png16.tobytes()), (g16 >> 8).astype(np.uint8))
+    rgb16 = np.dstack([g16, g16[::-1], g16[:, ::-1]])
+    ok, tif16 = cv2.imencode(".tiff", rgb16[..., ::-1])  # OpenCV writes BGR
+    assert np.abs(load_image(tif16.tobytes()).astype(int) - (rgb16 >> 8)).max() <= 1
+
+
+def test_array_dtypes():
+    assert np.array_equal(load_image(np.ones((4, 5), np.float32)), np.full((4, 5), 255))
+    assert load_image(np.zeros((4, 5, 1), np.uint8)).shape == (4, 5)
+    assert load_image(np.full((4, 5), 65535, np.uint16)).max() == 255
+    assert load_image(np.eye(4, dtype=bool)).max() == 255
+    with pytest.raises(PhotoError, match="expected"):
+        load_image(np.zeros((4, 5, 2), np.uint8))
+    with pytest.raises(PhotoError, match="cannot read an image from a int"):
+        load_image(3)
+
+
+def _png_header(w: int, h: int) -> bytes:
+    """A PNG that claims ``w`` x ``h`` pixels (header only): a decompression-bomb stand-in."""
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path, monkeypatch):
+    cases = {
+        "not_image.jpg": (b"hello, I am text\n" * 20, "not an image"),
+        "empty.png": (b"", "empty file"),
+        "truncated.jpg": (encode(pattern(200, 200), "JPEG")[:600], "truncated or corrupt"),
+        "big.png": (_png_header(10000, 6000), "60.0 megapixels, over the limit of 50"),
+        "bomb.png": (_png_header(20000, 20000), "more than 179 megapixels, over the limit of 50"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(PhotoError, match=message):
+            load_image(tmp_path / name)
+    with pytest.raises(PhotoError, match="no such file"):
+        load_image(tmp_path / "missing.jpg")
+    with pytest.raises(PhotoError, match="is a folder"):
+        load_image(tmp_path)
+    with pytest.raises(PhotoError, match="over the limit of 0.001"):
+        load_image(encode(pattern(), "PNG"), max_pixels=1000)
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(photo, "open", denied, raising=False)  # root may read anything
+    (tmp_path / "locked.png").write_bytes(encode(pattern(), "PNG"))
+    with pytest.raises(PhotoError, match="cannot be read .Permission denied"):
+        load_image(tmp_path / "locked.png")
+
+
+# ---------------------------------------------------------------- detection and crops
+
+
+def test_every_shared_photo_gives_one_face(photos):
+    paths, images = photos
+    kinds = []
+    for p, img in zip(paths, images, strict=True):
+        faces = extract_faces(img)
+        assert len(faces) == 1, p.name
+        f = faces[0]
+        assert f.crop.shape == (48, 48) and f.crop.dtype == np.uint8
+        x, y, w, h = f.box
+        assert 0 <= x and 0 <= y and x + w <= 200 and y + h <= 200 and w > 80
+        kinds.append(f.kind)
+    # measured (docs/photos.md): the precise cascade finds 22, the whole-image check the rest
+    assert kinds.count("detected") >= 20 and set(kinds) <= {"detected", "whole"}
+
+
+def test_margin_reproduces_training_crops(photos):
+    """A detected face's crop must look like the whole photo resized, as training faces do."""
+    _, images = photos
+    with_margin, no_margin = [], []
+    for img in images:
+        gray = to_gray(img)
+        found = [f for f in detect_faces(gray) if f[2] == "detected"]
+        if not found:
+            continue
+        ref = cv2.resize(gray, (48, 48), interpolation=cv2.INTER_AREA)
+        with_margin.append(corr(to_face_crop(gray, found[0][0]), ref))
+        no_margin.append(corr(to_face_crop(gray, found[0][0], margin=False), ref))
+    assert len(with_margin) >= 20
+    assert np.mean(with_margin) > 0.85  # measured 0.887; the bare box gives 0.675
+    assert np.mean(with_margin) > np.mean(no_margin) + 0.1
+
+
+def test_whole_image_fallback_for_tight_crops(photos):
+    paths, images = photos
+    img = images[0]
+    # the precise pass cannot succeed (faces over twice the image): the check pass decides
+    (f,) = extract_faces(img, cfg=PhotoConfig(tight_min_face=2.0))
+    assert f.kind == "whole" and f.box == (0, 0, 200, 200)
+    # neither tight pass can succeed: the general search still finds the face
+    (f,) = extract_faces(img, cfg=PhotoConfig(tight_min_face=2.0, whole_min_face=2.0))
+    assert f.kind == "detected"
+    whole = [p.name for p, img in zip(paths, images, strict=True)
+             if extract_faces(img)[0].kind == "whole"]  # fmt: skip
+    assert whole  # measured: 2 of the 24 (docs/photos.md)
+    for name in whole:
+        img = images[[p.name for p in paths].index(name)]
+        f = extract_faces(img)[0]
+        assert f.box == (0, 0, 200, 200)
+        ref = cv2.resize(to_gray(img), (48, 48), interpolation=cv2.INTER_AREA)
+        assert np.array_equal(f.crop, ref)
+
+
+def compose(tiles, sizes, canvas=(600, 900), seed=0):
+    """Tiles resized to ``sizes`` on a smooth background, in a row with gaps."""
+    rng = np.random.default_rng(seed)
+    noise = cv2.GaussianBlur(rng.normal(0, 1, canvas).astype(np.float32), (0, 0), 25)
+    img = cv2.normalize(noise, None, 60, 200, cv2.NORM_MINMAX).astype(np.uint8)
+    img = np.dstack([img] * 3)
+    boxes, x = [], 40
+    for tile, s in zip(tiles, sizes, strict=True):
+        y = int(rng.integers(30, canvas[0] - s - 30))
+        img[y : y + s, x : x + s] = cv2.resize(tile, (s, s), interpolation=cv2.INTER_AREA)
+        boxes.append((x, y, s))
+        x += s + 60
+    return img, boxes
+
+
+def test_multi_face_composite(photos):
+    _, images = photos
+    img, truth = compose([images[i] for i in (0, 5, 9, 14)], [120, 160, 100, 180])
+    faces = extract_faces(img)
+    assert len(faces) == 4
+    assert [f.box[0] for f in faces] == sorted(f.box[0] for f in faces)  # left to right
+    for f, (x, y, s) in zip(faces, truth, strict=True):
+        bx, by, bw, bh = f.box
+        assert abs(bx + bw / 2 - x - s / 2) < s / 4 and abs(by + bh / 2 - y - s / 2) < s / 4
+        assert 0.7 * s < bw < 1.3 * s and f.kind == "detected"
+
+
+def test_large_photo_and_rotated_photo(photos):
+    _, images = photos
+    big = np.full((2000, 3000, 3), 120, np.uint8)
+    big[900:1300, 1700:2100] = cv2.resize(images[0], (400, 400))
+    faces = extract_faces(big)
+    assert len(faces) == 1
+    x, y, w, h = faces[0].box
+    assert abs(x + w / 2 - 1900) < 60 and abs(y + h / 2 - 1100) < 60
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated; the viewer (and we) turn it upright
+    data = encode(np.rot90(images[0], 1), "JPEG", exif=exif.tobytes(), quality=95)
+    assert load_image(data).shape == (200, 200, 3)
+    assert len(extract_faces(data)) == 1
+
+
+def test_no_face_gives_empty_list():
+    rng = np.random.default_rng(1)
+    for shape, sigma in (((480, 640), 8), ((200, 200), 4)):
+        noise = cv2.GaussianBlur(rng.normal(0, 1, shape).astype(np.float32), (0, 0), sigma)
+        img = cv2.normalize(noise, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+        assert extract_faces(img) == []
+    assert extract_faces(np.full((200, 200), 128, np.uint8)) == []
+
+
+def test_no_detect_and_crop_geometry():
+    img = pattern(200, 200)
+    (face,) = extract_faces(img, detect=False)
+    assert face.box == (0, 0, 200, 200) and face.kind == "given" and face.score is None
+    assert np.array_equal(
+        face.crop, cv2.resize(to_gray(img), (48, 48), interpolation=cv2.INTER_AREA)
+    )
+    tall = extract_faces(pattern(120, 60), detect=False)[0]  # padded to a square, not stretched
+    assert tall.crop.shape == (48, 48)
+    # a box reaching past the border: the outside is filled from the border pixels
+    edge = to_face_crop(np.full((100, 100), 50, np.uint8), (-30, -30, 60, 60))
+    assert edge.shape == (48, 48) and (edge == 50).all()
+    with pytest.raises(PhotoError, match="outside"):
+        to_face_crop(np.zeros((50, 50), np.uint8), (100, 100, 20, 20))
+
+
+def test_config_is_used():
+    cfg = PhotoConfig(margin_scale=2.0, margin_shift_y=0.0)
+    img = np.zeros((300, 300), np.uint8)
+    img[100:200, 100:200] = 255  # a white square: with scale 2 the crop is half border
+    crop = to_face_crop(img, (100, 100, 100, 100), cfg)
+    assert crop[24, 24] == 255 and crop[2, 2] == 0
+    assert (to_face_crop(img, (100, 100, 100, 100), cfg, margin=False) == 255).all()

@@ -1,0 +1,314 @@
+"""The analyzer, the Python API and ``faceattrs predict`` on tiny random-init models."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import faceattrs
+from faceattrs.checkpoint import CheckpointError, load_model, save_checkpoint
+from faceattrs.cli import main
+from faceattrs.exceptions import FaceattrsError
+from faceattrs.model import FaceResNet, ModelConfig
+from faceattrs.photo import PhotoConfig, PhotoError, extract_faces, load_image
+from faceattrs.predict import FaceAnalyzer, expand_inputs, softmax
+
+SHARED_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
+EDGES = np.array([16, 26, 29, 37, 53])
+
+
+def make_run(run_dir: Path, age: bool = True, temperatures: dict | None = None) -> Path:
+    """A tiny random-init bundle: multitask model, optionally an age model and calibration."""
+    torch.manual_seed(0)
+    save_checkpoint(
+        run_dir, "best", FaceResNet(ModelConfig(width=0.125)), {"epoch": 0, "score": 0.0}
+    )
+    if temperatures:
+        (run_dir / "calibration.json").write_text(json.dumps({"temperatures": temperatures}))
+    if age:
+        from faceattrs.age import AgeModel, save_age_model
+        from faceattrs.age.direct import HEAD
+        from faceattrs.age.regress import BinRegressors
+
+        coarse = FaceResNet(ModelConfig(width=0.125, heads={"age_bin": 6})).eval()
+        reg = BinRegressors(coarse.embed_dim, 6, 16).eval()
+        with torch.no_grad():
+            reg.center.copy_(torch.tensor([8.0, 21, 27, 33, 45, 65]))
+            reg.scale.fill_(5.0)
+        direct = FaceResNet(ModelConfig(width=0.125, heads={HEAD: 101})).eval()
+        model = AgeModel(coarse=coarse, regressors=reg, edges=EDGES, direct=direct)
+        save_age_model(run_dir / "age", model, run_dir, {})
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("run"), temperatures={"gender": 2.0})
+
+
+@pytest.fixture(scope="module")
+def analyzer(run_dir) -> FaceAnalyzer:
+    return FaceAnalyzer(run_dir)
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Path]:
+    if not SHARED_PHOTOS.is_dir():
+        pytest.skip(f"real photos not available: {SHARED_PHOTOS} is absent (outside the repo)")
+    return sorted(SHARED_PHOTOS.glob("*.jpg"))
+
+
+def compose(paths, size=(500, 900)) -> np.ndarray:
+    """Photos shrunk to 150 px and pasted in a row on a grey background."""
+    img = np.full((*size, 3), 128, np.uint8)
+    for i, p in enumerate(paths):
+        x = 40 + i * 210
+        img[150:300, x : x + 150] = cv2.resize(
+            load_image(p), (150, 150), interpolation=cv2.INTER_AREA
+        )
+    return img
+
+
+def check_record(rec: dict, analyzer: FaceAnalyzer) -> None:
+    for head, names in analyzer.models.class_names.items():
+        probs = rec[head]["probabilities"]
+        assert list(probs) == names and abs(sum(probs.values()) - 1) < 1e-3
+        assert rec[head]["label"] == max(probs, key=probs.get)
+    age = rec["age"]
+    assert set(age) == {"value", "bin", "bin_probabilities"} and 1 <= age["value"] <= 100
+    assert age["bin"] == max(age["bin_probabilities"], key=age["bin_probabilities"].get)
+    assert len(rec["box"]) == 4 and rec["face"] >= 0
+
+
+# ---------------------------------------------------------------- Python API
+
+
+def test_records_for_every_shared_photo(analyzer, photos):
+    recs = analyzer.analyze(photos)
+    assert [r["file"] for r in recs] == [str(p) for p in photos]  # one face each, in order
+    for r in recs:
+        check_record(r, analyzer)
+
+
+def test_probabilities_are_the_models(analyzer, run_dir, photos):
+    """Temperature-scaled softmax of the multitask model's logits, age from the age model."""
+    from faceattrs.age import load_age_model
+
+    faces = np.stack([extract_faces(load_image(p))[0].crop for p in photos[:5]])
+    model, _ = load_model(run_dir)
+    from faceattrs.engine import predict
+
+    logits = predict(model, faces)
+    age = load_age_model(run_dir).predict(faces)
+    recs = analyzer.analyze(photos[:5])
+    for i, r in enumerate(recs):
+        g = softmax(logits["gender"][i : i + 1], 2.0)[0]  # calibration.json: T = 2 for gender
+        e = softmax(logits["ethnicity"][i : i + 1])[0]
+        assert np.allclose(list(r["gender"]["probabilities"].values()), g, atol=1e-4)
+        assert np.allclose(list(r["ethnicity"]["probabilities"].values()), e, atol=1e-4)
+        assert abs(r["age"]["value"] - age["value"][i]) < 0.051
+
+
+def test_inputs_of_every_kind_agree(analyzer, photos):
+    p = photos[3]
+    by_path = analyzer.analyze(p)
+    for src in (str(p), load_image(p), Image.open(p), p.read_bytes()):
+        rec = analyzer.analyze(src)[0]
+        assert rec["gender"] == by_path[0]["gender"] and rec["age"] == by_path[0]["age"]
+    assert analyzer.analyze(load_image(p))[0]["file"] is None
+    assert faceattrs.analyze(p, model=analyzer.models.source)[0]["gender"] == by_path[0]["gender"]
+
+
+def test_batching_does_not_change_results(run_dir, photos):
+    one = FaceAnalyzer(run_dir, batch_size=1).analyze(photos[:7])
+    many = FaceAnalyzer(run_dir, batch_size=5).analyze(photos[:7])
+    for a, b in zip(one, many, strict=True):
+        for head in ("gender", "ethnicity"):
+            pa, pb = a[head]["probabilities"], b[head]["probabilities"]
+            assert max(abs(pa[k] - pb[k]) for k in pa) <= 1e-4
+
+
+def test_multi_face_image(analyzer, photos):
+    recs = analyzer.analyze(compose(photos[:4]))
+    assert [r["face"] for r in recs] == [0, 1, 2, 3]
+    assert [r["box"][0] for r in recs] == sorted(r["box"][0] for r in recs)
+    for r in recs:
+        check_record(r, analyzer)
+
+
+def test_errors_raise_or_become_records(analyzer, photos, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    noise = cv2.GaussianBlur(np.random.default_rng(0).normal(0, 1, (300, 400)), (0, 0), 6)
+    with pytest.raises(PhotoError, match="not an image"):
+        analyzer.analyze([photos[0], bad])
+    with pytest.raises(PhotoError, match="no face found"):
+        analyzer.analyze(cv2.normalize(noise, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8))
+    recs = analyzer.analyze([photos[0], bad, photos[1]], on_error="record")
+    assert [("error" in r) for r in recs] == [False, True, False]
+    assert recs[1] == {
+        "file": str(bad),
+        "error": f"{bad}: not an image (or a format Pillow cannot read)",
+    }
+
+
+def test_no_detect_and_lists_of_arrays(analyzer, photos):
+    imgs = [load_image(p) for p in photos[:3]]
+    recs = analyzer.analyze(imgs, detect=False)
+    assert [r["image"] for r in recs] == [0, 1, 2]
+    assert all(r["box"] == [0, 0, 200, 200] and r["detection"] == "given" for r in recs)
+
+
+def test_without_age_model_age_is_null(tmp_path, photos):
+    recs = FaceAnalyzer(make_run(tmp_path, age=False)).analyze(photos[:2])
+    assert all(r["age"] is None for r in recs)
+
+
+def test_bf16_gives_close_probabilities(run_dir, photos):
+    a = FaceAnalyzer(run_dir).analyze(photos[:3])
+    b = FaceAnalyzer(run_dir, dtype="bf16").analyze(photos[:3])
+    for ra, rb in zip(a, b, strict=True):
+        pa, pb = ra["ethnicity"]["probabilities"], rb["ethnicity"]["probabilities"]
+        assert max(abs(pa[k] - pb[k]) for k in pa) < 0.05
+
+
+def test_model_folder_errors(tmp_path, monkeypatch):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        FaceAnalyzer(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="not a model folder"):
+        FaceAnalyzer(tmp_path)
+    run = make_run(tmp_path / "run", age=False)
+    (run / "best.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="weights missing"):
+        FaceAnalyzer(run)
+    run = make_run(tmp_path / "run2", age=False)
+    meta = json.loads((run / "best.json").read_text())
+    meta["model"]["width"] = 0.25  # settings that do not match the weights
+    (run / "best.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="match its settings"):
+        FaceAnalyzer(run)
+    monkeypatch.setattr("faceattrs.predict.DEFAULT_MODEL_DIR", tmp_path / "absent")
+    with pytest.raises(FaceattrsError, match=r"faceattrs run --data CSV --out RUN --preset cpu"):
+        FaceAnalyzer()
+
+
+def test_default_model_is_used_when_bundled(tmp_path, monkeypatch, photos):
+    monkeypatch.setattr("faceattrs.predict.DEFAULT_MODEL_DIR", make_run(tmp_path, age=False))
+    assert len(FaceAnalyzer().analyze(photos[0])) == 1
+
+
+def test_import_stays_light():
+    code = "import sys, faceattrs; assert 'torch' not in sys.modules; print(faceattrs.FaceAnalyzer)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "FaceAnalyzer" in out.stdout
+
+
+# ---------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope="module")
+def bad_folder(tmp_path_factory, photos) -> Path:
+    """Two good photos, a multi-face image and every kind of bad input."""
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "sub").mkdir()
+    for p in photos[:2]:
+        (d / "sub" / p.name).write_bytes(p.read_bytes())
+    Image.fromarray(compose(photos[4:7])).save(d / "group.png")
+    (d / "text.jpg").write_text("hello")
+    (d / "zero.png").write_bytes(b"")
+    (d / "truncated.jpg").write_bytes(photos[2].read_bytes()[:700])
+    Image.new("L", (3000, 2000), 90).save(d / "huge.png")  # over --max-pixels 5000000
+    noise = cv2.GaussianBlur(np.random.default_rng(0).normal(0, 1, (300, 400)), (0, 0), 6)
+    Image.fromarray(cv2.normalize(noise, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)).save(
+        d / "noface.png"
+    )
+    (d / "notes.txt").write_text("skipped: not an image extension")
+    return d
+
+
+EXPECTED_ERRORS = {
+    "text.jpg": "not an image",
+    "zero.png": "empty file (0 bytes)",
+    "truncated.jpg": "truncated or corrupt",
+    "huge.png": "6.0 megapixels, over the limit of 5",
+    "noface.png": "no face found",
+    "missing.jpg": "no such file",
+}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_cli_processes_good_files_and_reports_bad_ones(run_dir, bad_folder, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    args = ["predict", str(bad_folder), str(bad_folder / "missing.jpg"), "--model", str(run_dir)]
+    rc = main([*args, "--out", str(out), "--max-pixels", "5000000", "--batch-size", "2"])
+    assert rc == 1  # some files failed
+    recs = read_jsonl(out)
+    errors = {Path(r["file"]).name: r["error"] for r in recs if "error" in r}
+    assert set(errors) == set(EXPECTED_ERRORS)
+    for name, message in EXPECTED_ERRORS.items():
+        assert message in errors[name], errors[name]
+    good = [r for r in recs if "error" not in r]
+    assert sorted(Path(r["file"]).name for r in good) == sorted(
+        ["group.png"] * 3 + [p.name for p in sorted((bad_folder / "sub").iterdir())]
+    )
+    # the API gives the same records for the same files
+    files = [r["file"] for r in recs]
+    api = FaceAnalyzer(run_dir, photo=PhotoConfig(max_pixels=5_000_000))
+    assert api.analyze(list(dict.fromkeys(files)), on_error="record") == recs
+
+
+def test_cli_csv_annotate_explain(run_dir, photos, tmp_path):
+    out = tmp_path / "r.csv"
+    rc = main(["predict", str(photos[0]), str(photos[1]), "--model", str(run_dir), "--out", str(out),
+               "--annotate", str(tmp_path / "ann"), "--explain", str(tmp_path / "cam")])  # fmt: skip
+    assert rc == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 2 and rows[0]["gender"] in ("Male", "Female")
+    assert {"gender_p_Female", "ethnicity_p_Indian", "age", "age_bin", "age_p_53+"} <= set(rows[0])
+    assert (
+        abs(sum(float(rows[0][f"ethnicity_p_{e}"]) for e in faceattrs.labels.ETHNICITIES) - 1)
+        < 1e-3
+    )
+    ann = Image.open(tmp_path / "ann" / (photos[0].stem + ".jpg"))
+    assert (
+        ann.size == (200, 200) and np.abs(np.asarray(ann, int) - load_image(photos[0])).max() > 100
+    )
+    cams = sorted((tmp_path / "cam").iterdir())
+    assert [c.name for c in cams] == [f"{p.stem}_face0.png" for p in photos[:2]]
+    assert Image.open(cams[0]).size == (3 * 192, 192 + 22)
+
+
+def test_cli_globs_no_detect_and_stdout(run_dir, photos, capsys):
+    rc = main(["predict", str(SHARED_PHOTOS / "1_*.jpg"), "--model", str(run_dir), "--no-detect"])
+    assert rc == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [Path(r["file"]).name for r in recs] == [
+        p.name for p in photos if p.name.startswith("1_")
+    ]
+    assert recs[0]["box"] == [0, 0, 200, 200] and recs[0]["detection"] == "given"
+
+
+def test_cli_bad_model_is_one_clear_error(tmp_path, photos, capsys):
+    rc = main(["predict", str(photos[0]), "--model", str(tmp_path / "nope")])
+    assert rc == 2
+    assert capsys.readouterr().err.strip().endswith("does not exist")
+
+
+def test_expand_inputs(tmp_path):
+    (tmp_path / "a").mkdir()
+    for name in ("a/x.JPG", "a/y.png", "a/z.txt", "b.webp"):
+        (tmp_path / name).write_bytes(b"")
+    found = expand_inputs([tmp_path / "a", str(tmp_path / "*.webp"), str(tmp_path / "q*.png")])
+    assert [n for _, n in found] == ["x.JPG", "y.png", "b.webp", "q*.png"]
