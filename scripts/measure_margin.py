@@ -95,15 +95,23 @@ def fit_margin(grays) -> None:
             boxes.append(max(found, key=lambda f: f[0][2])[0])
             refs.append(whole48(g))
             idx.append(i)
-    stats = np.array([(200 / b[2], (100 - b[0] - b[2] / 2) / b[2], (100 - b[1] - b[3] / 2) / b[3])
-                      for b in boxes])  # fmt: skip
+    stats = np.array(
+        [
+            (200 / b[2], (100 - b[0] - b[2] / 2) / b[2], (100 - b[1] - b[3] / 2) / b[3])
+            for b in boxes
+        ]
+    )
     print(
         f"  {len(boxes)} photos with a detected box; image side / box side: median "
         f"{np.median(stats[:, 0]):.3f} (IQR {np.subtract(*np.percentile(stats[:, 0], [75, 25])):.3f}); "
         f"image centre - box centre: x {np.median(stats[:, 1]):+.3f}, y {np.median(stats[:, 2]):+.3f} box sides"
     )
-    grid = [(s, dx, dy) for s in np.arange(0.85, 1.31, 0.025)
-            for dx in (-0.025, 0.0, 0.025) for dy in np.arange(-0.05, 0.2001, 0.01)]  # fmt: skip
+    grid = [
+        (s, dx, dy)
+        for s in np.arange(0.85, 1.31, 0.025)
+        for dx in (-0.025, 0.0, 0.025)
+        for dy in np.arange(-0.05, 0.2001, 0.01)
+    ]
     scores = np.empty((len(grid), len(boxes)))
     for gi, (s, dx, dy) in enumerate(grid):
         c = replace(cfg, margin_scale=s, margin_shift_x=dx, margin_shift_y=dy)
@@ -111,15 +119,29 @@ def fit_margin(grays) -> None:
             scores[gi, j] = corr(to_face_crop(grays[i], b, c), refs[j])
     best = scores.mean(1).argmax()
     loo = [scores[np.delete(scores, j, 1).mean(1).argmax(), j] for j in range(len(boxes))]
-    cur = scores[grid.index(min(grid, key=lambda p: np.abs(np.subtract(p, (
-        cfg.margin_scale, cfg.margin_shift_x, cfg.margin_shift_y))).sum()))]  # fmt: skip
-    none = [corr(to_face_crop(grays[i], b, cfg, margin=False), r)
-            for i, b, r in zip(idx, boxes, refs, strict=True)]  # fmt: skip
+    cur = scores[
+        grid.index(
+            min(
+                grid,
+                key=lambda p: np.abs(
+                    np.subtract(p, (cfg.margin_scale, cfg.margin_shift_x, cfg.margin_shift_y))
+                ).sum(),
+            )
+        )
+    ]
+    none = [
+        corr(to_face_crop(grays[i], b, cfg, margin=False), r)
+        for i, b, r in zip(idx, boxes, refs, strict=True)
+    ]
     s, dx, dy = grid[best]
-    print(f"  best margin: scale {s:.3f}, shift x {dx:+.3f}, shift y {dy:+.3f}: "
-          f"mean r {scores[best].mean():.3f} (leave-one-out {np.mean(loo):.3f}, min {scores[best].min():.3f})")  # fmt: skip
-    print(f"  configured (scale {cfg.margin_scale}, x {cfg.margin_shift_x}, y {cfg.margin_shift_y}): "
-          f"mean r {cur.mean():.3f}; box as-is (no margin): mean r {np.mean(none):.3f}")  # fmt: skip
+    print(
+        f"  best margin: scale {s:.3f}, shift x {dx:+.3f}, shift y {dy:+.3f}: "
+        f"mean r {scores[best].mean():.3f} (leave-one-out {np.mean(loo):.3f}, min {scores[best].min():.3f})"
+    )
+    print(
+        f"  configured (scale {cfg.margin_scale}, x {cfg.margin_shift_x}, y {cfg.margin_shift_y}): "
+        f"mean r {cur.mean():.3f}; box as-is (no margin): mean r {np.mean(none):.3f}"
+    )
 
 
 def compose(tiles, sizes, rng, canvas=(720, 960)):
@@ -132,8 +154,10 @@ def compose(tiles, sizes, rng, canvas=(720, 960)):
     for tile, s in zip(tiles, sizes, strict=True):
         for _ in range(200):
             x, y = int(rng.integers(0, w - s)), int(rng.integers(0, h - s))
-            if all(x + s * 1.3 < a or a + b * 1.3 < x or y + s * 1.3 < c or c + b * 1.3 < y
-                   for a, c, b in placed):  # fmt: skip
+            if all(
+                x + s * 1.3 < a or a + b * 1.3 < x or y + s * 1.3 < c or c + b * 1.3 < y
+                for a, c, b in placed
+            ):
                 img[y : y + s, x : x + s] = cv2.resize(tile, (s, s), interpolation=cv2.INTER_AREA)
                 placed.append((x, y, s))
                 break
@@ -155,19 +179,27 @@ def composites(grays, n_scenes: int = 12, seed: int = 0) -> None:
         t_total += time.perf_counter() - t
         used = set()
         for (x, y, s), i in zip(placed, pick, strict=True):
-            near = [k for k, (b, _, _) in enumerate(found)
-                    if abs(b[0] + b[2] / 2 - x - s / 2) < s / 3 and abs(b[1] + b[3] / 2 - y - s / 2) < s / 3]  # fmt: skip
+            near = [
+                k
+                for k, (b, _, _) in enumerate(found)
+                if abs(b[0] + b[2] / 2 - x - s / 2) < s / 3
+                and abs(b[1] + b[3] / 2 - y - s / 2) < s / 3
+            ]
             if near:
                 hit += 1
                 used.update(near)
-                truth = whole48(cv2.resize(grays[i], (int(s), int(s)), interpolation=cv2.INTER_AREA))
+                truth = whole48(
+                    cv2.resize(grays[i], (int(s), int(s)), interpolation=cv2.INTER_AREA)
+                )
                 rs.append(corr(to_face_crop(img, found[near[0]][0], cfg), truth))
             else:
                 miss += 1
         false += len(found) - len(used)
-    print(f"  faces found {hit} of {hit + miss}, false detections {false}, "
-          f"crop vs truth mean r {np.mean(rs):.3f} (min {np.min(rs):.3f}); "
-          f"{t_total / n_scenes * 1e3:.0f} ms/scene")  # fmt: skip
+    print(
+        f"  faces found {hit} of {hit + miss}, false detections {false}, "
+        f"crop vs truth mean r {np.mean(rs):.3f} (min {np.min(rs):.3f}); "
+        f"{t_total / n_scenes * 1e3:.0f} ms/scene"
+    )
 
 
 def accuracy(paths, grays, model: str) -> None:

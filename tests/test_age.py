@@ -20,7 +20,6 @@ from faceattrs.exceptions import FaceattrsError
 from faceattrs.model import FaceResNet, ModelConfig
 
 
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """These models are tiny: one thread beats two on a shared machine by far."""
@@ -45,7 +44,14 @@ def test_quantile_bins_equal_sized_on_known_sequence():
 def test_bins_half_open_last_open_ended_and_labels():
     edges = np.array(binsmod.REFERENCE_EDGES)
     assert binsmod.assign_bins(np.array([15, 16, 25, 26, 52, 53, 116]), edges).tolist() == [
-        0, 1, 1, 2, 4, 5, 5]
+        0,
+        1,
+        1,
+        2,
+        4,
+        5,
+        5,
+    ]
     assert binsmod.bin_labels(edges) == ["0-16", "16-26", "26-29", "29-37", "37-53", "53+"]
     with pytest.raises(FaceattrsError):
         binsmod.check_edges([16, 16, 20])
@@ -85,8 +91,9 @@ def test_routing_hard_and_soft_on_hand_built_toy():
     hard = model.predict(images, routing="hard")
     soft = model.predict(images, routing="soft")
     assert hard["value"].tolist() == pytest.approx([10.0, 60.0])
-    assert soft["value"].tolist() == pytest.approx([0.7 * 10 + 0.2 * 30 + 0.1 * 60,
-                                                    0.1 * 10 + 0.3 * 30 + 0.6 * 60])
+    assert soft["value"].tolist() == pytest.approx(
+        [0.7 * 10 + 0.2 * 30 + 0.1 * 60, 0.1 * 10 + 0.3 * 30 + 0.6 * 60]
+    )
     assert hard["bin"].tolist() == [0, 2]
     assert hard["bin_probabilities"] == pytest.approx(np.exp(np.array(logits)))
     assert model.bin_labels == ["0-20", "20-40", "40+"]
@@ -111,11 +118,23 @@ def test_oracle_mae_not_worse_than_hard_on_toy():
     noisy = np.where(rng.random(len(ae)) < 0.4, (true_bin + 1) % 3, true_bin)
     probs = np.full((len(ae), 3), 0.1)
     probs[np.arange(len(ae)), noisy] = 0.8
-    pred = {"per_bin": per_bin, "bin_probabilities": probs,
-            "hard": regress.route(probs, per_bin, "hard"),
-            "soft": regress.route(probs, per_bin, "soft")}
-    m = age_metrics(pred, ae, np.zeros(len(ae), int), np.zeros(len(ae), int), edges,
-                    binsmod.bin_labels(edges), "hard", "two_stage", (1, 100))
+    pred = {
+        "per_bin": per_bin,
+        "bin_probabilities": probs,
+        "hard": regress.route(probs, per_bin, "hard"),
+        "soft": regress.route(probs, per_bin, "soft"),
+    }
+    m = age_metrics(
+        pred,
+        ae,
+        np.zeros(len(ae), int),
+        np.zeros(len(ae), int),
+        edges,
+        binsmod.bin_labels(edges),
+        "hard",
+        "two_stage",
+        (1, 100),
+    )
     assert m["bin_accuracy"] == pytest.approx((noisy == true_bin).mean(), abs=1e-4)
     assert m["mae_oracle_bins"] < 4.0  # the regressors learnt their bins
     assert m["mae_oracle_bins"] <= m["mae_hard"]
@@ -135,8 +154,7 @@ def test_per_bin_regressor_never_sees_other_bins(monkeypatch):
 
     monkeypatch.setattr(regress, "_fit_one", spy)
     z = np.column_stack([age, rng.normal(size=(200, 3))]).astype(np.float32)  # col 0 = age
-    regress.train_regressors(z[:150], age[:150], z[150:], age[150:], edges,
-                             AgeConfig(reg_epochs=2))
+    regress.train_regressors(z[:150], age[:150], z[150:], age[150:], edges, AgeConfig(reg_epochs=2))
     lo, hi = [0, *edges], [*edges, np.inf]
     assert sorted(seen) == list(range(6))
     for k, (x, y, yv) in seen.items():
@@ -154,8 +172,11 @@ def test_direct_losses_pull_expected_age_to_target(kind):
     age = torch.tensor([5.0, 25.0, 50.0, 80.0])
     opt = torch.optim.Adam([logits], lr=0.3)
     for _ in range(100):
-        loss = (dldl_loss(logits, age, 2.0, 1.0) if kind == "dldl"
-                else mean_variance_loss(logits, age, 0.2, 0.05))
+        loss = (
+            dldl_loss(logits, age, 2.0, 1.0)
+            if kind == "dldl"
+            else mean_variance_loss(logits, age, 0.2, 0.05)
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -165,8 +186,9 @@ def test_direct_losses_pull_expected_age_to_target(kind):
 # ---------------------------------------------------------------- bundle
 def _tiny_multitask(run_dir):
     torch.manual_seed(0)
-    save_checkpoint(run_dir, "best", FaceResNet(ModelConfig(width=0.125)),
-                    {"epoch": 0, "score": 0.0})
+    save_checkpoint(
+        run_dir, "best", FaceResNet(ModelConfig(width=0.125)), {"epoch": 0, "score": 0.0}
+    )
     return run_dir
 
 
@@ -179,8 +201,15 @@ def _tiny_age_model(direct: bool = True) -> AgeModel:
     reg.low.copy_(torch.tensor([1.0, 16, 26, 29, 37, 53]))
     reg.high.copy_(torch.tensor([15.0, 25, 28, 36, 52, 100]))
     d = FaceResNet(ModelConfig(width=0.125, heads={"age": 101})).eval() if direct else None
-    return AgeModel(coarse, reg.eval(), np.array([16.0, 26, 29, 37, 53]), routing="hard",
-                    approach="two_stage", direct=d, clip=(1.0, 100.0))
+    return AgeModel(
+        coarse,
+        reg.eval(),
+        np.array([16.0, 26, 29, 37, 53]),
+        routing="hard",
+        approach="two_stage",
+        direct=d,
+        clip=(1.0, 100.0),
+    )
 
 
 def test_bundle_roundtrip_and_resolve(tmp_path):
@@ -227,15 +256,31 @@ def test_resolve_bundle_without_age_and_errors(tmp_path):
 def test_evaluate_age_writes_metrics_and_figures(tmp_path):
     faces = synthetic_faceset(80)
     m = evaluate_age(_tiny_age_model(), faces, "all", out_dir=tmp_path)
-    for key in ("mae", "mae_hard", "mae_soft", "mae_oracle_bins", "median_ae", "cs5",
-                "bin_accuracy", "bin_macro_f1", "mae_per_bin", "mae_per_ethnicity",
-                "mae_per_gender", "direct"):
+    for key in (
+        "mae",
+        "mae_hard",
+        "mae_soft",
+        "mae_oracle_bins",
+        "median_ae",
+        "cs5",
+        "bin_accuracy",
+        "bin_macro_f1",
+        "mae_per_bin",
+        "mae_per_ethnicity",
+        "mae_per_gender",
+        "direct",
+    ):
         assert key in m, key
     assert m["n"] == 80 and m["mae"] == m["mae_hard"]  # the toy's default routing is hard
     assert sum(b["n"] for b in m["mae_per_bin"].values()) == 80
     assert set(m["mae_per_ethnicity"]["groups"]) == {"White", "Black", "Asian", "Indian", "Other"}
-    for name in ("age_scatter", "age_mae_by_bin", "age_mae_by_group", "age_bin_confusion",
-                 "age_grid"):
+    for name in (
+        "age_scatter",
+        "age_mae_by_bin",
+        "age_mae_by_group",
+        "age_bin_confusion",
+        "age_grid",
+    ):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "age_metrics.json").read_text())
     assert saved["mae_oracle_bins"] == m["mae_oracle_bins"]
@@ -257,15 +302,45 @@ def test_train_age_cli_one_epoch_smoke(tmp_path):
     mt = _tiny_multitask(tmp_path / "mt")
     data, faces = _prepared(tmp_path)
     out = tmp_path / "age"
-    argv = ["train-age", "--model", str(mt), "--data", str(data), "--out", str(out),
-            "--preset", "cpu", "--device", "cpu", "--set", "batch_size=32",
-            "--set", "max_batches=2", "--set", "finetune_epochs=1", "--set", "reg_epochs=3", "--set", "eval_batch_size=64"]
+    argv = [
+        "train-age",
+        "--model",
+        str(mt),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--preset",
+        "cpu",
+        "--device",
+        "cpu",
+        "--set",
+        "batch_size=32",
+        "--set",
+        "max_batches=2",
+        "--set",
+        "finetune_epochs=1",
+        "--set",
+        "reg_epochs=3",
+        "--set",
+        "eval_batch_size=64",
+    ]
     assert main(argv) == 0
-    for name in ("age.json", "config.json", "coarse.json", "coarse.safetensors",
-                 "regressors.safetensors", "direct.json", "direct.safetensors",
-                 "metrics.json", "summary.json", "regressors.json",
-                 "figures/age_grid.png", "figures/age_scatter.png",
-                 "figures/age_predictions_test.npz"):
+    for name in (
+        "age.json",
+        "config.json",
+        "coarse.json",
+        "coarse.safetensors",
+        "regressors.safetensors",
+        "direct.json",
+        "direct.safetensors",
+        "metrics.json",
+        "summary.json",
+        "regressors.json",
+        "figures/age_grid.png",
+        "figures/age_scatter.png",
+        "figures/age_predictions_test.npz",
+    ):
         assert (out / name).exists(), name
     history = [json.loads(line) for line in (out / "coarse_history.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["epoch"]) for r in history] == [(1, 1), (2, 1)]
@@ -285,6 +360,8 @@ def test_train_age_cli_one_epoch_smoke(tmp_path):
     assert resolve_bundle(out)[0] == mt.resolve()
     p = load_age_model(out).predict(faces.images[:5])
     assert p["value"].shape == (5,) and p["bin_probabilities"].shape == (5, 6)
+    # A second run into the same folder is refused (exit 2) unless --overwrite.
+    assert main(argv) == 2
 
 
 def test_train_age_explicit_bins_no_direct_and_backbone_copy(tmp_path):
@@ -293,8 +370,16 @@ def test_train_age_explicit_bins_no_direct_and_backbone_copy(tmp_path):
 
     mt = _tiny_multitask(tmp_path / "mt")
     faces = synthetic_faceset(120)
-    cfg = AgeConfig(edges=(16, 26, 29, 37, 53), direct=False, head_epochs=1, finetune_epochs=0,
-                    batch_size=32, max_batches=2, reg_epochs=2, eval_batch_size=64)
+    cfg = AgeConfig(
+        edges=(16, 26, 29, 37, 53),
+        direct=False,
+        head_epochs=1,
+        finetune_epochs=0,
+        batch_size=32,
+        max_batches=2,
+        reg_epochs=2,
+        eval_batch_size=64,
+    )
     summary = train_age(mt, faces, tmp_path / "age", cfg, device="cpu")
     assert summary["bin_labels"] == ["0-16", "16-26", "26-29", "29-37", "37-53", "53+"]
     assert summary["test"]["direct_mae"] is None and summary["test"]["approach"] == "two_stage"

@@ -204,8 +204,11 @@ def test_whole_image_fallback_for_tight_crops(photos):
     # neither tight pass can succeed: the general search still finds the face
     (f,) = extract_faces(img, cfg=PhotoConfig(tight_min_face=2.0, whole_min_face=2.0))
     assert f.kind == "detected"
-    whole = [p.name for p, img in zip(paths, images, strict=True)
-             if extract_faces(img)[0].kind == "whole"]  # fmt: skip
+    whole = [
+        p.name
+        for p, img in zip(paths, images, strict=True)
+        if extract_faces(img)[0].kind == "whole"
+    ]
     assert whole  # measured: 2 of the 24 (docs/photos.md)
     for name in whole:
         img = images[[p.name for p in paths].index(name)]

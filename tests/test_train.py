@@ -21,8 +21,10 @@ from faceattrs import train as T
 from faceattrs.checkpoint import load_model
 from faceattrs.engine import evaluate_heads, scores_from_confusion
 
+# one thread: tiny tensors gain nothing from two, and two OpenMP threads crawl when other
+# processes share the cores
 TINY = {"width": 0.125, "batch_size": 16, "epochs": 3, "warmup_epochs": 1.0, "device": "cpu",
-        "eval_batch_size": 64}  # fmt: skip
+        "eval_batch_size": 64, "threads": 1}  # fmt: skip
 
 
 def tiny_cfg(**kw) -> T.TrainConfig:
@@ -132,8 +134,16 @@ def test_fit_writes_the_run_folder(tmp_path):
     faces = synthetic_faceset(80)
     summary = T.fit(faces, tmp_path / "run", tiny_cfg(epochs=2), data_ref="synthetic")
     run = tmp_path / "run"
-    for name in ("config.json", "best.json", "best.safetensors", "last.json",
-                 "last.safetensors", "last_state.safetensors", "history.csv", "history.png"):
+    for name in (
+        "config.json",
+        "best.json",
+        "best.safetensors",
+        "last.json",
+        "last.safetensors",
+        "last_state.safetensors",
+        "history.csv",
+        "history.png",
+    ):
         assert (run / name).exists(), name  # fmt: skip
     rows = _history(run / "history.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
@@ -155,14 +165,16 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     cfg = tiny_cfg(epochs=3, patience=10)
     T.fit(faces, tmp_path / "full", cfg)
 
-    calls = []
+    saves = []
+    real_save = T.save_checkpoint
 
-    def crash_after_epoch_2(out_dir):  # called after each epoch's checkpoints are saved
-        calls.append(out_dir)
-        if len(calls) == 2:
+    def crash_after_epoch_2(run_dir, name, model, meta):  # dies right after saving "last"
+        real_save(run_dir, name, model, meta)
+        saves.append(name)
+        if saves.count("last") == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(T, "_plot", crash_after_epoch_2)
+    monkeypatch.setattr(T, "save_checkpoint", crash_after_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         T.fit(faces, tmp_path / "cut", cfg)
     assert json.loads((tmp_path / "cut" / "last.json").read_text())["epoch"] == 2
@@ -232,8 +244,6 @@ def _ddp_worker(rank: int, world: int, port: int, tmp: str) -> None:
     faces = synthetic_faceset(80)
     cfg = TT.resolve_config("paper", {**TINY, "epochs": 2, "batch_size": 8})
     summary = TT.fit(faces, Path(tmp) / "run", cfg, progress=False)
-    model = getattr(TT, "_last_model", None)
-    del model
     # metrics across ranks: each rank scores its shard, the result is the whole set's
     best, _ = load_model(Path(tmp) / "run", "best")
     val = TT._split_tensors(faces, "val", 0, 0, torch.device("cpu"))

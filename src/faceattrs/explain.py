@@ -155,7 +155,7 @@ def explain_photo(
     boxes = [[int(v) for v in f.box] for f in found]
     stem = photo.stem
     plots.photo_boxes(image, boxes, out_dir / f"{stem}_faces.png")
-    rows = _rows(crops, ex, names, [f"face {i} of {photo.name}" for i in range(len(found))])
+    rows = _rows(crops, ex, names, [f"face {i}" for i in range(len(found))])
     plots.cam_grid(rows, out_dir / f"{stem}_gradcam.png", title=f"Grad-CAM: {photo.name}")
     write_npz(
         out_dir / f"{stem}_gradcam.npz", **{f"{h}_cam": ex["cams"][h] for h in HEADS}, crops=crops
@@ -245,7 +245,7 @@ def explain_misclassified(
     ex = explain_faces(model, shown.images, temps)
     truth = {h: getattr(shown, h) for h in HEADS}
     labels = [
-        f"#{int(faces.indices(split)[i])}  True G: {names['gender'][g]}, E: {names['ethnicity'][e]}"
+        f"row {int(faces.indices(split)[i])}\nTrue G: {names['gender'][g]}, E: {names['ethnicity'][e]}"
         for i, g, e in zip(pick, shown.gender, shown.ethnicity, strict=True)
     ]
     plots.cam_grid(

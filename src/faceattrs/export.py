@@ -82,16 +82,27 @@ def _export_graph(module: nn.Module, path: Path, outputs: list[str], opset: int)
     def write(tmp: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            torch.onnx.export(module, (dummy,), str(tmp), input_names=["faces"],
-                              output_names=outputs, dynamic_axes=axes, opset_version=opset,
-                              dynamo=False)  # fmt: skip
+            torch.onnx.export(
+                module,
+                (dummy,),
+                str(tmp),
+                input_names=["faces"],
+                output_names=outputs,
+                dynamic_axes=axes,
+                opset_version=opset,
+                dynamo=False,
+            )
         module.eval()  # export restores the mode it found; keep eval for later use
 
     write_with(path, write)
 
 
-def export_onnx(model: str | Path | None, out_dir: str | Path, opset: int = OPSET,
-                check_faces: np.ndarray | None = None) -> Path:  # fmt: skip
+def export_onnx(
+    model: str | Path | None,
+    out_dir: str | Path,
+    opset: int = OPSET,
+    check_faces: np.ndarray | None = None,
+) -> Path:
     """Export the bundle at ``model`` to ``out_dir``; returns the manifest path.
 
     The exported graphs are run once on ``check_faces`` (uint8 (N, 48, 48); default 32
@@ -119,15 +130,27 @@ def export_onnx(model: str | Path | None, out_dir: str | Path, opset: int = OPSE
         from .age.direct import HEAD as DIRECT_HEAD
 
         graphs["age_two_stage"] = "age_two_stage.onnx"
-        _export_graph(_TwoStage(am.coarse, am.regressors, COARSE_HEAD),
-                      out_dir / graphs["age_two_stage"], ["age_bin", "per_bin"], opset)  # fmt: skip
+        _export_graph(
+            _TwoStage(am.coarse, am.regressors, COARSE_HEAD),
+            out_dir / graphs["age_two_stage"],
+            ["age_bin", "per_bin"],
+            opset,
+        )
         if am.direct is not None:
             graphs["age_direct"] = "age_direct.onnx"
-            _export_graph(_Direct(am.direct, DIRECT_HEAD), out_dir / graphs["age_direct"],
-                          ["age_years"], opset)  # fmt: skip
-        age_meta = {"edges": [float(e) for e in am.edges], "bin_labels": list(am.bin_labels),
-                    "approach": am.approach, "routing": am.routing,
-                    "clip": [float(c) for c in am.clip]}  # fmt: skip
+            _export_graph(
+                _Direct(am.direct, DIRECT_HEAD),
+                out_dir / graphs["age_direct"],
+                ["age_years"],
+                opset,
+            )
+        age_meta = {
+            "edges": [float(e) for e in am.edges],
+            "bin_labels": list(am.bin_labels),
+            "approach": am.approach,
+            "routing": am.routing,
+            "clip": [float(c) for c in am.clip],
+        }
     manifest = {
         "format": FORMAT,
         "source": str(Path(tm.source).resolve()),
@@ -138,7 +161,7 @@ def export_onnx(model: str | Path | None, out_dir: str | Path, opset: int = OPSE
             "dtype": "uint8",
             "shape": ["batch", IMAGE_SIZE, IMAGE_SIZE],
             "normalisation": "inside the graph: (x / 255 - 0.5) / 0.5",
-        },  # fmt: skip
+        },
         "graphs": graphs,
         "class_names": tm.class_names,
         "temperatures": tm.temperatures,
@@ -218,15 +241,15 @@ class OnnxModels:
         self._tmp = None  # a temporary export made by open()
 
     @classmethod
-    def open(cls, path: str | Path, age: bool = True) -> OnnxModels:
+    def open(cls, path: str | Path, age: bool = True, threads: int | None = None) -> OnnxModels:
         """An export folder, or a run folder (exported now to a temporary folder)."""
         path = Path(path)
         if is_export(path):
-            return cls(path, age)
+            return cls(path, age, threads)
         tmp = tempfile.TemporaryDirectory(prefix="faceattrs-onnx-")
         log.info("exporting %s to ONNX in %s (use `faceattrs export` to keep it)", path, tmp.name)
         export_onnx(path, tmp.name)
-        models = cls(tmp.name, age)
+        models = cls(tmp.name, age, threads)
         models._tmp = tmp
         return models
 
@@ -256,5 +279,8 @@ class OnnxModels:
             bin_logits, per_bin = self.two_stage.run(None, {"faces": faces})
             probs = softmax(bin_logits)
             value = route(probs, per_bin.astype(np.float64), meta["routing"])
-        return {"value": np.clip(value, lo, hi).astype(np.float64), "bin": probs.argmax(1),
-                "bin_probabilities": probs}  # fmt: skip
+        return {
+            "value": np.clip(value, lo, hi).astype(np.float64),
+            "bin": probs.argmax(1),
+            "bin_probabilities": probs,
+        }

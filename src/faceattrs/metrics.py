@@ -68,8 +68,8 @@ def classification_report(
         for k, name in enumerate(names)
     }
     return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "accuracy": _r(accuracy_score(y_true, y_pred)),
+        "macro_f1": _r(f1_score(y_true, y_pred, average="macro", zero_division=0)),
         "per_class": per_class,
         "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         "n": int(len(y_true)),

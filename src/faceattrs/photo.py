@@ -32,7 +32,7 @@ import io
 import logging
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -75,10 +75,9 @@ class PhotoConfig:
     margin_scale: float = 1.0  # crop side / box side
     margin_shift_x: float = 0.0  # crop centre right of the box centre, in box widths
     margin_shift_y: float = 0.09  # crop centre below the box centre, in box heights
-    cascades: dict = field(default_factory=dict, repr=False, compare=False)  # loaded, cached
 
     def classifier(self, name: str) -> cv2.CascadeClassifier:
-        if name not in self.cascades:
+        if name not in _CASCADES:
             path = os.path.join(cv2.data.haarcascades, name)
             clf = cv2.CascadeClassifier(path)
             if clf.empty():
@@ -86,8 +85,11 @@ class PhotoConfig:
                     f"face detector {path} is missing: install opencv-python(-headless) 4.x "
                     "(OpenCV 5 no longer bundles the Haar cascades)"
                 )
-            self.cascades[name] = clf
-        return self.cascades[name]
+            _CASCADES[name] = clf
+        return _CASCADES[name]
+
+
+_CASCADES: dict[str, cv2.CascadeClassifier] = {}  # loaded once per process
 
 
 @dataclass

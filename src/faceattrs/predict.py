@@ -97,7 +97,9 @@ class TorchModels:
             self.model, self.meta = load_model(mt_dir, device=self.device)
         except RuntimeError as e:  # e.g. tensor shapes that differ from the settings
             first = str(e).strip().splitlines()[-1].strip()
-            raise CheckpointError(f"{mt_dir}: weights do not match its settings ({first})") from None
+            raise CheckpointError(
+                f"{mt_dir}: weights do not match its settings ({first})"
+            ) from None
         self.class_names = {h: list(self.meta["class_names"][h]) for h in HEADS}
         self.temperatures = _load_temperatures(mt_dir)
         self.age_model = None
@@ -109,8 +111,9 @@ class TorchModels:
         self.source = mt_dir
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=DTYPES[self.dtype],
-                              enabled=self.dtype != "fp32")  # fmt: skip
+        return torch.autocast(
+            self.device.type, dtype=DTYPES[self.dtype], enabled=self.dtype != "fp32"
+        )
 
     @torch.inference_mode()
     def logits(self, faces: np.ndarray) -> dict[str, np.ndarray]:
@@ -127,20 +130,31 @@ class TorchModels:
             return self.age_model.predict(faces)
 
 
-def load_models(model=None, backend: str = "torch", device: str = "cpu", dtype: str = "fp32",
-                age: bool = True):  # fmt: skip
-    """The backend object for ``model`` (see :class:`TorchModels`; ONNX: ``export.OnnxModels``)."""
+def load_models(
+    model=None,
+    backend: str = "torch",
+    device: str = "cpu",
+    dtype: str = "fp32",
+    age: bool = True,
+    threads: int | None = None,
+):
+    """The backend object for ``model`` (see :class:`TorchModels`; ONNX: ``export.OnnxModels``).
+
+    ``threads``: CPU threads of the models (torch: process-wide ``torch.set_num_threads``).
+    """
     path = resolve_model_dir(model)
     if backend == "torch":
         from .export import is_export
 
         if is_export(path):
             raise FaceattrsError(f"{path} is an ONNX export: use it with --backend onnx")
+        if threads:
+            torch.set_num_threads(threads)
         return TorchModels(path, device, dtype, age)
     if backend == "onnx":
         from .export import OnnxModels
 
-        return OnnxModels.open(path, age=age)
+        return OnnxModels.open(path, age=age, threads=threads)
     raise FaceattrsError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
 
 
@@ -169,8 +183,10 @@ def face_predictions(models, faces: np.ndarray) -> list[dict]:
         rec = {}
         for h in HEADS:
             names = models.class_names[h]
-            rec[h] = {"label": names[int(probs[h][i].argmax())],
-                      "probabilities": _dist(names, probs[h][i])}  # fmt: skip
+            rec[h] = {
+                "label": names[int(probs[h][i].argmax())],
+                "probabilities": _dist(names, probs[h][i]),
+            }
         rec["age"] = None
         if age is not None:
             rec["age"] = {
@@ -206,14 +222,24 @@ class FaceAnalyzer:
     ``model``: a run folder (or an age run, or an ONNX export with ``backend="onnx"``);
     None = the default model bundled in the package. ``dtype``: "fp32" or "bf16" (torch).
     ``photo``: detection and crop settings (:class:`faceattrs.photo.PhotoConfig`).
+    ``threads``: CPU threads for the models (default: the library's own choice).
     """
 
-    def __init__(self, model=None, *, backend: str = "torch", device: str = "cpu",
-                 dtype: str = "fp32", batch_size: int = 64, photo: PhotoConfig | None = None,
-                 age: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        model=None,
+        *,
+        backend: str = "torch",
+        device: str = "cpu",
+        dtype: str = "fp32",
+        batch_size: int = 64,
+        photo: PhotoConfig | None = None,
+        age: bool = True,
+        threads: int | None = None,
+    ):
         if batch_size < 1:
             raise FaceattrsError(f"batch size must be at least 1, got {batch_size}")
-        self.models = load_models(model, backend, device, dtype, age)
+        self.models = load_models(model, backend, device, dtype, age, threads)
         self.backend, self.batch_size = backend, batch_size
         self.photo = photo or PhotoConfig()
 
@@ -226,12 +252,22 @@ class FaceAnalyzer:
         if on_error not in ("raise", "record"):
             raise FaceattrsError(f"on_error must be 'raise' or 'record', got {on_error!r}")
         single = not isinstance(images, list | tuple)
-        items = self.run([images] if single else list(images), detect=detect,
-                         keep_images=False, raise_errors=on_error == "raise")  # fmt: skip
+        items = self.run(
+            [images] if single else list(images),
+            detect=detect,
+            keep_images=False,
+            raise_errors=on_error == "raise",
+        )
         return [r for item in items for r in item.records]
 
-    def run(self, sources: Iterable, *, detect: bool = True, keep_images: bool = False,
-            raise_errors: bool = False) -> Iterator[Item]:  # fmt: skip
+    def run(
+        self,
+        sources: Iterable,
+        *,
+        detect: bool = True,
+        keep_images: bool = False,
+        raise_errors: bool = False,
+    ) -> Iterator[Item]:
         """Yield an :class:`Item` per source, in order, with its records filled.
 
         Images are decoded and their faces found one by one; the faces of consecutive
@@ -276,8 +312,16 @@ class FaceAnalyzer:
             if item.error is not None:
                 item.records = [{**item.head(), "error": item.error}]
             for i, face in enumerate(item.faces):
-                item.records.append({**item.head(), "face": i, "box": list(face.box),
-                                     "score": face.score, "detection": face.kind, **preds[k]})  # fmt: skip
+                item.records.append(
+                    {
+                        **item.head(),
+                        "face": i,
+                        "box": list(face.box),
+                        "score": face.score,
+                        "detection": face.kind,
+                        **preds[k],
+                    }
+                )
                 k += 1
             yield item
 
@@ -287,9 +331,16 @@ def _cached_analyzer(model, backend: str, device: str, dtype: str) -> FaceAnalyz
     return FaceAnalyzer(model, backend=backend, device=device, dtype=dtype)
 
 
-def analyze(image_or_path, model: str | os.PathLike | None = None, *, detect: bool = True,
-            on_error: str = "raise", backend: str = "torch", device: str = "cpu",
-            dtype: str = "fp32") -> list[dict]:  # fmt: skip
+def analyze(
+    image_or_path,
+    model: str | os.PathLike | None = None,
+    *,
+    detect: bool = True,
+    on_error: str = "raise",
+    backend: str = "torch",
+    device: str = "cpu",
+    dtype: str = "fp32",
+) -> list[dict]:
     """Records of every face in one image or a list of images (see :class:`FaceAnalyzer`).
 
     The models are loaded on the first call and kept for the next calls with the same
@@ -298,247 +349,3 @@ def analyze(image_or_path, model: str | os.PathLike | None = None, *, detect: bo
     key = None if model is None else str(Path(model).resolve())
     an = _cached_analyzer(key, backend, device, dtype)
     return an.analyze(image_or_path, detect=detect, on_error=on_error)
-
-
-# ---------------------------------------------------------------- files in, records out
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-
-
-def expand_inputs(args: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
-    """Files, folders (recursively, image extensions only) and globs -> ``(path, name)``.
-
-    ``name`` is the path relative to the folder it was found in (or the file name), used
-    for annotated copies and overlays. A path that does not exist and matches no file is
-    kept, so that it becomes an error record.
-    """
-    import glob
-
-    out: list[tuple[str, str]] = []
-    for arg in args:
-        path = Path(arg)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*")
-                           if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())  # fmt: skip
-            if not found:
-                log.warning(
-                    "%s: no image files (%s) in this folder", path, " ".join(IMAGE_EXTENSIONS)
-                )
-            out += [(str(p), str(p.relative_to(path))) for p in found]
-        elif path.exists() or not glob.has_magic(str(arg)):
-            out.append((str(path), path.name))
-        else:
-            matches = sorted(glob.glob(str(arg), recursive=True))
-            out += [(m, Path(m).name) for m in matches if Path(m).is_file()]
-            if not matches:
-                out.append((str(arg), Path(arg).name))
-    return out
-
-
-def record_columns(models) -> list[str]:
-    """CSV columns: one per scalar of a record (probabilities flattened)."""
-    cols = ["file", "image", "face", "x", "y", "w", "h", "score", "detection"]
-    for h in HEADS:
-        cols += [h] + [f"{h}_p_{n}" for n in models.class_names[h]]
-    if models.bin_labels:
-        cols += ["age", "age_bin"] + [f"age_p_{b}" for b in models.bin_labels]
-    return cols + ["error"]
-
-
-def flat_record(rec: dict) -> dict:
-    row = {k: rec.get(k) for k in ("file", "image", "face", "score", "detection", "error")}
-    if "box" in rec:
-        row.update(zip("xywh", rec["box"], strict=True))
-    for h in HEADS:
-        if rec.get(h):
-            row[h] = rec[h]["label"]
-            row.update({f"{h}_p_{n}": p for n, p in rec[h]["probabilities"].items()})
-    if rec.get("age"):
-        row["age"], row["age_bin"] = rec["age"]["value"], rec["age"]["bin"]
-        row.update({f"age_p_{b}": p for b, p in rec["age"]["bin_probabilities"].items()})
-    return row
-
-
-class RecordWriter:
-    """JSON lines (``.jsonl``, or stdout when ``path`` is None) or CSV (``.csv``), written to a
-    temporary file and renamed at the end, so a crash never leaves half a result file."""
-
-    def __init__(self, path: str | os.PathLike | None, models):
-        import sys
-
-        self.path = Path(path) if path else None
-        self.kind = "jsonl"
-        if self.path is not None:
-            suffix = self.path.suffix.lower()
-            if suffix not in (".jsonl", ".json", ".csv"):
-                raise FaceattrsError(f"--out {self.path}: use a .jsonl or .csv file name")
-            self.kind = "csv" if suffix == ".csv" else "jsonl"
-        self._ctx = None
-        if self.path is None:
-            self.fh = sys.stdout
-        else:
-            from .io import atomic_path
-
-            self._ctx = atomic_path(self.path)
-            self.fh = open(self._ctx.__enter__(), "w", newline="", encoding="utf-8")  # noqa: SIM115
-        if self.kind == "csv":
-            import csv
-
-            self.csv = csv.DictWriter(self.fh, record_columns(models), extrasaction="ignore")
-            self.csv.writeheader()
-
-    def write(self, rec: dict) -> None:
-        import json
-
-        if self.kind == "csv":
-            self.csv.writerow(flat_record(rec))
-        else:
-            self.fh.write(json.dumps(rec) + "\n")
-
-    def close(self, ok: bool = True) -> None:
-        if self._ctx is None:
-            self.fh.flush()
-            return
-        self.fh.close()
-        if ok:
-            self._ctx.__exit__(None, None, None)
-        else:
-            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
-
-
-def label_text(rec: dict) -> str:
-    g, e = rec["gender"], rec["ethnicity"]
-    text = (f"{rec['face']}: {g['label']} {g['probabilities'][g['label']]:.2f}, "
-            f"{e['label']} {e['probabilities'][e['label']]:.2f}")  # fmt: skip
-    if rec.get("age"):
-        text += f", {rec['age']['value']:.0f} y"
-    return text
-
-
-def annotate(image: np.ndarray, records: list[dict]) -> np.ndarray:
-    """A copy of ``image`` (RGB) with each face's box and its labels drawn."""
-    import cv2
-
-    canvas = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else image.copy()
-    h, w = canvas.shape[:2]
-    scale = max(0.35, min(h, w) / 700)
-    thick = max(1, round(2 * scale))
-    for rec in records:
-        if "box" not in rec:
-            continue
-        x, y, bw, bh = rec["box"]
-        cv2.rectangle(canvas, (x, y), (x + bw - 1, y + bh - 1), (0, 255, 0), thick)
-        text = label_text(rec)
-        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
-        ty = y - base - 2 if y - th - base - 2 >= 0 else min(h - base - 1, y + bh + th + 2)
-        tx = min(max(0, x), max(0, w - tw))
-        cv2.rectangle(canvas, (tx, ty - th - 2), (tx + tw, ty + base), (0, 0, 0), -1)
-        cv2.putText(canvas, text, (tx, ty), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
-                    thick, cv2.LINE_AA)  # fmt: skip
-    return canvas
-
-
-def save_image(path: Path, rgb: np.ndarray) -> None:
-    from PIL import Image
-
-    from .io import write_with
-
-    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
-    write_with(path, lambda tmp: Image.fromarray(rgb).save(tmp, format=fmt, quality=92))
-
-
-class Explainer:
-    """Grad-CAM overlays per face (``faceattrs.explain``), one PNG per face: the face and
-    the gender and ethnicity maps for the predicted classes."""
-
-    SIZE = 192
-
-    def __init__(self, models):
-        from .explain import grad_cam, smooth  # captum: the "explain" extra
-
-        self.grad_cam, self.smooth = grad_cam, smooth
-        model = getattr(models, "model", None)
-        if model is None:  # the onnx backend: Grad-CAM needs the PyTorch model
-            source = getattr(models, "source", None)
-            if not source or not Path(source, "best.json").exists():
-                raise FaceattrsError("--explain needs the PyTorch model: pass the run folder")
-            model, _ = load_model(source)
-        self.model = model.float()
-
-    def save(self, crops: np.ndarray, records: list[dict], out_stem: Path) -> list[str]:
-        import cv2
-
-        s = self.SIZE
-        targets = {h: np.array([r[h]["label"] for r in records]) for h in HEADS}
-        cams = {}
-        for h in HEADS:
-            names = list(records[0][h]["probabilities"])
-            cams[h] = self.grad_cam(self.model, crops, h,
-                                    target=np.array([names.index(t) for t in targets[h]]))  # fmt: skip
-        paths = []
-        for i, (crop, rec) in enumerate(zip(crops, records, strict=True)):
-            face = cv2.cvtColor(cv2.resize(crop, (s, s), interpolation=cv2.INTER_CUBIC),
-                                cv2.COLOR_GRAY2RGB)  # fmt: skip
-            panels = [_caption(face, "face " + str(rec["face"]))]
-            for h in HEADS:
-                heat = cv2.applyColorMap((self.smooth(cams[h][i], s) * 255).astype(np.uint8),
-                                         cv2.COLORMAP_JET)[..., ::-1]  # fmt: skip
-                blend = cv2.addWeighted(face, 0.55, heat, 0.45, 0)
-                p = rec[h]["probabilities"][rec[h]["label"]]
-                panels.append(_caption(blend, f"{h}: {rec[h]['label']} {p:.2f}"))
-            path = out_stem.parent / f"{out_stem.name}_face{rec['face']}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_image(path, np.hstack(panels))
-            paths.append(str(path))
-        return paths
-
-
-def _caption(img: np.ndarray, text: str) -> np.ndarray:
-    import cv2
-
-    bar = np.zeros((22, img.shape[1], 3), np.uint8)
-    cv2.putText(bar, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
-                cv2.LINE_AA)  # fmt: skip
-    return np.vstack([bar, img])
-
-
-def predict_files(inputs: list[str], model=None, *, out=None, annotate_dir=None, explain_dir=None,
-                  batch_size: int = 64, backend: str = "torch", device: str = "cpu",
-                  dtype: str = "fp32", detect: bool = True, photo: PhotoConfig | None = None,
-                  progress: bool = True) -> dict:  # fmt: skip
-    """``faceattrs predict``: records of every face of ``inputs`` to ``out`` (stdout when
-    None); annotated copies and Grad-CAM overlays on request. Returns counts of files,
-    faces and failed files."""
-    from tqdm import tqdm
-
-    files = expand_inputs(inputs)
-    if not files:
-        raise FaceattrsError("no input files")
-    analyzer = FaceAnalyzer(model, backend=backend, device=device, dtype=dtype,
-                            batch_size=batch_size, photo=photo)  # fmt: skip
-    explainer = Explainer(analyzer.models) if explain_dir else None
-    names = dict(files)
-    writer = RecordWriter(out, analyzer.models)
-    counts = {"files": len(files), "faces": 0, "failed": 0}
-    ok = False
-    try:
-        bar = tqdm(total=len(files), unit="file", disable=None if len(files) > 1 else True)
-        keep = bool(annotate_dir or explain_dir)
-        for item in analyzer.run([p for p, _ in files], detect=detect, keep_images=keep):
-            counts["failed"] += item.error is not None
-            counts["faces"] += len(item.faces)
-            rel = Path(names[item.file])
-            if explainer and item.faces:
-                crops = np.stack([f.crop for f in item.faces])
-                explainer.save(crops, item.records, Path(explain_dir) / rel.with_suffix(""))
-            if annotate_dir and item.faces:
-                save_image(Path(annotate_dir) / rel.with_suffix(".jpg"),
-                           annotate(item.image, item.records))  # fmt: skip
-            for rec in item.records:
-                writer.write(rec)
-            bar.update(1)
-        bar.close()
-        ok = True
-    finally:
-        writer.close(ok)
-    return counts

@@ -84,15 +84,18 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # the reference exactly (batch size is ours)
     "paper": {},
-    # ~25 min on 2 CPU cores: 1/8 width (8..64 channels, 64-d embedding), 12 epochs,
-    # larger batch and lr, shorter warm-up and patience. Trades accuracy for time.
+    # ~30 min on this shared 2-core machine (docs/training.md): 1/8 width (8..64
+    # channels, 64-d embedding), 12 epochs, higher lr with a 1-epoch warm-up, patience 4,
+    # one thread (two OpenMP threads crawl when other processes share the cores).
+    # Trades accuracy for time; not tuned.
     "cpu": {
         "width": 0.125,
         "epochs": 12,
-        "batch_size": 256,
+        "batch_size": 128,
         "lr": 2e-3,
         "warmup_epochs": 1.0,
         "patience": 4,
+        "threads": 1,
     },
 }
 
@@ -302,7 +305,16 @@ class EarlyStopping:
         return self.bad_epochs >= self.patience
 
     def state_dict(self) -> dict[str, Any]:
-        keys = ("monitor", "mode", "patience", "min_delta", "best", "best_epoch", "bad_epochs", "epoch")
+        keys = (
+            "monitor",
+            "mode",
+            "patience",
+            "min_delta",
+            "best",
+            "best_epoch",
+            "bad_epochs",
+            "epoch",
+        )
         return {k: getattr(self, k) for k in keys}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -360,7 +372,9 @@ def load_train_state(run_dir: Path, resume: dict[str, Any], optimizer, scheduler
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = v
     optimizer.load_state_dict({"state": state, "param_groups": resume["optimizer_param_groups"]})
-    scheduler.load_state_dict({**resume["scheduler"], "lr_lambdas": scheduler.state_dict()["lr_lambdas"]})
+    scheduler.load_state_dict(
+        {**resume["scheduler"], "lr_lambdas": scheduler.state_dict()["lr_lambdas"]}
+    )
     stopper.load_state_dict(resume["early_stopping"])
 
 
@@ -425,10 +439,24 @@ def fit(
     Returns ``{"best_epoch", "best_score", "epochs_run", "stopped_early", ...}``.
     """
     out_dir = Path(out_dir)
-    device = select_device(cfg.device)
-    rank, world = init_distributed(device)
+    threads = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _fit(faces, out_dir, cfg, resume, data_ref, progress)
+    finally:
+        torch.set_num_threads(threads)
+        if (out_dir / "history.csv").exists() and _rank() == 0:
+            _plot(out_dir)  # also after an interruption
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> dict[str, Any]:
+    device = select_device(cfg.device)
+    rank, world = init_distributed(device)
     bf16 = use_bf16(cfg.bf16, device)
     main = rank == 0
 
@@ -495,13 +523,13 @@ def fit(
             break
         seed_epoch(cfg.seed, epoch, rank)
         order = epoch_order(weights, n_train, cfg.seed, epoch, rank, world).to(device)
-        lr = optimizer.param_groups[0]["lr"]
         tr = train_one_epoch(
             net, loss_fn, train, order, optimizer, prepare,
             batch_size=cfg.batch_size, scheduler=scheduler, bf16=bf16,
             channels_last=cfg.channels_last, max_batches=cfg.max_batches,
             progress=f"epoch {epoch}/{cfg.epochs}" if (progress and main) else False,
         )  # fmt: skip
+        lr = scheduler.get_last_lr()[0]  # the lr of the epoch's last step
         shard = torch.arange(rank, n_val, world, device=device)
         ev = evaluate_heads(
             model, val, HEADS, batch_size=cfg.eval_batch_size, loss_fn=loss_fn, bf16=bf16,
@@ -534,8 +562,11 @@ def fit(
                 save_checkpoint(out_dir, "best", model, {**meta, "kind": "best"})
             resume_state = save_train_state(out_dir, epoch, optimizer, scheduler, stopper)
             write_history(out_dir / "history.csv", history)
-            save_checkpoint(out_dir, "last", model, {**meta, "kind": "last", "resume": resume_state})
-            _plot(out_dir)
+            save_checkpoint(
+                out_dir, "last", model, {**meta, "kind": "last", "resume": resume_state}
+            )
+            if tr["seconds"] >= 30:  # keep history.png current when it costs little
+                _plot(out_dir)
         if stopper.should_stop and epoch < cfg.epochs:
             log.info("early stop: no gain for %d epochs, best epoch %d", cfg.patience,
                      stopper.best_epoch)  # fmt: skip

@@ -98,8 +98,10 @@ class AgeModel:
         logits = engine_predict(self.direct, images, self.batch_size)[directmod.HEAD]
         probs = softmax(logits)
         value = probs @ np.arange(probs.shape[1], dtype=np.float64)
-        return {"value": self._clip(value),
-                "bin_probabilities": directmod.year_probs_to_bins(probs, self.edges)}
+        return {
+            "value": self._clip(value),
+            "bin_probabilities": directmod.year_probs_to_bins(probs, self.edges),
+        }
 
     def predict_all(self, images) -> dict[str, np.ndarray]:
         out = self.two_stage(images)
@@ -124,18 +126,26 @@ class AgeModel:
             value, probs = t[routing or self.routing], t["bin_probabilities"]
         else:
             raise CheckpointError(f"unknown age approach {approach!r}; use one of {APPROACHES}")
-        return {"value": value.astype(np.float64), "bin": probs.argmax(1),
-                "bin_probabilities": probs}
+        return {
+            "value": value.astype(np.float64),
+            "bin": probs.argmax(1),
+            "bin_probabilities": probs,
+        }
 
 
-def save_age_model(age_dir: str | Path, model: AgeModel, multitask_dir: str | Path,
-                   info: dict) -> Path:
+def save_age_model(
+    age_dir: str | Path, model: AgeModel, multitask_dir: str | Path, info: dict
+) -> Path:
     """Write the weights, then ``age.json`` (last: it marks the bundle complete)."""
     age_dir = Path(age_dir)
     age_dir.mkdir(parents=True, exist_ok=True)
     edges = [float(e) for e in model.edges]
-    save_checkpoint(age_dir, "coarse", model.coarse,
-                    {"age_edges": edges, "class_names": {COARSE_HEAD: model.bin_labels}})
+    save_checkpoint(
+        age_dir,
+        "coarse",
+        model.coarse,
+        {"age_edges": edges, "class_names": {COARSE_HEAD: model.bin_labels}},
+    )
     state = {k: v.detach().cpu().contiguous() for k, v in model.regressors.state_dict().items()}
     write_with(age_dir / "regressors.safetensors", lambda p: save_file(state, str(p)))
     if model.direct is not None:
@@ -171,8 +181,11 @@ def resolve_bundle(path: str | Path) -> tuple[Path, Path | None]:
         path = path.parent
     if path.is_dir() and (path / AGE_JSON).exists():
         meta = _read_age_json(path)
-        cands = [path / meta[k] if k == "multitask" else Path(meta[k])
-                 for k in ("multitask", "multitask_absolute") if meta.get(k)]
+        cands = [
+            path / meta[k] if k == "multitask" else Path(meta[k])
+            for k in ("multitask", "multitask_absolute")
+            if meta.get(k)
+        ]
         for cand in cands:
             if (cand / "best.json").exists():
                 return cand.resolve(), path
@@ -207,8 +220,12 @@ def load_age_model(run_dir: str | Path, device: str | torch.device = "cpu") -> A
         reg.load_state_dict(load_file(str(weights)))
         direct = load_model(age_dir, "direct", device)[0] if meta.get("direct") else None
         model = AgeModel(
-            coarse=coarse, regressors=reg.to(device).eval(), edges=np.asarray(meta["edges"]),
-            routing=meta["routing"], approach=meta["approach"], direct=direct,
+            coarse=coarse,
+            regressors=reg.to(device).eval(),
+            edges=np.asarray(meta["edges"]),
+            routing=meta["routing"],
+            approach=meta["approach"],
+            direct=direct,
             clip=tuple(meta["clip"]),
         )
     except (KeyError, RuntimeError) as e:

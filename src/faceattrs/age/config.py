@@ -53,6 +53,11 @@ class AgeConfig:
 
 PRESETS: dict[str, dict] = {
     "paper": {"head_epochs": 5, "finetune_epochs": 30, "patience": 8},
-    "cpu": {"head_epochs": 1, "finetune_epochs": 2, "patience": 2, "reg_epochs": 100,
-            "reg_patience": 10},
+    "cpu": {
+        "head_epochs": 1,
+        "finetune_epochs": 2,
+        "patience": 2,
+        "reg_epochs": 100,
+        "reg_patience": 10,
+    },
 }

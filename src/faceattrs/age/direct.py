@@ -60,8 +60,9 @@ def dldl_loss(logits: torch.Tensor, age: torch.Tensor, sigma: float, mean_weight
     return ld + mean_weight * (expected_age(logits) - age.float()).abs().mean()
 
 
-def mean_variance_loss(logits: torch.Tensor, age: torch.Tensor, mean_weight: float,
-                       var_weight: float):
+def mean_variance_loss(
+    logits: torch.Tensor, age: torch.Tensor, mean_weight: float, var_weight: float
+):
     """Cross-entropy to the true year + mean loss (half squared error) + variance loss."""
     logits = logits.float()
     p = logits.softmax(1)
@@ -77,8 +78,9 @@ def make_loss(cfg):
     if cfg.direct_loss == "dldl":
         return lambda lg, a: dldl_loss(lg, a, cfg.direct_sigma, cfg.direct_mean_weight)
     if cfg.direct_loss == "mean_variance":
-        return lambda lg, a: mean_variance_loss(lg, a, cfg.direct_mean_weight,
-                                                cfg.direct_var_weight)
+        return lambda lg, a: mean_variance_loss(
+            lg, a, cfg.direct_mean_weight, cfg.direct_var_weight
+        )
     raise FaceattrsError(f"unknown direct age loss {cfg.direct_loss!r}; use one of {LOSSES}")
 
 

@@ -36,12 +36,17 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray, within: float = 5
     d = np.abs(np.asarray(y_pred, np.float64) - np.asarray(y_true, np.float64))
     if not len(d):
         return {"mae": None, "median_ae": None, "cs5": None, "n": 0}
-    return {"mae": _r(d.mean()), "median_ae": _r(np.median(d)), "cs5": _r((d <= within).mean()),
-            "n": int(len(d))}
+    return {
+        "mae": _r(d.mean()),
+        "median_ae": _r(np.median(d)),
+        "cs5": _r((d <= within).mean()),
+        "n": int(len(d)),
+    }
 
 
-def group_maes(age: np.ndarray, pred: np.ndarray, gender: np.ndarray,
-               ethnicity: np.ndarray) -> dict:
+def group_maes(
+    age: np.ndarray, pred: np.ndarray, gender: np.ndarray, ethnicity: np.ndarray
+) -> dict:
     """MAE per ethnicity and per gender (``metrics.per_group`` format, gap over groups >= 20)."""
     eth = np.asarray(ETHNICITIES, dtype=object)[ethnicity]
     gen = np.asarray(GENDERS, dtype=object)[gender]
@@ -51,9 +56,17 @@ def group_maes(age: np.ndarray, pred: np.ndarray, gender: np.ndarray,
     }
 
 
-def age_metrics(pred: dict, age: np.ndarray, gender: np.ndarray, ethnicity: np.ndarray,
-                edges, labels: list[str], routing: str, approach: str,
-                clip: tuple[float, float] = (-np.inf, np.inf)) -> dict:
+def age_metrics(
+    pred: dict,
+    age: np.ndarray,
+    gender: np.ndarray,
+    ethnicity: np.ndarray,
+    edges,
+    labels: list[str],
+    routing: str,
+    approach: str,
+    clip: tuple[float, float] = (-np.inf, np.inf),
+) -> dict:
     """All age figures from ``AgeModel.predict_all`` output and the true labels.
 
     The oracle routes each face to its true bin's regressor (clipped like the others).
@@ -66,8 +79,12 @@ def age_metrics(pred: dict, age: np.ndarray, gender: np.ndarray, ethnicity: np.n
     per_bin = {}
     for k, label in enumerate(labels):
         m = true_bin == k
-        row = {"n": int(m.sum()), "hard": mae(age[m], pred["hard"][m]),
-               "soft": mae(age[m], pred["soft"][m]), "oracle": mae(age[m], oracle[m])}
+        row = {
+            "n": int(m.sum()),
+            "hard": mae(age[m], pred["hard"][m]),
+            "soft": mae(age[m], pred["soft"][m]),
+            "oracle": mae(age[m], oracle[m]),
+        }
         if "direct" in pred:
             row["direct"] = mae(age[m], pred["direct"][m])
         per_bin[label] = row
@@ -92,7 +109,8 @@ def age_metrics(pred: dict, age: np.ndarray, gender: np.ndarray, ethnicity: np.n
     }
     if "direct" in pred:
         d_report = classification_report(
-            true_bin, pred["direct_bin_probabilities"].argmax(1), labels)
+            true_bin, pred["direct_bin_probabilities"].argmax(1), labels
+        )
         out["direct"] = {
             **regression_metrics(age, pred["direct"]),
             "bin_accuracy": _r(d_report["accuracy"]),
@@ -103,8 +121,14 @@ def age_metrics(pred: dict, age: np.ndarray, gender: np.ndarray, ethnicity: np.n
     return out
 
 
-def evaluate_age(model, faces: FaceSet, split: str = "test", out_dir: str | Path | None = None,
-                 figures: bool = True, seed: int = 0) -> dict:
+def evaluate_age(
+    model,
+    faces: FaceSet,
+    split: str = "test",
+    out_dir: str | Path | None = None,
+    figures: bool = True,
+    seed: int = 0,
+) -> dict:
     """Evaluate an age model on one split of ``faces``; the dict for ``metrics.json["age"]``.
 
     ``model``: an :class:`~faceattrs.age.bundle.AgeModel` or a model folder (age run, or a
@@ -130,18 +154,33 @@ def evaluate_age(model, faces: FaceSet, split: str = "test", out_dir: str | Path
         raise FaceattrsError(f"no faces in split {split!r}")
     pred = model.predict_all(sub.images)
     age = sub.age.astype(np.float64)
-    metrics = age_metrics(pred, age, sub.gender, sub.ethnicity, model.edges, model.bin_labels,
-                          model.routing, model.approach, model.clip)
+    metrics = age_metrics(
+        pred,
+        age,
+        sub.gender,
+        sub.ethnicity,
+        model.edges,
+        model.bin_labels,
+        model.routing,
+        model.approach,
+        model.clip,
+    )
     metrics["split"] = split
     if out_dir is not None:
         out_dir = Path(out_dir)
-        grid = np.random.default_rng(seed).choice(len(sub), min(GRID_SIZE, len(sub)),
-                                                  replace=False)
+        grid = np.random.default_rng(seed).choice(len(sub), min(GRID_SIZE, len(sub)), replace=False)
         npz = out_dir / f"age_predictions_{split}.npz"
-        _save_npz(npz, age=age, gender=sub.gender, ethnicity=sub.ethnicity,
-                  true_bin=assign_bins(age, model.edges), grid_index=grid,
-                  grid_images=sub.images[grid], edges=np.asarray(model.edges, np.float64),
-                  **{k: v for k, v in pred.items() if k != "embedding"})
+        _save_npz(
+            npz,
+            age=age,
+            gender=sub.gender,
+            ethnicity=sub.ethnicity,
+            true_bin=assign_bins(age, model.edges),
+            grid_index=grid,
+            grid_images=sub.images[grid],
+            edges=np.asarray(model.edges, np.float64),
+            **{k: v for k, v in pred.items() if k != "embedding"},
+        )
         if figures:
             from ..plots import age as ageplots
 

@@ -128,29 +128,59 @@ def train_two_stages(
         lr = opt.param_groups[0]["lr"]
         seed_epoch(cfg.seed, 100 * stage + epoch)  # augmentation and dropout
         order = epoch_order(None, len(train), cfg.seed, 100 * stage + epoch).to(device)
-        tr = train_one_epoch(model, loss_fn, data, order, opt, prepare,
-                             batch_size=cfg.batch_size, scheduler=sched, bf16=bf16,
-                             max_batches=cfg.max_batches,
-                             progress=f"{name} stage {stage} epoch {epoch}")
+        tr = train_one_epoch(
+            model,
+            loss_fn,
+            data,
+            order,
+            opt,
+            prepare,
+            batch_size=cfg.batch_size,
+            scheduler=sched,
+            bf16=bf16,
+            max_batches=cfg.max_batches,
+            progress=f"{name} stage {stage} epoch {epoch}",
+        )
         scores = score_fn(net)
-        rows.append({"model": name, "stage": stage, "epoch": epoch, "lr": lr,
-                     "train_loss": tr["loss"], **scores, "seconds": round(tr["seconds"], 1),
-                     "images_per_s": round(tr["images_per_s"], 1)})
+        rows.append(
+            {
+                "model": name,
+                "stage": stage,
+                "epoch": epoch,
+                "lr": lr,
+                "train_loss": tr["loss"],
+                **scores,
+                "seconds": round(tr["seconds"], 1),
+                "images_per_s": round(tr["images_per_s"], 1),
+            }
+        )
         write_text_atomic(history_path, "".join(json.dumps(r) + "\n" for r in rows))
         new_best = best["score"] is None or better(scores[monitor], best["score"])
-        log.info("%s stage %d epoch %d: loss %.4f, %s%s (%.0f s)", name, stage, epoch,
-                 tr["loss"], ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),
-                 "  *best*" if new_best else "", tr["seconds"])
+        log.info(
+            "%s stage %d epoch %d: loss %.4f, %s%s (%.0f s)",
+            name,
+            stage,
+            epoch,
+            tr["loss"],
+            ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),
+            "  *best*" if new_best else "",
+            tr["seconds"],
+        )
         if new_best:
-            best.update(score=scores[monitor], stage=stage, epoch=epoch,
-                        state=copy.deepcopy(net.state_dict()))
+            best.update(
+                score=scores[monitor],
+                stage=stage,
+                epoch=epoch,
+                state=copy.deepcopy(net.state_dict()),
+            )
         return scores[monitor]
 
     # Stage 1: only the new head learns; the backbone (batch-norm statistics too) is frozen.
     torch.manual_seed(cfg.seed)
     head_only = HeadOnly(net)
-    opt = make_optimizer([p for p in net.parameters() if p.requires_grad], cfg.head_lr,
-                         cfg.weight_decay)
+    opt = make_optimizer(
+        [p for p in net.parameters() if p.requires_grad], cfg.head_lr, cfg.weight_decay
+    )
     for epoch in range(1, cfg.head_epochs + 1):
         run_epoch(1, epoch, head_only, opt, None)
     for p in net.parameters():
@@ -168,6 +198,11 @@ def train_two_stages(
                 break
     if best["state"] is not None:
         net.load_state_dict(best["state"])
-    summary = {"best_stage": best["stage"], "best_epoch": best["epoch"], monitor: best["score"],
-               "epochs": len(rows), "seconds": round(sum(r["seconds"] for r in rows), 1)}
+    summary = {
+        "best_stage": best["stage"],
+        "best_epoch": best["epoch"],
+        monitor: best["score"],
+        "epochs": len(rows),
+        "seconds": round(sum(r["seconds"] for r in rows), 1),
+    }
     return net.eval(), summary

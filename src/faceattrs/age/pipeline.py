@@ -30,7 +30,7 @@ from ..exceptions import FaceattrsError
 from ..io import write_json_atomic
 from . import direct as directmod
 from .bins import assign_bins, bin_labels, check_edges, quantile_edges
-from .bundle import COARSE_HEAD, AgeModel, save_age_model
+from .bundle import AGE_JSON, COARSE_HEAD, AgeModel, save_age_model
 from .config import AgeConfig
 from .evaluate import evaluate_age, mae
 from .finetune import from_backbone, train_two_stages
@@ -39,18 +39,31 @@ from .regress import ROUTINGS, train_regressors
 log = logging.getLogger(__name__)
 
 
-def train_age(multitask_dir: str | Path, faces: FaceSet, out_dir: str | Path,
-              cfg: AgeConfig | None = None, device: str | None = None,
-              info: dict | None = None) -> dict:
+def train_age(
+    multitask_dir: str | Path,
+    faces: FaceSet,
+    out_dir: str | Path,
+    cfg: AgeConfig | None = None,
+    device: str | None = None,
+    info: dict | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Train the age models on ``faces`` (with a train/val/test split) into ``out_dir``.
 
     Returns the summary written to ``out_dir/summary.json``: bins, validation figures
     behind each choice, test metrics. ``info`` (e.g. the data path) is recorded in age.json.
+    An existing age run in ``out_dir`` is an error unless ``overwrite``.
     """
     from ..train import select_device
 
     cfg = cfg or AgeConfig()
     out_dir = Path(out_dir)
+    if (out_dir / AGE_JSON).exists():
+        if not overwrite:
+            raise FaceattrsError(
+                f"{out_dir} already holds an age model: choose another --out or pass --overwrite"
+            )
+        (out_dir / AGE_JSON).unlink()  # the bundle is incomplete until the new age.json
     out_dir.mkdir(parents=True, exist_ok=True)
     device = select_device(device or "auto")
     t0 = time.time()
@@ -70,24 +83,38 @@ def train_age(multitask_dir: str | Path, faces: FaceSet, out_dir: str | Path,
     # Coarse classifier: early stopping on validation macro-F1.
     val_bins = assign_bins(val.age, edges)
 
-    val_data = {"image": torch.from_numpy(np.ascontiguousarray(val.images)).to(device),
-                COARSE_HEAD: torch.from_numpy(val_bins).to(device)}
+    val_data = {
+        "image": torch.from_numpy(np.ascontiguousarray(val.images)).to(device),
+        COARSE_HEAD: torch.from_numpy(val_bins).to(device),
+    }
 
     def coarse_loss(out, batch):
-        return F.cross_entropy(out[COARSE_HEAD], batch[COARSE_HEAD],
-                               label_smoothing=cfg.label_smoothing)
+        return F.cross_entropy(
+            out[COARSE_HEAD], batch[COARSE_HEAD], label_smoothing=cfg.label_smoothing
+        )
 
     def coarse_score(model):
-        r = evaluate_heads(model, val_data, {COARSE_HEAD: len(labels)},
-                           batch_size=cfg.eval_batch_size)[COARSE_HEAD]
+        r = evaluate_heads(
+            model, val_data, {COARSE_HEAD: len(labels)}, batch_size=cfg.eval_batch_size
+        )[COARSE_HEAD]
         return {"val_macro_f1": r["macro_f1"], "val_accuracy": r["accuracy"]}
 
     torch.manual_seed(cfg.seed)  # the new head's initial weights
     coarse = from_backbone(mt_model, {COARSE_HEAD: len(labels)})
     targets = {COARSE_HEAD: assign_bins(train.age, edges)}
     coarse, coarse_summary = train_two_stages(
-        coarse, coarse_loss, coarse_score, "val_macro_f1", "max", train, targets, cfg, device,
-        mt_meta, out_dir / "coarse_history.jsonl", "coarse",
+        coarse,
+        coarse_loss,
+        coarse_score,
+        "val_macro_f1",
+        "max",
+        train,
+        targets,
+        cfg,
+        device,
+        mt_meta,
+        out_dir / "coarse_history.jsonl",
+        "coarse",
     )
 
     # Per-bin regressors on the frozen coarse embeddings, computed once.
@@ -98,47 +125,74 @@ def train_age(multitask_dir: str | Path, faces: FaceSet, out_dir: str | Path,
     if not cfg.clip_to_bin:
         regressors.low.fill_(-np.inf)
         regressors.high.fill_(np.inf)
-    model = AgeModel(coarse=coarse.eval(), regressors=regressors.to(device), edges=edges,
-                     clip=(cfg.min_age, cfg.max_age), batch_size=cfg.eval_batch_size)
+    model = AgeModel(
+        coarse=coarse.eval(),
+        regressors=regressors.to(device),
+        edges=edges,
+        clip=(cfg.min_age, cfg.max_age),
+        batch_size=cfg.eval_batch_size,
+    )
 
     # Routing, then approach, chosen on validation.
     val_pred = model.two_stage(val.images)
     val_mae = {r: mae(val.age, val_pred[r]) for r in ROUTINGS}
     model.routing = min(ROUTINGS, key=lambda r: val_mae[r])
-    selection = {"val_mae_hard": val_mae["hard"], "val_mae_soft": val_mae["soft"],
-                 "routing": model.routing}
+    selection = {
+        "val_mae_hard": val_mae["hard"],
+        "val_mae_soft": val_mae["soft"],
+        "routing": model.routing,
+    }
     direct_summary = None
     if cfg.direct:
-        model.direct, direct_summary = _train_direct(mt_model, mt_meta, train, val, cfg,
-                                                     device, out_dir)
+        model.direct, direct_summary = _train_direct(
+            mt_model, mt_meta, train, val, cfg, device, out_dir
+        )
         selection["val_mae_direct"] = mae(val.age, model.direct_predict(val.images)["value"])
         better = selection["val_mae_direct"] < val_mae[model.routing]
         model.approach = "direct" if better else "two_stage"
     selection["approach"] = model.approach
     log.info("age model on validation: %s; default %s", selection, model.approach)
 
-    save_age_model(out_dir, model, multitask_dir, {
-        "selection": selection, "config": cfgmod.to_dict(cfg),
-        "train_bin_counts": counts.tolist(), **(info or {}),
-    })
+    save_age_model(
+        out_dir,
+        model,
+        multitask_dir,
+        {
+            "selection": selection,
+            "config": cfgmod.to_dict(cfg),
+            "train_bin_counts": counts.tolist(),
+            **(info or {}),
+        },
+    )
     val_metrics = evaluate_age(model, faces, "val", out_dir=None)
-    test_metrics = evaluate_age(model, faces, "test", out_dir=out_dir / "figures",
-                                seed=cfg.seed) if len(faces.indices("test")) else None
-    write_json_atomic(out_dir / "metrics.json",
-                      {"split": "test", "age": test_metrics, "val": {"age": val_metrics}})
+    test_metrics = (
+        evaluate_age(model, faces, "test", out_dir=out_dir / "figures", seed=cfg.seed)
+        if len(faces.indices("test"))
+        else None
+    )
+    write_json_atomic(
+        out_dir / "metrics.json",
+        {"split": "test", "age": test_metrics, "val": {"age": val_metrics}},
+    )
     summary = {
-        "edges": [float(e) for e in edges], "bin_labels": labels,
-        "train_bin_counts": counts.tolist(), "selection": selection,
-        "coarse": coarse_summary, "regressors": reg_summary, "direct": direct_summary,
-        "test": _headline(test_metrics), "val": _headline(val_metrics),
+        "edges": [float(e) for e in edges],
+        "bin_labels": labels,
+        "train_bin_counts": counts.tolist(),
+        "selection": selection,
+        "coarse": coarse_summary,
+        "regressors": reg_summary,
+        "direct": direct_summary,
+        "test": _headline(test_metrics),
+        "val": _headline(val_metrics),
         "seconds": round(time.time() - t0, 1),
     }
     write_json_atomic(out_dir / "summary.json", summary)
     return summary
 
 
-def _train_direct(mt_model, mt_meta, train: FaceSet, val: FaceSet, cfg: AgeConfig, device,
-                  out_dir: Path):
+def _train_direct(
+    mt_model, mt_meta, train: FaceSet, val: FaceSet, cfg: AgeConfig, device, out_dir: Path
+):
     """The direct head on the multitask backbone, same two-stage schedule, early-stopped on
     validation MAE."""
     loss = directmod.make_loss(cfg)
@@ -154,8 +208,20 @@ def _train_direct(mt_model, mt_meta, train: FaceSet, val: FaceSet, cfg: AgeConfi
     torch.manual_seed(cfg.seed + 1)
     model = from_backbone(mt_model, {directmod.HEAD: directmod.n_years(cfg.max_age)})
     targets = {"age": np.clip(train.age, cfg.min_age, cfg.max_age).astype(np.float32)}
-    return train_two_stages(model, direct_loss, direct_score, "val_mae", "min", train, targets,
-                            cfg, device, mt_meta, out_dir / "direct_history.jsonl", "direct")
+    return train_two_stages(
+        model,
+        direct_loss,
+        direct_score,
+        "val_mae",
+        "min",
+        train,
+        targets,
+        cfg,
+        device,
+        mt_meta,
+        out_dir / "direct_history.jsonl",
+        "direct",
+    )
 
 
 def _expected(logits: np.ndarray) -> np.ndarray:
@@ -168,10 +234,20 @@ def _expected(logits: np.ndarray) -> np.ndarray:
 def _headline(m: dict | None) -> dict | None:
     if m is None:
         return None
-    keys = ("n", "approach", "routing", "default_mae", "mae", "mae_hard", "mae_soft",
-            "mae_oracle_bins", "median_ae", "cs5", "bin_accuracy", "bin_macro_f1")
+    keys = (
+        "n",
+        "approach",
+        "routing",
+        "default_mae",
+        "mae",
+        "mae_hard",
+        "mae_soft",
+        "mae_oracle_bins",
+        "median_ae",
+        "cs5",
+        "bin_accuracy",
+        "bin_macro_f1",
+    )
     out = {k: m[k] for k in keys}
     out["direct_mae"] = m["direct"]["mae"] if m.get("direct") else None
     return out
-
-

@@ -137,8 +137,9 @@ def train_regressors(
     torch.set_num_threads(1)
     try:
         for k in tqdm(range(n_bins), desc="age regressors", leave=False):
-            summaries.append(_fit_bin(reg, k, z_train, age_train, b_train, z_val, age_val,
-                                      b_val, cfg))
+            summaries.append(
+                _fit_bin(reg, k, z_train, age_train, b_train, z_val, age_val, b_val, cfg)
+            )
     finally:
         torch.set_num_threads(threads)
     return reg.eval(), summaries
@@ -154,13 +155,20 @@ def _fit_bin(reg, k, z_train, age_train, b_train, z_val, age_val, b_val, cfg) ->
     yv = np.clip(age_val[va].astype(np.float32), cfg.min_age, cfg.max_age)
     reg.fit_statistics(k, z_train[tr], y)
     info = _fit_one(reg, k, z_train[tr], y, z_val[va], yv, cfg)
-    log.info("age bin %d: %d train, %d val faces, val MAE %.2f (epoch %d)", k, len(tr), len(va),
-             info["val_mae"], info["best_epoch"])
+    log.info(
+        "age bin %d: %d train, %d val faces, val MAE %.2f (epoch %d)",
+        k,
+        len(tr),
+        len(va),
+        info["val_mae"],
+        info["best_epoch"],
+    )
     return {"bin": k, "n_train": len(tr), "n_val": len(va), **info}
 
 
-def _fit_one(reg: BinRegressors, k: int, x: np.ndarray, y: np.ndarray, xv: np.ndarray,
-             yv: np.ndarray, cfg) -> dict:
+def _fit_one(
+    reg: BinRegressors, k: int, x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, cfg
+) -> dict:
     """Train ``reg.mlps[k]`` on ``(x, y)``; keep the epoch with the lowest validation MAE
     (training MAE when the bin has no validation faces)."""
     from ..train import EarlyStopping, make_optimizer
@@ -193,5 +201,9 @@ def _fit_one(reg: BinRegressors, k: int, x: np.ndarray, y: np.ndarray, xv: np.nd
         if stopper.should_stop:
             break
     reg.mlps[k].load_state_dict(best_state)
-    return {"val_mae": round(stopper.best, 4), "best_epoch": stopper.best_epoch, "epochs": epoch,
-            "monitored": "val" if has_val else "train"}
+    return {
+        "val_mae": round(stopper.best, 4),
+        "best_epoch": stopper.best_epoch,
+        "epochs": epoch,
+        "monitored": "val" if has_val else "train",
+    }

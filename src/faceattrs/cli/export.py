@@ -23,6 +23,9 @@ def run(args) -> int:
 
     manifest = export_onnx(args.model, args.out, opset=args.opset)
     check = json.loads(manifest.read_text()).get("check", {})
-    log.info("wrote %s; onnxruntime vs PyTorch, max abs difference: %s", manifest.parent,
-             ", ".join(f"{k} {v:.1e}" for k, v in check.items() if k != "faces"))  # fmt: skip
+    log.info(
+        "wrote %s; onnxruntime vs PyTorch, max abs difference: %s",
+        manifest.parent,
+        ", ".join(f"{k} {v:.1e}" for k, v in check.items() if k != "faces"),
+    )
     return 0

@@ -21,35 +21,66 @@ log = logging.getLogger(__name__)
 
 def add_arguments(p) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or globs")
-    p.add_argument("--model", help="run folder (or ONNX export with --backend onnx); "
-                   "default: the model bundled with the package")  # fmt: skip
+    p.add_argument(
+        "--model",
+        help="run folder (or ONNX export with --backend onnx); "
+        "default: the model bundled with the package",
+    )
     p.add_argument("--out", help="results file: .jsonl or .csv (default: JSON lines on stdout)")
     p.add_argument(
         "--annotate", metavar="DIR", help="save copies of the photos with boxes and labels"
     )
     p.add_argument("--explain", metavar="DIR", help="save Grad-CAM overlays, one PNG per face")
     p.add_argument("--batch-size", type=int, default=64, help="faces per model call (default 64)")
-    p.add_argument("--no-detect", action="store_true",
-                   help="each image is one already-cropped face (no detection)")  # fmt: skip
+    p.add_argument(
+        "--no-detect",
+        action="store_true",
+        help="each image is one already-cropped face (no detection)",
+    )
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="torch precision")
-    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
-                   help=f"refuse larger images (decompression-bomb guard; default {MAX_PIXELS:,})")  # fmt: skip
-    p.add_argument("--photo-set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="detection / crop settings of faceattrs.photo.PhotoConfig, e.g. min_face=40")  # fmt: skip
+    p.add_argument("--threads", type=int, help="CPU threads for the models (default: all)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help=f"refuse larger images (decompression-bomb guard; default {MAX_PIXELS:,})",
+    )
+    p.add_argument(
+        "--photo-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a detection / crop setting of faceattrs.photo.PhotoConfig, e.g. min_face=40 "
+        "(repeat for more)",
+    )
 
 
 def run(args) -> int:
-    from ..predict import predict_files
+    from ..predict_files import predict_files
 
     photo = cfgmod.resolve(PhotoConfig, {}, None, args.photo_set)
     photo = cfgmod.replace(photo, {"max_pixels": args.max_pixels})
     counts = predict_files(
-        args.paths, args.model, out=args.out, annotate_dir=args.annotate,
-        explain_dir=args.explain, batch_size=args.batch_size, backend=args.backend,
-        device=args.device, dtype=args.dtype, detect=not args.no_detect, photo=photo,
-    )  # fmt: skip
-    log.info("%d file(s), %d face(s), %d failed%s", counts["files"], counts["faces"],
-             counts["failed"], f" -> {args.out}" if args.out else "")  # fmt: skip
+        args.paths,
+        args.model,
+        out=args.out,
+        annotate_dir=args.annotate,
+        explain_dir=args.explain,
+        batch_size=args.batch_size,
+        backend=args.backend,
+        device=args.device,
+        dtype=args.dtype,
+        detect=not args.no_detect,
+        photo=photo,
+        threads=args.threads,
+    )
+    log.info(
+        "%d file(s), %d face(s), %d failed%s",
+        counts["files"],
+        counts["faces"],
+        counts["failed"],
+        f" -> {args.out}" if args.out else "",
+    )
     return 1 if counts["failed"] else 0

@@ -23,7 +23,9 @@ from ..exceptions import FaceattrsError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="prepared folder or CSV (as `faceattrs prepare` reads it)")
     p.add_argument("--out", help="run folder to create (holds best/last checkpoints, history)")
-    p.add_argument("--preset", default="paper", help="paper (the reference) or cpu (default: paper)")
+    p.add_argument(
+        "--preset", default="paper", help="paper (the reference) or cpu (default: paper)"
+    )
     p.add_argument("--resume", metavar="RUN", help="continue the interrupted run in RUN")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings, e.g. epochs=10")
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if summary.get("world_size", 1) == 1 or _rank0():
         print(
             f"best epoch {summary['best_epoch']}: val mean macro-F1 {summary['best_score']:.4f} "
-            f"({summary['epochs_run']} epochs this session, {summary['seconds']:.0f} s) -> {out}"
+            f"({summary['epochs_run']} epochs, {summary['seconds']:.0f} s this session) -> {out}"
         )
     return 0
 

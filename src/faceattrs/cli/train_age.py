@@ -21,13 +21,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="prepared folder, face CSV or photo folder")
     p.add_argument("--out", help="age run folder to write (default: MODEL/age)")
     p.add_argument("--preset", default="paper", help="settings preset: paper or cpu")
-    p.add_argument("--bins", help="explicit inner bin edges, e.g. 16,26,29,37,53 (the "
-                   "reference's); default: quantiles of the training ages")
+    p.add_argument(
+        "--bins",
+        help="explicit inner bin edges, e.g. 16,26,29,37,53 (the "
+        "reference's); default: quantiles of the training ages",
+    )
     p.add_argument("--seed", type=int, help="random seed (default: the preset's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--no-direct", action="store_true", help="skip the direct age head")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting of AgeConfig, e.g. --set finetune_epochs=3")
+    p.add_argument("--overwrite", action="store_true", help="replace an age model in --out")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting of AgeConfig, e.g. --set finetune_epochs=3",
+    )
 
 
 def run(args) -> int:
@@ -47,8 +57,15 @@ def run(args) -> int:
     cfg = cfgmod.resolve(AgeConfig, PRESETS, args.preset, overrides)
     out = Path(args.out) if args.out else Path(args.model) / "age"
     faces = load_faces(args.data)
-    summary = train_age(args.model, faces, out, cfg, device=args.device,
-                        info={"data": str(args.data), "preset": args.preset})
+    summary = train_age(
+        args.model,
+        faces,
+        out,
+        cfg,
+        device=args.device,
+        info={"data": str(args.data), "preset": args.preset},
+        overwrite=args.overwrite,
+    )
     t = summary["test"] or summary["val"]
     split = "test" if summary["test"] else "val"
     direct = "n/a" if t["direct_mae"] is None else f"{t['direct_mae']:.2f}"

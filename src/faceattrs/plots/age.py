@@ -30,16 +30,16 @@ def plot_all(npz: str | Path, metrics: dict, out_dir: str | Path) -> list[Path]:
         scatter(d, metrics, out_dir / FILES["scatter"]),
         mae_by_bin(metrics, out_dir / FILES["by_bin"]),
         mae_by_group(metrics, out_dir / FILES["by_group"]),
-        evalplots.confusion(metrics["bin_report"]["confusion"], labels,
-                            out_dir / FILES["confusion"], "Age bin"),
+        evalplots.confusion(
+            metrics["bin_report"]["confusion"], labels, out_dir / FILES["confusion"], "Age bin"
+        ),
         grid(d, metrics, out_dir / FILES["grid"]),
     ]
 
 
 def scatter(d: dict, metrics: dict, path: Path) -> Path:
     """Predicted vs true age: the two-stage model (default routing) and the direct head."""
-    panels = [(f"two-stage, {metrics['routing']} routing", d[metrics["routing"]],
-               metrics["mae"])]
+    panels = [(f"two-stage, {metrics['routing']} routing", d[metrics["routing"]], metrics["mae"])]
     if "direct" in d:
         panels.append(("direct head", d["direct"], metrics["direct"]["mae"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.2), squeeze=False)
@@ -49,8 +49,13 @@ def scatter(d: dict, metrics: dict, path: Path) -> Path:
         ax.plot([0, top], [0, top], ls="--", c="grey", lw=1)
         for e in d["edges"]:
             ax.axvline(e, c="#cccccc", lw=0.6)
-        ax.set(xlim=(0, top), ylim=(0, top), xlabel="true age", ylabel="predicted age",
-               title=f"{name}: MAE {m:.2f}")
+        ax.set(
+            xlim=(0, top),
+            ylim=(0, top),
+            xlabel="true age",
+            ylabel="predicted age",
+            title=f"{name}: MAE {m:.2f}",
+        )
     fig.suptitle(f"Age, {metrics['split']} split (n={metrics['n']})", fontsize=10)
     fig.tight_layout()
     return save(fig, path)
@@ -65,12 +70,16 @@ def mae_by_bin(metrics: dict, path: Path) -> Path:
     w = 0.8 / len(kinds)
     fig, ax = plt.subplots(figsize=(1.3 * len(labels) + 2, 3.6))
     for i, kind in enumerate(kinds):
-        ax.bar(x + (i - (len(kinds) - 1) / 2) * w, [per_bin[b][kind] for b in labels], w,
-               label=kind)
+        ax.bar(
+            x + (i - (len(kinds) - 1) / 2) * w, [per_bin[b][kind] for b in labels], w, label=kind
+        )
     ax.set_xticks(x, [f"{b}\nn={per_bin[b]['n']}" for b in labels], fontsize=8)
-    ax.set(xlabel="true age bin", ylabel="MAE (years)",
-           title=f"Age MAE per bin ({metrics['split']}): hard {metrics['mae_hard']:.2f}, "
-                 f"soft {metrics['mae_soft']:.2f}, oracle {metrics['mae_oracle_bins']:.2f}")
+    ax.set(
+        xlabel="true age bin",
+        ylabel="MAE (years)",
+        title=f"Age MAE per bin ({metrics['split']}): hard {metrics['mae_hard']:.2f}, "
+        f"soft {metrics['mae_soft']:.2f}, oracle {metrics['mae_oracle_bins']:.2f}",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     return save(fig, path)
@@ -89,8 +98,7 @@ def mae_by_group(metrics: dict, path: Path) -> Path:
         for i, (label, m) in enumerate(models):
             vals = [m[key]["groups"][g]["value"] for g in names]
             ax.bar(x + (i - (len(models) - 1) / 2) * w, vals, w, label=label)
-        ax.set_xticks(x, [f"{g}\nn={metrics[key]['groups'][g]['n']}" for g in names],
-                      fontsize=8)
+        ax.set_xticks(x, [f"{g}\nn={metrics[key]['groups'][g]['n']}" for g in names], fontsize=8)
         ax.set(ylabel="MAE (years)", title=key.replace("mae_per_", "MAE per "))
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -115,6 +123,8 @@ def grid(d: dict, metrics: dict, path: Path) -> Path:
         if "direct" in d:
             lines.append((f"Direct: {d['direct'][j]:.1f}", abs(d["direct"][j] - d["age"][j]) <= 5))
         captions.append(lines)
-    title = (f"Age on {metrics['split']} faces (two-stage, {metrics['routing']} routing; "
-             "red = wrong bin or more than 5 years off)")
+    title = (
+        f"Age on {metrics['split']} faces (two-stage, {metrics['routing']} routing; "
+        "red = wrong bin or more than 5 years off)"
+    )
     return evalplots.face_grid(d["grid_images"], captions, path, ncols=4, title=title)

@@ -202,27 +202,33 @@ def _overlay(ax, face: np.ndarray, cam: np.ndarray, title: str, color: str = RIG
     ax.axis("off")
 
 
-def cam_grid(rows: Sequence[dict], path: Path, title: str | None = None) -> Path:
-    """One row per face: the face, then one overlay per head.
+def cam_grid(rows: Sequence[dict], path: Path, title: str | None = None, per_row: int = 4) -> Path:
+    """Faces side by side, ``per_row`` to a row; each face followed by one overlay per head.
 
-    Each row: ``{"face": (48,48) uint8, "label": str, "cams": {head: (S,S) in [0,1]},
-    "titles": {head: str}, "wrong": {head: bool}}``.
+    Each row dict: ``{"face": (48,48) uint8, "label": str, "cams": {head: (S,S) in [0,1]},
+    "titles": {head: str}, "wrong": {head: bool}}``; a wrong head's title is red.
     """
     heads = list(rows[0]["cams"])
-    ncols = 1 + len(heads)
+    k = 1 + len(heads)
+    per_row = max(1, min(per_row, len(rows)))
+    nrows = -(-len(rows) // per_row)
     fig, axes = plt.subplots(
-        len(rows), ncols, figsize=(2.6 * ncols, 2.8 * len(rows)), squeeze=False
+        nrows, per_row * k, figsize=(1.9 * per_row * k, 2.4 * nrows + 0.5), squeeze=False
     )
-    for r, row in enumerate(rows):
-        axes[r, 0].imshow(row["face"], cmap="gray", vmin=0, vmax=255)
-        axes[r, 0].set_title(row.get("label", ""), fontsize=7)
-        axes[r, 0].axis("off")
-        for c, head in enumerate(heads, start=1):
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, row in enumerate(rows):
+        r, c = divmod(i, per_row)
+        c *= k
+        axes[r, c].imshow(row["face"], cmap="gray", vmin=0, vmax=255)
+        axes[r, c].set_title(row.get("label", ""), fontsize=7)
+        for j, head in enumerate(heads, start=1):
             color = WRONG if row.get("wrong", {}).get(head) else RIGHT
-            _overlay(axes[r, c], row["face"], row["cams"][head], row["titles"][head], color)
+            _overlay(axes[r, c + j], row["face"], row["cams"][head], row["titles"][head], color)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+    top = 1 - 0.6 / fig.get_figheight()
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top, wspace=0.06, hspace=0.45)
     return save(fig, path)
 
 

@@ -38,6 +38,6 @@ def plot_history(csv_path: str | Path, out_path: str | Path) -> Path:
     ax.legend(fontsize=8)
     ax = axes[2]
     ax.plot(ep, col("lr"), "o-")
-    ax.set(title="learning rate (epoch start)", xlabel="epoch")
+    ax.set(title="learning rate (end of epoch)", xlabel="epoch")
     fig.tight_layout()
     return save(fig, out_path)

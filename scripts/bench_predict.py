@@ -1,0 +1,169 @@
+"""Speed of the photo path against the bare models (figures in docs/photos.md).
+
+For each backend (PyTorch fp32, PyTorch bf16, onnxruntime) it prints, from one run:
+
+- latency: median time of one 200x200 photo end to end (decode, detect, crop, every
+  model, records) against the bare models' forward time for one face;
+- throughput: faces/s of ``faceattrs predict`` on a folder of N one-face photos (records
+  written to a file) against the bare models' batched rate on the same faces.
+
+"Every model" is the multitask model plus the age model (coarse classifier + per-bin
+regressors). Without ``--model`` the models are random-init at full width (speed does not
+depend on the weights). A measurement that would take longer than ``--budget`` seconds
+uses fewer faces (bf16 on a CPU without native bf16 is very slow) and says so.
+
+Run: ``python scripts/bench_predict.py --photos ../shared/data/photos --faces 1000``
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from faceattrs.photo import extract_faces, load_image
+from faceattrs.predict import FaceAnalyzer
+from faceattrs.predict_files import predict_files
+
+
+def make_bundle(out: Path) -> Path:
+    """Full-width random-init multitask + two-stage age model, saved as a run folder."""
+    from faceattrs.age import AgeModel, save_age_model
+    from faceattrs.age.regress import BinRegressors
+    from faceattrs.checkpoint import save_checkpoint
+    from faceattrs.model import FaceResNet, ModelConfig
+
+    torch.manual_seed(0)
+    save_checkpoint(out, "best", FaceResNet(ModelConfig()), {"epoch": 0, "score": 0.0})
+    coarse = FaceResNet(ModelConfig(heads={"age_bin": 6})).eval()
+    reg = BinRegressors(coarse.embed_dim, 6).eval()
+    model = AgeModel(coarse=coarse, regressors=reg, edges=np.array([16, 26, 29, 37, 53]))
+    save_age_model(out / "age", model, out, {})
+    return out
+
+
+def make_folder(photos: list[Path], n: int, out: Path) -> list[Path]:
+    """``n`` distinct JPEG files: the photos in turn, mirrored every other round."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        img = load_image(photos[i % len(photos)])
+        if (i // len(photos)) % 2:
+            img = img[:, ::-1]
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(img)).save(buf, "JPEG", quality=95)
+        path = out / f"{i:05d}.jpg"
+        path.write_bytes(buf.getvalue())
+        paths.append(path)
+    return paths
+
+
+def bare(models, faces: np.ndarray) -> None:
+    models.logits(faces)
+    models.age(faces)
+
+
+def median_ms(fn, reps: int, budget: float) -> tuple[float, int]:
+    fn()  # warm-up
+    times, start = [], time.perf_counter()
+    while len(times) < reps and (time.perf_counter() - start < budget or len(times) < 3):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3, len(times)
+
+
+def bench(name, model, backend, dtype, paths, crops, args) -> dict:
+    an = FaceAnalyzer(model, backend=backend, dtype=dtype, batch_size=args.batch_size)
+    m = an.models
+    one_ms, _ = median_ms(lambda: bare(m, crops[:1]), args.repeats, args.budget / 4)
+    it = iter(range(10**9))
+    e2e_ms, reps = median_ms(
+        lambda: an.analyze(paths[next(it) % 24]), args.repeats, args.budget / 4
+    )
+    # how many faces fit the budget at this backend's speed
+    bare(m, crops[: args.batch_size])
+    t = time.perf_counter()
+    bare(m, crops[: args.batch_size])
+    per_face = (time.perf_counter() - t) / args.batch_size
+    n = int(min(len(crops), max(args.batch_size, args.budget / 2 / per_face)))
+    n -= n % args.batch_size if n > args.batch_size else 0
+    t = time.perf_counter()
+    for s in range(0, n, args.batch_size):
+        bare(m, crops[s : s + args.batch_size])
+    bare_rate = n / (time.perf_counter() - t)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        counts = predict_files(
+            [str(p) for p in paths[:n]],
+            model,
+            out=Path(tmp) / "r.jsonl",
+            backend=backend,
+            dtype=dtype,
+            batch_size=args.batch_size,
+        )
+        folder_s = time.perf_counter() - t
+    return {
+        "name": name,
+        "one_face_ms": one_ms,
+        "photo_ms": e2e_ms,
+        "photo_reps": reps,
+        "bare_rate": bare_rate,
+        "folder_rate": counts["faces"] / folder_s,
+        "n": n,
+        "faces": counts["faces"],
+        "failed": counts["failed"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--photos", type=Path, default=Path("../shared/data/photos"))
+    ap.add_argument("--model", help="a run folder (default: random-init full-width models)")
+    ap.add_argument("--faces", type=int, default=1000, help="photos in the folder run")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=50, help="photos timed for the latency")
+    ap.add_argument("--budget", type=float, default=60.0, help="seconds per backend, roughly")
+    ap.add_argument("--backends", default="torch-fp32,onnx,torch-bf16")
+    args = ap.parse_args()
+    photos = sorted(args.photos.glob("*.jpg"))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+        f"load average at start {os.getloadavg()[0]:.2f}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or str(make_bundle(Path(tmp) / "run"))
+        paths = make_folder(photos, args.faces, Path(tmp) / "folder")
+        t = time.perf_counter()
+        crops = np.stack([f.crop for p in paths for f in extract_faces(load_image(p))])
+        prep_ms = (time.perf_counter() - t) / len(paths) * 1e3
+        print(
+            f"{len(paths)} photos, {len(crops)} faces; decode + detect + crop alone: "
+            f"{prep_ms:.2f} ms per photo (1 process)"
+        )
+        rows = []
+        for spec in args.backends.split(","):
+            backend, _, dtype = spec.partition("-")
+            rows.append(bench(spec, model, backend, dtype or "fp32", paths, crops, args))
+            r = rows[-1]
+            print(
+                f"{r['name']:10s} latency: photo end to end {r['photo_ms']:6.1f} ms (median of "
+                f"{r['photo_reps']}) vs bare models, one face {r['one_face_ms']:6.1f} ms | "
+                f"throughput: folder {r['folder_rate']:6.1f} faces/s vs bare batched "
+                f"{r['bare_rate']:6.1f} = {r['folder_rate'] / r['bare_rate']:.2f} "
+                f"({r['faces']} faces from {r['n']} photos, batch {args.batch_size})",
+                flush=True,
+            )
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""``faceattrs predict``: files, folders and globs in; records, annotated copies and Grad-CAM
+overlays out. The analysis itself is :class:`faceattrs.predict.FaceAnalyzer`.
+
+    faceattrs predict ../shared/data/photos --model runs/cpu --out results.jsonl \\
+        --annotate annotated/ --explain cams/
+
+Records are JSON lines (``.jsonl``, or stdout) or CSV (``.csv``, probabilities flattened
+to one column each), written to a temporary file and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .checkpoint import load_model
+from .exceptions import FaceattrsError
+from .io import atomic_path, write_with
+from .photo import PhotoConfig
+from .predict import HEADS, FaceAnalyzer
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+PANEL = 192  # pixels of one panel of a Grad-CAM overlay
+
+
+def expand_inputs(args: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
+    """Files, folders (recursively, image extensions only) and globs -> ``(path, name)``.
+
+    ``name`` is the path relative to the folder it was found in (or the file name), used
+    for annotated copies and overlays. A path that does not exist and matches no file is
+    kept, so that it becomes an error record.
+    """
+    out: list[tuple[str, str]] = []
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+            )
+            if not found:
+                log.warning("%s: no image files (%s) in it", path, " ".join(IMAGE_EXTENSIONS))
+            out += [(str(p), str(p.relative_to(path))) for p in found]
+        elif path.exists() or not glob.has_magic(str(arg)):
+            out.append((str(path), path.name))
+        else:
+            matches = sorted(m for m in glob.glob(str(arg), recursive=True) if Path(m).is_file())
+            out += [(m, Path(m).name) for m in matches] or [(str(arg), path.name)]
+    return out
+
+
+# ---------------------------------------------------------------- records to files
+
+
+def record_columns(models) -> list[str]:
+    """CSV columns: one per scalar of a record (probabilities flattened)."""
+    cols = ["file", "image", "face", "x", "y", "w", "h", "score", "detection"]
+    for h in HEADS:
+        cols += [h] + [f"{h}_p_{n}" for n in models.class_names[h]]
+    if models.bin_labels:
+        cols += ["age", "age_bin"] + [f"age_p_{b}" for b in models.bin_labels]
+    return cols + ["error"]
+
+
+def flat_record(rec: dict) -> dict:
+    row = {k: rec.get(k) for k in ("file", "image", "face", "score", "detection", "error")}
+    row.update(zip("xywh", rec.get("box", ()), strict=False))
+    for h in HEADS:
+        if rec.get(h):
+            row[h] = rec[h]["label"]
+            row.update({f"{h}_p_{n}": p for n, p in rec[h]["probabilities"].items()})
+    if rec.get("age"):
+        row["age"], row["age_bin"] = rec["age"]["value"], rec["age"]["bin"]
+        row.update({f"age_p_{b}": p for b, p in rec["age"]["bin_probabilities"].items()})
+    return row
+
+
+@contextmanager
+def record_writer(path: str | os.PathLike | None, models) -> Iterator[Callable[[dict], None]]:
+    """Yield ``write(record)``: JSON lines to stdout (``path`` None) or to ``.jsonl``, or CSV."""
+    kind = "jsonl"
+    if path is not None:
+        suffix = Path(path).suffix.lower()
+        if suffix not in (".jsonl", ".json", ".csv"):
+            raise FaceattrsError(f"--out {path}: use a .jsonl or .csv file name")
+        kind = "csv" if suffix == ".csv" else "jsonl"
+
+    def writer(fh):
+        if kind == "jsonl":
+            return lambda rec: fh.write(json.dumps(rec) + "\n")
+        table = csv.DictWriter(fh, record_columns(models), extrasaction="ignore")
+        table.writeheader()
+        return lambda rec: table.writerow(flat_record(rec))
+
+    if path is None:
+        yield writer(sys.stdout)
+        sys.stdout.flush()
+        return
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        yield writer(fh)
+
+
+# ---------------------------------------------------------------- pictures
+
+
+def label_text(rec: dict) -> str:
+    g, e = rec["gender"], rec["ethnicity"]
+    text = (
+        f"{rec['face']}: {g['label']} {g['probabilities'][g['label']]:.2f}, "
+        f"{e['label']} {e['probabilities'][e['label']]:.2f}"
+    )
+    if rec.get("age"):
+        text += f", {rec['age']['value']:.0f} y"
+    return text
+
+
+def annotate(image: np.ndarray, records: list[dict]) -> np.ndarray:
+    """A copy of ``image`` (RGB) with each face's box and its labels drawn."""
+    canvas = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else image.copy()
+    h, w = canvas.shape[:2]
+    scale = max(0.35, min(h, w) / 700)
+    thick = max(1, round(2 * scale))
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    for rec in (r for r in records if "box" in r):
+        x, y, bw, bh = rec["box"]
+        cv2.rectangle(canvas, (x, y), (x + bw - 1, y + bh - 1), (0, 255, 0), thick)
+        text = label_text(rec)
+        (tw, th), base = cv2.getTextSize(text, font, scale, thick)
+        ty = y - base - 2 if y - th - base - 2 >= 0 else min(h - base - 1, y + bh + th + 2)
+        tx = min(max(0, x), max(0, w - tw))
+        cv2.rectangle(canvas, (tx, ty - th - 2), (tx + tw, ty + base), (0, 0, 0), -1)
+        cv2.putText(canvas, text, (tx, ty), font, scale, (255, 255, 255), thick, cv2.LINE_AA)
+    return canvas
+
+
+def save_image(path: Path, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    write_with(path, lambda tmp: Image.fromarray(rgb).save(tmp, format=fmt, quality=92))
+
+
+def _caption(img: np.ndarray, text: str) -> np.ndarray:
+    bar = np.zeros((22, img.shape[1], 3), np.uint8)
+    cv2.putText(bar, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+    return np.vstack([bar, img])
+
+
+class Explainer:
+    """Grad-CAM overlays (``faceattrs.explain``), one PNG per face: the face, then the
+    gender and the ethnicity map of the predicted class over it."""
+
+    def __init__(self, models):
+        from .explain import grad_cam, smooth  # captum: the "explain" extra
+
+        self.grad_cam, self.smooth = grad_cam, smooth
+        model = getattr(models, "model", None)
+        if model is None:  # the onnx backend: Grad-CAM needs the PyTorch model
+            source = getattr(models, "source", None)
+            if not source or not Path(source, "best.json").exists():
+                raise FaceattrsError("--explain needs the PyTorch model: pass the run folder")
+            model, _ = load_model(source)
+        self.model = model
+
+    def save(self, crops: np.ndarray, records: list[dict], out_stem: Path) -> list[Path]:
+        """Write ``OUT_STEM_face<i>.png`` for each face; ``crops``: uint8 (N, 48, 48)."""
+        cams = {}
+        for h in HEADS:
+            names = list(records[0][h]["probabilities"])
+            target = np.array([names.index(r[h]["label"]) for r in records])
+            cams[h] = self.grad_cam(self.model, crops, h, target=target)
+        paths = []
+        for i, (crop, rec) in enumerate(zip(crops, records, strict=True)):
+            big = cv2.resize(crop, (PANEL, PANEL), interpolation=cv2.INTER_CUBIC)
+            face = cv2.cvtColor(big, cv2.COLOR_GRAY2RGB)
+            panels = [_caption(face, f"face {rec['face']}")]
+            for h in HEADS:
+                cam = (self.smooth(cams[h][i], PANEL) * 255).astype(np.uint8)
+                heat = cv2.applyColorMap(cam, cv2.COLORMAP_JET)[..., ::-1]
+                p = rec[h]["probabilities"][rec[h]["label"]]
+                blend = cv2.addWeighted(face, 0.55, heat, 0.45, 0)
+                panels.append(_caption(blend, f"{h}: {rec[h]['label']} {p:.2f}"))
+            path = out_stem.parent / f"{out_stem.name}_face{rec['face']}.png"
+            save_image(path, np.hstack(panels))
+            paths.append(path)
+        return paths
+
+
+# ---------------------------------------------------------------- the command
+
+
+def predict_files(
+    inputs: list[str],
+    model=None,
+    *,
+    out=None,
+    annotate_dir=None,
+    explain_dir=None,
+    photo: PhotoConfig | None = None,
+    detect: bool = True,
+    **analyzer_options,
+) -> dict:
+    """Records of every face of ``inputs`` to ``out`` (stdout when None), annotated copies
+    and Grad-CAM overlays on request. ``analyzer_options``: ``batch_size``, ``backend``,
+    ``device``, ``dtype``, ``threads`` (see :class:`FaceAnalyzer`).
+
+    Returns ``{"files", "faces", "failed"}`` counts.
+    """
+    from tqdm import tqdm
+
+    files = expand_inputs(inputs)
+    if not files:
+        raise FaceattrsError("no input files")
+    analyzer = FaceAnalyzer(model, photo=photo, **analyzer_options)
+    explainer = Explainer(analyzer.models) if explain_dir else None
+    names = dict(files)
+    counts = {"files": len(files), "faces": 0, "failed": 0}
+    keep = bool(annotate_dir or explain_dir)
+    with record_writer(out, analyzer.models) as write:
+        bar = tqdm(total=len(files), unit="file", disable=None if len(files) > 1 else True)
+        for item in analyzer.run([p for p, _ in files], detect=detect, keep_images=keep):
+            counts["failed"] += item.error is not None
+            counts["faces"] += len(item.faces)
+            rel = Path(names[item.file])
+            if explainer and item.faces:
+                crops = np.stack([f.crop for f in item.faces])
+                explainer.save(crops, item.records, Path(explain_dir) / rel.with_suffix(""))
+            if annotate_dir and item.faces:
+                copy = annotate(item.image, item.records)
+                save_image(Path(annotate_dir) / rel.with_suffix(".jpg"), copy)
+            for rec in item.records:
+                write(rec)
+            bar.update(1)
+        bar.close()
+    return counts
