@@ -62,7 +62,6 @@ def detection_rates(grays, dlib_path: str | None) -> None:
             ms = (time.perf_counter() - t) / len(grays) * 1e3
             print(f"  haar {cascade:8s} pad {pad:.2f} (faces >= 20 px): {n:2d}  {ms:5.1f} ms/photo")
     if dlib_path:
-        sys.path.insert(0, dlib_path)
         import dlib
 
         det = dlib.get_frontal_face_detector()
@@ -85,63 +84,73 @@ def detection_rates(grays, dlib_path: str | None) -> None:
     )
 
 
-def fit_margin(grays) -> None:
-    print("\n== 2. margin: crop vs whole-photo 48x48, pixel correlation")
-    cfg = PhotoConfig()
-    boxes, refs, idx = [], [], []
-    for i, g in enumerate(grays):
-        found = [f for f in detect_faces(g, cfg) if f[2] == "detected"]
-        if found:
-            boxes.append(max(found, key=lambda f: f[0][2])[0])
-            refs.append(whole48(g))
-            idx.append(i)
-    stats = np.array(
-        [
-            (200 / b[2], (100 - b[0] - b[2] / 2) / b[2], (100 - b[1] - b[3] / 2) / b[3])
-            for b in boxes
-        ]
-    )
-    print(
-        f"  {len(boxes)} photos with a detected box; image side / box side: median "
-        f"{np.median(stats[:, 0]):.3f} (IQR {np.subtract(*np.percentile(stats[:, 0], [75, 25])):.3f}); "
-        f"image centre - box centre: x {np.median(stats[:, 1]):+.3f}, y {np.median(stats[:, 2]):+.3f} box sides"
-    )
+def margin_grid(grays, idx, boxes) -> tuple[list, np.ndarray]:
+    """Mean-correlation table: rows = (scale, shift x, shift y), columns = photos."""
     grid = [
         (s, dx, dy)
         for s in np.arange(0.85, 1.31, 0.025)
         for dx in (-0.025, 0.0, 0.025)
         for dy in np.arange(-0.05, 0.2001, 0.01)
     ]
+    cfg = PhotoConfig()
     scores = np.empty((len(grid), len(boxes)))
     for gi, (s, dx, dy) in enumerate(grid):
         c = replace(cfg, margin_scale=s, margin_shift_x=dx, margin_shift_y=dy)
         for j, (i, b) in enumerate(zip(idx, boxes, strict=True)):
-            scores[gi, j] = corr(to_face_crop(grays[i], b, c), refs[j])
+            scores[gi, j] = corr(to_face_crop(grays[i], b, c), whole48(grays[i]))
+    return grid, scores
+
+
+def report_best(label: str, grid, scores) -> None:
     best = scores.mean(1).argmax()
-    loo = [scores[np.delete(scores, j, 1).mean(1).argmax(), j] for j in range(len(boxes))]
-    cur = scores[
-        grid.index(
-            min(
-                grid,
-                key=lambda p: np.abs(
-                    np.subtract(p, (cfg.margin_scale, cfg.margin_shift_x, cfg.margin_shift_y))
-                ).sum(),
-            )
-        )
-    ]
-    none = [
-        corr(to_face_crop(grays[i], b, cfg, margin=False), r)
-        for i, b, r in zip(idx, boxes, refs, strict=True)
-    ]
+    loo = [scores[np.delete(scores, j, 1).mean(1).argmax(), j] for j in range(scores.shape[1])]
     s, dx, dy = grid[best]
     print(
-        f"  best margin: scale {s:.3f}, shift x {dx:+.3f}, shift y {dy:+.3f}: "
-        f"mean r {scores[best].mean():.3f} (leave-one-out {np.mean(loo):.3f}, min {scores[best].min():.3f})"
+        f"  {label}: best margin scale {s:.3f}, shift x {dx:+.3f}, shift y {dy:+.3f}: mean r "
+        f"{scores[best].mean():.3f} (leave-one-out {np.mean(loo):.3f}, min {scores[best].min():.3f})"
+    )
+
+
+def fit_margin(grays, dlib_path: str | None) -> None:
+    print("\n== 2. margin: crop vs whole-photo 48x48, pixel correlation")
+    cfg = PhotoConfig()
+    boxes, idx = [], []
+    for i, g in enumerate(grays):
+        found = [f for f in detect_faces(g, cfg) if f[2] == "detected"]
+        if found:
+            boxes.append(max(found, key=lambda f: f[0][2])[0])
+            idx.append(i)
+    stats = np.array(
+        [(200 / w, (100 - x - w / 2) / w, (100 - y - h / 2) / h) for x, y, w, h in boxes]
     )
     print(
-        f"  configured (scale {cfg.margin_scale}, x {cfg.margin_shift_x}, y {cfg.margin_shift_y}): "
-        f"mean r {cur.mean():.3f}; box as-is (no margin): mean r {np.mean(none):.3f}"
+        f"  {len(boxes)} photos with a detected box; image side / box side: median "
+        f"{np.median(stats[:, 0]):.3f} (IQR {np.subtract(*np.percentile(stats[:, 0], [75, 25])):.3f}); "
+        f"image centre - box centre: x {np.median(stats[:, 1]):+.3f}, y {np.median(stats[:, 2]):+.3f} box sides"
     )
+    grid, scores = margin_grid(grays, idx, boxes)
+    report_best("faceattrs (Haar alt2)", grid, scores)
+    here = (cfg.margin_scale, cfg.margin_shift_x, cfg.margin_shift_y)
+    cur = [
+        corr(to_face_crop(grays[i], b, cfg), whole48(grays[i]))
+        for i, b in zip(idx, boxes, strict=True)
+    ]
+    bare = [
+        corr(to_face_crop(grays[i], b, cfg, margin=False), whole48(grays[i]))
+        for i, b in zip(idx, boxes, strict=True)
+    ]
+    print(
+        f"  configured {here}: mean r {np.mean(cur):.3f}; box as-is (no margin): {np.mean(bare):.3f}"
+    )
+    if dlib_path:
+        import dlib
+
+        det = dlib.get_frontal_face_detector()
+        found = [(i, det(g, 0)) for i, g in enumerate(grays)]
+        found = [(i, r[0]) for i, r in found if len(r)]
+        dboxes = [(r.left(), r.top(), r.width(), r.height()) for _, r in found]
+        grid, scores = margin_grid(grays, [i for i, _ in found], dboxes)
+        report_best(f"dlib HOG ({len(dboxes)} photos)", grid, scores)
 
 
 def compose(tiles, sizes, rng, canvas=(720, 960)):
@@ -169,7 +178,7 @@ def composites(grays, n_scenes: int = 12, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     cfg = PhotoConfig()
     hit = miss = false = 0
-    rs, t_total = [], 0.0
+    rs, bare, t_total = [], [], 0.0
     for _ in range(n_scenes):
         pick = rng.choice(len(grays), size=6, replace=False)
         sizes = rng.choice([64, 80, 100, 128, 160, 200], size=6)
@@ -192,30 +201,30 @@ def composites(grays, n_scenes: int = 12, seed: int = 0) -> None:
                     cv2.resize(grays[i], (int(s), int(s)), interpolation=cv2.INTER_AREA)
                 )
                 rs.append(corr(to_face_crop(img, found[near[0]][0], cfg), truth))
+                bare.append(corr(to_face_crop(img, found[near[0]][0], cfg, margin=False), truth))
             else:
                 miss += 1
         false += len(found) - len(used)
     print(
         f"  faces found {hit} of {hit + miss}, false detections {false}, "
-        f"crop vs truth mean r {np.mean(rs):.3f} (min {np.min(rs):.3f}); "
+        f"crop vs truth mean r {np.mean(rs):.3f} (min {np.min(rs):.3f}; no margin "
+        f"{np.mean(bare):.3f}); "
         f"{t_total / n_scenes * 1e3:.0f} ms/scene"
     )
 
 
-def accuracy(paths, grays, model: str) -> None:
+def accuracy(paths, model: str) -> None:
     from faceattrs.predict import FaceAnalyzer
 
     print("\n== 4. accuracy on the photos (labels from the names AGE_GENDER_ETHNICITY_*)")
     truth = [tuple(int(v) for v in p.name.split("_")[:3]) for p in paths]
     an = FaceAnalyzer(model)
-    variants = {
-        "photo path (detect + margin crop)": an.analyze(paths, on_error="record"),
-        "--no-detect (whole photo)": an.analyze(paths, detect=False, on_error="record"),
-    }
-    for name, recs in variants.items():
+    firsts = {}
+    for name, detect in (("photo path (detect + margin crop)", True), ("--no-detect", False)):
         first = {}
-        for r in recs:
-            first.setdefault(r["file"], r)
+        for r in an.analyze(paths, detect=detect, on_error="record"):
+            first.setdefault(r["file"], r)  # the first face of each photo
+        firsts[name] = first
         g = e = n = 0
         ages = []
         for p, (age, gi, ei) in zip(paths, truth, strict=True):
@@ -229,6 +238,25 @@ def accuracy(paths, grays, model: str) -> None:
                 ages.append(abs(r["age"]["value"] - age))
         mae = f", age MAE {np.mean(ages):.1f} y" if ages else ""
         print(f"  {name}: {n} photos, gender {g}/{n}, ethnicity {e}/{n}{mae}")
+    a, b = firsts.values()
+    same = {
+        h: sum(
+            a[str(p)][h]["label"] == b[str(p)][h]["label"]
+            for p in paths
+            if "error" not in a[str(p)]
+        )
+        for h in ("gender", "ethnicity")
+    }
+    dp = [
+        abs(a[str(p)]["ethnicity"]["probabilities"][k] - b[str(p)]["ethnicity"]["probabilities"][k])
+        for p in paths
+        if "error" not in a[str(p)]
+        for k in ETHNICITIES
+    ]
+    print(
+        f"  photo path vs whole photo (the training crop): same gender label {same['gender']}, "
+        f"same ethnicity label {same['ethnicity']}; mean |dp| ethnicity {np.mean(dp):.3f}"
+    )
 
 
 def main() -> None:
@@ -237,14 +265,16 @@ def main() -> None:
     ap.add_argument("--model", help="a run folder: also measure accuracy")
     ap.add_argument("--dlib", help="folder holding an unpacked dlib-bin wheel (comparison)")
     args = ap.parse_args()
+    if args.dlib:
+        sys.path.insert(0, args.dlib)
     paths = sorted(args.photos.glob("*.jpg"))
     grays = [to_gray(load_image(p)) for p in paths]
     cv2.setNumThreads(1)
     detection_rates(grays, args.dlib)
-    fit_margin(grays)
+    fit_margin(grays, args.dlib)
     composites(grays)
     if args.model:
-        accuracy(paths, grays, args.model)
+        accuracy(paths, args.model)
 
 
 if __name__ == "__main__":

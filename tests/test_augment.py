@@ -93,3 +93,48 @@ def test_accepts_both_input_layouts(shape):
     x = Augmenter(AugmentConfig(), minority=(1,))(torch.zeros(shape, dtype=torch.uint8),
                                                     torch.tensor([0, 1, 1, 0]))  # fmt: skip
     assert x.shape == (4, 1, 48, 48)
+
+
+def test_warp_conventions_are_exact():
+    from faceattrs import augment as A
+
+    x = torch.rand(2, 1, 48, 48)
+    shifted = A._warp(x, A._translate(torch.tensor([[1.0, 0.0], [0.0, -2.0]])))
+    assert torch.allclose(shifted[0, 0, :, 1:], x[0, 0, :, :-1], atol=1e-5)  # right by 1
+    assert shifted[0, 0, :, 0].abs().max() < 1e-5  # zeros come in, as RandomCrop's padding
+    assert torch.allclose(shifted[1, 0, :-2], x[1, 0, 2:], atol=1e-5)  # up by 2
+    flip = A._about_centre(A._scale(torch.tensor([-1.0]), torch.tensor([1.0])), 48)
+    assert torch.allclose(A._warp(x[:1], flip), x[:1].flip(-1), atol=1e-5)
+    rot = A._about_centre(A._rotate(torch.tensor([90.0])), 48)
+    assert torch.allclose(A._warp(x[:1], rot), torch.rot90(x[:1], 3, (2, 3)), atol=1e-5)
+
+
+def test_erasing_probability_and_area():
+    from faceattrs import augment as A
+
+    torch.manual_seed(0)
+    erased = A._erase(torch.ones(2000, 1, 48, 48), 0.1, (0.02, 0.10), 0.0)
+    frac = (erased == 0).float().mean((1, 2, 3))
+    on = frac > 0
+    assert on.float().mean().item() == pytest.approx(0.1, abs=0.02)
+    assert frac[on].min() >= 0.015 and frac[on].max() <= 0.11  # 2-10 % of the image
+
+
+def test_base_geometry_parameters_stay_in_range():
+    torch.manual_seed(0)
+    aug = Augmenter(AugmentConfig(), minority=())
+    m = aug.base_matrix(4000, 48, torch.device("cpu"))
+    lin = m[:, :2, :2]
+    scale = torch.sqrt(torch.det(lin).abs())
+    assert scale.min() >= 0.95 - 1e-4 and scale.max() <= 1.05 + 1e-4
+    flipped = torch.det(lin) < 0
+    assert flipped.float().mean().item() == pytest.approx(0.5, abs=0.03)
+    angle = torch.rad2deg(torch.atan2(lin[:, 1, 0], lin[:, 1, 1]).abs())
+    assert angle.max() <= 8.0 + 1e-3 and angle.max() > 7.0  # +-8 degrees
+    # where the centre goes: crop shift (<= 3 px per axis, then rotated and scaled) plus
+    # affine translation (<= 3 % of 48)
+    c = torch.tensor([23.5, 23.5, 1.0])
+    moved = (m @ c)[:, :2] - c[:2]
+    rad = torch.deg2rad(torch.tensor(8.0))
+    bound = 3 * 1.05 * (torch.cos(rad) + torch.sin(rad)) + 0.03 * 48
+    assert moved.abs().max() <= bound + 1e-3 and moved.abs().max() > 3

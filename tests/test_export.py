@@ -64,7 +64,9 @@ def test_onnxruntime_agrees_with_pytorch_on_real_faces(run_dir, export_dir, face
     diffs = agreement(TorchModels(run_dir), OnnxModels(export_dir), faces)
     assert set(diffs) == {
         "gender_probabilities",
+        "gender_logits",
         "ethnicity_probabilities",
+        "ethnicity_logits",
         "age_bin_probabilities",
         "age_years",
     }

@@ -27,6 +27,14 @@ TINY = {"width": 0.125, "batch_size": 16, "epochs": 3, "warmup_epochs": 1.0, "de
         "eval_batch_size": 64, "threads": 1}  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_cfg(**kw) -> T.TrainConfig:
     return T.resolve_config("paper", {**TINY, **kw})
 
@@ -242,16 +250,14 @@ def _ddp_worker(rank: int, world: int, port: int, tmp: str) -> None:
     from faceattrs.engine import evaluate_heads as ev
 
     faces = synthetic_faceset(80)
-    cfg = TT.resolve_config("paper", {**TINY, "epochs": 2, "batch_size": 8})
+    cfg = TT.resolve_config("paper", {**TINY, "epochs": 1, "batch_size": 8})
     summary = TT.fit(faces, Path(tmp) / "run", cfg, progress=False)
     # metrics across ranks: each rank scores its shard, the result is the whole set's
     best, _ = load_model(Path(tmp) / "run", "best")
     val = TT._split_tensors(faces, "val", 0, 0, torch.device("cpu"))
     shard = torch.arange(rank, len(val["image"]), world)
     result = ev(best, val, TT.HEADS, indices=shard)
-    last = load_file(str(Path(tmp) / "run" / "last.safetensors"))
-    checksum = float(sum(v.double().sum() for v in last.values()))
-    out = {"summary": summary, "eval": result, "checksum": checksum}
+    out = {"summary": summary, "eval": result}
     (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(out))
     dist.destroy_process_group()
 
@@ -270,7 +276,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert r0["eval"]["ethnicity"]["confusion"] == whole["ethnicity"]["confusion"]
     assert r0["eval"]["gender"]["macro_f1"] == pytest.approx(whole["gender"]["macro_f1"])
     rows = _history(tmp_path / "run" / "history.csv")
-    assert len(rows) == 2 and math.isfinite(float(rows[-1]["train_loss"]))
+    assert len(rows) == 1 and math.isfinite(float(rows[-1]["train_loss"]))
     # each rank trained on half the epoch: 64 train faces / 2 ranks / batch 8 = 4 steps
     assert json.loads((tmp_path / "run" / "last.json").read_text())["resume"]["scheduler"][
-        "last_epoch"] == 8  # fmt: skip
+        "last_epoch"] == 4  # fmt: skip

@@ -11,12 +11,12 @@ Detection (measured on the 24 shared photos and on composed multi-face images, s
 docs/photos.md):
 
 1. an image that may be a tight face crop (near-square, at most ``tight_max_side``
-   pixels) is padded and searched for one big face with the precise cascade (alt2);
-2. if that fails, a higher-recall cascade (default) looks for a big face; when it finds
-   one the whole image is taken as the face (a tight crop whose face the precise cascade
-   missed);
-3. otherwise every face of at least ``min_face`` pixels is searched in the whole image,
-   downscaled to ``max_side`` pixels.
+   pixels) is padded and searched for one big face with the precise cascade (alt2):
+   the face of a tight crop touches the borders, where a cascade cannot see it;
+2. otherwise every face of at least ``min_face`` pixels is searched in the whole image
+   (downscaled to ``max_side`` pixels), with the same cascade;
+3. if a possible tight crop still has no face, a higher-recall cascade (default) looks
+   for a big face in it; when it finds one the whole image is taken as the face.
 
 >>> import numpy as np
 >>> crop = to_face_crop(np.zeros((200, 200), np.uint8), (50, 50, 100, 100))
@@ -68,11 +68,11 @@ class PhotoConfig:
     tight_max_side: int = 512  # images up to this long side may be one tight face crop ...
     tight_max_aspect: float = 1.5  # ... if also at most this elongated
     tight_pad: float = 0.25  # border added (replicated), as a share of the short side
-    tight_min_face: float = 0.5  # a tight crop's face is at least this share of the short side
+    tight_min_face: float = 0.7  # a tight crop's face is at least this share of the short side
     whole_pad: float = 0.5  # border for the high-recall check before whole-image fallback
     whole_min_face: float = 0.4  # face size (share of the short side) that makes it face-sized
     # --- crop margin: detected box -> extent of a training face (measured, docs/photos.md)
-    margin_scale: float = 1.0  # crop side / box side
+    margin_scale: float = 0.975  # crop side / box side
     margin_shift_x: float = 0.0  # crop centre right of the box centre, in box widths
     margin_shift_y: float = 0.09  # crop centre below the box centre, in box heights
 
@@ -120,6 +120,10 @@ def load_image(src, max_pixels: int | None = None) -> np.ndarray:
         return _from_array(src, "array")
     if isinstance(src, Image.Image):
         _check_size(src.size, limit, "image")
+        try:
+            src.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise PhotoError(f"image: truncated or corrupt ({e})") from None
         return _from_pil(_orient(src, "image"), "image")
     if isinstance(src, bytes | bytearray | memoryview):
         name, data = "data", bytes(src)
@@ -142,8 +146,6 @@ def load_image(src, max_pixels: int | None = None) -> np.ndarray:
     except PermissionError as e:
         raise PhotoError(f"{path}: cannot be read ({e.strerror})") from None
     except OSError as e:
-        if isinstance(e, PhotoError):
-            raise
         raise PhotoError(f"{path}: cannot be read ({e})") from None
 
 
@@ -198,7 +200,9 @@ def _from_pil(im: Image.Image, name: str) -> np.ndarray:
     mode = im.mode
     if mode in ("1", "L"):
         return np.asarray(im.convert("L"))
-    if mode.startswith("I;16") or mode in ("I", "F"):
+    if mode.startswith("I;16"):
+        return _from_array(np.asarray(im).astype(np.uint16), name)
+    if mode in ("I", "F"):
         return _from_array(np.asarray(im), name)
     if mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
@@ -229,9 +233,10 @@ def _from_array(a: np.ndarray, name: str) -> np.ndarray:
         peak = float(a.max())
         scale = 255.0 if peak <= 1.0 else (1.0 if peak <= 255.0 else 255.0 / 65535.0)
         out = np.clip(a * scale + 0.5, 0, 255).astype(np.uint8)
+    elif a.dtype == np.uint16:  # keep the high byte, as Pillow does for 16-bit colour
+        out = (a >> 8).astype(np.uint8)
     elif a.dtype.kind in "iu":
-        # 16-bit (and 32-bit "I" images holding 16-bit values): keep the high byte, as
-        # Pillow does for 16-bit colour; values that already fit 8 bits are kept as they are.
+        # other integers (Pillow's 32-bit "I"): 16-bit values if any exceeds 8 bits
         wide = a.astype(np.int64)
         out = np.clip(wide, 0, 65535) >> 8 if wide.max() > 255 else np.clip(wide, 0, 255)
         out = out.astype(np.uint8)
@@ -261,25 +266,19 @@ def detect_faces(gray: np.ndarray, cfg: PhotoConfig | None = None) -> list[tuple
     cfg = cfg or PhotoConfig()
     h, w = gray.shape
     short = min(h, w)
-    if max(h, w) <= cfg.tight_max_side and max(h, w) <= cfg.tight_max_aspect * short:
+    tight = max(h, w) <= cfg.tight_max_side and max(h, w) <= cfg.tight_max_aspect * short
+    if tight:
         found = _haar(gray, cfg, cfg.cascade, cfg.tight_pad, round(cfg.tight_min_face * short))
         if found:
             return found
-        check = _haar(
-            gray, cfg, cfg.check_cascade, cfg.whole_pad, round(cfg.whole_min_face * short)
-        )
-        if check:
-            return [((0, 0, w, h), check[0][1], "whole")]
     scale = min(1.0, cfg.max_side / max(h, w))
-    small = (
-        gray
-        if scale == 1.0
-        else cv2.resize(
-            gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
-        )
-    )
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = gray if scale == 1.0 else cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
     found = _haar(small, cfg, cfg.cascade, 0.0, cfg.min_face)
-    return [(tuple(round(v / scale) for v in box), s, k) for box, s, k in found]
+    if found or not tight:
+        return [(tuple(round(v / scale) for v in box), s, k) for box, s, k in found]
+    check = _haar(gray, cfg, cfg.check_cascade, cfg.whole_pad, round(cfg.whole_min_face * short))
+    return [((0, 0, w, h), check[0][1], "whole")] if check else []
 
 
 def _haar(gray, cfg: PhotoConfig, cascade: str, pad: float, min_size: int):

@@ -114,33 +114,40 @@ def record_writer(path: str | os.PathLike | None, models) -> Iterator[Callable[[
 # ---------------------------------------------------------------- pictures
 
 
-def label_text(rec: dict) -> str:
+def label_lines(rec: dict) -> list[str]:
+    """``["0: Female 0.97", "White 0.81", "31 y"]`` for a face record."""
     g, e = rec["gender"], rec["ethnicity"]
-    text = (
-        f"{rec['face']}: {g['label']} {g['probabilities'][g['label']]:.2f}, "
-        f"{e['label']} {e['probabilities'][e['label']]:.2f}"
-    )
+    lines = [
+        f"{rec['face']}: {g['label']} {g['probabilities'][g['label']]:.2f}",
+        f"{e['label']} {e['probabilities'][e['label']]:.2f}",
+    ]
     if rec.get("age"):
-        text += f", {rec['age']['value']:.0f} y"
-    return text
+        lines.append(f"{rec['age']['value']:.0f} y")
+    return lines
 
 
 def annotate(image: np.ndarray, records: list[dict]) -> np.ndarray:
-    """A copy of ``image`` (RGB) with each face's box and its labels drawn."""
+    """A copy of ``image`` (RGB) with each face's box and its labels drawn above it (or
+    inside it at the top of the photo), the text sized to the box."""
     canvas = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else image.copy()
     h, w = canvas.shape[:2]
-    scale = max(0.35, min(h, w) / 700)
-    thick = max(1, round(2 * scale))
     font = cv2.FONT_HERSHEY_SIMPLEX
     for rec in (r for r in records if "box" in r):
         x, y, bw, bh = rec["box"]
+        thick = max(1, round(bw / 150))
         cv2.rectangle(canvas, (x, y), (x + bw - 1, y + bh - 1), (0, 255, 0), thick)
-        text = label_text(rec)
-        (tw, th), base = cv2.getTextSize(text, font, scale, thick)
-        ty = y - base - 2 if y - th - base - 2 >= 0 else min(h - base - 1, y + bh + th + 2)
-        tx = min(max(0, x), max(0, w - tw))
-        cv2.rectangle(canvas, (tx, ty - th - 2), (tx + tw, ty + base), (0, 0, 0), -1)
-        cv2.putText(canvas, text, (tx, ty), font, scale, (255, 255, 255), thick, cv2.LINE_AA)
+        lines = label_lines(rec)
+        widest = max(cv2.getTextSize(t, font, 1.0, thick)[0][0] for t in lines)
+        scale = float(np.clip(0.95 * bw / widest, 0.3, 2.0))
+        (_, th), base = cv2.getTextSize("Ag", font, scale, thick)
+        step = th + base + 2
+        top = y - step * len(lines) if y - step * len(lines) >= 0 else y + 1
+        for i, text in enumerate(lines):
+            (tw, _), _ = cv2.getTextSize(text, font, scale, thick)
+            ty = min(h - base - 1, top + step * i + th + 1)
+            tx = min(max(0, x), max(0, w - tw))
+            cv2.rectangle(canvas, (tx, ty - th - 1), (tx + tw, ty + base), (0, 0, 0), -1)
+            cv2.putText(canvas, text, (tx, ty), font, scale, (255, 255, 255), thick, cv2.LINE_AA)
     return canvas
 
 

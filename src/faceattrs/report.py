@@ -139,9 +139,14 @@ def _href(path: Path, run_dir: Path) -> str:
     return quote(Path(os.path.relpath(path, run_dir)).as_posix())
 
 
-def _link(path: Path, run_dir: Path) -> str:
+def _shown(path: Path, run_dir: Path) -> str:
+    """The name a reader sees: relative inside the run folder, absolute outside it."""
     rel = os.path.relpath(path, run_dir)
-    return f'<a href="{_href(path, run_dir)}">{html.escape(rel)}</a>'
+    return str(path.resolve()) if rel.startswith("..") else rel
+
+
+def _link(path: Path, run_dir: Path) -> str:
+    return f'<a href="{_href(path, run_dir)}">{html.escape(_shown(path, run_dir))}</a>'
 
 
 def _image(path: Path, run_dir: Path) -> str:
@@ -295,6 +300,14 @@ def _clusters_html(c: dict) -> str:
     )
 
 
+def _run_html(path: Path, data: dict) -> str:
+    """Checkpoint JSON: its own facts (the training settings are in config.json, folded)."""
+    rows = _scalars(data)
+    if path.name == "config.json":
+        return f"<details><summary>{len(rows)} settings</summary>{_table(rows, ['key', 'value'])}</details>"
+    return _table([r for r in rows if not r[0].startswith("config.")], ["key", "value"])
+
+
 def _explain_html(e: dict) -> str:
     """Faces explained (photo or misclassified): where, true labels when known, predictions."""
 
@@ -338,6 +351,8 @@ def _json_html(path: Path, run_dir: Path, section: str) -> str:
             body = _fairness_html(data) if section == "Fairness" else _metrics_html(data)
         elif path.name in SPECIAL:
             body = SPECIAL[path.name](data)
+        elif section == "Run":
+            body = _run_html(path, data)
         elif section == "Grad-CAM" and isinstance(data.get("faces"), list):
             body = _explain_html(data)
         else:
@@ -386,7 +401,7 @@ def render_section(name: str, files: list[Path], run_dir: Path) -> str:
         folders.setdefault(p.parent, []).append(p)
     blocks = []
     for folder, group in folders.items():
-        rel = os.path.relpath(folder, run_dir)
+        rel = _shown(folder, run_dir)
         head = f"<h3>{html.escape(rel)}/</h3>" if len(folders) > 1 or rel != "." else ""
         text = [render_file(p, run_dir, name) for p in group if KINDS[p.suffix.lower()] != "image"]
         figs = [render_file(p, run_dir, name) for p in group if KINDS[p.suffix.lower()] == "image"]

@@ -128,6 +128,8 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
 
 def select_device(name: str = "auto") -> torch.device:
     """``auto``: CUDA, then MPS, then CPU (under torchrun: this process's local GPU)."""
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
@@ -491,7 +493,7 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
     start_epoch, history = 1, []
     if resume:
         start_epoch, history = _resume(out_dir, model, optimizer, scheduler, stopper)
-    elif main:
+    else:
         _check_fresh(out_dir)
     run_config = {"data": data_ref, "world_size": world, "bf16": bf16, "device": str(device),
                   "minority_classes": list(minority), "train_faces": n_train, "val_faces": n_val,
@@ -521,6 +523,7 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
         if stopper.should_stop:  # a resumed run that had already stopped
             stopped_early = True
             break
+        t_epoch = time.perf_counter()
         seed_epoch(cfg.seed, epoch, rank)
         order = epoch_order(weights, n_train, cfg.seed, epoch, rank, world).to(device)
         tr = train_one_epoch(
@@ -530,15 +533,19 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
             progress=f"epoch {epoch}/{cfg.epochs}" if (progress and main) else False,
         )  # fmt: skip
         lr = scheduler.get_last_lr()[0]  # the lr of the epoch's last step
+        if world > 1:  # every rank evaluates (its shard) with rank 0's BatchNorm statistics
+            for buf in model.buffers():
+                dist.broadcast(buf, 0)
         shard = torch.arange(rank, n_val, world, device=device)
         ev = evaluate_heads(
             model, val, HEADS, batch_size=cfg.eval_batch_size, loss_fn=loss_fn, bf16=bf16,
             channels_last=cfg.channels_last, indices=shard,
         )  # fmt: skip
+        seconds = time.perf_counter() - t_epoch
         score = (ev["gender"]["macro_f1"] + ev["ethnicity"]["macro_f1"]) / 2
         improved = stopper.step(score, epoch)
         row = {
-            "epoch": epoch, "lr": lr, "seconds": tr["seconds"], "images_per_s": tr["images_per_s"],
+            "epoch": epoch, "lr": lr, "seconds": seconds, "images_per_s": tr["images_per_s"],
             "train_loss": tr["loss"], "train_loss_gender": tr["loss_gender"],
             "train_loss_ethnicity": tr["loss_ethnicity"], "val_loss": ev["loss"],
             "val_gender_accuracy": ev["gender"]["accuracy"],
@@ -551,7 +558,7 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
             "epoch %d/%d  loss %.4f  val gender F1 %.4f  ethnicity F1 %.4f  score %.4f%s  "
             "%.0f img/s  %.0f s",
             epoch, cfg.epochs, tr["loss"], ev["gender"]["macro_f1"], ev["ethnicity"]["macro_f1"],
-            score, "  *best*" if improved else "", tr["images_per_s"], tr["seconds"],
+            score, "  *best*" if improved else "", tr["images_per_s"], seconds,
         )  # fmt: skip
         if main:
             meta = {"epoch": epoch, "score": score, "monitor": "val mean macro-F1 (gender, ethnicity)",

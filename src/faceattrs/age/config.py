@@ -29,6 +29,7 @@ class AgeConfig:
     patience: int = 5  # early stopping patience (epochs) in stage 2
     min_delta: float = 1e-3  # smallest improvement that resets the patience
     max_batches: int = 0  # stop each epoch after this many batches (0 = all; for smoke tests)
+    channels_last: bool = True  # memory format of model and inputs (as the multitask trainer)
     # Per-bin regressors on the frozen coarse embeddings
     reg_hidden: int = 128  # hidden units of each regressor
     reg_dropout: float = 0.1  # dropout inside each regressor
@@ -52,10 +53,17 @@ class AgeConfig:
 
 
 PRESETS: dict[str, dict] = {
+    # the reference's two stages; its epochs are not stated: ours, patience as the multitask model
     "paper": {"head_epochs": 5, "finetune_epochs": 30, "patience": 8},
+    # two CPU cores: one head-only epoch and two fine-tuning epochs per model, larger
+    # batches (learning rates scaled with them), shorter regressor schedules
     "cpu": {
         "head_epochs": 1,
         "finetune_epochs": 2,
+        "warmup_epochs": 0,
+        "batch_size": 256,
+        "head_lr": 2e-3,
+        "finetune_lr": 2e-4,
         "patience": 2,
         "reg_epochs": 100,
         "reg_patience": 10,

@@ -107,6 +107,8 @@ def train_two_stages(
     )
 
     net.to(device)
+    if cfg.channels_last:
+        net.to(memory_format=torch.channels_last)
     bf16 = use_bf16("auto", device)
     augment = augmenter_for(mt_meta, train, device)
     data = {
@@ -138,6 +140,7 @@ def train_two_stages(
             batch_size=cfg.batch_size,
             scheduler=sched,
             bf16=bf16,
+            channels_last=cfg.channels_last,
             max_batches=cfg.max_batches,
             progress=f"{name} stage {stage} epoch {epoch}",
         )

@@ -95,7 +95,11 @@ def train_age(
 
     def coarse_score(model):
         r = evaluate_heads(
-            model, val_data, {COARSE_HEAD: len(labels)}, batch_size=cfg.eval_batch_size
+            model,
+            val_data,
+            {COARSE_HEAD: len(labels)},
+            batch_size=cfg.eval_batch_size,
+            channels_last=cfg.channels_last,
         )[COARSE_HEAD]
         return {"val_macro_f1": r["macro_f1"], "val_accuracy": r["accuracy"]}
 

@@ -227,7 +227,7 @@ def cam_grid(rows: Sequence[dict], path: Path, title: str | None = None, per_row
             _overlay(axes[r, c + j], row["face"], row["cams"][head], row["titles"][head], color)
     if title:
         fig.suptitle(title, fontsize=10)
-    top = 1 - 0.6 / fig.get_figheight()
+    top = 1 - 0.85 / fig.get_figheight()
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top, wspace=0.06, hspace=0.45)
     return save(fig, path)
 

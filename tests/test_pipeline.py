@@ -1,0 +1,34 @@
+"""`faceattrs run`: every stage in order on a tiny CSV, ending with a report whose links
+resolve."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from faceattrs.cli import main
+
+
+def test_run_every_stage_writes_report(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 120
+    lines = ["age,ethnicity,gender,img_name,pixels"]
+    for i in range(n):
+        pix = " ".join(map(str, rng.integers(0, 256, 2304).tolist()))
+        lines.append(f"{int(rng.integers(1, 90))},{i % 5},{(i // 5) % 2},f{i}.jpg,{pix}")
+    csv = tmp_path / "faces.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    args = ["run", "--data", str(csv), "--out", str(out), "--preset", "cpu", "--no-progress"]
+    args += ["epochs=1", "width=0.125", "batch_size=16", "max_batches=2"]
+    for kv in ("head_epochs=1", "finetune_epochs=1", "max_batches=2", "reg_epochs=2", "direct=false"):
+        args += ["--age-set", kv]
+    assert main(args) == 0
+    for f in ("data/faces.npz", "best.json", "history.csv", "calibration.json",
+              "age/age.json", "eval/metrics.json", "errors/clusters.json", "report.html"):  # fmt: skip
+        assert (out / f).exists(), f
+    html = (out / "report.html").read_text()
+    for href in re.findall(r'href="([^"#][^"]*)"', html):
+        if not href.startswith(("data:", "http")):
+            assert (out / href).exists(), href
