@@ -222,6 +222,8 @@ class OnnxModels:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        # idle model threads must not spin: decoding and detection need the cores between calls
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
         def session(key):
             path = self.dir / m["graphs"][key]

@@ -55,16 +55,17 @@ class AgeConfig:
 PRESETS: dict[str, dict] = {
     # the reference's two stages; its epochs are not stated: ours, patience as the multitask model
     "paper": {"head_epochs": 5, "finetune_epochs": 30, "patience": 8},
-    # two CPU cores: one head-only epoch and two fine-tuning epochs per model, larger
-    # batches (learning rates scaled with them), shorter regressor schedules
+    # two CPU cores, ~14 min for the whole stage on a width-0.125 backbone: one head-only
+    # epoch and six fine-tuning epochs per model (2 -> 6 epochs: validation MAE 10.7 -> 9.1),
+    # larger batches (learning rates scaled with them), shorter regressor schedules
     "cpu": {
         "head_epochs": 1,
-        "finetune_epochs": 2,
+        "finetune_epochs": 6,
         "warmup_epochs": 0,
         "batch_size": 256,
         "head_lr": 2e-3,
         "finetune_lr": 2e-4,
-        "patience": 2,
+        "patience": 3,
         "reg_epochs": 100,
         "reg_patience": 10,
     },
