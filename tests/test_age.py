@@ -360,6 +360,12 @@ def test_train_age_cli_one_epoch_smoke(tmp_path):
     assert resolve_bundle(out)[0] == mt.resolve()
     p = load_age_model(out).predict(faces.images[:5])
     assert p["value"].shape == (5,) and p["bin_probabilities"].shape == (5, 6)
+    # ... and `evaluate --model AGE_RUN` evaluates both models, age included.
+    ev = tmp_path / "ev"
+    assert main(["evaluate", "--model", str(out), "--data", str(data), "--out", str(ev)]) == 0
+    evaluated = json.loads((ev / "metrics.json").read_text())
+    assert evaluated["age"]["mae"] == metrics["age"]["mae"]
+    assert evaluated["gender"]["n"] == metrics["age"]["n"]
     # A second run into the same folder is refused (exit 2) unless --overwrite.
     assert main(argv) == 2
 

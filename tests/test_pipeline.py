@@ -22,7 +22,13 @@ def test_run_every_stage_writes_report(tmp_path):
     out = tmp_path / "run"
     args = ["run", "--data", str(csv), "--out", str(out), "--preset", "cpu", "--no-progress"]
     args += ["epochs=1", "width=0.125", "batch_size=16", "max_batches=2"]
-    for kv in ("head_epochs=1", "finetune_epochs=1", "max_batches=2", "reg_epochs=2", "direct=false"):
+    for kv in (
+        "head_epochs=1",
+        "finetune_epochs=1",
+        "max_batches=2",
+        "reg_epochs=2",
+        "direct=false",
+    ):
         args += ["--age-set", kv]
     assert main(args) == 0
     for f in ("data/faces.npz", "best.json", "history.csv", "calibration.json",

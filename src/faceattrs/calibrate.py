@@ -26,7 +26,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
-from .checkpoint import load_model
+from .checkpoint import load_model, multitask_dir
 from .dataset import FaceSet
 from .engine import predict
 from .exceptions import FaceattrsError
@@ -129,7 +129,7 @@ def load_temperatures(run_dir: str | Path) -> dict[str, float]:
 
     Apply with :func:`apply_temperatures` (a head missing from the dict keeps T = 1).
     """
-    path = Path(run_dir) / CALIBRATION_FILE
+    path = multitask_dir(run_dir) / CALIBRATION_FILE
     if not path.exists():
         return {}
     try:
@@ -185,7 +185,7 @@ def calibrate_run(
     """
     from .plots import evaluate as plots
 
-    model_dir = Path(model_dir)
+    model_dir = multitask_dir(model_dir)  # an age run's temperatures live with its multitask run
     model, _ = load_model(model_dir, device=device)
     parts = {s: faces.subset(s) for s in ("val", "test")}
     if len(parts["val"]) == 0:

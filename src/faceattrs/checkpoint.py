@@ -38,8 +38,9 @@ def base_meta(model: FaceResNet) -> dict[str, Any]:
         "model": cfgmod.to_dict(model.cfg),
         "image_size": IMAGE_SIZE,
         "normalisation": dict(NORMALISATION),
-        "class_names": {k: CLASS_NAMES.get(k, [str(i) for i in range(n)])
-                        for k, n in model.cfg.heads.items()},
+        "class_names": {
+            k: CLASS_NAMES.get(k, [str(i) for i in range(n)]) for k, n in model.cfg.heads.items()
+        },
         "cam_layer": model.cam_layer,
     }
 
@@ -66,9 +67,23 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint settings are not valid JSON: {path}: {e}") from None
 
 
-def resolve_checkpoint(path: str | Path, name: str = "best") -> Path:
-    """A run folder, or a ``.json`` / ``.safetensors`` file -> the checkpoint's JSON path."""
+def multitask_dir(path: str | Path) -> Path:
+    """The multitask run of a model bundle: ``path`` itself, or for an age run folder
+    (``age.json``, from ``faceattrs train-age``) the multitask run it refers to."""
     path = Path(path)
+    if path.is_dir() and not (path / "best.json").exists() and (path / "age.json").exists():
+        from .age.bundle import resolve_bundle  # late: the age package imports this module
+
+        return resolve_bundle(path)[0]
+    return path
+
+
+def resolve_checkpoint(path: str | Path, name: str = "best") -> Path:
+    """A run folder (multitask or age run), or a ``.json`` / ``.safetensors`` file ->
+    the checkpoint's JSON path."""
+    path = Path(path)
+    if path.is_dir() and name == "best":
+        path = multitask_dir(path)
     if path.is_dir():
         path = path / f"{name}.json"
     elif path.suffix == ".safetensors":

@@ -21,7 +21,7 @@ import torch
 
 from . import metrics as M
 from .calibrate import expected_calibration_error, load_temperatures, reliability_bins
-from .checkpoint import load_model
+from .checkpoint import load_model, multitask_dir
 from .dataset import FaceSet
 from .engine import predict
 from .exceptions import FaceattrsError
@@ -47,6 +47,7 @@ def data_path(model_dir: str | Path, data: str | Path | None) -> Path:
     """``--data`` when given, else the ``"data"`` recorded in the run's ``config.json``."""
     if data is not None:
         return Path(data)
+    model_dir = multitask_dir(model_dir)
     cfg = Path(model_dir) / "config.json"
     recorded = json.loads(cfg.read_text()).get("data") if cfg.exists() else None
     if not isinstance(recorded, str):
@@ -150,7 +151,7 @@ def evaluate_run(
     if len(sub) == 0:
         raise FaceattrsError(f"no rows in split {split!r} to evaluate")
     logits = predict(model, sub.images)
-    temps = load_temperatures(model_dir)
+    temps = load_temperatures(multitask_dir(model_dir))
     names = meta["class_names"]
     result = {"model": str(model_dir), "split": split, "n": len(sub), "calibrated": bool(temps)}
     for head in ("gender", "ethnicity"):
@@ -223,16 +224,12 @@ def _evaluate_age(model_dir: Path, meta: dict, faces: FaceSet, split: str, out_d
     its returned dict into ``metrics.json`` under ``"age"``. Its figures land in
     ``out_dir/age`` where the report finds them.
     """
-    if not ((model_dir / "age").exists() or meta.get("age")):
+    from .age import evaluate_age, resolve_bundle
+
+    age_dir = resolve_bundle(model_dir)[1] if model_dir.is_dir() else None
+    if age_dir is None and not meta.get("age"):
         return None
-    try:
-        from .age import evaluate_age
-    except ImportError:
-        log.warning(
-            "%s has an age model but faceattrs.age.evaluate_age is not available", model_dir
-        )
-        return None
-    return evaluate_age(model_dir, faces, split, out_dir / "age")
+    return evaluate_age(age_dir or model_dir, faces, split, out_dir / "age")
 
 
 def write_npz(path: Path, **arrays) -> None:
