@@ -20,15 +20,6 @@ from faceattrs.exceptions import FaceattrsError
 from faceattrs.model import FaceResNet, ModelConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread beats two on a shared machine by far."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------- bins
 def test_quantile_bins_equal_sized_on_known_sequence():
     ages = np.arange(1, 601)

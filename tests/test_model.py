@@ -12,15 +12,6 @@ from faceattrs.model import FaceResNet, ModelConfig
 from faceattrs.train import TrainConfig, multitask_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster, and two crawl when others share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def model():
     torch.manual_seed(0)

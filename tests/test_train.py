@@ -27,14 +27,6 @@ TINY = {"width": 0.125, "batch_size": 16, "epochs": 3, "warmup_epochs": 1.0, "de
         "eval_batch_size": 64, "threads": 1}  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_cfg(**kw) -> T.TrainConfig:
     return T.resolve_config("paper", {**TINY, **kw})
 
