@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import sys
 
@@ -28,7 +27,6 @@ COMMANDS = [
     ("export", "export", "export the models to ONNX"),
     ("report", "report", "write the run's self-contained report.html"),
     ("run", "run", "every stage in order, ending with the report"),
-    ("serve", "serve", "REST API and web page"),
 ]
 
 
@@ -42,10 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module, help_ in COMMANDS:
-        modname = f"{__name__}.{module}"
-        if importlib.util.find_spec(modname) is None:
-            continue  # command not built yet
-        mod = importlib.import_module(modname)
+        mod = importlib.import_module(f"{__name__}.{module}")
         p = sub.add_parser(name, help=help_, description=mod.__doc__)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
