@@ -149,10 +149,16 @@ def main() -> None:
             f"{len(paths)} photos, {len(crops)} faces; decode + detect + crop alone: "
             f"{prep_ms:.2f} ms per photo (1 process)"
         )
+        onnx_dir = None
+        if "onnx" in args.backends:
+            from faceattrs.export import export_onnx
+
+            onnx_dir = str(export_onnx(model, Path(tmp) / "onnx").parent)
         rows = []
         for spec in args.backends.split(","):
             backend, _, dtype = spec.partition("-")
-            rows.append(bench(spec, model, backend, dtype or "fp32", paths, crops, args))
+            src = onnx_dir if backend == "onnx" else model
+            rows.append(bench(spec, src, backend, dtype or "fp32", paths, crops, args))
             r = rows[-1]
             print(
                 f"{r['name']:10s} latency: photo end to end {r['photo_ms']:6.1f} ms (median of "

@@ -68,7 +68,8 @@ class PhotoConfig:
     tight_max_side: int = 512  # images up to this long side may be one tight face crop ...
     tight_max_aspect: float = 1.5  # ... if also at most this elongated
     tight_pad: float = 0.25  # border added (replicated), as a share of the short side
-    tight_min_face: float = 0.7  # a tight crop's face is at least this share of the short side
+    tight_min_face: float = 0.8  # a tight crop's face is at least this share of the short side
+    tight_scale_factor: float = 1.2  # coarser pyramid for that one big face (speed)
     whole_pad: float = 0.5  # border for the high-recall check before whole-image fallback
     whole_min_face: float = 0.4  # face size (share of the short side) that makes it face-sized
     # --- crop margin: detected box -> extent of a training face (measured, docs/photos.md)
@@ -268,7 +269,8 @@ def detect_faces(gray: np.ndarray, cfg: PhotoConfig | None = None) -> list[tuple
     short = min(h, w)
     tight = max(h, w) <= cfg.tight_max_side and max(h, w) <= cfg.tight_max_aspect * short
     if tight:
-        found = _haar(gray, cfg, cfg.cascade, cfg.tight_pad, round(cfg.tight_min_face * short))
+        min_size = round(cfg.tight_min_face * short)
+        found = _haar(gray, cfg, cfg.cascade, cfg.tight_pad, min_size, cfg.tight_scale_factor)
         if found:
             return found
     scale = min(1.0, cfg.max_side / max(h, w))
@@ -281,8 +283,9 @@ def detect_faces(gray: np.ndarray, cfg: PhotoConfig | None = None) -> list[tuple
     return [((0, 0, w, h), check[0][1], "whole")] if check else []
 
 
-def _haar(gray, cfg: PhotoConfig, cascade: str, pad: float, min_size: int):
-    """One cascade pass on ``gray`` padded by ``pad`` x short side (replicated border).
+def _haar(gray, cfg: PhotoConfig, cascade: str, pad: float, min_size: int, step: float = 0.0):
+    """One cascade pass on ``gray`` padded by ``pad`` x short side (replicated border),
+    faces of at least ``min_size`` pixels, pyramid step ``step`` (default ``scale_factor``).
 
     Boxes are in ``gray``'s coordinates and may reach past its borders (into the padding).
     """
@@ -294,7 +297,7 @@ def _haar(gray, cfg: PhotoConfig, cascade: str, pad: float, min_size: int):
         return []
     boxes, _, weights = cfg.classifier(cascade).detectMultiScale3(
         img,
-        cfg.scale_factor,
+        step or cfg.scale_factor,
         cfg.min_neighbors,
         minSize=(min_size, min_size),
         outputRejectLevels=True,

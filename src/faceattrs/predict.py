@@ -109,6 +109,11 @@ class TorchModels:
             self.age_model = load_age_model(age_dir, device=self.device)
         self.bin_labels = list(self.age_model.bin_labels) if self.age_model else None
         self.source = mt_dir
+        # channels-last weights: oneDNN's fast convolutions (about 3x on the 2-core CPUs)
+        nets = [self.model] + [getattr(self.age_model, k, None) for k in ("coarse", "direct")]
+        for net in nets:
+            if isinstance(net, torch.nn.Module):
+                net.to(memory_format=torch.channels_last)
 
     def _autocast(self):
         return torch.autocast(
