@@ -24,7 +24,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -275,20 +277,32 @@ class FaceAnalyzer:
     ) -> Iterator[Item]:
         """Yield an :class:`Item` per source, in order, with its records filled.
 
-        Images are decoded and their faces found one by one; the faces of consecutive
-        images are gathered until ``batch_size`` and go through the models together.
+        Images are decoded and their faces found in a background thread (Pillow and
+        OpenCV release the GIL), up to ``batch_size`` images ahead, while the models run;
+        the faces of consecutive images are gathered until ``batch_size`` and go through
+        the models together.
         """
+
+        def prepared(pool) -> Iterator[Item]:
+            ahead: deque = deque()
+            for index, src in enumerate(sources):
+                ahead.append(pool.submit(self.prepare, index, src, detect, raise_errors))
+                if len(ahead) > self.batch_size:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+
         pending: list[Item] = []
         n_faces = 0
-        for index, src in enumerate(sources):
-            item = self.prepare(index, src, detect, raise_errors)
-            if not keep_images:
-                item.image = None
-            pending.append(item)
-            n_faces += len(item.faces)
-            if n_faces >= self.batch_size:
-                yield from self._flush(pending)
-                pending, n_faces = [], 0
+        with ThreadPoolExecutor(1, thread_name_prefix="faceattrs-photo") as pool:
+            for item in prepared(pool):
+                if not keep_images:
+                    item.image = None
+                pending.append(item)
+                n_faces += len(item.faces)
+                if n_faces >= self.batch_size:
+                    yield from self._flush(pending)
+                    pending, n_faces = [], 0
         yield from self._flush(pending)
 
     def prepare(self, index: int, src, detect: bool, raise_errors: bool) -> Item:
