@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from faceattrs.checkpoint import CheckpointError
 from faceattrs.cli import main
@@ -19,14 +18,6 @@ from faceattrs.predict import FaceAnalyzer, TorchModels
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 
 SHARED_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

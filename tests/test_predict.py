@@ -51,15 +51,6 @@ def make_run(run_dir: Path, age: bool = True, temperatures: dict | None = None) 
     return run_dir
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from 2 threads, and lose a lot when the cores are busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     return make_run(tmp_path_factory.mktemp("run"), temperatures={"gender": 2.0})
