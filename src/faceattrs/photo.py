@@ -12,11 +12,12 @@ docs/photos.md):
 
 1. an image that may be a tight face crop (near-square, at most ``tight_max_side``
    pixels) is padded and searched for one big face with the precise cascade (alt2):
-   the face of a tight crop touches the borders, where a cascade cannot see it;
+   the face of a tight crop touches the borders, where a cascade cannot see it; if only
+   the higher-recall cascade (default) sees such a big face, the whole image is the face;
 2. otherwise every face of at least ``min_face`` pixels is searched in the whole image
-   (downscaled to ``max_side`` pixels), with the same cascade;
-3. if a possible tight crop still has no face, a higher-recall cascade (default) looks
-   for a big face in it; when it finds one the whole image is taken as the face.
+   (downscaled to ``max_side`` pixels), with the precise cascade;
+3. if a possible tight crop still has no face, the higher-recall cascade looks for a
+   smaller face (``whole_min_face``); when it finds one the whole image is taken as the face.
 
 >>> import numpy as np
 >>> crop = to_face_crop(np.zeros((200, 200), np.uint8), (50, 50, 100, 100))
@@ -31,6 +32,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +80,9 @@ class PhotoConfig:
     margin_shift_y: float = 0.09  # crop centre below the box centre, in box heights
 
     def classifier(self, name: str) -> cv2.CascadeClassifier:
-        if name not in _CASCADES:
+        """The cascade ``name``, loaded once per thread (a cascade is not thread-safe)."""
+        cache = _CASCADES.__dict__
+        if name not in cache:
             path = os.path.join(cv2.data.haarcascades, name)
             clf = cv2.CascadeClassifier(path)
             if clf.empty():
@@ -86,11 +90,11 @@ class PhotoConfig:
                     f"face detector {path} is missing: install opencv-python(-headless) 4.x "
                     "(OpenCV 5 no longer bundles the Haar cascades)"
                 )
-            _CASCADES[name] = clf
-        return _CASCADES[name]
+            cache[name] = clf
+        return cache[name]
 
 
-_CASCADES: dict[str, cv2.CascadeClassifier] = {}  # loaded once per process
+_CASCADES = threading.local()
 
 
 @dataclass
@@ -268,11 +272,15 @@ def detect_faces(gray: np.ndarray, cfg: PhotoConfig | None = None) -> list[tuple
     h, w = gray.shape
     short = min(h, w)
     tight = max(h, w) <= cfg.tight_max_side and max(h, w) <= cfg.tight_max_aspect * short
+    whole = [((0, 0, w, h), 0.0, "whole")]
     if tight:
-        min_size = round(cfg.tight_min_face * short)
-        found = _haar(gray, cfg, cfg.cascade, cfg.tight_pad, min_size, cfg.tight_scale_factor)
+        big, step = round(cfg.tight_min_face * short), cfg.tight_scale_factor
+        found = _haar(gray, cfg, cfg.cascade, cfg.tight_pad, big, step)
         if found:
             return found
+        check = _haar(gray, cfg, cfg.check_cascade, cfg.whole_pad, big, step)
+        if check:  # a tight crop's face that only the high-recall cascade sees
+            return [(whole[0][0], check[0][1], "whole")]
     scale = min(1.0, cfg.max_side / max(h, w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     small = gray if scale == 1.0 else cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
@@ -280,7 +288,7 @@ def detect_faces(gray: np.ndarray, cfg: PhotoConfig | None = None) -> list[tuple
     if found or not tight:
         return [(tuple(round(v / scale) for v in box), s, k) for box, s, k in found]
     check = _haar(gray, cfg, cfg.check_cascade, cfg.whole_pad, round(cfg.whole_min_face * short))
-    return [((0, 0, w, h), check[0][1], "whole")] if check else []
+    return [(whole[0][0], check[0][1], "whole")] if check else []
 
 
 def _haar(gray, cfg: PhotoConfig, cascade: str, pad: float, min_size: int, step: float = 0.0):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -249,6 +250,14 @@ class FaceAnalyzer:
         self.models = load_models(model, backend, device, dtype, age, threads)
         self.backend, self.batch_size = backend, batch_size
         self.photo = photo or PhotoConfig()
+        self.workers = min(2, os.cpu_count() or 1)  # threads decoding and detecting
+        self._pool: ThreadPoolExecutor | None = None  # kept: each thread keeps its cascades
+
+    def _photo_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="faceattrs-photo")
+            weakref.finalize(self, self._pool.shutdown, wait=False)
+        return self._pool
 
     def analyze(self, images, *, detect: bool = True, on_error: str = "raise") -> list[dict]:
         """Records of every face of ``images`` (one image or a list), in input order.
@@ -277,32 +286,40 @@ class FaceAnalyzer:
     ) -> Iterator[Item]:
         """Yield an :class:`Item` per source, in order, with its records filled.
 
-        Images are decoded and their faces found in a background thread (Pillow and
+        Images are decoded and their faces found in ``workers`` threads (Pillow and
         OpenCV release the GIL), up to ``batch_size`` images ahead, while the models run;
         the faces of consecutive images are gathered until ``batch_size`` and go through
         the models together.
         """
 
-        def prepared(pool) -> Iterator[Item]:
-            ahead: deque = deque()
-            for index, src in enumerate(sources):
-                ahead.append(pool.submit(self.prepare, index, src, detect, raise_errors))
-                if len(ahead) > self.batch_size:
+        sources = list(sources)
+
+        def prepared() -> Iterator[Item]:
+            if len(sources) == 1:  # one image: no thread hop
+                yield self.prepare(0, sources[0], detect, raise_errors)
+                return
+            pool, ahead = self._photo_pool(), deque()
+            try:
+                for index, src in enumerate(sources):
+                    ahead.append(pool.submit(self.prepare, index, src, detect, raise_errors))
+                    if len(ahead) > self.batch_size:
+                        yield ahead.popleft().result()
+                while ahead:
                     yield ahead.popleft().result()
-            while ahead:
-                yield ahead.popleft().result()
+            finally:
+                for future in ahead:
+                    future.cancel()
 
         pending: list[Item] = []
         n_faces = 0
-        with ThreadPoolExecutor(1, thread_name_prefix="faceattrs-photo") as pool:
-            for item in prepared(pool):
-                if not keep_images:
-                    item.image = None
-                pending.append(item)
-                n_faces += len(item.faces)
-                if n_faces >= self.batch_size:
-                    yield from self._flush(pending)
-                    pending, n_faces = [], 0
+        for item in prepared():
+            if not keep_images:
+                item.image = None
+            pending.append(item)
+            n_faces += len(item.faces)
+            if n_faces >= self.batch_size:
+                yield from self._flush(pending)
+                pending, n_faces = [], 0
         yield from self._flush(pending)
 
     def prepare(self, index: int, src, detect: bool, raise_errors: bool) -> Item:
