@@ -137,10 +137,7 @@ def explain_photo(
     face: crop, gender and ethnicity overlays with predicted labels and probabilities),
     ``STEM_gradcam.npz`` (the 48x48 maps) and ``STEM.json``.
     """
-    try:
-        from .photo import extract_faces, load_image
-    except ImportError as e:
-        raise FaceattrsError(f"the photo stage (faceattrs.photo) is not available: {e}") from None
+    from .photo import extract_faces, load_image
     from .plots import evaluate as plots
 
     photo, out_dir = Path(photo), Path(out_dir)

@@ -66,23 +66,6 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
     return path
 
 
-def _split_bundle(path: Path) -> tuple[Path, Path | None]:
-    """(multitask run, age run or None); an age run points to its multitask run."""
-    try:
-        from .age import resolve_bundle
-    except ImportError:  # the age stage is optional
-        return path, None
-    return resolve_bundle(path)
-
-
-def _load_temperatures(run_dir: Path) -> dict[str, float]:
-    try:
-        from .calibrate import load_temperatures
-    except ImportError:
-        return {}
-    return load_temperatures(run_dir) if run_dir.is_dir() else {}
-
-
 class TorchModels:
     """The PyTorch backend: the multitask model and, when present, the age model.
 
@@ -95,7 +78,10 @@ class TorchModels:
         if dtype not in DTYPES:
             raise FaceattrsError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         self.device, self.dtype = torch.device(device), dtype
-        mt_dir, age_dir = _split_bundle(path)
+        from .age import resolve_bundle
+        from .calibrate import load_temperatures
+
+        mt_dir, age_dir = resolve_bundle(path)
         try:
             self.model, self.meta = load_model(mt_dir, device=self.device)
         except RuntimeError as e:  # e.g. tensor shapes that differ from the settings
@@ -104,7 +90,7 @@ class TorchModels:
                 f"{mt_dir}: weights do not match its settings ({first})"
             ) from None
         self.class_names = {h: list(self.meta["class_names"][h]) for h in HEADS}
-        self.temperatures = _load_temperatures(mt_dir)
+        self.temperatures = load_temperatures(mt_dir) if mt_dir.is_dir() else {}
         self.age_model = None
         if age and age_dir is not None:
             from .age import load_age_model
