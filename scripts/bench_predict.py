@@ -4,8 +4,10 @@ For each backend (PyTorch fp32, PyTorch bf16, onnxruntime) it prints, from one r
 
 - latency: median time of one 200x200 photo end to end (decode, detect, crop, every
   model, records) against the bare models' forward time for one face;
-- throughput: faces/s of ``faceattrs predict`` on a folder of N one-face photos (records
-  written to a file) against the bare models' batched rate on the same faces.
+- throughput: faces/s on a folder of N one-face photos against the bare models' batched
+  rate on the same faces, twice: through an already loaded ``FaceAnalyzer`` (the steady
+  state), and as ``faceattrs predict`` does it (``predict_files``: loading the models and
+  their first-call warm-up included, records written to a file).
 
 "Every model" is the multitask model plus the age model (coarse classifier + per-bin
 regressors). Without ``--model`` the models are random-init at full width (speed does not
@@ -100,7 +102,10 @@ def bench(name, model, backend, dtype, paths, crops, args) -> dict:
     for s in range(0, len(faces), args.batch_size):
         bare(m, faces[s : s + args.batch_size])
     bare_rate = len(faces) / (time.perf_counter() - t)
-    with tempfile.TemporaryDirectory() as tmp:
+    t = time.perf_counter()  # the same folder through the loaded (warm) analyzer
+    records = an.analyze([str(p) for p in paths[:n]], on_error="record")
+    warm_rate = sum("error" not in r for r in records) / (time.perf_counter() - t)
+    with tempfile.TemporaryDirectory() as tmp:  # the command: loads the models, writes records
         t = time.perf_counter()
         counts = predict_files(
             [str(p) for p in paths[:n]],
@@ -118,10 +123,38 @@ def bench(name, model, backend, dtype, paths, crops, args) -> dict:
         "photo_reps": reps,
         "bare_rate": bare_rate,
         "folder_rate": counts["faces"] / folder_s,
+        "warm_rate": warm_rate,
         "n": n,
         "faces": counts["faces"],
         "failed": counts["failed"],
     }
+
+
+def bn_folding(model: str, crops: np.ndarray, batch_size: int, reps: int = 3) -> tuple:
+    """Bare batched faces/s of the multitask model with and without BatchNorm folded into
+    the convs (what ``TorchModels`` does), fp32 and bf16, runs alternated."""
+    import copy
+
+    from faceattrs.augment import normalise
+    from faceattrs.checkpoint import load_model
+    from faceattrs.model import fuse_batchnorm
+
+    plain = load_model(model)[0].eval().to(memory_format=torch.channels_last)
+    fused = fuse_batchnorm(copy.deepcopy(plain))
+    x = normalise(torch.from_numpy(crops[:256]))
+    out = []
+    for bf16 in (False, True):
+        rates = {"plain": [], "fused": []}
+        for _ in range(reps):
+            for name, net in (("plain", plain), ("fused", fused)):
+                with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                    net(x[:batch_size])  # warm-up
+                    t = time.perf_counter()
+                    for s in range(0, len(x), batch_size):
+                        net(x[s : s + batch_size])
+                rates[name].append(len(x) / (time.perf_counter() - t))
+        out.append({k: statistics.median(v) for k, v in rates.items()})
+    return tuple(out)
 
 
 def main() -> None:
@@ -162,12 +195,21 @@ def main() -> None:
             r = rows[-1]
             print(
                 f"{r['name']:10s} latency: photo end to end {r['photo_ms']:6.1f} ms (median of "
-                f"{r['photo_reps']}) vs bare models, one face {r['one_face_ms']:6.1f} ms | "
-                f"throughput: folder {r['folder_rate']:6.1f} faces/s vs bare batched "
-                f"{r['bare_rate']:6.1f} = {r['folder_rate'] / r['bare_rate']:.2f} "
-                f"({r['faces']} faces from {r['n']} photos, batch {args.batch_size})",
+                f"{r['photo_reps']}) vs bare models, one face {r['one_face_ms']:6.1f} ms\n"
+                f"{'':10s} throughput ({r['faces']} faces from {r['n']} photos, batch "
+                f"{args.batch_size}): bare batched {r['bare_rate']:6.1f} faces/s; loaded "
+                f"analyzer {r['warm_rate']:6.1f} = {r['warm_rate'] / r['bare_rate']:.2f}; "
+                f"predict command (loads the models, writes records) {r['folder_rate']:6.1f} = "
+                f"{r['folder_rate'] / r['bare_rate']:.2f}",
                 flush=True,
             )
+        if any(b.startswith("torch") for b in args.backends.split(",")):
+            folding = bn_folding(model, crops, args.batch_size)
+            for dt, r in zip(("fp32", "bf16"), folding, strict=True):
+                print(
+                    f"BN folded into the convs, multitask model bare batched, {dt}: "
+                    f"{r['fused']:.1f} vs {r['plain']:.1f} faces/s = {r['fused'] / r['plain']:.2f}"
+                )
     print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 

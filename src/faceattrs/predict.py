@@ -99,7 +99,8 @@ class TorchModels:
             self.age_model = load_age_model(age_dir, device=self.device)
         self.bin_labels = list(self.age_model.bin_labels) if self.age_model else None
         self.source = mt_dir
-        # BN folded into the convs, channels-last weights (oneDNN's fast convolutions)
+        # BN folded into the convs (about 5% faster, bench_predict.py), channels-last weights
+        # (oneDNN's fast convolutions, about 3x on the 2-core CPUs)
         nets = [self.model] + [getattr(self.age_model, k, None) for k in ("coarse", "direct")]
         for net in nets:
             if isinstance(net, torch.nn.Module):
@@ -237,10 +238,7 @@ class FaceAnalyzer:
         self.models = load_models(model, backend, device, dtype, age, threads)
         self.backend, self.batch_size = backend, batch_size
         self.photo = photo or PhotoConfig()
-        device = getattr(self.models, "device", torch.device("cpu"))  # ONNX: CPU
-        self.models_on_cpu = torch.device(device).type == "cpu"
-        # threads decoding and detecting: every core when they take turns with the models
-        self.workers = min(8 if self.models_on_cpu else 2, os.cpu_count() or 1)
+        self.workers = min(2, os.cpu_count() or 1)  # threads decoding and detecting
         self._pool: ThreadPoolExecutor | None = None  # kept: each thread keeps its cascades
 
     def _photo_pool(self) -> ThreadPoolExecutor:
@@ -277,19 +275,18 @@ class FaceAnalyzer:
         """Yield an :class:`Item` per source, in order, with its records filled.
 
         Images are decoded and their faces found in ``workers`` threads (Pillow and
-        OpenCV release the GIL); the faces of consecutive images are gathered until
-        ``batch_size`` and go through the models together. With the models on a GPU the
-        threads work up to ``batch_size`` images ahead while the models run. With the
-        models on the CPU they take turns instead: a chunk of ``batch_size`` images is
-        prepared on every core, then the models run alone. Overlapping them there would
-        preempt the models' threads, and each stall of one holds up the others (measured
-        on 2 cores: 0.75 of the bare batched rate overlapped, see docs/photos.md).
+        OpenCV release the GIL), up to ``batch_size`` images ahead, while the models run;
+        the faces of consecutive images are gathered until ``batch_size`` and go through
+        the models together.
         """
 
         sources = list(sources)
 
-        def overlapped(pool) -> Iterator[Item]:
-            ahead: deque = deque()
+        def prepared() -> Iterator[Item]:
+            if len(sources) == 1:  # one image: no thread hop
+                yield self.prepare(0, sources[0], detect, raise_errors)
+                return
+            pool, ahead = self._photo_pool(), deque()
             try:
                 for index, src in enumerate(sources):
                     ahead.append(pool.submit(self.prepare, index, src, detect, raise_errors))
@@ -300,27 +297,6 @@ class FaceAnalyzer:
             finally:
                 for future in ahead:
                     future.cancel()
-
-        def in_turns(pool) -> Iterator[Item]:
-            for start in range(0, len(sources), self.batch_size):
-                chunk = enumerate(sources[start : start + self.batch_size], start)
-                futures = [
-                    pool.submit(self.prepare, i, src, detect, raise_errors) for i, src in chunk
-                ]
-                try:
-                    items = [f.result() for f in futures]  # all done before the models run
-                finally:
-                    for f in futures:
-                        f.cancel()
-                yield from items
-
-        def prepared() -> Iterator[Item]:
-            if len(sources) == 1:  # one image: no thread hop
-                yield self.prepare(0, sources[0], detect, raise_errors)
-            elif self.models_on_cpu:
-                yield from in_turns(self._photo_pool())
-            else:
-                yield from overlapped(self._photo_pool())
 
         pending: list[Item] = []
         n_faces = 0
