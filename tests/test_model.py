@@ -89,3 +89,18 @@ def test_one_batch_can_be_overfit(model):
     assert loss.item() < 0.1 * first
     assert (out["gender"].argmax(1) == batch["gender"]).all()
     assert (out["ethnicity"].argmax(1) == batch["ethnicity"]).all()
+
+
+def test_fp32_channels_last_backward_at_small_width():
+    """PyTorch 2.13's CPU build segfaulted here on AVX-512 (1x1 stride-2 shortcut, 8 -> 16
+    channels at 48x48) before the shortcut became ``StridedPointwise``; keep it covered."""
+    m = FaceResNet(ModelConfig(width=0.125)).to(memory_format=torch.channels_last)
+    x = torch.randn(8, 1, 48, 48).contiguous(memory_format=torch.channels_last)
+    out = m(x)
+    (out["gender"].sum() + out["ethnicity"].sum()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_strided_shortcut_keeps_the_conv_state_dict_keys():
+    keys = set(FaceResNet(ModelConfig(width=0.125)).state_dict())
+    assert "stages.1.0.shortcut.0.weight" in keys and "stages.1.0.shortcut.1.running_mean" in keys

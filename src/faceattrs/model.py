@@ -30,6 +30,28 @@ class ModelConfig:
     heads: dict[str, int] = field(default_factory=lambda: {"gender": 2, "ethnicity": 5})
 
 
+class StridedPointwise(nn.Conv2d):
+    """A 1x1 convolution with a stride, computed as subsample-then-1x1 (same result, same
+    parameters and state-dict keys as ``nn.Conv2d(cin, cout, 1, stride)``).
+
+    Why: in PyTorch 2.13's CPU build the weight gradient of a 1x1 stride-2 channels-last
+    fp32 convolution from 8 to 16 channels on 48x48 maps (the width-0.125 model's first
+    projection shortcut) crashes the process with a segfault inside oneDNN on AVX-512 CPUs
+    (measured on the development machine, 2026-11-29; bf16 and other shapes are fine).
+
+    >>> conv = nn.Conv2d(8, 16, 1, 2, bias=False)
+    >>> same = StridedPointwise(8, 16, 1, 2, bias=False)
+    >>> _ = same.load_state_dict(conv.state_dict())
+    >>> x = torch.randn(2, 8, 47, 48)
+    >>> bool(torch.allclose(same(x), conv(x), atol=1e-6))
+    True
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sh, sw = self.stride
+        return nn.functional.conv2d(x[:, :, ::sh, ::sw], self.weight, self.bias)
+
+
 class BasicBlock(nn.Module):
     """2 x (conv3x3 + BN) with ReLU, skip with a 1x1 projection when the shape changes."""
 
@@ -43,7 +65,7 @@ class BasicBlock(nn.Module):
         self.shortcut = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+                StridedPointwise(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
