@@ -150,7 +150,7 @@ def use_bf16(setting: str, device: torch.device) -> bool:
     """Resolve ``bf16`` = auto / on / off for ``device``.
 
     auto: on for CUDA with bf16 support and for CPUs with native bf16 (AVX512-BF16/AMX);
-    off elsewhere: on AVX2-only CPUs bf16 is emulated and measured ~10x slower here.
+    off elsewhere: on AVX2-only CPUs bf16 is emulated (measured ~10x slower on one).
     """
     s = str(setting).lower()
     if s in ("on", "true", "1", "yes"):
