@@ -351,6 +351,12 @@ def test_train_age_cli_one_epoch_smoke(tmp_path):
     assert resolve_bundle(out)[0] == mt.resolve()
     p = load_age_model(out).predict(faces.images[:5])
     assert p["value"].shape == (5,) and p["bin_probabilities"].shape == (5, 6)
+    # 90 % split-conformal intervals fitted on validation, stored in age.json, used by predict
+    assert meta["interval"]["fitted_on"] == "val" and len(meta["interval"]["per_bin"]) == 6
+    low, high = p["interval"]
+    assert np.all(low <= p["value"]) and np.all(p["value"] <= high)
+    assert metrics["val"]["age"]["interval"]["coverage"] >= 0.9  # by construction on val
+    assert 0 <= metrics["age"]["interval"]["coverage"] <= 1
     # ... and `evaluate --model AGE_RUN` evaluates both models, age included.
     ev = tmp_path / "ev"
     assert main(["evaluate", "--model", str(out), "--data", str(data), "--out", str(ev)]) == 0
@@ -386,3 +392,30 @@ def test_train_age_explicit_bins_no_direct_and_backbone_copy(tmp_path):
     for k, v in mt_state.items():
         if k.startswith(("stem.", "stages.")):
             assert torch.equal(v, coarse_state[k]), k
+
+
+def test_conformal_interval_covers_new_data_at_the_nominal_rate():
+    from faceattrs.age import conformal
+
+    rng = np.random.default_rng(0)
+
+    def sample(n):
+        b = rng.integers(0, 3, n)
+        y = rng.uniform(1, 90, n)
+        return y, y + rng.normal(0, 1 + 4 * b), b  # bin 2 is four times noisier than bin 0
+
+    widths = conformal.fit(*sample(3000), n_bins=3)
+    assert widths["per_bin"][0] < widths["per_bin"][1] < widths["per_bin"][2]
+    y, pred, b = sample(20000)
+    low, high = conformal.interval(pred, b, widths)
+    for k in range(3):
+        cov = conformal.coverage(y[b == k], low[b == k], high[b == k])["coverage"]
+        assert 0.88 <= cov <= 0.92, (k, cov)
+    # a bin with too few validation faces falls back to the global half-width
+    y, pred, b = sample(300)
+    b[b == 2] = 1
+    b[:5] = 2
+    small = conformal.fit(y, pred, b, n_bins=3, min_count=30)
+    assert small["per_bin"][2] == small["global"] and small["val_counts"][2] == 5
+    # too few faces for the quantile: an infinite (honest) interval, not a made-up one
+    assert conformal.conformal_quantile(np.ones(5), 0.1) == np.inf

@@ -190,6 +190,9 @@ def face_predictions(models, faces: np.ndarray) -> list[dict]:
                 "bin": models.bin_labels[int(age["bin"][i])],
                 "bin_probabilities": _dist(models.bin_labels, age["bin_probabilities"][i]),
             }
+            if "interval" in age:  # 90 % split-conformal interval (age.json "interval")
+                low, high = age["interval"]
+                rec["age"]["interval"] = [round(float(low[i]), 1), round(float(high[i]), 1)]
         out.append(rec)
     return out
 

@@ -27,6 +27,7 @@ from ..engine import predict as engine_predict
 from ..io import write_json_atomic, write_with
 from ..metrics import softmax
 from ..model import FaceResNet
+from . import conformal
 from . import direct as directmod
 from .bins import bin_labels
 from .regress import BinRegressors, route
@@ -53,6 +54,7 @@ class AgeModel:
     direct: FaceResNet | None = None
     clip: tuple[float, float] = (1.0, 100.0)
     batch_size: int = 512
+    interval: dict | None = None  # split-conformal half-widths (age.conformal), fitted on val
 
     @property
     def bin_labels(self) -> list[str]:
@@ -126,11 +128,14 @@ class AgeModel:
             value, probs = t[routing or self.routing], t["bin_probabilities"]
         else:
             raise CheckpointError(f"unknown age approach {approach!r}; use one of {APPROACHES}")
-        return {
+        out = {
             "value": value.astype(np.float64),
             "bin": probs.argmax(1),
             "bin_probabilities": probs,
         }
+        if self.interval is not None and approach == self.approach:
+            out["interval"] = conformal.interval(out["value"], out["bin"], self.interval)
+        return out
 
 
 def save_age_model(
@@ -162,6 +167,7 @@ def save_age_model(
         "clip": list(model.clip),
         "regressors": model.regressors.settings(),
         "direct": model.direct is not None,
+        "interval": model.interval,
         **info,
     }
     write_json_atomic(age_dir / AGE_JSON, meta)
@@ -227,6 +233,7 @@ def load_age_model(run_dir: str | Path, device: str | torch.device = "cpu") -> A
             approach=meta["approach"],
             direct=direct,
             clip=tuple(meta["clip"]),
+            interval=meta.get("interval"),
         )
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f"{age_dir}: inconsistent age model: {e}") from None

@@ -18,6 +18,7 @@ import numpy as np
 from ..dataset import FaceSet
 from ..labels import ETHNICITIES, GENDERS
 from ..metrics import classification_report, per_group
+from . import conformal
 from .bins import assign_bins
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,23 @@ def evaluate_age(
         model.clip,
     )
     metrics["split"] = split
+    metrics["interval"] = None
+    if model.interval is not None:
+        direct = model.approach == "direct"
+        value = pred["direct"] if direct else pred[model.routing]
+        probs = pred["direct_bin_probabilities" if direct else "bin_probabilities"]
+        low, high = conformal.interval(value, probs.argmax(1), model.interval)
+        metrics["interval"] = {
+            "alpha": model.interval["alpha"],
+            **conformal.coverage(age, low, high),
+            "per_bin": {
+                label: conformal.coverage(age[m], low[m], high[m])
+                for label, m in (
+                    (label, assign_bins(age, model.edges) == k)
+                    for k, label in enumerate(model.bin_labels)
+                )
+            },
+        }
     if out_dir is not None:
         out_dir = Path(out_dir)
         grid = np.random.default_rng(seed).choice(len(sub), min(GRID_SIZE, len(sub)), replace=False)

@@ -28,6 +28,7 @@ from ..engine import evaluate_heads
 from ..engine import predict as engine_predict
 from ..exceptions import FaceattrsError
 from ..io import write_json_atomic
+from . import conformal
 from . import direct as directmod
 from .bins import assign_bins, bin_labels, check_edges, quantile_edges
 from .bundle import AGE_JSON, COARSE_HEAD, AgeModel, save_age_model
@@ -156,6 +157,9 @@ def train_age(
         model.approach = "direct" if better else "two_stage"
     selection["approach"] = model.approach
     log.info("age model on validation: %s; default %s", selection, model.approach)
+    # 90 % prediction intervals of the default approach, split-conformal on validation.
+    val_default = model.predict(val.images)
+    model.interval = conformal.fit(val.age, val_default["value"], val_default["bin"], model.n_bins)
 
     save_age_model(
         out_dir,
@@ -249,6 +253,7 @@ def _headline(m: dict | None) -> dict | None:
         "mae_oracle_bins",
         "median_ae",
         "cs5",
+        "interval",
         "bin_accuracy",
         "bin_macro_f1",
     )
