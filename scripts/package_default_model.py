@@ -1,0 +1,147 @@
+"""Copy a finished training run (multitask + calibration + age/) into the package as its
+default model, with a provenance file that the tests check.
+
+    python scripts/package_default_model.py --run runs/default --data local/prepared
+
+What it writes (``src/faceattrs/assets/default_model/``, replaced as a whole: the new
+folder is built beside it and renamed into place, so a kill leaves the old or the new one):
+
+- the multitask run's ``best.*``, ``config.json`` and ``calibration.json``;
+- the age run's ``age.json``, ``coarse.*``, ``regressors.safetensors`` (and ``direct.*``
+  when it is the default approach), with the multitask link made relative (``..``) and the
+  absolute training path dropped;
+- ``provenance.json``: the commands, the training data's name and hash, the machine, the
+  test figures of the run (``eval/metrics.json``), and a check: gender / ethnicity accuracy
+  and age MAE of the packaged model on the first ``--check-n`` validation faces, which
+  ``tests/test_default_model.py`` recomputes.
+
+UTKFace, on which the model is trained, is for non-commercial research only; the
+provenance says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEST = REPO / "src" / "faceattrs" / "assets" / "default_model"
+LICENCE = (
+    "Trained on UTKFace-derived faces (the 48x48 'Age, Gender and Ethnicity Face Data' CSV "
+    "layout), which is for non-commercial research only: so are these weights."
+)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_figures(model_dir: Path, data: Path, n: int) -> dict:
+    """Accuracy of both heads and the age MAE on the first ``n`` validation faces."""
+    import numpy as np
+
+    import faceattrs
+    from faceattrs.prepare import load_faces
+
+    faces = load_faces(data)
+    val = faces.take(faces.indices("val")[:n])
+    analyzer = faceattrs.FaceAnalyzer(model=model_dir)
+    records = analyzer.analyze(list(val.images), detect=False)  # the chips are the faces
+    gender = [r["gender"]["label"] for r in records]
+    eth = [r["ethnicity"]["label"] for r in records]
+    from faceattrs.labels import ETHNICITIES, GENDERS
+
+    age = np.array([r["age"]["value"] for r in records])
+    return {
+        "split": "val",
+        "first_n": int(len(val)),
+        "gender_accuracy": float(np.mean([GENDERS[g] == p for g, p in zip(val.gender, gender)])),
+        "ethnicity_accuracy": float(np.mean([ETHNICITIES[e] == p for e, p in zip(val.ethnicity, eth)])),
+        "age_mae": float(np.mean(np.abs(age - val.age))),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", type=Path, required=True, help="multitask run folder with age/")
+    ap.add_argument("--data", type=Path, required=True, help="the prepared data it was trained on")
+    ap.add_argument("--csv", type=Path, default=REPO.parent / "shared/data/utkface48.csv.gz")
+    ap.add_argument("--check-n", type=int, default=512)
+    ap.add_argument("--command", default="", help="the training commands, for the record")
+    args = ap.parse_args()
+
+    run, age = args.run, args.run / "age"
+    for f in ("best.json", "best.safetensors", "config.json", "calibration.json"):
+        if not (run / f).exists():
+            sys.exit(f"package_default_model: {run / f} is missing")
+    if not (age / "age.json").exists():
+        sys.exit(f"package_default_model: {age / 'age.json'} is missing (run train-age)")
+
+    tmp = DEST.with_name(".default_model.new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "age").mkdir(parents=True)
+    for f in ("best.json", "best.safetensors", "calibration.json"):
+        shutil.copy2(run / f, tmp / f)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["data"] = args.csv.name  # the training data's name, not this machine's path
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+    meta = json.loads((age / "age.json").read_text())
+    meta["multitask"] = ".."
+    meta.pop("multitask_absolute", None)
+    meta.pop("data", None)
+    names = ["coarse.json", "coarse.safetensors", "regressors.safetensors"]
+    if meta["approach"] == "direct":
+        names += ["direct.json", "direct.safetensors"]
+    else:
+        meta["direct"] = False  # the two-stage model is the default: leave the direct head out
+    for f in names:
+        shutil.copy2(age / f, tmp / "age" / f)
+    (tmp / "age" / "age.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    test = {}
+    for name, path in (("multitask", run / "eval" / "metrics.json"), ("age", age / "metrics.json")):
+        if path.exists():
+            test[name] = str(path)
+    prov = {
+        "licence": LICENCE,
+        "commands": args.command,
+        "trained_at_commit": commit,
+        "training_data": {
+            "name": args.csv.name,
+            "sha256": sha256(args.csv) if args.csv.exists() else None,
+        },
+        "machine": {"processor": platform.processor() or platform.machine(), "cores": 2},
+        "check": check_figures(tmp, args.data, args.check_n),
+    }
+    (tmp / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
+
+    old = DEST.with_name(".default_model.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if DEST.exists():
+        DEST.rename(old)
+    tmp.rename(DEST)
+    shutil.rmtree(old, ignore_errors=True)
+    size = sum(p.stat().st_size for p in DEST.rglob("*") if p.is_file())
+    print(f"default model: {DEST} ({size / 1e6:.1f} MB); check {prov['check']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

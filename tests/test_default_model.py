@@ -1,0 +1,74 @@
+"""The default model shipped inside the package: it loads with no --model, predicts the
+sample photo offline, is small, and reproduces the figures recorded when it was packaged
+(scripts/package_default_model.py) on a fixed slice of the real data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from faceattrs import bundle
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "examples" / "astronaut.jpg"
+DEFAULT = bundle.DEFAULT_MODEL_DIR
+
+
+def test_default_model_is_shipped_small_and_self_contained():
+    files = [p for p in DEFAULT.rglob("*") if p.is_file()]
+    names = {str(p.relative_to(DEFAULT)) for p in files}
+    for f in ("best.json", "best.safetensors", "calibration.json", "provenance.json"):
+        assert f in names, f
+    assert {"age/age.json", "age/coarse.safetensors", "age/regressors.safetensors"} <= names
+    assert sum(p.stat().st_size for p in files) < 50e6
+    assert not any(p.suffix in (".pt", ".pth", ".pkl", ".npz") for p in files)  # no pickles
+    age = json.loads((DEFAULT / "age" / "age.json").read_text())
+    assert age["multitask"] == ".." and "multitask_absolute" not in age  # nothing outside
+    assert age["interval"]["alpha"] == 0.1 and len(age["interval"]["per_bin"]) == len(
+        age["bin_labels"]
+    )
+    prov = json.loads((DEFAULT / "provenance.json").read_text())
+    assert "non-commercial" in prov["licence"]
+
+
+def test_predict_sample_photo_without_model(tmp_path, capsys):
+    from faceattrs.cli import main
+
+    out = tmp_path / "res.jsonl"
+    assert main(["predict", str(SAMPLE), "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    faces = [r for r in records if "error" not in r]
+    assert len(faces) >= 1
+    rec = faces[0]
+    assert abs(sum(rec["gender"]["probabilities"].values()) - 1) < 1e-3
+    low, high = rec["age"]["interval"]
+    assert low <= rec["age"]["value"] <= high
+
+
+def test_python_api_uses_the_default_model():
+    import faceattrs
+
+    records = faceattrs.analyze(str(SAMPLE))
+    assert records and set(records[0]) >= {"gender", "ethnicity", "age", "box"}
+
+
+def test_default_model_reproduces_its_recorded_check(shared_csv):
+    import faceattrs
+    from faceattrs.labels import ETHNICITIES, GENDERS
+    from faceattrs.prepare import load_faces
+
+    check = json.loads((DEFAULT / "provenance.json").read_text())["check"]
+    faces = load_faces(shared_csv)
+    val = faces.take(faces.indices(check["split"])[: check["first_n"]])
+    assert len(val) == check["first_n"]
+    records = faceattrs.FaceAnalyzer().analyze(list(val.images), detect=False)
+    gender = np.mean([GENDERS[g] == r["gender"]["label"] for g, r in zip(val.gender, records)])
+    eth = np.mean([ETHNICITIES[e] == r["ethnicity"]["label"] for e, r in zip(val.ethnicity, records)])
+    mae = np.mean(np.abs(np.array([r["age"]["value"] for r in records]) - val.age))
+    # Tolerance: another CPU's kernels may flip a borderline face or two.
+    assert gender == pytest.approx(check["gender_accuracy"], abs=3 / len(val))
+    assert eth == pytest.approx(check["ethnicity_accuracy"], abs=3 / len(val))
+    assert mae == pytest.approx(check["age_mae"], abs=0.05)
