@@ -1,0 +1,112 @@
+"""Markdown tables for docs/MODEL_CARD.md from an evaluation's metrics.json.
+
+    faceattrs evaluate --data ../shared/data/utkface48.csv.gz --split test --out local/eval_default
+    python scripts/model_card_tables.py local/eval_default/metrics.json
+
+Prints the targets of the default model (issue 11) beside the reference's figures and the
+measured value, then per-group tables (gender accuracy, ethnicity recall, age MAE by
+ethnicity, gender and age group) and the age interval's coverage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# (name, key path, reference figure, target, higher is better)
+TARGETS = [
+    ("gender accuracy", ("gender", "accuracy"), "0.917", 0.925, True),
+    ("gender ROC AUC", ("gender", "auc"), "> 0.97", 0.975, True),
+    ("ethnicity accuracy", ("ethnicity", "accuracy"), "0.79", 0.80, True),
+    ("ethnicity macro-F1", ("ethnicity", "macro_f1"), "0.723", 0.75, True),
+    ("age MAE, honest routing (years)", ("age", "default_mae"), "3-4 (oracle bins)", 5.5, False),
+    ("age CS@5", ("age", "cs5"), "-", 0.60, True),
+    ("age 6-bin accuracy", ("age", "bin_accuracy"), "0.58", 0.60, True),
+    (
+        "largest gender-accuracy gap across ethnicities",
+        ("fairness", "gender_accuracy", "by_ethnicity", "max_gap"),
+        "-",
+        0.05,
+        False,
+    ),
+]
+
+
+def get(m: dict, path):
+    for k in path:
+        m = m[k]
+    return m
+
+
+def group_table(title: str, block: dict, fmt: str = "{:.3f}") -> list[str]:
+    rows = [f"**{title}** (largest gap {fmt.format(block['max_gap'])})", "", "| group | value | n |"]
+    rows.append("|---|---|---|")
+    for name, g in block["groups"].items():
+        rows.append(f"| {name} | {fmt.format(g['value'])} | {g['n']} |")
+    return rows + [""]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("metrics", type=Path)
+    m = json.loads(ap.parse_args().metrics.read_text())
+    out = [
+        f"Split: {m['split']}, {m['n']} faces.",
+        "",
+        "| measure | reference | target | measured | met |",
+        "|---|---|---|---|---|",
+    ]
+    for name, path, ref, target, higher in TARGETS:
+        try:
+            v = get(m, path)
+        except (KeyError, TypeError):
+            out.append(f"| {name} | {ref} | {target} | n/a | - |")
+            continue
+        met = v >= target if higher else v <= target
+        sign = ">=" if higher else "<="
+        out.append(f"| {name} | {ref} | {sign} {target} | {v:.4g} | {'yes' if met else 'no'} |")
+    out.append("")
+    fair = m["fairness"]
+    for what in ("by_ethnicity", "by_gender", "by_age_group"):
+        out += group_table(f"gender accuracy {what.replace('_', ' ')}", fair["gender_accuracy"][what])
+        out += group_table(
+            f"ethnicity recall {what.replace('_', ' ')}", fair["ethnicity_recall"][what]
+        )
+    age = m.get("age") or {}
+    for key in ("mae_per_ethnicity", "mae_per_gender", "mae_per_age_group"):
+        if key in age:
+            out += group_table(f"age MAE {key[8:].replace('_', ' ')}", age[key], "{:.2f}")
+    if age.get("mae_per_bin"):
+        out += ["**age MAE per true bin** (hard / soft routing / oracle bin)", "",
+                "| bin | n | hard | soft | oracle |", "|---|---|---|---|---|"]  # fmt: skip
+        for label, r in age["mae_per_bin"].items():
+            out.append(
+                f"| {label} | {r['n']} | {r['hard']:.2f} | {r['soft']:.2f} | {r['oracle']:.2f} |"
+            )
+        out.append("")
+    iv = age.get("interval")
+    if iv:
+        out += [
+            f"**90 % age interval** (split-conformal on validation): coverage {iv['coverage']:.3f}, "
+            f"mean width {iv['mean_width']:.1f} years",
+            "",
+            "| true bin | coverage | mean width | n |",
+            "|---|---|---|---|",
+        ]
+        for label, r in iv["per_bin"].items():
+            out.append(f"| {label} | {r['coverage']:.3f} | {r['mean_width']:.1f} | {r['n']} |")
+        out.append("")
+    for head in ("gender", "ethnicity"):
+        h = m[head]
+        if "ece_calibrated" in h:
+            out.append(
+                f"- {head}: ECE {h['ece']:.4f} raw, {h['ece_calibrated']:.4f} after temperature "
+                f"{h['temperature']:.3f} (fitted on validation)"
+            )
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
