@@ -40,7 +40,11 @@ def get(m: dict, path):
 
 
 def group_table(title: str, block: dict, fmt: str = "{:.3f}") -> list[str]:
-    rows = [f"**{title}** (largest gap {fmt.format(block['max_gap'])})", "", "| group | value | n |"]
+    rows = [
+        f"**{title}** (largest gap {fmt.format(block['max_gap'])})",
+        "",
+        "| group | value | n |",
+    ]
     rows.append("|---|---|---|")
     for name, g in block["groups"].items():
         rows.append(f"| {name} | {fmt.format(g['value'])} | {g['n']} |")
@@ -69,7 +73,9 @@ def main() -> int:
     out.append("")
     fair = m["fairness"]
     for what in ("by_ethnicity", "by_gender", "by_age_group"):
-        out += group_table(f"gender accuracy {what.replace('_', ' ')}", fair["gender_accuracy"][what])
+        out += group_table(
+            f"gender accuracy {what.replace('_', ' ')}", fair["gender_accuracy"][what]
+        )
         out += group_table(
             f"ethnicity recall {what.replace('_', ' ')}", fair["ethnicity_recall"][what]
         )

@@ -65,8 +65,8 @@ def check_figures(model_dir: Path, data: Path, n: int) -> dict:
     return {
         "split": "val",
         "first_n": int(len(val)),
-        "gender_accuracy": float(np.mean([GENDERS[g] == p for g, p in zip(val.gender, gender)])),
-        "ethnicity_accuracy": float(np.mean([ETHNICITIES[e] == p for e, p in zip(val.ethnicity, eth)])),
+        "gender_accuracy": float(np.mean(np.array(GENDERS)[val.gender] == np.array(gender))),
+        "ethnicity_accuracy": float(np.mean(np.array(ETHNICITIES)[val.ethnicity] == np.array(eth))),
         "age_mae": float(np.mean(np.abs(age - val.age))),
     }
 
