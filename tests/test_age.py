@@ -11,7 +11,8 @@ from conftest import synthetic_faceset
 
 from faceattrs.age import bins as binsmod
 from faceattrs.age import regress
-from faceattrs.age.bundle import AgeModel, load_age_model, resolve_bundle, save_age_model
+from faceattrs.age.bundle import AgeModel, save_age_model
+from faceattrs.bundle import load_age_model, resolve_bundle
 from faceattrs.age.config import AgeConfig
 from faceattrs.age.direct import dldl_loss, expected_age, mean_variance_loss
 from faceattrs.age.evaluate import age_metrics, evaluate_age
@@ -234,7 +235,8 @@ def test_resolve_bundle_without_age_and_errors(tmp_path):
     assert load_age_model(mt) is None
     with pytest.raises(CheckpointError, match="not a model folder"):
         resolve_bundle(tmp_path)
-    # An age run elsewhere refers to its multitask run; a moved-away one says so clearly.
+    # An age run elsewhere refers to its multitask run by a relative path; a moved-away
+    # one says so clearly.
     save_age_model(tmp_path / "elsewhere" / "age", _tiny_age_model(direct=False), mt, {})
     assert resolve_bundle(tmp_path / "elsewhere" / "age")[0] == mt.resolve()
     meta = json.loads((tmp_path / "elsewhere" / "age" / "age.json").read_text())

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .augment import normalise
+from .inputs import normalise
+from .metrics import scores_from_confusion
 
 Batch = dict[str, torch.Tensor]
 # loss_fn(outputs, batch) -> loss, or (loss, {"part": scalar tensor}) to log the parts
@@ -128,22 +129,6 @@ def train_one_epoch(
 def confusion(pred: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
     """``(K, K)`` counts, rows = true class, columns = predicted class."""
     return torch.bincount(target.long() * k + pred.long(), minlength=k * k).reshape(k, k)
-
-
-def scores_from_confusion(cm: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro-F1 (mean over classes present in truth or prediction).
-
-    >>> scores_from_confusion(np.array([[2, 0], [1, 1]]))
-    {'accuracy': 0.75, 'macro_f1': 0.7333333333333334}
-    """
-    cm = np.asarray(cm, dtype=np.float64)
-    tp = np.diag(cm)
-    support, predicted = cm.sum(1), cm.sum(0)
-    denom = support + predicted
-    present = denom > 0
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=present)
-    acc = tp.sum() / max(cm.sum(), 1.0)
-    return {"accuracy": float(acc), "macro_f1": float(f1[present].mean()) if present.any() else 0.0}
 
 
 @torch.no_grad()

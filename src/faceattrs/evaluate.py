@@ -12,7 +12,6 @@ results in ``runs/paper/eval``); ``faceattrs evaluate --model runs/paper --data 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -20,8 +19,8 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from .calibrate import expected_calibration_error, load_temperatures, reliability_bins
-from .checkpoint import load_model, multitask_dir
+from .bundle import resolve
+from .calibrate import expected_calibration_error, reliability_bins
 from .dataset import FaceSet
 from .engine import predict
 from .exceptions import FaceattrsError
@@ -47,15 +46,7 @@ def data_path(model_dir: str | Path, data: str | Path | None) -> Path:
     """``--data`` when given, else the ``"data"`` recorded in the run's ``config.json``."""
     if data is not None:
         return Path(data)
-    model_dir = multitask_dir(model_dir)
-    cfg = Path(model_dir) / "config.json"
-    recorded = json.loads(cfg.read_text()).get("data") if cfg.exists() else None
-    if not isinstance(recorded, str):
-        raise FaceattrsError(f"{cfg} records no data path: pass --data PREPARED_FOLDER_or_CSV")
-    path = Path(recorded)
-    if not path.exists() and (Path(model_dir) / path).exists():
-        path = Path(model_dir) / path
-    return path
+    return resolve(model_dir).recorded_data()
 
 
 def load_data(model_dir: str | Path, data: str | Path | None, split: str) -> FaceSet:
@@ -145,13 +136,14 @@ def evaluate_run(
     """
     from .plots import evaluate as plots
 
+    bundle = resolve(model_dir)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    model, meta = load_model(model_dir, device=device)
+    model, meta = bundle.load_multitask(device)
     sub = faces.subset(split)
     if len(sub) == 0:
         raise FaceattrsError(f"no rows in split {split!r} to evaluate")
     logits = predict(model, sub.images)
-    temps = load_temperatures(multitask_dir(model_dir))
+    temps = bundle.temperatures
     names = meta["class_names"]
     result = {"model": str(model_dir), "split": split, "n": len(sub), "calibrated": bool(temps)}
     for head in ("gender", "ethnicity"):
@@ -159,7 +151,7 @@ def evaluate_run(
     pred = {h: logits[h].argmax(1) for h in ("gender", "ethnicity")}
     result["fairness"] = fairness_report(sub, pred, min_group)
     result["figures"] = _figures(plots, result, sub, logits, temps, names, out_dir, n_grid, seed)
-    age = _evaluate_age(model_dir, meta, faces, split, out_dir)
+    age = _evaluate_age(bundle, faces, split, out_dir)
     if age is not None:
         result["age"] = age
     write_npz(
@@ -216,20 +208,15 @@ def _figures(plots, result, sub, logits, temps, names, out_dir, n_grid, seed) ->
     return {k: Path(v).name for k, v in figs.items()}
 
 
-def _evaluate_age(model_dir: Path, meta: dict, faces: FaceSet, split: str, out_dir: Path):
-    """AGE HOOK, owned by the age stage (faceattrs.age), not implemented here.
+def _evaluate_age(bundle, faces: FaceSet, split: str, out_dir: Path):
+    """The age model's metrics (``faceattrs.age.evaluate_age``) when the bundle holds one,
+    for ``metrics.json["age"]``; its figures land in ``out_dir/age`` where the report
+    finds them. None without an age model."""
+    from .age import evaluate_age  # the age stage sits above this one
 
-    When the run holds an age model (``RUN/age/`` or ``"age"`` in the checkpoint JSON),
-    call ``faceattrs.age.evaluate_age(model_dir, faces, split, out_dir / "age")`` and put
-    its returned dict into ``metrics.json`` under ``"age"``. Its figures land in
-    ``out_dir/age`` where the report finds them.
-    """
-    from .age import evaluate_age, resolve_bundle
-
-    age_dir = resolve_bundle(model_dir)[1] if model_dir.is_dir() else None
-    if age_dir is None and not meta.get("age"):
+    if bundle.age_dir is None:
         return None
-    return evaluate_age(age_dir or model_dir, faces, split, out_dir / "age")
+    return evaluate_age(bundle.age_dir, faces, split, out_dir / "age")
 
 
 def write_npz(path: Path, **arrays) -> None:

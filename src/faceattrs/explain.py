@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment import normalise
-from .calibrate import apply_temperatures, load_temperatures
-from .checkpoint import load_model
+from .inputs import normalise
+from .bundle import resolve
+from .calibrate import apply_temperatures
 from .dataset import FaceSet
 from .engine import predict
 from .evaluate import HEAD_LETTER, write_npz
@@ -146,8 +146,9 @@ def explain_photo(
     if not found:
         raise FaceattrsError(f"no face found in {photo}")
     crops = np.stack([np.asarray(f.crop, dtype=np.uint8) for f in found])
-    model, meta = load_model(model_dir, device=device)
-    ex = explain_faces(model, crops, load_temperatures(model_dir))
+    bundle = resolve(model_dir)
+    model, meta = bundle.load_multitask(device)
+    ex = explain_faces(model, crops, bundle.temperatures)
     names = meta["class_names"]
     boxes = [[int(v) for v in f.box] for f in found]
     stem = photo.stem
@@ -223,8 +224,9 @@ def explain_misclassified(
 
     classes = parse_classes(classes)
     out_dir, sub = Path(out_dir), faces.subset(split)
-    model, meta = load_model(model_dir, device=device)
-    temps, names = load_temperatures(model_dir), meta["class_names"]
+    bundle = resolve(model_dir)
+    model, meta = bundle.load_multitask(device)
+    temps, names = bundle.temperatures, meta["class_names"]
     logits = predict(model, sub.images)
     probs = apply_temperatures({"ethnicity": logits["ethnicity"]}, temps)["ethnicity"]
     ids = [ETHNICITIES.index(c) for c in classes]

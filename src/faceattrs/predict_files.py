@@ -23,11 +23,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .checkpoint import load_model
 from .exceptions import FaceattrsError
 from .io import atomic_path, write_with
 from .photo import PhotoConfig
-from .predict import HEADS, FaceAnalyzer
+from .predict import FaceAnalyzer
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ def expand_inputs(args: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
 def record_columns(models) -> list[str]:
     """CSV columns: one per scalar of a record (probabilities flattened)."""
     cols = ["file", "image", "face", "x", "y", "w", "h", "score", "detection"]
-    for h in HEADS:
+    for h in models.class_names:
         cols += [h] + [f"{h}_p_{n}" for n in models.class_names[h]]
     if models.bin_labels:
         cols += ["age", "age_bin"] + [f"age_p_{b}" for b in models.bin_labels]
@@ -76,8 +75,7 @@ def record_columns(models) -> list[str]:
 def flat_record(rec: dict) -> dict:
     row = {k: rec.get(k) for k in ("file", "image", "face", "score", "detection", "error")}
     row.update(zip("xywh", rec.get("box", ()), strict=False))
-    for h in HEADS:
-        if rec.get(h):
+    for h in _heads(rec):
             row[h] = rec[h]["label"]
             row.update({f"{h}_p_{n}": p for n, p in rec[h]["probabilities"].items()})
     if rec.get("age"):
@@ -114,13 +112,18 @@ def record_writer(path: str | os.PathLike | None, models) -> Iterator[Callable[[
 # ---------------------------------------------------------------- pictures
 
 
+def _heads(rec: dict) -> list[str]:
+    """The classification heads of a face record, in order (``gender``, ``ethnicity``, ...)."""
+    return [k for k, v in rec.items() if isinstance(v, dict) and "probabilities" in v and k != "age"]
+
+
 def label_lines(rec: dict) -> list[str]:
-    """``["0: Female 0.97", "White 0.81", "31 y"]`` for a face record."""
-    g, e = rec["gender"], rec["ethnicity"]
-    lines = [
-        f"{rec['face']}: {g['label']} {g['probabilities'][g['label']]:.2f}",
-        f"{e['label']} {e['probabilities'][e['label']]:.2f}",
-    ]
+    """``["0: Female 0.97", "White 0.81", "31 y"]`` for a face record (one line per head)."""
+    lines = []
+    for i, h in enumerate(_heads(rec)):
+        label = rec[h]["label"]
+        prefix = f"{rec['face']}: " if i == 0 else ""
+        lines.append(f"{prefix}{label} {rec[h]['probabilities'][label]:.2f}")
     if rec.get("age"):
         lines.append(f"{rec['age']['value']:.0f} y")
     return lines
@@ -174,16 +177,17 @@ class Explainer:
         self.grad_cam, self.smooth = grad_cam, smooth
         model = getattr(models, "model", None)
         if model is None:  # the onnx backend: Grad-CAM needs the PyTorch model
-            source = getattr(models, "source", None)
-            if not source or not Path(source, "best.json").exists():
-                raise FaceattrsError("--explain needs the PyTorch model: pass the run folder")
-            model, _ = load_model(source)
+            try:
+                model, _ = models.bundle.torch_bundle().load_multitask()
+            except FaceattrsError:
+                raise FaceattrsError("--explain needs the PyTorch model: pass the run folder") from None
         self.model = model
+        self.heads = list(models.class_names)
 
     def save(self, crops: np.ndarray, records: list[dict], out_stem: Path) -> list[Path]:
         """Write ``OUT_STEM_face<i>.png`` for each face; ``crops``: uint8 (N, 48, 48)."""
         cams = {}
-        for h in HEADS:
+        for h in self.heads:
             names = list(records[0][h]["probabilities"])
             target = np.array([names.index(r[h]["label"]) for r in records])
             cams[h] = self.grad_cam(self.model, crops, h, target=target)
@@ -192,7 +196,7 @@ class Explainer:
             big = cv2.resize(crop, (PANEL, PANEL), interpolation=cv2.INTER_CUBIC)
             face = cv2.cvtColor(big, cv2.COLOR_GRAY2RGB)
             panels = [_caption(face, f"face {rec['face']}")]
-            for h in HEADS:
+            for h in self.heads:
                 cam = (self.smooth(cams[h][i], PANEL) * 255).astype(np.uint8)
                 heat = cv2.applyColorMap(cam, cv2.COLORMAP_JET)[..., ::-1]
                 p = rec[h]["probabilities"][rec[h]["label"]]

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..exceptions import FaceattrsError
+from ..postprocess import year_probs_to_bins  # noqa: F401  (re-exported)
 from .bins import assign_bins
 
 HEAD = "age"  # name of the direct head in FaceResNet
@@ -82,12 +83,3 @@ def make_loss(cfg):
             lg, a, cfg.direct_mean_weight, cfg.direct_var_weight
         )
     raise FaceattrsError(f"unknown direct age loss {cfg.direct_loss!r}; use one of {LOSSES}")
-
-
-def year_probs_to_bins(probs: np.ndarray, edges) -> np.ndarray:
-    """Per-year probabilities ``(N, Y)`` -> bin probabilities ``(N, K)`` (summed per bin)."""
-    bins = assign_bins(np.arange(probs.shape[1]), edges)
-    out = np.zeros((len(probs), len(edges) + 1), dtype=np.float64)
-    for k in range(out.shape[1]):
-        out[:, k] = probs[:, bins == k].sum(1)
-    return out

@@ -138,7 +138,8 @@ def evaluate_age(
     ``age_metrics.json`` next to them.
     """
     from ..io import write_json_atomic
-    from .bundle import AgeModel, load_age_model
+    from ..bundle import load_age_model
+    from .bundle import AgeModel
 
     if not isinstance(model, AgeModel):
         loaded = load_age_model(model)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import config as cfgmod
-from ..checkpoint import load_model
+from ..bundle import resolve
 from ..dataset import FaceSet
 from ..engine import evaluate_heads
 from ..engine import predict as engine_predict
@@ -69,7 +69,9 @@ def train_age(
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    mt_model, mt_meta = load_model(multitask_dir, "best", "cpu")
+    mt_bundle = resolve(multitask_dir)  # a run folder (or an age run: its multitask run)
+    multitask_dir = mt_bundle.source
+    mt_model, mt_meta = mt_bundle.load_multitask("cpu")
     train, val = faces.subset("train"), faces.subset("val")
     if len(train) == 0 or len(val) == 0:
         raise FaceattrsError("the age stage needs faces in the train and val splits")

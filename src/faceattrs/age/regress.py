@@ -29,26 +29,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..exceptions import FaceattrsError
+from ..postprocess import ROUTINGS, route, route_by_bin
 from .bins import assign_bins
 
 log = logging.getLogger(__name__)
 
-ROUTINGS = ("hard", "soft")
-
-
-def route(bin_probs: np.ndarray, per_bin: np.ndarray, routing: str) -> np.ndarray:
-    """Combine per-bin predictions ``(N, K)`` with bin probabilities ``(N, K)`` -> ``(N,)``."""
-    if routing == "hard":
-        return route_by_bin(per_bin, np.argmax(bin_probs, axis=1))
-    if routing == "soft":
-        return np.sum(bin_probs * per_bin, axis=1)
-    raise FaceattrsError(f"unknown age routing {routing!r}; use one of {ROUTINGS}")
-
-
-def route_by_bin(per_bin: np.ndarray, bins: np.ndarray) -> np.ndarray:
-    """The prediction of bin ``bins[i]``'s regressor for each face."""
-    return per_bin[np.arange(len(per_bin)), np.asarray(bins)]
-
+__all__ = ["ROUTINGS", "BinRegressors", "route", "route_by_bin", "train_regressors"]
 
 class BinRegressors(nn.Module):
     """``K`` independent MLPs on a ``(B, D)`` embedding -> ``(B, K)`` ages in years.
