@@ -135,8 +135,8 @@ def bn_folding(model: str, crops: np.ndarray, batch_size: int, reps: int = 3) ->
     the convs (what ``TorchBackend`` does), fp32 and bf16, runs alternated."""
     import copy
 
-    from faceattrs.inputs import normalise
     from faceattrs.bundle import resolve
+    from faceattrs.inputs import normalise
     from faceattrs.model import fuse_batchnorm
 
     plain = resolve(model).load_multitask()[0].eval().to(memory_format=torch.channels_last)

@@ -12,10 +12,10 @@ from conftest import synthetic_faceset
 from faceattrs.age import bins as binsmod
 from faceattrs.age import regress
 from faceattrs.age.bundle import AgeModel, save_age_model
-from faceattrs.bundle import load_age_model, resolve_bundle
 from faceattrs.age.config import AgeConfig
 from faceattrs.age.direct import dldl_loss, expected_age, mean_variance_loss
 from faceattrs.age.evaluate import age_metrics, evaluate_age
+from faceattrs.bundle import load_age_model, resolve_bundle
 from faceattrs.checkpoint import CheckpointError, save_checkpoint
 from faceattrs.exceptions import FaceattrsError
 from faceattrs.model import FaceResNet, ModelConfig

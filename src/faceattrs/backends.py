@@ -11,7 +11,6 @@ A new backend implements these four attributes and two methods, and is added to
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -58,7 +57,9 @@ class TorchBackend:
             raise FaceattrsError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         self.bundle = resolve(model)
         if self.bundle.kind == "onnx":
-            raise FaceattrsError(f"{self.bundle.path} is an ONNX export: use it with --backend onnx")
+            raise FaceattrsError(
+                f"{self.bundle.path} is an ONNX export: use it with --backend onnx"
+            )
         self.device, self.dtype = torch.device(device), dtype
         self.model, self.meta = self.bundle.load_multitask(self.device)
         self.class_names = {h: list(v) for h, v in self.bundle.heads.items()}
@@ -151,5 +152,3 @@ class OnnxBackend:
             return age_prediction("direct", year_logits=year_logits, **kw)
         bin_logits, per_bin = self.two_stage.run(None, {"faces": faces})
         return age_prediction("two_stage", bin_logits=bin_logits, per_bin=per_bin, **kw)
-
-

@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .age.bundle import AGE_JSON, FORMAT as AGE_FORMAT, AgeModel
+from .age.bundle import AGE_JSON, AgeModel
+from .age.bundle import FORMAT as AGE_FORMAT
 from .age.regress import BinRegressors
 from .checkpoint import CheckpointError, load_model, load_weights, read_meta
 from .exceptions import FaceattrsError

@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from . import config as cfgmod
 from .exceptions import FaceattrsError
-from .io import write_json_atomic, write_with
 from .inputs import IMAGE_SIZE, NORMALISATION, class_names
+from .io import write_json_atomic, write_with
 from .model import FaceResNet, ModelConfig
 
 

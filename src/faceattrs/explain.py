@@ -20,13 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .inputs import normalise
 from .bundle import resolve
 from .calibrate import apply_temperatures
 from .dataset import FaceSet
 from .engine import predict
 from .evaluate import HEAD_LETTER, write_npz
 from .exceptions import FaceattrsError
+from .inputs import normalise
 from .io import write_json_atomic
 from .labels import ETHNICITIES, IMAGE_SIZE
 

@@ -199,7 +199,9 @@ def open_onnx(model: Bundle | str | Path | None, age: bool = True, threads: int 
     if bundle.kind == "onnx":
         return OnnxBackend(bundle, age, threads)
     tmp = tempfile.TemporaryDirectory(prefix="faceattrs-onnx-")
-    log.info("exporting %s to ONNX in %s (use `faceattrs export` to keep it)", bundle.path, tmp.name)
+    log.info(
+        "exporting %s to ONNX in %s (use `faceattrs export` to keep it)", bundle.path, tmp.name
+    )
     export_onnx(bundle, tmp.name)
     backend = OnnxBackend(tmp.name, age, threads)
     backend._tmp = tmp

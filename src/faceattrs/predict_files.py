@@ -76,8 +76,8 @@ def flat_record(rec: dict) -> dict:
     row = {k: rec.get(k) for k in ("file", "image", "face", "score", "detection", "error")}
     row.update(zip("xywh", rec.get("box", ()), strict=False))
     for h in _heads(rec):
-            row[h] = rec[h]["label"]
-            row.update({f"{h}_p_{n}": p for n, p in rec[h]["probabilities"].items()})
+        row[h] = rec[h]["label"]
+        row.update({f"{h}_p_{n}": p for n, p in rec[h]["probabilities"].items()})
     if rec.get("age"):
         row["age"], row["age_bin"] = rec["age"]["value"], rec["age"]["bin"]
         row.update({f"age_p_{b}": p for b, p in rec["age"]["bin_probabilities"].items()})
@@ -114,7 +114,9 @@ def record_writer(path: str | os.PathLike | None, models) -> Iterator[Callable[[
 
 def _heads(rec: dict) -> list[str]:
     """The classification heads of a face record, in order (``gender``, ``ethnicity``, ...)."""
-    return [k for k, v in rec.items() if isinstance(v, dict) and "probabilities" in v and k != "age"]
+    return [
+        k for k, v in rec.items() if isinstance(v, dict) and "probabilities" in v and k != "age"
+    ]
 
 
 def label_lines(rec: dict) -> list[str]:
@@ -180,7 +182,9 @@ class Explainer:
             try:
                 model, _ = models.bundle.torch_bundle().load_multitask()
             except FaceattrsError:
-                raise FaceattrsError("--explain needs the PyTorch model: pass the run folder") from None
+                raise FaceattrsError(
+                    "--explain needs the PyTorch model: pass the run folder"
+                ) from None
         self.model = model
         self.heads = list(models.class_names)
 

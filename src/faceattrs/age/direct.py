@@ -23,13 +23,11 @@ True
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..exceptions import FaceattrsError
 from ..postprocess import year_probs_to_bins  # noqa: F401  (re-exported)
-from .bins import assign_bins
 
 HEAD = "age"  # name of the direct head in FaceResNet
 LOSSES = ("dldl", "mean_variance")

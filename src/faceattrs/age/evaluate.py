@@ -137,8 +137,8 @@ def evaluate_age(
     PNGs (scatter, MAE per bin and per group, bin confusion, captioned grid) plus
     ``age_metrics.json`` next to them.
     """
-    from ..io import write_json_atomic
     from ..bundle import load_age_model
+    from ..io import write_json_atomic
     from .bundle import AgeModel
 
     if not isinstance(model, AgeModel):
