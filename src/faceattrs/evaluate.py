@@ -30,6 +30,13 @@ from .labels import ETHNICITIES, GENDERS
 log = logging.getLogger(__name__)
 
 HEAD_LETTER = {"gender": "G", "ethnicity": "E"}  # caption prefixes, as in the reference grid
+
+
+def head_letter(head: str) -> str:
+    """The caption prefix of a head (``G``, ``E``; other heads: their first letter)."""
+    return HEAD_LETTER.get(head, head[:1].upper())
+
+
 MIN_GROUP = 20  # groups smaller than this are shown but left out of the fairness gap
 
 
@@ -110,7 +117,8 @@ def captions(
     out = []
     for i in range(len(faces)):
         lines = []
-        for head, letter in HEAD_LETTER.items():
+        for head in probs:
+            letter = head_letter(head)
             k, true = int(probs[head][i].argmax()), int(getattr(faces, head)[i])
             text = f"Pred {letter}: {names[head][k]} ({probs[head][i, k]:.2f}) | True: {names[head][true]}"
             lines.append((text, k == true))
@@ -146,10 +154,14 @@ def evaluate_run(
     temps = bundle.temperatures
     names = meta["class_names"]
     result = {"model": str(model_dir), "split": split, "n": len(sub), "calibrated": bool(temps)}
-    for head in ("gender", "ethnicity"):
+    heads = [h for h in bundle.heads if hasattr(sub, h)]  # the heads the data has labels for
+    if not heads:
+        raise FaceattrsError(f"the data has labels for none of the heads {list(bundle.heads)}")
+    for head in heads:
         result[head] = head_metrics(getattr(sub, head), logits[head], names[head], temps.get(head))
-    pred = {h: logits[h].argmax(1) for h in ("gender", "ethnicity")}
-    result["fairness"] = fairness_report(sub, pred, min_group)
+    pred = {h: logits[h].argmax(1) for h in heads}
+    if {"gender", "ethnicity"} <= set(heads):
+        result["fairness"] = fairness_report(sub, pred, min_group)
     result["figures"] = _figures(plots, result, sub, logits, temps, names, out_dir, n_grid, seed)
     age = _evaluate_age(bundle, faces, split, out_dir)
     if age is not None:
@@ -162,25 +174,20 @@ def evaluate_run(
         **{f"{h}_true": getattr(sub, h) for h in pred},
     )
     write_json_atomic(out_dir / "metrics.json", result)
-    g, e = result["gender"], result["ethnicity"]
-    log.info(
-        "%s (n=%d): gender acc %.4f F1 %.4f AUC %s | ethnicity acc %.4f F1 %.4f -> %s",
-        split,
-        len(sub),
-        g["accuracy"],
-        g["macro_f1"],
-        g["auc"],
-        e["accuracy"],
-        e["macro_f1"],
-        out_dir / "metrics.json",
+    scores = " | ".join(
+        f"{h} acc {result[h]['accuracy']:.4f} F1 {result[h]['macro_f1']:.4f}"
+        + (f" AUC {result[h]['auc']}" if "auc" in result[h] else "")
+        for h in heads
     )
+    log.info("%s (n=%d): %s -> %s", split, len(sub), scores, out_dir / "metrics.json")
     return result
 
 
 def _figures(plots, result, sub, logits, temps, names, out_dir, n_grid, seed) -> dict[str, str]:
     """Write every figure into ``out_dir``; returns ``{name: file name}``."""
     figs = {}
-    for head in ("gender", "ethnicity"):
+    heads = [h for h in names if h in result]
+    for head in heads:
         r = result[head]
         figs[f"confusion_{head}"] = plots.confusion(
             r["confusion"], names[head], out_dir / f"confusion_{head}.png", head.capitalize()
@@ -192,13 +199,16 @@ def _figures(plots, result, sub, logits, temps, names, out_dir, n_grid, seed) ->
             f"{head} reliability (n={r['n']})",
             (r["ece"], r["ece_calibrated"]) if temps else (r["ece"],),
         )
-    if result["gender"]["roc"] is not None:
-        figs["roc_gender"] = plots.roc(result["gender"]["roc"], out_dir / "roc_gender.png")
-    figs["fairness"] = plots.fairness(result["fairness"], out_dir / "fairness.png")
+    for head in heads:
+        if result[head].get("roc") is not None:
+            path = out_dir / f"roc_{head}.png"
+            figs[f"roc_{head}"] = plots.roc(result[head]["roc"], path, f"{head.capitalize()} ROC")
+    if "fairness" in result:
+        figs["fairness"] = plots.fairness(result["fairness"], out_dir / "fairness.png")
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(sub), size=min(n_grid, len(sub)), replace=False))
     shown = sub.take(pick)
-    probs = {h: M.softmax(logits[h][pick], temps.get(h, 1.0)) for h in HEAD_LETTER}
+    probs = {h: M.softmax(logits[h][pick], temps.get(h, 1.0)) for h in heads}
     figs["faces"] = plots.face_grid(
         shown.images,
         captions(probs, shown, names),

@@ -24,7 +24,7 @@ from .bundle import resolve
 from .calibrate import apply_temperatures
 from .dataset import FaceSet
 from .engine import predict
-from .evaluate import HEAD_LETTER, write_npz
+from .evaluate import head_letter, write_npz
 from .exceptions import FaceattrsError
 from .inputs import normalise
 from .io import write_json_atomic
@@ -32,7 +32,6 @@ from .labels import ETHNICITIES, IMAGE_SIZE
 
 log = logging.getLogger(__name__)
 
-HEADS = ("gender", "ethnicity")
 DISPLAY_SIZE = 192  # pixels of a displayed overlay (4x the model's input)
 
 
@@ -89,10 +88,11 @@ def smooth(cam: np.ndarray, size: int = DISPLAY_SIZE) -> np.ndarray:
 
 
 def explain_faces(model, images: np.ndarray, temps: dict[str, float]) -> dict:
-    """Probabilities (temperature-scaled when calibrated) and Grad-CAM maps of both heads."""
+    """Probabilities (temperature-scaled when calibrated) and Grad-CAM maps of every head
+    of ``model`` (gender and ethnicity for the multitask model)."""
     logits = predict(model, images)
-    probs = apply_temperatures({h: logits[h] for h in HEADS}, temps)
-    cams = {h: grad_cam(model, images, h, target=probs[h].argmax(1)) for h in HEADS}
+    probs = apply_temperatures({h: logits[h] for h in model.cfg.heads}, temps)
+    cams = {h: grad_cam(model, images, h, target=probs[h].argmax(1)) for h in probs}
     return {"probs": probs, "cams": cams}
 
 
@@ -101,13 +101,13 @@ def _rows(images, ex, names, labels, truth=None) -> list[dict]:
     rows = []
     for i, face in enumerate(images):
         row = {"face": face, "label": labels[i], "cams": {}, "titles": {}, "wrong": {}}
-        for h in HEADS:
+        for h in ex["probs"]:
             k = int(ex["probs"][h][i].argmax())
             row["cams"][h] = smooth(ex["cams"][h][i])
             row["titles"][h] = (
-                f"{h} CAM\nPred {HEAD_LETTER[h]}: {names[h][k]} ({ex['probs'][h][i, k]:.2f})"
+                f"{h} CAM\nPred {head_letter(h)}: {names[h][k]} ({ex['probs'][h][i, k]:.2f})"
             )
-            row["wrong"][h] = truth is not None and k != int(truth[h][i])
+            row["wrong"][h] = truth is not None and h in truth and k != int(truth[h][i])
         rows.append(row)
     return rows
 
@@ -119,7 +119,7 @@ def _face_record(ex, names, i: int) -> dict:
             "probability": round(float(ex["probs"][h][i].max()), 4),
             "probabilities": dict(zip(names[h], ex["probs"][h][i].round(4).tolist(), strict=True)),
         }
-        for h in HEADS
+        for h in ex["probs"]
     }
 
 
@@ -156,7 +156,9 @@ def explain_photo(
     rows = _rows(crops, ex, names, [f"face {i}" for i in range(len(found))])
     plots.cam_grid(rows, out_dir / f"{stem}_gradcam.png", title=f"Grad-CAM: {photo.name}")
     write_npz(
-        out_dir / f"{stem}_gradcam.npz", **{f"{h}_cam": ex["cams"][h] for h in HEADS}, crops=crops
+        out_dir / f"{stem}_gradcam.npz",
+        **{f"{h}_cam": ex["cams"][h] for h in ex["cams"]},
+        crops=crops,
     )
     result = {
         "photo": str(photo),
@@ -242,7 +244,7 @@ def explain_misclassified(
         return result
     shown = sub.take(pick)
     ex = explain_faces(model, shown.images, temps)
-    truth = {h: getattr(shown, h) for h in HEADS}
+    truth = {h: getattr(shown, h) for h in ex["probs"] if hasattr(shown, h)}
     labels = [
         f"row {int(faces.indices(split)[i])}\nTrue G: {names['gender'][g]}, E: {names['ethnicity'][e]}"
         for i, g, e in zip(pick, shown.gender, shown.ethnicity, strict=True)
@@ -255,11 +257,11 @@ def explain_misclassified(
     write_npz(
         out_dir / f"{tag}_gradcam.npz",
         index=faces.indices(split)[pick],
-        **{f"{h}_cam": ex["cams"][h] for h in HEADS},
+        **{f"{h}_cam": ex["cams"][h] for h in ex["cams"]},
     )
     for j, i in enumerate(pick):
         rec = {"index": int(faces.indices(split)[i]), "name": str(shown.names[j])}
-        rec["true"] = {h: names[h][int(truth[h][j])] for h in HEADS}
+        rec["true"] = {h: names[h][int(truth[h][j])] for h in truth}
         result["faces"].append({**rec, **_face_record(ex, names, j)})
     result["figures"] = [f"{tag}.png"]
     write_json_atomic(out_dir / f"{tag}.json", result)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .inputs import DEFAULT_HEADS
+
 
 @dataclass
 class ModelConfig:
@@ -27,7 +29,10 @@ class ModelConfig:
     in_channels: int = 1  # grayscale input
     dropout: float = 0.35  # before each head, after LayerNorm
     blocks: tuple[int, ...] = (2, 2, 2, 2)  # BasicBlocks per stage (ResNet-18)
-    heads: dict[str, int] = field(default_factory=lambda: {"gender": 2, "ethnicity": 5})
+    # head name -> number of classes; default: gender (2) and ethnicity (5)
+    heads: dict[str, int] = field(
+        default_factory=lambda: {h: len(c) for h, c in DEFAULT_HEADS.items()}
+    )
 
 
 class StridedPointwise(nn.Conv2d):

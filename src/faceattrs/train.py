@@ -38,12 +38,14 @@ from .checkpoint import CheckpointError, read_meta, save_checkpoint
 from .dataset import FaceSet
 from .engine import evaluate_heads, train_one_epoch
 from .exceptions import FaceattrsError
+from .inputs import DEFAULT_HEADS
 from .io import write_json_atomic, write_text_atomic, write_with
 from .model import FaceResNet, ModelConfig
 
 log = logging.getLogger(__name__)
 
-HEADS = {"gender": 2, "ethnicity": 5}
+# head -> number of classes, from the input contract; a checkpoint records its own
+HEADS = {h: len(names) for h, names in DEFAULT_HEADS.items()}
 
 
 class TrainError(FaceattrsError):
@@ -225,19 +227,28 @@ def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
 # --------------------------------------------------------------------------- optimisation
 
 
-def multitask_loss(cfg: TrainConfig):
-    """``loss_fn(outputs, batch) -> (L, {"gender": CE, "ethnicity": CE})``."""
+def heads_loss(weights: dict[str, float], smoothing: dict[str, float] | None = None):
+    """``loss_fn(outputs, batch) -> (sum of weight x CE per head, {head: CE})``, one term per
+    head of ``weights`` (``batch[head]``: long class indices)."""
+    smoothing = smoothing or {}
 
     def loss_fn(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]):
-        lg = F.cross_entropy(
-            outputs["gender"], batch["gender"], label_smoothing=cfg.gender_smoothing
-        )
-        le = F.cross_entropy(
-            outputs["ethnicity"], batch["ethnicity"], label_smoothing=cfg.ethnicity_smoothing
-        )
-        return cfg.gender_weight * lg + cfg.ethnicity_weight * le, {"gender": lg, "ethnicity": le}
+        parts = {
+            h: F.cross_entropy(outputs[h], batch[h], label_smoothing=smoothing.get(h, 0.0))
+            for h in weights
+        }
+        return sum(weights[h] * parts[h] for h in weights), parts
 
     return loss_fn
+
+
+def multitask_loss(cfg: TrainConfig, heads=HEADS):
+    """L = 0.4 CE(gender) + 2.5 CE(ethnicity) (``cfg.HEAD_weight``, ``cfg.HEAD_smoothing``;
+    a head without settings: weight 1, no smoothing)."""
+    return heads_loss(
+        {h: getattr(cfg, f"{h}_weight", 1.0) for h in heads},
+        {h: getattr(cfg, f"{h}_smoothing", 0.0) for h in heads},
+    )
 
 
 def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -382,12 +393,17 @@ def load_train_state(run_dir: Path, resume: dict[str, Any], optimizer, scheduler
 
 # --------------------------------------------------------------------------- history
 
-HISTORY_FIELDS = [
-    "epoch", "lr", "seconds", "images_per_s",
-    "train_loss", "train_loss_gender", "train_loss_ethnicity", "val_loss",
-    "val_gender_accuracy", "val_gender_macro_f1",
-    "val_ethnicity_accuracy", "val_ethnicity_macro_f1", "val_score",
-]  # fmt: skip
+
+def history_fields(heads=HEADS) -> list[str]:
+    """Columns of ``history.csv``: per epoch, losses and validation scores of every head."""
+    return [
+        "epoch", "lr", "seconds", "images_per_s", "train_loss",
+        *(f"train_loss_{h}" for h in heads), "val_loss",
+        *(f"val_{h}_{m}" for h in heads for m in ("accuracy", "macro_f1")), "val_score",
+    ]  # fmt: skip
+
+
+HISTORY_FIELDS = history_fields()
 
 
 def read_history(path: Path) -> list[dict[str, str]]:
@@ -414,14 +430,15 @@ def _fmt(v: Any) -> str:
 
 
 def _split_tensors(faces: FaceSet, split: str, limit: int, seed: int, device) -> dict:
+    """Images and one label tensor per head (the FaceSet attribute of that name)."""
     idx = faces.indices(split)
     if limit and len(idx) > limit:
         rng = np.random.default_rng(_seed(seed, 3))
         idx = np.sort(rng.choice(idx, limit, replace=False))
+    labels = {h: getattr(faces, h)[idx].astype(np.int64) for h in HEADS}
     return {
         "image": torch.from_numpy(np.ascontiguousarray(faces.images[idx])).to(device),
-        "gender": torch.from_numpy(faces.gender[idx].astype(np.int64)).to(device),
-        "ethnicity": torch.from_numpy(faces.ethnicity[idx].astype(np.int64)).to(device),
+        **{h: torch.from_numpy(v).to(device) for h, v in labels.items()},
     }
 
 
@@ -542,26 +559,24 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
             channels_last=cfg.channels_last, indices=shard,
         )  # fmt: skip
         seconds = time.perf_counter() - t_epoch
-        score = (ev["gender"]["macro_f1"] + ev["ethnicity"]["macro_f1"]) / 2
+        score = sum(ev[h]["macro_f1"] for h in HEADS) / len(HEADS)
         improved = stopper.step(score, epoch)
         row = {
             "epoch": epoch, "lr": lr, "seconds": seconds, "images_per_s": tr["images_per_s"],
-            "train_loss": tr["loss"], "train_loss_gender": tr["loss_gender"],
-            "train_loss_ethnicity": tr["loss_ethnicity"], "val_loss": ev["loss"],
-            "val_gender_accuracy": ev["gender"]["accuracy"],
-            "val_gender_macro_f1": ev["gender"]["macro_f1"],
-            "val_ethnicity_accuracy": ev["ethnicity"]["accuracy"],
-            "val_ethnicity_macro_f1": ev["ethnicity"]["macro_f1"], "val_score": score,
+            "train_loss": tr["loss"], **{f"train_loss_{h}": tr[f"loss_{h}"] for h in HEADS},
+            "val_loss": ev["loss"], "val_score": score,
+            **{f"val_{h}_{m}": ev[h][m] for h in HEADS for m in ("accuracy", "macro_f1")},
         }  # fmt: skip
         history.append(row)
         log.info(
-            "epoch %d/%d  loss %.4f  val gender F1 %.4f  ethnicity F1 %.4f  score %.4f%s  "
-            "%.0f img/s  %.0f s",
-            epoch, cfg.epochs, tr["loss"], ev["gender"]["macro_f1"], ev["ethnicity"]["macro_f1"],
-            score, "  *best*" if improved else "", tr["images_per_s"], seconds,
+            "epoch %d/%d  loss %.4f  val %s  score %.4f%s  %.0f img/s  %.0f s",
+            epoch, cfg.epochs, tr["loss"],
+            "  ".join(f"{h} F1 {ev[h]['macro_f1']:.4f}" for h in HEADS), score,
+            "  *best*" if improved else "", tr["images_per_s"], seconds,
         )  # fmt: skip
         if main:
-            meta = {"epoch": epoch, "score": score, "monitor": "val mean macro-F1 (gender, ethnicity)",
+            monitor = f"val mean macro-F1 ({', '.join(HEADS)})"
+            meta = {"epoch": epoch, "score": score, "monitor": monitor,
                     "val": {h: {k: ev[h][k] for k in ("accuracy", "macro_f1", "confusion")}
                             for h in HEADS},
                     "data": data_ref, "config": cfgmod.to_dict(cfg)}  # fmt: skip
