@@ -27,7 +27,7 @@ from .engine import predict
 from .evaluate import head_letter, write_npz
 from .exceptions import FaceattrsError
 from .inputs import normalise
-from .io import write_json_atomic
+from .io import write_json_atomic, write_with
 from .labels import ETHNICITIES, IMAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -96,17 +96,74 @@ def explain_faces(model, images: np.ndarray, temps: dict[str, float]) -> dict:
     return {"probs": probs, "cams": cams}
 
 
-def _rows(images, ex, names, labels, truth=None) -> list[dict]:
-    """Rows for :func:`faceattrs.plots.evaluate.cam_grid`; ``truth[head][i]`` marks mistakes."""
+RIGHT, WRONG = (255, 255, 255), (255, 80, 80)  # caption colours (RGB)
+LINE = 16  # pixels per caption line (one line: a 22-pixel bar)
+
+
+def _caption(img: np.ndarray, lines: list[tuple[str, tuple]], n_lines: int) -> np.ndarray:
+    """``img`` (RGB) under a black bar with ``lines`` of ``(text, colour)``."""
+    bar = np.zeros((6 + LINE * n_lines, img.shape[1], 3), np.uint8)
+    for i, (text, colour) in enumerate(lines):
+        y = 16 + LINE * i
+        cv2.putText(bar, text, (4, y), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1, cv2.LINE_AA)
+    return np.vstack([bar, img])
+
+
+def cam_panels(row: dict, size: int = DISPLAY_SIZE, n_lines: int = 1) -> np.ndarray:
+    """One face's explanation as an RGB picture: the face, then per head its Grad-CAM over
+    the face (JET colours, 45 %), each under its caption; a wrong head's caption is red.
+
+    ``row``: ``{"face": (48, 48) uint8, "label": str, "cams": {head: (48, 48) in [0, 1]},
+    "titles": {head: str}, "wrong": {head: bool}}`` (:func:`explanation_rows`). Captions may
+    hold several lines (``\\n``); ``n_lines`` is the bar height in lines. The one drawing
+    of explanations: ``faceattrs explain`` and ``faceattrs predict --explain`` both use it.
+    """
+    big = cv2.resize(row["face"], (size, size), interpolation=cv2.INTER_CUBIC)
+    face = cv2.cvtColor(big, cv2.COLOR_GRAY2RGB)
+    label = [(t, RIGHT) for t in str(row.get("label", "")).split("\n")]
+    panels = [_caption(face, label, n_lines)]
+    for h, cam in row["cams"].items():
+        heat = cv2.applyColorMap((smooth(cam, size) * 255).astype(np.uint8), cv2.COLORMAP_JET)
+        blend = cv2.addWeighted(face, 0.55, heat[..., ::-1], 0.45, 0)
+        colour = WRONG if row.get("wrong", {}).get(h) else RIGHT
+        lines = [(t, colour) for t in row["titles"][h].split("\n")]
+        panels.append(_caption(blend, lines, n_lines))
+    return np.hstack(panels)
+
+
+def cam_sheet(rows: list[dict], title: str | None = None, per_row: int = 2) -> np.ndarray:
+    """:func:`cam_panels` of several faces, ``per_row`` side by side, under a title bar."""
+    n_lines = max(
+        len(t.split("\n")) for r in rows for t in [str(r.get("label", "")), *r["titles"].values()]
+    )
+    pics = [cam_panels(r, n_lines=n_lines) for r in rows]
+    per_row = max(1, min(per_row, len(pics)))
+    blank = np.zeros_like(pics[0])
+    pics += [blank] * (-len(pics) % per_row)
+    sheet = np.vstack([np.hstack(pics[i : i + per_row]) for i in range(0, len(pics), per_row)])
+    return _caption(sheet, [(title, RIGHT)], 1) if title else sheet
+
+
+def save_picture(path: Path, rgb: np.ndarray) -> Path:
+    """Write an RGB picture as PNG (atomically)."""
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
+    if not ok:
+        raise FaceattrsError(f"could not encode {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_with(path, lambda tmp: Path(tmp).write_bytes(png.tobytes()))
+    return path
+
+
+def explanation_rows(images, ex, names, labels, truth=None) -> list[dict]:
+    """Rows for :func:`cam_panels`: captions ``HEAD: LABEL P`` (``truth[head][i]`` marks
+    mistakes in red)."""
     rows = []
     for i, face in enumerate(images):
         row = {"face": face, "label": labels[i], "cams": {}, "titles": {}, "wrong": {}}
         for h in ex["probs"]:
             k = int(ex["probs"][h][i].argmax())
-            row["cams"][h] = smooth(ex["cams"][h][i])
-            row["titles"][h] = (
-                f"{h} CAM\nPred {head_letter(h)}: {names[h][k]} ({ex['probs'][h][i, k]:.2f})"
-            )
+            row["cams"][h] = ex["cams"][h][i]
+            row["titles"][h] = f"{h}: {names[h][k]} {ex['probs'][h][i, k]:.2f}"
             row["wrong"][h] = truth is not None and h in truth and k != int(truth[h][i])
         rows.append(row)
     return rows
@@ -153,8 +210,9 @@ def explain_photo(
     boxes = [[int(v) for v in f.box] for f in found]
     stem = photo.stem
     plots.photo_boxes(image, boxes, out_dir / f"{stem}_faces.png")
-    rows = _rows(crops, ex, names, [f"face {i}" for i in range(len(found))])
-    plots.cam_grid(rows, out_dir / f"{stem}_gradcam.png", title=f"Grad-CAM: {photo.name}")
+    rows = explanation_rows(crops, ex, names, [f"face {i}" for i in range(len(found))])
+    sheet = cam_sheet(rows, title=f"Grad-CAM: {photo.name}")
+    save_picture(out_dir / f"{stem}_gradcam.png", sheet)
     write_npz(
         out_dir / f"{stem}_gradcam.npz",
         **{f"{h}_cam": ex["cams"][h] for h in ex["cams"]},
@@ -222,8 +280,6 @@ def explain_misclassified(
 
     Writes ``misclassified_CLASSES.png`` / ``.json`` / ``_gradcam.npz`` to ``out_dir``.
     """
-    from .plots import evaluate as plots
-
     classes = parse_classes(classes)
     out_dir, sub = Path(out_dir), faces.subset(split)
     bundle = resolve(model_dir)
@@ -246,14 +302,13 @@ def explain_misclassified(
     ex = explain_faces(model, shown.images, temps)
     truth = {h: getattr(shown, h) for h in ex["probs"] if hasattr(shown, h)}
     labels = [
-        f"row {int(faces.indices(split)[i])}\nTrue G: {names['gender'][g]}, E: {names['ethnicity'][e]}"
-        for i, g, e in zip(pick, shown.gender, shown.ethnicity, strict=True)
+        f"row {int(faces.indices(split)[i])}\n"
+        + ", ".join(f"{head_letter(h)}: {names[h][int(truth[h][j])]}" for h in truth)
+        for j, i in enumerate(pick)
     ]
-    plots.cam_grid(
-        _rows(shown.images, ex, names, labels, truth),
-        out_dir / f"{tag}.png",
-        title=f"Grad-CAM on misclassified {split} faces: {', '.join(classes)}",
-    )
+    rows = explanation_rows(shown.images, ex, names, labels, truth)
+    title = f"Grad-CAM on misclassified {split} faces: {', '.join(classes)}"
+    save_picture(out_dir / f"{tag}.png", cam_sheet(rows, title=title))
     write_npz(
         out_dir / f"{tag}_gradcam.npz",
         index=faces.indices(split)[pick],

@@ -31,7 +31,6 @@ from .predict import FaceAnalyzer
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-PANEL = 192  # pixels of one panel of a Grad-CAM overlay
 
 
 def expand_inputs(args: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
@@ -163,20 +162,14 @@ def save_image(path: Path, rgb: np.ndarray) -> None:
     write_with(path, lambda tmp: Image.fromarray(rgb).save(tmp, format=fmt, quality=92))
 
 
-def _caption(img: np.ndarray, text: str) -> np.ndarray:
-    bar = np.zeros((22, img.shape[1], 3), np.uint8)
-    cv2.putText(bar, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
-    return np.vstack([bar, img])
-
-
 class Explainer:
-    """Grad-CAM overlays (``faceattrs.explain``), one PNG per face: the face, then the
-    gender and the ethnicity map of the predicted class over it."""
+    """Grad-CAM overlays, one PNG per face (:func:`faceattrs.explain.cam_panels`: the face,
+    then each head's map of its predicted class over it)."""
 
     def __init__(self, models):
-        from .explain import grad_cam, smooth  # captum: the "explain" extra
+        from . import explain  # captum: the "explain" extra
 
-        self.grad_cam, self.smooth = grad_cam, smooth
+        self.explain = explain
         model = getattr(models, "model", None)
         if model is None:  # the onnx backend: Grad-CAM needs the PyTorch model
             try:
@@ -186,29 +179,26 @@ class Explainer:
                     "--explain needs the PyTorch model: pass the run folder"
                 ) from None
         self.model = model
-        self.heads = list(models.class_names)
+        self.names = {h: list(v) for h, v in models.class_names.items()}
 
     def save(self, crops: np.ndarray, records: list[dict], out_stem: Path) -> list[Path]:
         """Write ``OUT_STEM_face<i>.png`` for each face; ``crops``: uint8 (N, 48, 48)."""
-        cams = {}
-        for h in self.heads:
-            names = list(records[0][h]["probabilities"])
-            target = np.array([names.index(r[h]["label"]) for r in records])
-            cams[h] = self.grad_cam(self.model, crops, h, target=target)
+        probs = {
+            h: np.array([list(r[h]["probabilities"].values()) for r in records]) for h in self.names
+        }
+        target = {h: [self.names[h].index(r[h]["label"]) for r in records] for h in self.names}
+        cams = {
+            h: self.explain.grad_cam(self.model, crops, h, target=np.array(target[h]))
+            for h in self.names
+        }
+        labels = [f"face {r['face']}" for r in records]
+        rows = self.explain.explanation_rows(
+            crops, {"probs": probs, "cams": cams}, self.names, labels
+        )
         paths = []
-        for i, (crop, rec) in enumerate(zip(crops, records, strict=True)):
-            big = cv2.resize(crop, (PANEL, PANEL), interpolation=cv2.INTER_CUBIC)
-            face = cv2.cvtColor(big, cv2.COLOR_GRAY2RGB)
-            panels = [_caption(face, f"face {rec['face']}")]
-            for h in self.heads:
-                cam = (self.smooth(cams[h][i], PANEL) * 255).astype(np.uint8)
-                heat = cv2.applyColorMap(cam, cv2.COLORMAP_JET)[..., ::-1]
-                p = rec[h]["probabilities"][rec[h]["label"]]
-                blend = cv2.addWeighted(face, 0.55, heat, 0.45, 0)
-                panels.append(_caption(blend, f"{h}: {rec[h]['label']} {p:.2f}"))
+        for rec, row in zip(records, rows, strict=True):
             path = out_stem.parent / f"{out_stem.name}_face{rec['face']}.png"
-            save_image(path, np.hstack(panels))
-            paths.append(path)
+            paths.append(self.explain.save_picture(path, self.explain.cam_panels(row)))
         return paths
 
 
