@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -335,8 +336,8 @@ def test_train_age_cli_one_epoch_smoke(tmp_path):
         "figures/age_predictions_test.npz",
     ):
         assert (out / name).exists(), name
-    history = [json.loads(line) for line in (out / "coarse_history.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["epoch"]) for r in history] == [(1, 1), (2, 1)]
+    history = list(csv.DictReader((out / "coarse_history.csv").open()))
+    assert [(r["stage"], r["epoch"]) for r in history] == [("1", "1"), ("2", "1")]
     meta = json.loads((out / "age.json").read_text())
     sel = meta["selection"]
     assert meta["routing"] == min(("hard", "soft"), key=lambda r: sel[f"val_mae_{r}"])

@@ -7,7 +7,7 @@ An age run folder holds::
     coarse.safetensors/.json       6-way bin classifier (FaceResNet, head "age_bin")
     regressors.safetensors         one small regressor per bin (BinRegressors)
     direct.safetensors/.json       the direct age head (FaceResNet, head "age"), optional
-    config.json, *_history.jsonl, metrics.json, figures/
+    config.json, *_history.csv, metrics.json, figures/
 
 Loading (and resolving ``--model`` to an age run) is :mod:`faceattrs.bundle`'s job.
 """

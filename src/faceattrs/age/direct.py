@@ -17,8 +17,6 @@ value of the softmax. Two losses:
 >>> good, flat = (q + 1e-9).log(), torch.zeros(1, 101)
 >>> bool(dldl_loss(good, torch.tensor([30.0]), 2.0, 1.0) < dldl_loss(flat, torch.tensor([30.0]), 2.0, 1.0))
 True
->>> year_probs_to_bins(np.array([[0.1, 0.2, 0.3, 0.4]]), [2]).tolist()
-[[0.30000000000000004, 0.7]]
 """
 
 from __future__ import annotations

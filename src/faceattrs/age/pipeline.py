@@ -28,6 +28,7 @@ from ..engine import evaluate_heads
 from ..engine import predict as engine_predict
 from ..exceptions import FaceattrsError
 from ..io import write_json_atomic
+from ..loop import select_device
 from . import direct as directmod
 from .bins import assign_bins, bin_labels, check_edges, quantile_edges
 from .bundle import AGE_JSON, COARSE_HEAD, AgeModel, save_age_model
@@ -54,8 +55,6 @@ def train_age(
     behind each choice, test metrics. ``info`` (e.g. the data path) is recorded in age.json.
     An existing age run in ``out_dir`` is an error unless ``overwrite``.
     """
-    from ..train import select_device
-
     cfg = cfg or AgeConfig()
     out_dir = Path(out_dir)
     if (out_dir / AGE_JSON).exists():
@@ -119,7 +118,7 @@ def train_age(
         cfg,
         device,
         mt_meta,
-        out_dir / "coarse_history.jsonl",
+        out_dir / "coarse_history.csv",
         "coarse",
     )
 
@@ -225,7 +224,7 @@ def _train_direct(
         cfg,
         device,
         mt_meta,
-        out_dir / "direct_history.jsonl",
+        out_dir / "direct_history.csv",
         "direct",
     )
 

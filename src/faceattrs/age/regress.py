@@ -29,12 +29,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..exceptions import FaceattrsError
+from ..loop import EarlyStopping, make_optimizer
 from ..postprocess import ROUTINGS, route, route_by_bin
 from .bins import assign_bins
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ROUTINGS", "BinRegressors", "route", "route_by_bin", "train_regressors"]
+
 
 class BinRegressors(nn.Module):
     """``K`` independent MLPs on a ``(B, D)`` embedding -> ``(B, K)`` ages in years.
@@ -157,8 +159,6 @@ def _fit_one(
 ) -> dict:
     """Train ``reg.mlps[k]`` on ``(x, y)``; keep the epoch with the lowest validation MAE
     (training MAE when the bin has no validation faces)."""
-    from ..train import EarlyStopping, make_optimizer
-
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + k)
     torch.manual_seed(cfg.seed * 1000 + k)
     for m in reg.mlps[k].modules():  # re-initialise from the seed: bins are independent
