@@ -129,7 +129,7 @@ try:
     main(["--help"])
 except SystemExit:
     pass
-heavy = sorted(m for m in ("torch", "kornia", "matplotlib", "sklearn", "scipy")
+heavy = sorted(m for m in ("torch", "kornia", "matplotlib", "cv2", "PIL", "sklearn", "scipy")
                if m in sys.modules)
 assert not heavy, heavy
 """

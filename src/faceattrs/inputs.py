@@ -16,6 +16,7 @@ from __future__ import annotations
 
 IMAGE_SIZE = 48  # faces are 48x48 grayscale, as in the public CSV
 NORMALISATION = {"mean": 0.5, "std": 0.5}  # pixels / 255 in [0, 1] -> [-1, 1]
+MAX_PIXELS = 50_000_000  # decompression-bomb guard: images over this many pixels are refused
 GENDERS = ("Male", "Female")  # CSV code 0 = male, 1 = female
 ETHNICITIES = ("White", "Black", "Asian", "Indian", "Other")  # CSV codes 0..4
 # head name -> class names; the order of the dict is the order of the network's heads
