@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import save_file
 
 from ..checkpoint import CheckpointError, save_checkpoint
-from ..engine import predict as engine_predict
 from ..io import write_json_atomic, write_with
 from ..model import FaceResNet
+from ..model import predict as predict_faces
 from ..postprocess import APPROACHES, age_prediction, route, softmax
 from . import direct as directmod
 from .bins import bin_labels
@@ -81,13 +81,13 @@ class AgeModel:
 
     def two_stage_outputs(self, images) -> tuple[np.ndarray, np.ndarray]:
         """Coarse bin logits ``(N, K)`` and each bin's regressor's age ``(N, K)``."""
-        out = engine_predict(self.coarse, images, self.batch_size, embed=True)
+        out = predict_faces(self.coarse, images, self.batch_size, embed=True)
         return out[COARSE_HEAD], self._per_bin(out["embedding"])
 
     def two_stage(self, images) -> dict[str, np.ndarray]:
         """``(N, 48, 48)`` uint8 -> bin probabilities ``(N, K)``, per-bin ages ``(N, K)``,
         hard- and soft-routed ages ``(N,)`` and the embedding ``(N, D)``."""
-        out = engine_predict(self.coarse, images, self.batch_size, embed=True)
+        out = predict_faces(self.coarse, images, self.batch_size, embed=True)
         probs = softmax(out[COARSE_HEAD])
         per_bin = self._per_bin(out["embedding"])
         return {
@@ -102,7 +102,7 @@ class AgeModel:
         """Expected age ``(N,)`` and bin probabilities ``(N, K)`` (per-year mass summed per bin)."""
         if self.direct is None:
             raise CheckpointError("this age model has no direct head")
-        logits = engine_predict(self.direct, images, self.batch_size)[directmod.HEAD]
+        logits = predict_faces(self.direct, images, self.batch_size)[directmod.HEAD]
         out = age_prediction("direct", edges=self.edges, clip=self.clip, year_logits=logits)
         return {"value": out["value"], "bin_probabilities": out["bin_probabilities"]}
 
@@ -122,7 +122,7 @@ class AgeModel:
         if approach == "direct":
             if self.direct is None:
                 raise CheckpointError("this age model has no direct head")
-            logits = engine_predict(self.direct, images, self.batch_size)[directmod.HEAD]
+            logits = predict_faces(self.direct, images, self.batch_size)[directmod.HEAD]
             return age_prediction("direct", year_logits=logits, **kw)
         if approach != "two_stage":
             raise CheckpointError(f"unknown age approach {approach!r}; use one of {APPROACHES}")
