@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from test_predict import make_run
 
+import faceattrs
 from faceattrs import bundle as B
 from faceattrs.checkpoint import CheckpointError
 from faceattrs.cli import main
@@ -47,7 +48,10 @@ def test_every_kind_resolves_to_one_bundle(run):
     assert (c.kind, c.age_dir, c.checkpoint) == ("checkpoint", None, run / "best.json")
     model, meta = c.load_multitask()
     assert list(model.cfg.heads) == list(c.heads) and meta["epoch"] == 0
-    assert B.resolve(b) is b  # a resolved bundle passes through
+    assert B.resolve(b) is b  # a resolved bundle passes through, to the API too
+    face = np.full((48, 48), 128, np.uint8)
+    assert FaceAnalyzer(b).analyze(face, detect=False)[0]["age"] is not None
+    assert faceattrs.analyze(face, b, detect=False)[0]["gender"]["label"] in GENDERS
 
 
 def test_default_model_is_the_packaged_folder(run, monkeypatch, tmp_path):

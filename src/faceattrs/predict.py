@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .backends import Backend, TorchBackend
-from .bundle import resolve
+from .bundle import Bundle, resolve
 from .exceptions import FaceattrsError
 from .photo import Face, PhotoConfig, PhotoError, extract_faces, load_image
 from .postprocess import softmax
@@ -128,8 +128,9 @@ class Item:
 class FaceAnalyzer:
     """Load the models once, then analyse images: ``FaceAnalyzer("runs/cpu").analyze(x)``.
 
-    ``model``: a run folder (or an age run, or an ONNX export with ``backend="onnx"``);
-    None = the default model bundled in the package. ``dtype``: "fp32" or "bf16" (torch).
+    ``model``: anything :func:`faceattrs.bundle.resolve` accepts: a run folder (or an age
+    run, a checkpoint file, an ONNX export with ``backend="onnx"``, a resolved
+    :class:`~faceattrs.bundle.Bundle`); None = the default model bundled in the package. ``dtype``: "fp32" or "bf16" (torch).
     ``photo``: detection and crop settings (:class:`faceattrs.photo.PhotoConfig`).
     ``threads``: CPU threads for the models (default: the library's own choice).
     """
@@ -283,6 +284,8 @@ def analyze(
     The models are loaded on the first call and kept for the next calls with the same
     ``model``, ``backend``, ``device`` and ``dtype``.
     """
+    if isinstance(model, Bundle):
+        model = model.path
     key = None if model is None else str(Path(model).resolve())
     an = _cached_analyzer(key, backend, device, dtype)
     return an.analyze(image_or_path, detect=detect, on_error=on_error)
