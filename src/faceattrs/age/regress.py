@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..exceptions import FaceattrsError
-from ..loop import EarlyStopping, make_optimizer
+from ..loop import EarlyStopping, make_optimizer, run_epochs
 from ..postprocess import ROUTINGS, route, route_by_bin
 from .bins import assign_bins
 
@@ -171,8 +171,9 @@ def _fit_one(
     opt = make_optimizer(reg.mlps[k].parameters(), cfg.reg_lr, cfg.reg_weight_decay)
     loss_fn = regression_loss(cfg.reg_loss, cfg.huber_delta)
     stopper = EarlyStopping(monitor="val_mae", mode="min", patience=cfg.reg_patience)
-    best_state, epoch = None, 0
-    for epoch in range(1, cfg.reg_epochs + 1):
+    best_state: dict[str, torch.Tensor] = {}
+
+    def epoch_fn(epoch: int) -> dict:
         reg.mlps[k].train()
         for idx in torch.randperm(len(x), generator=gen).split(cfg.reg_batch_size):
             loss = loss_fn(reg.forward_one(k, x[idx]), y[idx])
@@ -181,15 +182,17 @@ def _fit_one(
             opt.step()
         reg.mlps[k].eval()
         with torch.no_grad():
-            mae = float((reg.forward_one(k, xv) - yv).abs().mean())
-        if stopper.step(mae, epoch):
-            best_state = {n: t.clone() for n, t in reg.mlps[k].state_dict().items()}
-        if stopper.should_stop:
-            break
+            return {"epoch": epoch, "val_mae": float((reg.forward_one(k, xv) - yv).abs().mean())}
+
+    def on_epoch(row: dict, improved: bool) -> None:
+        if improved:
+            best_state.update({n: t.clone() for n, t in reg.mlps[k].state_dict().items()})
+
+    run_epochs(range(1, cfg.reg_epochs + 1), epoch_fn, stopper, on_epoch)
     reg.mlps[k].load_state_dict(best_state)
     return {
         "val_mae": round(stopper.best, 4),
         "best_epoch": stopper.best_epoch,
-        "epochs": epoch,
+        "epochs": stopper.epoch,
         "monitored": "val" if has_val else "train",
     }
