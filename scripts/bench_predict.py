@@ -132,14 +132,14 @@ def bench(name, model, backend, dtype, paths, crops, args) -> dict:
 
 def bn_folding(model: str, crops: np.ndarray, batch_size: int, reps: int = 3) -> tuple:
     """Bare batched faces/s of the multitask model with and without BatchNorm folded into
-    the convs (what ``TorchModels`` does), fp32 and bf16, runs alternated."""
+    the convs (what ``TorchBackend`` does), fp32 and bf16, runs alternated."""
     import copy
 
-    from faceattrs.augment import normalise
-    from faceattrs.checkpoint import load_model
+    from faceattrs.bundle import resolve
+    from faceattrs.inputs import normalise
     from faceattrs.model import fuse_batchnorm
 
-    plain = load_model(model)[0].eval().to(memory_format=torch.channels_last)
+    plain = resolve(model).load_multitask()[0].eval().to(memory_format=torch.channels_last)
     fused = fuse_batchnorm(copy.deepcopy(plain))
     x = normalise(torch.from_numpy(crops[:256]))
     out = []

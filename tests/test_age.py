@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -11,10 +12,11 @@ from conftest import synthetic_faceset
 
 from faceattrs.age import bins as binsmod
 from faceattrs.age import regress
-from faceattrs.age.bundle import AgeModel, load_age_model, resolve_bundle, save_age_model
+from faceattrs.age.bundle import AgeModel, save_age_model
 from faceattrs.age.config import AgeConfig
 from faceattrs.age.direct import dldl_loss, expected_age, mean_variance_loss
 from faceattrs.age.evaluate import age_metrics, evaluate_age
+from faceattrs.bundle import load_age_model, resolve_bundle
 from faceattrs.checkpoint import CheckpointError, save_checkpoint
 from faceattrs.exceptions import FaceattrsError
 from faceattrs.model import FaceResNet, ModelConfig
@@ -234,7 +236,8 @@ def test_resolve_bundle_without_age_and_errors(tmp_path):
     assert load_age_model(mt) is None
     with pytest.raises(CheckpointError, match="not a model folder"):
         resolve_bundle(tmp_path)
-    # An age run elsewhere refers to its multitask run; a moved-away one says so clearly.
+    # An age run elsewhere refers to its multitask run by a relative path; a moved-away
+    # one says so clearly.
     save_age_model(tmp_path / "elsewhere" / "age", _tiny_age_model(direct=False), mt, {})
     assert resolve_bundle(tmp_path / "elsewhere" / "age")[0] == mt.resolve()
     meta = json.loads((tmp_path / "elsewhere" / "age" / "age.json").read_text())
@@ -333,8 +336,8 @@ def test_train_age_cli_one_epoch_smoke(tmp_path):
         "figures/age_predictions_test.npz",
     ):
         assert (out / name).exists(), name
-    history = [json.loads(line) for line in (out / "coarse_history.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["epoch"]) for r in history] == [(1, 1), (2, 1)]
+    history = list(csv.DictReader((out / "coarse_history.csv").open()))
+    assert [(r["stage"], r["epoch"]) for r in history] == [("1", "1"), ("2", "1")]
     meta = json.loads((out / "age.json").read_text())
     sel = meta["selection"]
     assert meta["routing"] == min(("hard", "soft"), key=lambda r: sel[f"val_mae_{r}"])

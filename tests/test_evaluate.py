@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import synthetic_faceset
 
+from faceattrs.bundle import resolve
 from faceattrs.calibrate import calibrate_run, load_temperatures
 from faceattrs.checkpoint import load_model, save_checkpoint
 from faceattrs.cli import main
@@ -148,16 +149,18 @@ def test_age_hook_is_called_when_the_run_has_an_age_model(evaluated, tmp_path, m
 
     monkeypatch.setattr(faceattrs.age, "evaluate_age", fake_evaluate_age)
     age_run = tiny_run(tmp_path / "run")
-    assert _evaluate_age(age_run, {}, faces, "test", tmp_path / "out") is None and not calls
+    assert _evaluate_age(resolve(age_run), faces, "test", tmp_path / "out") is None and not calls
     (age_run / "age").mkdir()  # an empty folder is not an age model
-    assert _evaluate_age(age_run, {}, faces, "test", tmp_path / "out") is None and not calls
-    (age_run / "age" / "age.json").write_text("{}")  # what `train-age` writes, in short
+    assert _evaluate_age(resolve(age_run), faces, "test", tmp_path / "out") is None and not calls
+    # what `train-age` writes, in short
+    (age_run / "age" / "age.json").write_text(json.dumps({"format": "faceattrs-age-1"}))
     m = evaluate_run(age_run, faces, "test", tmp_path / "out", n_grid=2)
     assert m["age"] == {"mae": 1.23} and calls[0][1:] == ("test", tmp_path / "out" / "age")
     assert calls[0][0] == age_run / "age"
 
 
 def test_data_defaults_to_the_runs_config(tmp_path):
+    tiny_run(tmp_path)
     with pytest.raises(FaceattrsError, match="--data"):
         data_path(tmp_path, None)
     (tmp_path / "config.json").write_text(json.dumps({"data": "prepared"}))

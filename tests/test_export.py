@@ -8,12 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from faceattrs.backends import OnnxBackend as OnnxModels
+from faceattrs.backends import TorchBackend as TorchModels
 from faceattrs.checkpoint import CheckpointError
 from faceattrs.cli import main
 from faceattrs.exceptions import FaceattrsError
-from faceattrs.export import MANIFEST, OnnxModels, agreement, export_onnx
+from faceattrs.export import MANIFEST, agreement, export_onnx
 from faceattrs.photo import extract_faces, load_image
-from faceattrs.predict import FaceAnalyzer, TorchModels
+from faceattrs.predict import FaceAnalyzer
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from faceattrs import bundle as B
 from faceattrs import calibrate as C
 from faceattrs import metrics as M
 
@@ -118,12 +119,12 @@ def test_fit_temperature_recovers_a_planted_temperature():
 
 
 def test_load_temperatures_absent_saved_and_stale(tmp_path):
-    assert C.load_temperatures(tmp_path) == {}
+    assert B.read_temperatures(tmp_path) == {}
     (tmp_path / "best.safetensors").write_bytes(b"weights v1")
-    saved = {"temperatures": {"gender": 1.5}, "weights_sha256": C.weights_id(tmp_path)}
+    saved = {"temperatures": {"gender": 1.5}, "weights_sha256": B.weights_id(tmp_path)}
     (tmp_path / "calibration.json").write_text(json.dumps(saved))
-    assert C.load_temperatures(tmp_path) == {"gender": 1.5}
+    assert B.read_temperatures(tmp_path) == {"gender": 1.5}
     (tmp_path / "best.safetensors").write_bytes(b"weights v2 (retrained)")
-    assert C.load_temperatures(tmp_path) == {}
+    assert B.read_temperatures(tmp_path) == {}
     probs = C.apply_temperatures({"gender": np.array([[0.0, 3.0]])}, {"gender": 1.5})
     np.testing.assert_allclose(probs["gender"], M.softmax(np.array([[0.0, 2.0]])))

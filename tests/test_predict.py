@@ -102,7 +102,7 @@ def test_records_for_every_shared_photo(analyzer, photos):
 
 def test_probabilities_are_the_models(analyzer, run_dir, photos):
     """Temperature-scaled softmax of the multitask model's logits, age from the age model."""
-    from faceattrs.age import load_age_model
+    from faceattrs.bundle import load_age_model
 
     faces = np.stack([extract_faces(load_image(p))[0].crop for p in photos[:5]])
     model, _ = load_model(run_dir)
@@ -197,13 +197,13 @@ def test_model_folder_errors(tmp_path, monkeypatch):
     (run / "best.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="match its settings"):
         FaceAnalyzer(run)
-    monkeypatch.setattr("faceattrs.predict.DEFAULT_MODEL_DIR", tmp_path / "absent")
+    monkeypatch.setattr("faceattrs.bundle.DEFAULT_MODEL_DIR", tmp_path / "absent")
     with pytest.raises(FaceattrsError, match=r"faceattrs run --data CSV --out RUN --preset cpu"):
         FaceAnalyzer()
 
 
 def test_default_model_is_used_when_bundled(tmp_path, monkeypatch, photos):
-    monkeypatch.setattr("faceattrs.predict.DEFAULT_MODEL_DIR", make_run(tmp_path, age=False))
+    monkeypatch.setattr("faceattrs.bundle.DEFAULT_MODEL_DIR", make_run(tmp_path, age=False))
     assert len(FaceAnalyzer().analyze(photos[0])) == 1
 
 

@@ -1,8 +1,11 @@
 """faceattrs: gender, ethnicity and age from face images.
 
 Stages, one module each: ``data`` (read, validate), ``dedup``, ``prepare`` (split, cache),
-``augment``, ``model``, ``engine`` / ``train``, ``metrics``, ``plots``, ``evaluate``,
-``explain``, ``errors``, ``age``, ``photo``, ``predict``, ``export``; ``cli`` on top.
+``augment``, ``model``, ``engine`` / ``loop`` / ``train``, ``metrics``, ``plots``,
+``evaluate``, ``explain``, ``errors``, ``age``, ``photo``, ``predict``, ``export``; ``cli`` on
+top. Underneath: ``inputs`` (the input contract), ``bundle`` (what ``--model`` names,
+resolved once), ``backends`` (PyTorch / ONNX), ``postprocess`` (softmax, age routing).
+See docs/architecture.md.
 """
 
 __version__ = "0.1.0"

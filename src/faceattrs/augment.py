@@ -1,7 +1,7 @@
 """Batched augmentation on tensors (kornia), on the training device.
 
-``normalise`` turns uint8 faces into the model's input, with no augmentation (evaluation,
-prediction). :class:`Augmenter` is the training transform of the reference: the *base*
+``normalise`` (:mod:`faceattrs.inputs`) turns uint8 faces into the model's input, with no
+augmentation (evaluation, prediction). :class:`Augmenter` is the training transform of the reference: the *base*
 list on every image, the *extra* list on images of minority ethnicity classes only
 (per sample, inside the batch). Every op runs once per batch, in [0, 1]; the result is
 standardised to [-1, 1] like ``normalise``.
@@ -24,19 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import NORMALISATION
+from .inputs import NORMALISATION, normalise
 
-
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(B, 48, 48)`` or ``(B, 1, 48, 48)`` -> float ``(B, 1, 48, 48)`` in [-1, 1].
-
-    >>> normalise(torch.tensor([[[0, 255]]], dtype=torch.uint8)).tolist()
-    [[[[-1.0, 1.0]]]]
-    """
-    if images.dim() == 3:
-        images = images.unsqueeze(1)
-    x = images.float().div_(255.0)
-    return x.sub_(NORMALISATION["mean"]).div_(NORMALISATION["std"])
+__all__ = ["AugmentConfig", "Augmenter", "minority_classes", "normalise"]
 
 
 @dataclass

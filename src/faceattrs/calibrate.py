@@ -17,8 +17,6 @@ Command: ``faceattrs calibrate --model runs/paper`` (validation split of the run
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -26,16 +24,15 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
-from .checkpoint import load_model, multitask_dir
+from .bundle import CALIBRATION_FILE, resolve, weights_id
 from .dataset import FaceSet
 from .engine import predict
 from .exceptions import FaceattrsError
 from .io import write_json_atomic
-from .metrics import softmax
+from .postprocess import softmax
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_FILE = "calibration.json"
 N_BINS = 15  # equal-width bins on the max probability, as in Guo et al. (2017)
 T_BOUNDS = (0.05, 20.0)  # search range of the temperature
 
@@ -123,41 +120,11 @@ def calibration_summary(
     }
 
 
-def load_temperatures(run_dir: str | Path) -> dict[str, float]:
-    """``{head: T}`` from ``RUN/calibration.json``; ``{}`` when the run is not calibrated, or
-    was calibrated for other weights (a warning says so).
-
-    Apply with :func:`apply_temperatures` (a head missing from the dict keeps T = 1).
-    """
-    path = multitask_dir(run_dir) / CALIBRATION_FILE
-    if not path.exists():
-        return {}
-    try:
-        saved = json.loads(path.read_text())
-        temps = saved["temperatures"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise FaceattrsError(
-            f"{path} is not a calibration file ({e}); delete it or rerun `faceattrs calibrate`"
-        ) from None
-    if saved.get("weights_sha256") not in (None, weights_id(run_dir)):
-        log.warning(
-            "%s was fitted for other weights (retrained?): ignored; rerun `faceattrs calibrate`",
-            path,
-        )
-        return {}
-    return {str(k): float(v) for k, v in temps.items()}
-
-
-def weights_id(run_dir: str | Path, name: str = "best") -> str | None:
-    """Short SHA-256 of ``NAME.safetensors``: ties a calibration to the weights it was fitted on."""
-    path = Path(run_dir) / f"{name}.safetensors"
-    if not path.exists():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+def load_temperatures(model) -> dict[str, float]:
+    """``{head: T}`` of a bundle (``{}`` when not calibrated, or calibrated for other
+    weights); see :func:`faceattrs.bundle.read_temperatures`. Apply with
+    :func:`apply_temperatures` (a head missing from the dict keeps T = 1)."""
+    return resolve(model).temperatures
 
 
 def apply_temperatures(
@@ -185,8 +152,9 @@ def calibrate_run(
     """
     from .plots import evaluate as plots
 
-    model_dir = multitask_dir(model_dir)  # an age run's temperatures live with its multitask run
-    model, _ = load_model(model_dir, device=device)
+    bundle = resolve(model_dir)  # an age run's temperatures live with its multitask run
+    model_dir = bundle.source
+    model, _ = bundle.load_multitask(device)
     parts = {s: faces.subset(s) for s in ("val", "test")}
     if len(parts["val"]) == 0:
         raise FaceattrsError(

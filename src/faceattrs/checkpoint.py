@@ -18,13 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from . import config as cfgmod
 from .exceptions import FaceattrsError
+from .inputs import IMAGE_SIZE, NORMALISATION, class_names
 from .io import write_json_atomic, write_with
-from .labels import ETHNICITIES, GENDERS, IMAGE_SIZE
 from .model import FaceResNet, ModelConfig
-
-# pixels / 255 in [0, 1] -> (x - mean) / std in [-1, 1]
-NORMALISATION = {"mean": 0.5, "std": 0.5}
-CLASS_NAMES = {"gender": list(GENDERS), "ethnicity": list(ETHNICITIES)}
 
 
 class CheckpointError(FaceattrsError):
@@ -38,9 +34,7 @@ def base_meta(model: FaceResNet) -> dict[str, Any]:
         "model": cfgmod.to_dict(model.cfg),
         "image_size": IMAGE_SIZE,
         "normalisation": dict(NORMALISATION),
-        "class_names": {
-            k: CLASS_NAMES.get(k, [str(i) for i in range(n)]) for k, n in model.cfg.heads.items()
-        },
+        "class_names": class_names(model.cfg.heads),
         "cam_layer": model.cam_layer,
     }
 
@@ -62,28 +56,35 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"checkpoint settings not found: {path}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint settings are not valid JSON: {path}: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(
+            f"checkpoint settings are not a JSON object: {path} holds a {type(meta).__name__}"
+        )
+    return meta
 
 
-def multitask_dir(path: str | Path) -> Path:
-    """The multitask run of a model bundle: ``path`` itself, or for an age run folder
-    (``age.json``, from ``faceattrs train-age``) the multitask run it refers to."""
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors (on the CPU); a missing, truncated or foreign file is a
+    :class:`CheckpointError` naming it."""
     path = Path(path)
-    if path.is_dir() and not (path / "best.json").exists() and (path / "age.json").exists():
-        from .age.bundle import resolve_bundle  # late: the age package imports this module
-
-        return resolve_bundle(path)[0]
-    return path
+    if not path.exists():
+        raise CheckpointError(f"weights missing: {path}")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises its own error type for every bad file
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({e}); it may be truncated or damaged: "
+            "copy it again or retrain"
+        ) from None
 
 
 def resolve_checkpoint(path: str | Path, name: str = "best") -> Path:
-    """A run folder (multitask or age run), or a ``.json`` / ``.safetensors`` file ->
-    the checkpoint's JSON path."""
+    """A folder holding checkpoint ``name``, or a ``.json`` / ``.safetensors`` file -> the
+    checkpoint's JSON path. (``--model`` values are resolved by :mod:`faceattrs.bundle`.)"""
     path = Path(path)
-    if path.is_dir() and name == "best":
-        path = multitask_dir(path)
     if path.is_dir():
         path = path / f"{name}.json"
     elif path.suffix == ".safetensors":
@@ -108,11 +109,18 @@ def load_model(path: str | Path, name: str = "best", device: str | torch.device 
         raise CheckpointError(f"weights missing next to {meta_path}: {weights}")
     try:
         mcfg = cfgmod.from_dict(ModelConfig, meta["model"])
-    except (KeyError, cfgmod.ConfigError) as e:
+    except (KeyError, TypeError, cfgmod.ConfigError) as e:
         raise CheckpointError(f"{meta_path}: bad or missing model settings: {e}") from None
-    model = FaceResNet(mcfg)
-    state = load_file(str(weights), device="cpu")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        model = FaceResNet(mcfg)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{meta_path}: bad model settings: {e}") from None
+    state = load_weights(weights)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # tensor shapes that differ from the settings
+        first = str(e).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"{weights} does not match its settings ({first})") from None
     if missing or unexpected:
         raise CheckpointError(
             f"{weights} does not match its settings: missing {missing[:3]}, unexpected {unexpected[:3]}"

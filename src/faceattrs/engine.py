@@ -6,8 +6,8 @@ Data lives on the training device as a dict of tensors with a common first dimen
 (augmentation in training, :func:`normalise` in evaluation) and scored by
 ``loss_fn(outputs, batch)``. There is no per-sample Python work anywhere in the loop.
 
-``train_one_epoch`` and ``evaluate_heads`` return plain dicts; ``predict`` runs a model
-over uint8 faces in batches.
+``train_one_epoch`` and ``evaluate_heads`` return plain dicts; ``predict`` (from
+:mod:`faceattrs.model`, re-exported) runs a model over uint8 faces in batches.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .augment import normalise
+from .inputs import normalise
+from .metrics import scores_from_confusion
+from .model import predict  # noqa: F401  (re-exported: the one batched forward pass)
 
 Batch = dict[str, torch.Tensor]
 # loss_fn(outputs, batch) -> loss, or (loss, {"part": scalar tensor}) to log the parts
@@ -130,22 +131,6 @@ def confusion(pred: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
     return torch.bincount(target.long() * k + pred.long(), minlength=k * k).reshape(k, k)
 
 
-def scores_from_confusion(cm: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro-F1 (mean over classes present in truth or prediction).
-
-    >>> scores_from_confusion(np.array([[2, 0], [1, 1]]))
-    {'accuracy': 0.75, 'macro_f1': 0.7333333333333334}
-    """
-    cm = np.asarray(cm, dtype=np.float64)
-    tp = np.diag(cm)
-    support, predicted = cm.sum(1), cm.sum(0)
-    denom = support + predicted
-    present = denom > 0
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=present)
-    acc = tp.sum() / max(cm.sum(), 1.0)
-    return {"accuracy": float(acc), "macro_f1": float(f1[present].mean()) if present.any() else 0.0}
-
-
 @torch.no_grad()
 def evaluate_heads(
     model: torch.nn.Module,
@@ -198,31 +183,3 @@ def evaluate_heads(
         offset += k * k
         out[h] = {**scores_from_confusion(cm), "confusion": cm.tolist()}
     return out
-
-
-@torch.no_grad()
-def predict(
-    model: torch.nn.Module,
-    images: np.ndarray | torch.Tensor,
-    batch_size: int = 512,
-    device: str | torch.device | None = None,
-    embed: bool = False,
-) -> dict[str, np.ndarray]:
-    """Logits per head for uint8 faces ``(N, 48, 48)``, as float32 numpy ``(N, K)``.
-
-    With ``embed=True`` the result also holds ``"embedding"`` ``(N, D)``.
-    The model is put in eval mode; nothing is augmented.
-    """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.eval()
-    out: dict[str, list[np.ndarray]] = {}
-    images = torch.as_tensor(images)
-    for start in range(0, len(images), batch_size):
-        x = normalise(images[start : start + batch_size].to(device))
-        z = model.embed(x)
-        logits = model.forward_head(z)
-        if embed:
-            logits = {**logits, "embedding": z}
-        for k, v in logits.items():
-            out.setdefault(k, []).append(v.float().cpu().numpy())
-    return {k: np.concatenate(v) for k, v in out.items()}

@@ -21,7 +21,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
-from .checkpoint import load_model
+from .bundle import resolve
 from .dataset import FaceSet
 from .engine import predict
 from .exceptions import FaceattrsError
@@ -134,7 +134,7 @@ def cluster_errors(
     from .plots import evaluate as plots
 
     out_dir, sub = Path(out_dir), faces.subset(split)
-    model, meta = load_model(model_dir, device=device)
+    model, meta = resolve(model_dir).load_multitask(device)
     names = meta["class_names"]["ethnicity"]
     res = predict(model, sub.images, embed=True)
     pred = res["ethnicity"].argmax(1)

@@ -12,7 +12,6 @@ results in ``runs/paper/eval``); ``faceattrs evaluate --model runs/paper --data 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -20,8 +19,8 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from .calibrate import expected_calibration_error, load_temperatures, reliability_bins
-from .checkpoint import load_model, multitask_dir
+from .bundle import resolve
+from .calibrate import expected_calibration_error, reliability_bins
 from .dataset import FaceSet
 from .engine import predict
 from .exceptions import FaceattrsError
@@ -31,6 +30,13 @@ from .labels import ETHNICITIES, GENDERS
 log = logging.getLogger(__name__)
 
 HEAD_LETTER = {"gender": "G", "ethnicity": "E"}  # caption prefixes, as in the reference grid
+
+
+def head_letter(head: str) -> str:
+    """The caption prefix of a head (``G``, ``E``; other heads: their first letter)."""
+    return HEAD_LETTER.get(head, head[:1].upper())
+
+
 MIN_GROUP = 20  # groups smaller than this are shown but left out of the fairness gap
 
 
@@ -47,15 +53,7 @@ def data_path(model_dir: str | Path, data: str | Path | None) -> Path:
     """``--data`` when given, else the ``"data"`` recorded in the run's ``config.json``."""
     if data is not None:
         return Path(data)
-    model_dir = multitask_dir(model_dir)
-    cfg = Path(model_dir) / "config.json"
-    recorded = json.loads(cfg.read_text()).get("data") if cfg.exists() else None
-    if not isinstance(recorded, str):
-        raise FaceattrsError(f"{cfg} records no data path: pass --data PREPARED_FOLDER_or_CSV")
-    path = Path(recorded)
-    if not path.exists() and (Path(model_dir) / path).exists():
-        path = Path(model_dir) / path
-    return path
+    return resolve(model_dir).recorded_data()
 
 
 def load_data(model_dir: str | Path, data: str | Path | None, split: str) -> FaceSet:
@@ -119,7 +117,8 @@ def captions(
     out = []
     for i in range(len(faces)):
         lines = []
-        for head, letter in HEAD_LETTER.items():
+        for head in probs:
+            letter = head_letter(head)
             k, true = int(probs[head][i].argmax()), int(getattr(faces, head)[i])
             text = f"Pred {letter}: {names[head][k]} ({probs[head][i, k]:.2f}) | True: {names[head][true]}"
             lines.append((text, k == true))
@@ -145,21 +144,26 @@ def evaluate_run(
     """
     from .plots import evaluate as plots
 
+    bundle = resolve(model_dir)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    model, meta = load_model(model_dir, device=device)
+    model, meta = bundle.load_multitask(device)
     sub = faces.subset(split)
     if len(sub) == 0:
         raise FaceattrsError(f"no rows in split {split!r} to evaluate")
     logits = predict(model, sub.images)
-    temps = load_temperatures(multitask_dir(model_dir))
+    temps = bundle.temperatures
     names = meta["class_names"]
     result = {"model": str(model_dir), "split": split, "n": len(sub), "calibrated": bool(temps)}
-    for head in ("gender", "ethnicity"):
+    heads = [h for h in bundle.heads if hasattr(sub, h)]  # the heads the data has labels for
+    if not heads:
+        raise FaceattrsError(f"the data has labels for none of the heads {list(bundle.heads)}")
+    for head in heads:
         result[head] = head_metrics(getattr(sub, head), logits[head], names[head], temps.get(head))
-    pred = {h: logits[h].argmax(1) for h in ("gender", "ethnicity")}
-    result["fairness"] = fairness_report(sub, pred, min_group)
+    pred = {h: logits[h].argmax(1) for h in heads}
+    if {"gender", "ethnicity"} <= set(heads):
+        result["fairness"] = fairness_report(sub, pred, min_group)
     result["figures"] = _figures(plots, result, sub, logits, temps, names, out_dir, n_grid, seed)
-    age = _evaluate_age(model_dir, meta, faces, split, out_dir)
+    age = _evaluate_age(bundle, faces, split, out_dir)
     if age is not None:
         result["age"] = age
     write_npz(
@@ -170,25 +174,20 @@ def evaluate_run(
         **{f"{h}_true": getattr(sub, h) for h in pred},
     )
     write_json_atomic(out_dir / "metrics.json", result)
-    g, e = result["gender"], result["ethnicity"]
-    log.info(
-        "%s (n=%d): gender acc %.4f F1 %.4f AUC %s | ethnicity acc %.4f F1 %.4f -> %s",
-        split,
-        len(sub),
-        g["accuracy"],
-        g["macro_f1"],
-        g["auc"],
-        e["accuracy"],
-        e["macro_f1"],
-        out_dir / "metrics.json",
+    scores = " | ".join(
+        f"{h} acc {result[h]['accuracy']:.4f} F1 {result[h]['macro_f1']:.4f}"
+        + (f" AUC {result[h]['auc']}" if "auc" in result[h] else "")
+        for h in heads
     )
+    log.info("%s (n=%d): %s -> %s", split, len(sub), scores, out_dir / "metrics.json")
     return result
 
 
 def _figures(plots, result, sub, logits, temps, names, out_dir, n_grid, seed) -> dict[str, str]:
     """Write every figure into ``out_dir``; returns ``{name: file name}``."""
     figs = {}
-    for head in ("gender", "ethnicity"):
+    heads = [h for h in names if h in result]
+    for head in heads:
         r = result[head]
         figs[f"confusion_{head}"] = plots.confusion(
             r["confusion"], names[head], out_dir / f"confusion_{head}.png", head.capitalize()
@@ -200,13 +199,16 @@ def _figures(plots, result, sub, logits, temps, names, out_dir, n_grid, seed) ->
             f"{head} reliability (n={r['n']})",
             (r["ece"], r["ece_calibrated"]) if temps else (r["ece"],),
         )
-    if result["gender"]["roc"] is not None:
-        figs["roc_gender"] = plots.roc(result["gender"]["roc"], out_dir / "roc_gender.png")
-    figs["fairness"] = plots.fairness(result["fairness"], out_dir / "fairness.png")
+    for head in heads:
+        if result[head].get("roc") is not None:
+            path = out_dir / f"roc_{head}.png"
+            figs[f"roc_{head}"] = plots.roc(result[head]["roc"], path, f"{head.capitalize()} ROC")
+    if "fairness" in result:
+        figs["fairness"] = plots.fairness(result["fairness"], out_dir / "fairness.png")
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(sub), size=min(n_grid, len(sub)), replace=False))
     shown = sub.take(pick)
-    probs = {h: M.softmax(logits[h][pick], temps.get(h, 1.0)) for h in HEAD_LETTER}
+    probs = {h: M.softmax(logits[h][pick], temps.get(h, 1.0)) for h in heads}
     figs["faces"] = plots.face_grid(
         shown.images,
         captions(probs, shown, names),
@@ -216,20 +218,15 @@ def _figures(plots, result, sub, logits, temps, names, out_dir, n_grid, seed) ->
     return {k: Path(v).name for k, v in figs.items()}
 
 
-def _evaluate_age(model_dir: Path, meta: dict, faces: FaceSet, split: str, out_dir: Path):
-    """AGE HOOK, owned by the age stage (faceattrs.age), not implemented here.
+def _evaluate_age(bundle, faces: FaceSet, split: str, out_dir: Path):
+    """The age model's metrics (``faceattrs.age.evaluate_age``) when the bundle holds one,
+    for ``metrics.json["age"]``; its figures land in ``out_dir/age`` where the report
+    finds them. None without an age model."""
+    from .age import evaluate_age  # the age stage sits above this one
 
-    When the run holds an age model (``RUN/age/`` or ``"age"`` in the checkpoint JSON),
-    call ``faceattrs.age.evaluate_age(model_dir, faces, split, out_dir / "age")`` and put
-    its returned dict into ``metrics.json`` under ``"age"``. Its figures land in
-    ``out_dir/age`` where the report finds them.
-    """
-    from .age import evaluate_age, resolve_bundle
-
-    age_dir = resolve_bundle(model_dir)[1] if model_dir.is_dir() else None
-    if age_dir is None and not meta.get("age"):
+    if bundle.age_dir is None:
         return None
-    return evaluate_age(age_dir or model_dir, faces, split, out_dir / "age")
+    return evaluate_age(bundle.age_dir, faces, split, out_dir / "age")
 
 
 def write_npz(path: Path, **arrays) -> None:

@@ -20,19 +20,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment import normalise
-from .calibrate import apply_temperatures, load_temperatures
-from .checkpoint import load_model
+from .bundle import resolve
+from .calibrate import apply_temperatures
 from .dataset import FaceSet
 from .engine import predict
-from .evaluate import HEAD_LETTER, write_npz
+from .evaluate import head_letter, write_npz
 from .exceptions import FaceattrsError
-from .io import write_json_atomic
+from .inputs import normalise
+from .io import write_json_atomic, write_with
 from .labels import ETHNICITIES, IMAGE_SIZE
 
 log = logging.getLogger(__name__)
 
-HEADS = ("gender", "ethnicity")
 DISPLAY_SIZE = 192  # pixels of a displayed overlay (4x the model's input)
 
 
@@ -89,25 +88,83 @@ def smooth(cam: np.ndarray, size: int = DISPLAY_SIZE) -> np.ndarray:
 
 
 def explain_faces(model, images: np.ndarray, temps: dict[str, float]) -> dict:
-    """Probabilities (temperature-scaled when calibrated) and Grad-CAM maps of both heads."""
+    """Probabilities (temperature-scaled when calibrated) and Grad-CAM maps of every head
+    of ``model`` (gender and ethnicity for the multitask model)."""
     logits = predict(model, images)
-    probs = apply_temperatures({h: logits[h] for h in HEADS}, temps)
-    cams = {h: grad_cam(model, images, h, target=probs[h].argmax(1)) for h in HEADS}
+    probs = apply_temperatures({h: logits[h] for h in model.cfg.heads}, temps)
+    cams = {h: grad_cam(model, images, h, target=probs[h].argmax(1)) for h in probs}
     return {"probs": probs, "cams": cams}
 
 
-def _rows(images, ex, names, labels, truth=None) -> list[dict]:
-    """Rows for :func:`faceattrs.plots.evaluate.cam_grid`; ``truth[head][i]`` marks mistakes."""
+RIGHT, WRONG = (255, 255, 255), (255, 80, 80)  # caption colours (RGB)
+LINE = 16  # pixels per caption line (one line: a 22-pixel bar)
+
+
+def _caption(img: np.ndarray, lines: list[tuple[str, tuple]], n_lines: int) -> np.ndarray:
+    """``img`` (RGB) under a black bar with ``lines`` of ``(text, colour)``."""
+    bar = np.zeros((6 + LINE * n_lines, img.shape[1], 3), np.uint8)
+    for i, (text, colour) in enumerate(lines):
+        y = 16 + LINE * i
+        cv2.putText(bar, text, (4, y), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1, cv2.LINE_AA)
+    return np.vstack([bar, img])
+
+
+def cam_panels(row: dict, size: int = DISPLAY_SIZE, n_lines: int = 1) -> np.ndarray:
+    """One face's explanation as an RGB picture: the face, then per head its Grad-CAM over
+    the face (JET colours, 45 %), each under its caption; a wrong head's caption is red.
+
+    ``row``: ``{"face": (48, 48) uint8, "label": str, "cams": {head: (48, 48) in [0, 1]},
+    "titles": {head: str}, "wrong": {head: bool}}`` (:func:`explanation_rows`). Captions may
+    hold several lines (``\\n``); ``n_lines`` is the bar height in lines. The one drawing
+    of explanations: ``faceattrs explain`` and ``faceattrs predict --explain`` both use it.
+    """
+    big = cv2.resize(row["face"], (size, size), interpolation=cv2.INTER_CUBIC)
+    face = cv2.cvtColor(big, cv2.COLOR_GRAY2RGB)
+    label = [(t, RIGHT) for t in str(row.get("label", "")).split("\n")]
+    panels = [_caption(face, label, n_lines)]
+    for h, cam in row["cams"].items():
+        heat = cv2.applyColorMap((smooth(cam, size) * 255).astype(np.uint8), cv2.COLORMAP_JET)
+        blend = cv2.addWeighted(face, 0.55, heat[..., ::-1], 0.45, 0)
+        colour = WRONG if row.get("wrong", {}).get(h) else RIGHT
+        lines = [(t, colour) for t in row["titles"][h].split("\n")]
+        panels.append(_caption(blend, lines, n_lines))
+    return np.hstack(panels)
+
+
+def cam_sheet(rows: list[dict], title: str | None = None, per_row: int = 2) -> np.ndarray:
+    """:func:`cam_panels` of several faces, ``per_row`` side by side, under a title bar."""
+    n_lines = max(
+        len(t.split("\n")) for r in rows for t in [str(r.get("label", "")), *r["titles"].values()]
+    )
+    pics = [cam_panels(r, n_lines=n_lines) for r in rows]
+    per_row = max(1, min(per_row, len(pics)))
+    blank = np.zeros_like(pics[0])
+    pics += [blank] * (-len(pics) % per_row)
+    sheet = np.vstack([np.hstack(pics[i : i + per_row]) for i in range(0, len(pics), per_row)])
+    return _caption(sheet, [(title, RIGHT)], 1) if title else sheet
+
+
+def save_picture(path: Path, rgb: np.ndarray) -> Path:
+    """Write an RGB picture as PNG (atomically)."""
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
+    if not ok:
+        raise FaceattrsError(f"could not encode {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_with(path, lambda tmp: Path(tmp).write_bytes(png.tobytes()))
+    return path
+
+
+def explanation_rows(images, ex, names, labels, truth=None) -> list[dict]:
+    """Rows for :func:`cam_panels`: captions ``HEAD: LABEL P`` (``truth[head][i]`` marks
+    mistakes in red)."""
     rows = []
     for i, face in enumerate(images):
         row = {"face": face, "label": labels[i], "cams": {}, "titles": {}, "wrong": {}}
-        for h in HEADS:
+        for h in ex["probs"]:
             k = int(ex["probs"][h][i].argmax())
-            row["cams"][h] = smooth(ex["cams"][h][i])
-            row["titles"][h] = (
-                f"{h} CAM\nPred {HEAD_LETTER[h]}: {names[h][k]} ({ex['probs'][h][i, k]:.2f})"
-            )
-            row["wrong"][h] = truth is not None and k != int(truth[h][i])
+            row["cams"][h] = ex["cams"][h][i]
+            row["titles"][h] = f"{h}: {names[h][k]} {ex['probs'][h][i, k]:.2f}"
+            row["wrong"][h] = truth is not None and h in truth and k != int(truth[h][i])
         rows.append(row)
     return rows
 
@@ -119,7 +176,7 @@ def _face_record(ex, names, i: int) -> dict:
             "probability": round(float(ex["probs"][h][i].max()), 4),
             "probabilities": dict(zip(names[h], ex["probs"][h][i].round(4).tolist(), strict=True)),
         }
-        for h in HEADS
+        for h in ex["probs"]
     }
 
 
@@ -146,16 +203,20 @@ def explain_photo(
     if not found:
         raise FaceattrsError(f"no face found in {photo}")
     crops = np.stack([np.asarray(f.crop, dtype=np.uint8) for f in found])
-    model, meta = load_model(model_dir, device=device)
-    ex = explain_faces(model, crops, load_temperatures(model_dir))
+    bundle = resolve(model_dir)
+    model, meta = bundle.load_multitask(device)
+    ex = explain_faces(model, crops, bundle.temperatures)
     names = meta["class_names"]
     boxes = [[int(v) for v in f.box] for f in found]
     stem = photo.stem
     plots.photo_boxes(image, boxes, out_dir / f"{stem}_faces.png")
-    rows = _rows(crops, ex, names, [f"face {i}" for i in range(len(found))])
-    plots.cam_grid(rows, out_dir / f"{stem}_gradcam.png", title=f"Grad-CAM: {photo.name}")
+    rows = explanation_rows(crops, ex, names, [f"face {i}" for i in range(len(found))])
+    sheet = cam_sheet(rows, title=f"Grad-CAM: {photo.name}")
+    save_picture(out_dir / f"{stem}_gradcam.png", sheet)
     write_npz(
-        out_dir / f"{stem}_gradcam.npz", **{f"{h}_cam": ex["cams"][h] for h in HEADS}, crops=crops
+        out_dir / f"{stem}_gradcam.npz",
+        **{f"{h}_cam": ex["cams"][h] for h in ex["cams"]},
+        crops=crops,
     )
     result = {
         "photo": str(photo),
@@ -219,12 +280,11 @@ def explain_misclassified(
 
     Writes ``misclassified_CLASSES.png`` / ``.json`` / ``_gradcam.npz`` to ``out_dir``.
     """
-    from .plots import evaluate as plots
-
     classes = parse_classes(classes)
     out_dir, sub = Path(out_dir), faces.subset(split)
-    model, meta = load_model(model_dir, device=device)
-    temps, names = load_temperatures(model_dir), meta["class_names"]
+    bundle = resolve(model_dir)
+    model, meta = bundle.load_multitask(device)
+    temps, names = bundle.temperatures, meta["class_names"]
     logits = predict(model, sub.images)
     probs = apply_temperatures({"ethnicity": logits["ethnicity"]}, temps)["ethnicity"]
     ids = [ETHNICITIES.index(c) for c in classes]
@@ -240,24 +300,23 @@ def explain_misclassified(
         return result
     shown = sub.take(pick)
     ex = explain_faces(model, shown.images, temps)
-    truth = {h: getattr(shown, h) for h in HEADS}
+    truth = {h: getattr(shown, h) for h in ex["probs"] if hasattr(shown, h)}
     labels = [
-        f"row {int(faces.indices(split)[i])}\nTrue G: {names['gender'][g]}, E: {names['ethnicity'][e]}"
-        for i, g, e in zip(pick, shown.gender, shown.ethnicity, strict=True)
+        f"row {int(faces.indices(split)[i])}\n"
+        + ", ".join(f"{head_letter(h)}: {names[h][int(truth[h][j])]}" for h in truth)
+        for j, i in enumerate(pick)
     ]
-    plots.cam_grid(
-        _rows(shown.images, ex, names, labels, truth),
-        out_dir / f"{tag}.png",
-        title=f"Grad-CAM on misclassified {split} faces: {', '.join(classes)}",
-    )
+    rows = explanation_rows(shown.images, ex, names, labels, truth)
+    title = f"Grad-CAM on misclassified {split} faces: {', '.join(classes)}"
+    save_picture(out_dir / f"{tag}.png", cam_sheet(rows, title=title))
     write_npz(
         out_dir / f"{tag}_gradcam.npz",
         index=faces.indices(split)[pick],
-        **{f"{h}_cam": ex["cams"][h] for h in HEADS},
+        **{f"{h}_cam": ex["cams"][h] for h in ex["cams"]},
     )
     for j, i in enumerate(pick):
         rec = {"index": int(faces.indices(split)[i]), "name": str(shown.names[j])}
-        rec["true"] = {h: names[h][int(truth[h][j])] for h in HEADS}
+        rec["true"] = {h: names[h][int(truth[h][j])] for h in truth}
         result["faces"].append({**rec, **_face_record(ex, names, j)})
     result["figures"] = [f"{tag}.png"]
     write_json_atomic(out_dir / f"{tag}.json", result)

@@ -17,7 +17,6 @@ Command: ``faceattrs export --model runs/cpu --out runs/cpu/onnx``, then
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import warnings
@@ -27,32 +26,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from .augment import normalise
-from .checkpoint import CheckpointError
+from .age.bundle import COARSE_HEAD
+from .age.direct import HEAD as DIRECT_HEAD
+from .backends import OnnxBackend, TorchBackend
+from .bundle import ONNX_FORMAT as FORMAT
+from .bundle import ONNX_MANIFEST as MANIFEST
+from .bundle import Bundle, resolve
 from .exceptions import FaceattrsError
+from .inputs import IMAGE_SIZE, NORMALISATION, normalise
 from .io import write_json_atomic, write_with
-from .labels import IMAGE_SIZE
+from .postprocess import softmax
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "faceattrs-onnx.json"
-FORMAT = "faceattrs-onnx-1"
 OPSET = 17
-HEADS = ("gender", "ethnicity")
-
-
-def is_export(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).exists()
 
 
 class _Multitask(nn.Module):
-    def __init__(self, model):
+    def __init__(self, model, heads: list[str]):
         super().__init__()
-        self.model = model
+        self.model, self.heads = model, heads
 
     def forward(self, faces):
         out = self.model(normalise(faces))
-        return tuple(out[h] for h in HEADS)
+        return tuple(out[h] for h in self.heads)
 
 
 class _TwoStage(nn.Module):
@@ -109,26 +106,22 @@ def export_onnx(
     random faces) against PyTorch; the largest probability difference is saved in the
     manifest and a warning is logged when it exceeds 1e-3.
     """
-    from .predict import TorchModels, resolve_model_dir
-
     try:
         import onnx  # noqa: F401
     except ImportError:
         raise FaceattrsError("ONNX export needs onnx: pip install 'faceattrs[onnx]'") from None
-    src = resolve_model_dir(model)
-    if is_export(src):
-        raise FaceattrsError(f"{src} is already an ONNX export; pass the run folder")
-    tm = TorchModels(src)
+    bundle = resolve(model)
+    if bundle.kind == "onnx":
+        raise FaceattrsError(f"{bundle.path} is already an ONNX export; pass the run folder")
+    tm = TorchBackend(bundle)
+    heads = list(tm.class_names)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     graphs = {"multitask": "multitask.onnx"}
-    _export_graph(_Multitask(tm.model), out_dir / graphs["multitask"], list(HEADS), opset)
+    _export_graph(_Multitask(tm.model, heads), out_dir / graphs["multitask"], heads, opset)
     age_meta = None
     am = tm.age_model
     if am is not None:
-        from .age.bundle import COARSE_HEAD
-        from .age.direct import HEAD as DIRECT_HEAD
-
         graphs["age_two_stage"] = "age_two_stage.onnx"
         _export_graph(
             _TwoStage(am.coarse, am.regressors, COARSE_HEAD),
@@ -150,6 +143,7 @@ def export_onnx(
             "approach": am.approach,
             "routing": am.routing,
             "clip": [float(c) for c in am.clip],
+            "interval": am.interval,
         }
     manifest = {
         "format": FORMAT,
@@ -160,7 +154,7 @@ def export_onnx(
             "name": "faces",
             "dtype": "uint8",
             "shape": ["batch", IMAGE_SIZE, IMAGE_SIZE],
-            "normalisation": "inside the graph: (x / 255 - 0.5) / 0.5",
+            "normalisation": "inside the graph: (x / 255 - {mean}) / {std}".format(**NORMALISATION),
         },
         "graphs": graphs,
         "class_names": tm.class_names,
@@ -169,25 +163,24 @@ def export_onnx(
     }
     write_json_atomic(out_dir / MANIFEST, manifest)
     if check_faces is None:
-        check_faces = np.random.default_rng(0).integers(0, 256, (32, 48, 48), dtype=np.uint8)
-    diffs = agreement(tm, OnnxModels(out_dir), check_faces)
+        shape = (32, IMAGE_SIZE, IMAGE_SIZE)
+        check_faces = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    diffs = agreement(tm, OnnxBackend(out_dir), check_faces)
     manifest["check"] = {"faces": len(check_faces), **diffs}
     write_json_atomic(out_dir / MANIFEST, manifest)
     worst = max(v for k, v in diffs.items() if k.endswith("probabilities"))
     if worst > 1e-3:
         log.warning("onnxruntime and PyTorch differ by up to %.2g (check %s)", worst, out_dir)
-    log.info("exported %s -> %s (%s)", src, out_dir, ", ".join(graphs.values()))
+    log.info("exported %s -> %s (%s)", bundle.path, out_dir, ", ".join(graphs.values()))
     return out_dir / MANIFEST
 
 
 def agreement(a, b, faces: np.ndarray) -> dict[str, float]:
     """Largest absolute difference per output between two backends on ``faces``: logits and
     probabilities of each head (temperature-scaled), age bin probabilities, age (years)."""
-    from .predict import softmax
-
     out = {}
     la, lb = a.logits(faces), b.logits(faces)
-    for h in HEADS:
+    for h in a.class_names:
         t = a.temperatures.get(h, 1.0)
         out[f"{h}_probabilities"] = float(np.abs(softmax(la[h], t) - softmax(lb[h], t)).max())
         out[f"{h}_logits"] = float(np.abs(la[h] - lb[h]).max())
@@ -200,90 +193,17 @@ def agreement(a, b, faces: np.ndarray) -> dict[str, float]:
     return {k: round(v, 7) for k, v in out.items()}
 
 
-class OnnxModels:
-    """The onnxruntime backend, same interface as :class:`faceattrs.predict.TorchModels`."""
-
-    def __init__(self, export_dir: str | Path, age: bool = True, threads: int | None = None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise FaceattrsError(
-                "the onnx backend needs onnxruntime: pip install 'faceattrs[onnx]'"
-            ) from None
-        self.dir = Path(export_dir)
-        try:
-            m = json.loads((self.dir / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(
-                f"{self.dir / MANIFEST}: unreadable ONNX manifest ({e})"
-            ) from None
-        if m.get("format") != FORMAT:
-            raise CheckpointError(f"{self.dir / MANIFEST}: not a faceattrs ONNX export")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        # idle model threads must not spin: decoding and detection need the cores between calls
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-
-        def session(key):
-            path = self.dir / m["graphs"][key]
-            if not path.exists():
-                raise CheckpointError(f"ONNX graph missing: {path}")
-            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-        self.manifest = m
-        self.class_names = {h: list(m["class_names"][h]) for h in HEADS}
-        self.temperatures = {k: float(v) for k, v in m.get("temperatures", {}).items()}
-        self.source = m.get("source")
-        self.multitask = session("multitask")
-        self.age_meta = m.get("age") if age else None
-        self.bin_labels = self.age_meta["bin_labels"] if self.age_meta else None
-        self.two_stage = session("age_two_stage") if self.age_meta else None
-        has_direct = self.age_meta and "age_direct" in m["graphs"]
-        self.direct = session("age_direct") if has_direct else None
-        self._tmp = None  # a temporary export made by open()
-
-    @classmethod
-    def open(cls, path: str | Path, age: bool = True, threads: int | None = None) -> OnnxModels:
-        """An export folder, or a run folder (exported now to a temporary folder)."""
-        path = Path(path)
-        if is_export(path):
-            return cls(path, age, threads)
-        tmp = tempfile.TemporaryDirectory(prefix="faceattrs-onnx-")
-        log.info("exporting %s to ONNX in %s (use `faceattrs export` to keep it)", path, tmp.name)
-        export_onnx(path, tmp.name)
-        models = cls(tmp.name, age, threads)
-        models._tmp = tmp
-        return models
-
-    def logits(self, faces: np.ndarray) -> dict[str, np.ndarray]:
-        out = self.multitask.run(list(HEADS), {"faces": np.ascontiguousarray(faces, np.uint8)})
-        return dict(zip(HEADS, out, strict=True))
-
-    def age(self, faces: np.ndarray) -> dict[str, np.ndarray] | None:
-        """As :meth:`faceattrs.age.AgeModel.predict` with the default approach and routing."""
-        if self.age_meta is None:
-            return None
-        from .age.direct import year_probs_to_bins
-        from .age.regress import route
-        from .predict import softmax
-
-        meta, faces = self.age_meta, np.ascontiguousarray(faces, np.uint8)
-        lo, hi = meta["clip"]
-        if meta["approach"] == "direct":
-            if self.direct is None:
-                raise CheckpointError(
-                    f"{self.dir}: age approach is 'direct' but its graph is missing"
-                )
-            years = softmax(self.direct.run(None, {"faces": faces})[0])
-            value = years @ np.arange(years.shape[1], dtype=np.float64)
-            probs = year_probs_to_bins(years, np.asarray(meta["edges"]))
-        else:
-            bin_logits, per_bin = self.two_stage.run(None, {"faces": faces})
-            probs = softmax(bin_logits)
-            value = route(probs, per_bin.astype(np.float64), meta["routing"])
-        return {
-            "value": np.clip(value, lo, hi).astype(np.float64),
-            "bin": probs.argmax(1),
-            "bin_probabilities": probs,
-        }
+def open_onnx(model: Bundle | str | Path | None, age: bool = True, threads: int | None = None):
+    """The onnxruntime backend of a bundle: an export folder, or a run folder (exported now
+    to a temporary folder that lives as long as the backend)."""
+    bundle = resolve(model)
+    if bundle.kind == "onnx":
+        return OnnxBackend(bundle, age, threads)
+    tmp = tempfile.TemporaryDirectory(prefix="faceattrs-onnx-")
+    log.info(
+        "exporting %s to ONNX in %s (use `faceattrs export` to keep it)", bundle.path, tmp.name
+    )
+    export_onnx(bundle, tmp.name)
+    backend = OnnxBackend(tmp.name, age, threads)
+    backend._tmp = tmp
+    return backend

@@ -1,7 +1,9 @@
-"""Label names and input geometry shared by every stage."""
+"""Label names and input geometry shared by every stage (the input contract itself is
+:mod:`faceattrs.inputs`; re-exported here for the data stage)."""
 
-IMAGE_SIZE = 48  # faces are 48x48 grayscale, as in the public CSV
-GENDERS = ("Male", "Female")  # CSV code 0 = male, 1 = female
-ETHNICITIES = ("White", "Black", "Asian", "Indian", "Other")  # CSV codes 0..4
+from .inputs import ETHNICITIES, GENDERS, IMAGE_SIZE
+
+__all__ = ["AGE_RANGE", "ETHNICITIES", "GENDERS", "IMAGE_SIZE", "SPLITS"]
+
 SPLITS = ("train", "val", "test")  # codes 0, 1, 2 in the prepared ``split`` array
 AGE_RANGE = (1, 120)  # valid ages in years, inclusive

@@ -26,22 +26,10 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from .postprocess import softmax  # noqa: F401  (re-exported: one softmax)
+
 # Age groups for the fairness breakdown: lower edges in years, the last group open-ended.
 AGE_GROUP_EDGES = (0, 13, 20, 30, 45, 60)
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of ``(N, K)`` logits divided by ``temperature``.
-
-    >>> softmax(np.array([[0.0, 0.0], [0.0, np.log(3.0)]])).round(2).tolist()
-    [[0.5, 0.5], [0.25, 0.75]]
-    >>> softmax(np.array([[0.0, 2.0]]), temperature=2.0).round(4).tolist()
-    [[0.2689, 0.7311]]
-    """
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def classification_report(
@@ -74,6 +62,23 @@ def classification_report(
         "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         "n": int(len(y_true)),
     }
+
+
+def scores_from_confusion(cm: Sequence[Sequence[int]]) -> dict[str, float]:
+    """Accuracy and macro-F1 of a ``(K, K)`` confusion matrix (rows = true class), with
+    scikit-learn's macro-F1 (mean over the classes present in truth or prediction).
+
+    >>> scores_from_confusion(np.array([[2, 0], [1, 1]]))
+    {'accuracy': 0.75, 'macro_f1': 0.7333333333333334}
+    """
+    cm = np.asarray(cm, dtype=np.int64)
+    k = len(cm)
+    true, pred = np.divmod(np.arange(k * k), k)
+    y_true, y_pred = np.repeat(true, cm.ravel()), np.repeat(pred, cm.ravel())
+    if len(y_true) == 0:
+        return {"accuracy": 0.0, "macro_f1": 0.0}
+    f1 = f1_score(y_true, y_pred, average="macro", zero_division=0)
+    return {"accuracy": float(np.mean(y_true == y_pred)), "macro_f1": float(f1)}
 
 
 def row_normalise(confusion: Sequence[Sequence[int]]) -> np.ndarray:

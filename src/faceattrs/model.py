@@ -17,8 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
+
+from .inputs import DEFAULT_HEADS, normalise
 
 
 @dataclass
@@ -27,7 +30,10 @@ class ModelConfig:
     in_channels: int = 1  # grayscale input
     dropout: float = 0.35  # before each head, after LayerNorm
     blocks: tuple[int, ...] = (2, 2, 2, 2)  # BasicBlocks per stage (ResNet-18)
-    heads: dict[str, int] = field(default_factory=lambda: {"gender": 2, "ethnicity": 5})
+    # head name -> number of classes; default: gender (2) and ethnicity (5)
+    heads: dict[str, int] = field(
+        default_factory=lambda: {h: len(c) for h, c in DEFAULT_HEADS.items()}
+    )
 
 
 class StridedPointwise(nn.Conv2d):
@@ -179,3 +185,31 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
                     mod[i] = fuse_conv_bn_eval(mod[i], mod[i + 1])
                     mod[i + 1] = nn.Identity()
     return model
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    images: np.ndarray | torch.Tensor,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+    embed: bool = False,
+) -> dict[str, np.ndarray]:
+    """Logits per head for uint8 faces ``(N, 48, 48)``, as float32 numpy ``(N, K)``.
+
+    With ``embed=True`` the result also holds ``"embedding"`` ``(N, D)``.
+    The model is put in eval mode; nothing is augmented.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.eval()
+    out: dict[str, list[np.ndarray]] = {}
+    images = torch.as_tensor(images)
+    for start in range(0, len(images), batch_size):
+        x = normalise(images[start : start + batch_size].to(device))
+        z = model.embed(x)
+        logits = model.forward_head(z)
+        if embed:
+            logits = {**logits, "embedding": z}
+        for k, v in logits.items():
+            out.setdefault(k, []).append(v.float().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}

@@ -42,11 +42,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .exceptions import FaceattrsError
-from .labels import IMAGE_SIZE
+from .inputs import IMAGE_SIZE, MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
-MAX_PIXELS = 50_000_000  # decompression-bomb guard: images over this many pixels are refused
 Box = tuple[int, int, int, int]  # x, y, width, height in image pixels
 
 

@@ -39,7 +39,7 @@ def run_all(
     from .evaluate import evaluate_run
     from .explain import explain_misclassified
     from .report import build_report
-    from .train import fit, resolve_config
+    from .train import fit, resolve_config, resume_settings
 
     out = Path(out)
     timings = {}
@@ -54,8 +54,9 @@ def run_all(
     prepared = out / "data"
     stage("prepare", prepare, data, prepared, PrepareConfig())
     faces = load_prepared(prepared)
-    cfg = resolve_config(preset, overrides)
     resume = resume and (out / "last.json").exists()
+    # resuming continues the run's saved settings (changed by ``overrides``), as `train --resume`
+    cfg = resume_settings(out, overrides)[0] if resume else resolve_config(preset, overrides)
     stage("train", fit, faces, out, cfg, resume=resume, data_ref=str(prepared.resolve()),
           progress=progress)  # fmt: skip
     stage("calibrate", calibrate_run, out, faces)

@@ -34,96 +34,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .augment import normalise
-from .checkpoint import CheckpointError, load_model
+from .backends import Backend, TorchBackend
+from .bundle import Bundle, resolve
 from .exceptions import FaceattrsError
-from .model import fuse_batchnorm
 from .photo import Face, PhotoConfig, PhotoError, extract_faces, load_image
+from .postprocess import softmax
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
-HEADS = ("gender", "ethnicity")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BACKENDS = ("torch", "onnx")
-
-
-# ---------------------------------------------------------------- model bundles
-
-
-def resolve_model_dir(model: str | os.PathLike | None) -> Path:
-    """``--model`` -> a folder; without one, the default model bundled in the package."""
-    if model is None:
-        if (DEFAULT_MODEL_DIR / "best.json").exists():
-            return DEFAULT_MODEL_DIR
-        raise FaceattrsError(
-            "no model given and no default model is bundled with this installation: train one "
-            "with `faceattrs run --data CSV --out RUN --preset cpu` and pass `--model RUN` "
-            "(Python: model='RUN')"
-        )
-    path = Path(model)
-    if not path.exists():
-        raise CheckpointError(f"model folder {path} does not exist")
-    return path
-
-
-class TorchModels:
-    """The PyTorch backend: the multitask model and, when present, the age model.
-
-    ``logits(faces)`` -> ``{"gender": (N, 2), "ethnicity": (N, 5)}``; ``age(faces)`` ->
-    ``{"value", "bin", "bin_probabilities"}`` arrays or None. ``faces``: uint8 (N, 48, 48).
-    ``dtype="bf16"`` runs under CPU/GPU autocast in bfloat16.
-    """
-
-    def __init__(self, path: Path, device: str = "cpu", dtype: str = "fp32", age: bool = True):
-        if dtype not in DTYPES:
-            raise FaceattrsError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-        self.device, self.dtype = torch.device(device), dtype
-        from .age import resolve_bundle
-        from .calibrate import load_temperatures
-
-        mt_dir, age_dir = resolve_bundle(path)
-        try:
-            self.model, self.meta = load_model(mt_dir, device=self.device)
-        except RuntimeError as e:  # e.g. tensor shapes that differ from the settings
-            first = str(e).strip().splitlines()[-1].strip()
-            raise CheckpointError(
-                f"{mt_dir}: weights do not match its settings ({first})"
-            ) from None
-        self.class_names = {h: list(self.meta["class_names"][h]) for h in HEADS}
-        self.temperatures = load_temperatures(mt_dir) if mt_dir.is_dir() else {}
-        self.age_model = None
-        if age and age_dir is not None:
-            from .age import load_age_model
-
-            self.age_model = load_age_model(age_dir, device=self.device)
-        self.bin_labels = list(self.age_model.bin_labels) if self.age_model else None
-        self.source = mt_dir
-        # BN folded into the convs (about 5% faster, bench_predict.py), channels-last weights
-        # (oneDNN's fast convolutions, about 3x on the 2-core CPUs)
-        nets = [self.model] + [getattr(self.age_model, k, None) for k in ("coarse", "direct")]
-        for net in nets:
-            if isinstance(net, torch.nn.Module):
-                fuse_batchnorm(net.eval()).to(memory_format=torch.channels_last)
-
-    def _autocast(self):
-        return torch.autocast(
-            self.device.type, dtype=DTYPES[self.dtype], enabled=self.dtype != "fp32"
-        )
-
-    @torch.inference_mode()
-    def logits(self, faces: np.ndarray) -> dict[str, np.ndarray]:
-        x = normalise(torch.from_numpy(faces).to(self.device))
-        with self._autocast():
-            out = self.model(x)
-        return {h: out[h].float().cpu().numpy() for h in HEADS}
-
-    @torch.inference_mode()
-    def age(self, faces: np.ndarray) -> dict[str, np.ndarray] | None:
-        if self.age_model is None:
-            return None
-        with self._autocast():
-            return self.age_model.predict(faces)
 
 
 def load_models(
@@ -133,51 +52,45 @@ def load_models(
     dtype: str = "fp32",
     age: bool = True,
     threads: int | None = None,
-):
-    """The backend object for ``model`` (see :class:`TorchModels`; ONNX: ``export.OnnxModels``).
+) -> Backend:
+    """The backend for ``model`` (anything :func:`faceattrs.bundle.resolve` accepts).
 
     ``threads``: CPU threads of the models (torch: process-wide ``torch.set_num_threads``).
     """
-    path = resolve_model_dir(model)
-    if backend == "torch":
-        from .export import is_export
-
-        if is_export(path):
-            raise FaceattrsError(f"{path} is an ONNX export: use it with --backend onnx")
-        if threads:
-            torch.set_num_threads(threads)
-        return TorchModels(path, device, dtype, age)
+    if backend not in BACKENDS:
+        raise FaceattrsError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    bundle = resolve(model)
     if backend == "onnx":
-        from .export import OnnxModels
+        from .export import open_onnx  # exports a run folder on the fly (needs onnx)
 
-        return OnnxModels.open(path, age=age, threads=threads)
-    raise FaceattrsError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        return open_onnx(bundle, age=age, threads=threads)
+    if bundle.kind == "onnx":
+        raise FaceattrsError(f"{bundle.path} is an ONNX export: use it with --backend onnx")
+    if threads:
+        torch.set_num_threads(threads)
+    return TorchBackend(bundle, device, dtype, age)
 
 
 # ---------------------------------------------------------------- records
-
-
-def softmax(z: np.ndarray, t: float = 1.0) -> np.ndarray:
-    z = np.asarray(z, np.float64) / t
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
 
 
 def _dist(names, p) -> dict[str, float]:
     return {n: round(float(v), 4) for n, v in zip(names, p, strict=True)}
 
 
-def face_predictions(models, faces: np.ndarray) -> list[dict]:
-    """Per face ``{"gender": ..., "ethnicity": ..., "age": ...}`` for uint8 (N, 48, 48)."""
+def face_predictions(models: Backend, faces: np.ndarray) -> list[dict]:
+    """Per face ``{head: {"label", "probabilities"}, ..., "age": ...}`` for uint8 (N, 48, 48),
+    one entry per head of the bundle (gender and ethnicity for the multitask model)."""
     if len(faces) == 0:
         return []
     logits = models.logits(faces)
-    probs = {h: softmax(logits[h], models.temperatures.get(h, 1.0)) for h in HEADS}
+    heads = models.class_names
+    probs = {h: softmax(logits[h], models.temperatures.get(h, 1.0)) for h in heads}
     age = models.age(faces)
     out = []
     for i in range(len(faces)):
         rec = {}
-        for h in HEADS:
+        for h in heads:
             names = models.class_names[h]
             rec[h] = {
                 "label": names[int(probs[h][i].argmax())],
@@ -218,8 +131,9 @@ class Item:
 class FaceAnalyzer:
     """Load the models once, then analyse images: ``FaceAnalyzer("runs/cpu").analyze(x)``.
 
-    ``model``: a run folder (or an age run, or an ONNX export with ``backend="onnx"``);
-    None = the default model bundled in the package. ``dtype``: "fp32" or "bf16" (torch).
+    ``model``: anything :func:`faceattrs.bundle.resolve` accepts: a run folder (or an age
+    run, a checkpoint file, an ONNX export with ``backend="onnx"``, a resolved
+    :class:`~faceattrs.bundle.Bundle`); None = the default model bundled in the package. ``dtype``: "fp32" or "bf16" (torch).
     ``photo``: detection and crop settings (:class:`faceattrs.photo.PhotoConfig`).
     ``threads``: CPU threads for the models (default: the library's own choice).
     """
@@ -373,6 +287,8 @@ def analyze(
     The models are loaded on the first call and kept for the next calls with the same
     ``model``, ``backend``, ``device`` and ``dtype``.
     """
+    if isinstance(model, Bundle):
+        model = model.path
     key = None if model is None else str(Path(model).resolve())
     an = _cached_analyzer(key, backend, device, dtype)
     return an.analyze(image_or_path, detect=detect, on_error=on_error)

@@ -23,16 +23,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .checkpoint import load_model
 from .exceptions import FaceattrsError
 from .io import atomic_path, write_with
 from .photo import PhotoConfig
-from .predict import HEADS, FaceAnalyzer
+from .predict import FaceAnalyzer
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-PANEL = 192  # pixels of one panel of a Grad-CAM overlay
 
 
 def expand_inputs(args: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
@@ -66,7 +64,7 @@ def expand_inputs(args: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
 def record_columns(models) -> list[str]:
     """CSV columns: one per scalar of a record (probabilities flattened)."""
     cols = ["file", "image", "face", "x", "y", "w", "h", "score", "detection"]
-    for h in HEADS:
+    for h in models.class_names:
         cols += [h] + [f"{h}_p_{n}" for n in models.class_names[h]]
     if models.bin_labels:
         cols += ["age", "age_bin"] + [f"age_p_{b}" for b in models.bin_labels]
@@ -76,10 +74,9 @@ def record_columns(models) -> list[str]:
 def flat_record(rec: dict) -> dict:
     row = {k: rec.get(k) for k in ("file", "image", "face", "score", "detection", "error")}
     row.update(zip("xywh", rec.get("box", ()), strict=False))
-    for h in HEADS:
-        if rec.get(h):
-            row[h] = rec[h]["label"]
-            row.update({f"{h}_p_{n}": p for n, p in rec[h]["probabilities"].items()})
+    for h in _heads(rec):
+        row[h] = rec[h]["label"]
+        row.update({f"{h}_p_{n}": p for n, p in rec[h]["probabilities"].items()})
     if rec.get("age"):
         row["age"], row["age_bin"] = rec["age"]["value"], rec["age"]["bin"]
         row.update({f"age_p_{b}": p for b, p in rec["age"]["bin_probabilities"].items()})
@@ -114,13 +111,20 @@ def record_writer(path: str | os.PathLike | None, models) -> Iterator[Callable[[
 # ---------------------------------------------------------------- pictures
 
 
-def label_lines(rec: dict) -> list[str]:
-    """``["0: Female 0.97", "White 0.81", "31 y"]`` for a face record."""
-    g, e = rec["gender"], rec["ethnicity"]
-    lines = [
-        f"{rec['face']}: {g['label']} {g['probabilities'][g['label']]:.2f}",
-        f"{e['label']} {e['probabilities'][e['label']]:.2f}",
+def _heads(rec: dict) -> list[str]:
+    """The classification heads of a face record, in order (``gender``, ``ethnicity``, ...)."""
+    return [
+        k for k, v in rec.items() if isinstance(v, dict) and "probabilities" in v and k != "age"
     ]
+
+
+def label_lines(rec: dict) -> list[str]:
+    """``["0: Female 0.97", "White 0.81", "31 y"]`` for a face record (one line per head)."""
+    lines = []
+    for i, h in enumerate(_heads(rec)):
+        label = rec[h]["label"]
+        prefix = f"{rec['face']}: " if i == 0 else ""
+        lines.append(f"{prefix}{label} {rec[h]['probabilities'][label]:.2f}")
     if rec.get("age"):
         lines.append(f"{rec['age']['value']:.0f} y")
     return lines
@@ -158,49 +162,43 @@ def save_image(path: Path, rgb: np.ndarray) -> None:
     write_with(path, lambda tmp: Image.fromarray(rgb).save(tmp, format=fmt, quality=92))
 
 
-def _caption(img: np.ndarray, text: str) -> np.ndarray:
-    bar = np.zeros((22, img.shape[1], 3), np.uint8)
-    cv2.putText(bar, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
-    return np.vstack([bar, img])
-
-
 class Explainer:
-    """Grad-CAM overlays (``faceattrs.explain``), one PNG per face: the face, then the
-    gender and the ethnicity map of the predicted class over it."""
+    """Grad-CAM overlays, one PNG per face (:func:`faceattrs.explain.cam_panels`: the face,
+    then each head's map of its predicted class over it)."""
 
     def __init__(self, models):
-        from .explain import grad_cam, smooth  # captum: the "explain" extra
+        from . import explain  # captum: the "explain" extra
 
-        self.grad_cam, self.smooth = grad_cam, smooth
+        self.explain = explain
         model = getattr(models, "model", None)
         if model is None:  # the onnx backend: Grad-CAM needs the PyTorch model
-            source = getattr(models, "source", None)
-            if not source or not Path(source, "best.json").exists():
-                raise FaceattrsError("--explain needs the PyTorch model: pass the run folder")
-            model, _ = load_model(source)
+            try:
+                model, _ = models.bundle.torch_bundle().load_multitask()
+            except FaceattrsError:
+                raise FaceattrsError(
+                    "--explain needs the PyTorch model: pass the run folder"
+                ) from None
         self.model = model
+        self.names = {h: list(v) for h, v in models.class_names.items()}
 
     def save(self, crops: np.ndarray, records: list[dict], out_stem: Path) -> list[Path]:
         """Write ``OUT_STEM_face<i>.png`` for each face; ``crops``: uint8 (N, 48, 48)."""
-        cams = {}
-        for h in HEADS:
-            names = list(records[0][h]["probabilities"])
-            target = np.array([names.index(r[h]["label"]) for r in records])
-            cams[h] = self.grad_cam(self.model, crops, h, target=target)
+        probs = {
+            h: np.array([list(r[h]["probabilities"].values()) for r in records]) for h in self.names
+        }
+        target = {h: [self.names[h].index(r[h]["label"]) for r in records] for h in self.names}
+        cams = {
+            h: self.explain.grad_cam(self.model, crops, h, target=np.array(target[h]))
+            for h in self.names
+        }
+        labels = [f"face {r['face']}" for r in records]
+        rows = self.explain.explanation_rows(
+            crops, {"probs": probs, "cams": cams}, self.names, labels
+        )
         paths = []
-        for i, (crop, rec) in enumerate(zip(crops, records, strict=True)):
-            big = cv2.resize(crop, (PANEL, PANEL), interpolation=cv2.INTER_CUBIC)
-            face = cv2.cvtColor(big, cv2.COLOR_GRAY2RGB)
-            panels = [_caption(face, f"face {rec['face']}")]
-            for h in HEADS:
-                cam = (self.smooth(cams[h][i], PANEL) * 255).astype(np.uint8)
-                heat = cv2.applyColorMap(cam, cv2.COLORMAP_JET)[..., ::-1]
-                p = rec[h]["probabilities"][rec[h]["label"]]
-                blend = cv2.addWeighted(face, 0.55, heat, 0.45, 0)
-                panels.append(_caption(blend, f"{h}: {rec[h]['label']} {p:.2f}"))
+        for rec, row in zip(records, rows, strict=True):
             path = out_stem.parent / f"{out_stem.name}_face{rec['face']}.png"
-            save_image(path, np.hstack(panels))
-            paths.append(path)
+            paths.append(self.explain.save_picture(path, self.explain.cam_panels(row)))
         return paths
 
 

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from urllib.parse import quote
 
+from .exceptions import FaceattrsError
 from .io import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -440,8 +441,6 @@ def build_report(run_dir: str | Path) -> Path:
     """Write ``RUN/report.html`` from every file found in the run folder; return its path."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        from .exceptions import FaceattrsError
-
         raise FaceattrsError(f"run folder not found: {run_dir}")
     found = discover(run_dir)
     # fairness lives inside eval*/metrics.json: show its table in the Fairness section too

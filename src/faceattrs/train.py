@@ -1,11 +1,10 @@
 """Train the multitask (gender + ethnicity) model as the reference says.
 
-Pieces, each usable on its own (the age stage reuses them): :class:`TrainConfig` and
-``PRESETS``; :func:`select_device`; :func:`sampler_weights` / :func:`epoch_order`
-(inverse-frequency sampling with replacement, one epoch = the training-set size);
-:func:`make_optimizer` / :func:`make_scheduler` (AdamW, linear warm-up then cosine, per
-step); :class:`EarlyStopping`; :func:`save_train_state` / :func:`load_train_state`
-(resume without pickle). :func:`fit` runs it all and writes the run folder::
+:class:`TrainConfig` and ``PRESETS``; :func:`multitask_loss` (weighted cross-entropy per
+head); :func:`save_train_state` / :func:`load_train_state` and :func:`resume_settings`
+(resume without pickle). The loop and its parts (devices, inverse-frequency sampling,
+AdamW with warm-up + cosine, early stopping, history rows) are :mod:`faceattrs.loop`,
+shared with the age stage. :func:`fit` runs it all and writes the run folder::
 
     RUN/config.json        resolved config + data path
     RUN/best.{safetensors,json}, RUN/last.{safetensors,json}, RUN/last_state.safetensors
@@ -16,8 +15,8 @@ Run it with ``faceattrs train --data PREPARED --out runs/cpu --preset cpu``.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -38,12 +37,30 @@ from .checkpoint import CheckpointError, read_meta, save_checkpoint
 from .dataset import FaceSet
 from .engine import evaluate_heads, train_one_epoch
 from .exceptions import FaceattrsError
-from .io import write_json_atomic, write_text_atomic, write_with
+from .inputs import DEFAULT_HEADS
+from .io import write_json_atomic, write_with
+from .loop import (  # noqa: F401  (re-exported: the training toolbox's old home)
+    EarlyStopping,
+    cpu_has_fast_bf16,
+    epoch_order,
+    lr_factor,
+    make_optimizer,
+    make_scheduler,
+    mix_seed,
+    read_history,
+    run_epochs,
+    sampler_weights,
+    seed_epoch,
+    select_device,
+    use_bf16,
+    write_history,
+)
 from .model import FaceResNet, ModelConfig
 
 log = logging.getLogger(__name__)
 
-HEADS = {"gender": 2, "ethnicity": 5}
+# head -> number of classes, from the input contract; a checkpoint records its own
+HEADS = {h: len(names) for h, names in DEFAULT_HEADS.items()}
 
 
 class TrainError(FaceattrsError):
@@ -119,49 +136,46 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     return dataclasses.replace(cfgmod.from_dict(TrainConfig, values), augment=aug)
 
 
+def resume_settings(
+    run_dir: str | Path, overrides=(), data: str | Path | None = None
+) -> tuple[TrainConfig, Path]:
+    """The settings and data of the run in ``run_dir`` to continue it: its saved config,
+    changed by ``overrides`` (e.g. ``["epochs=60"]`` to extend a finished run), and its
+    recorded data unless ``data`` is given."""
+    cfg_path = Path(run_dir) / "config.json"
+    if not cfg_path.exists():
+        raise TrainError(f"cannot resume: {cfg_path} not found (not a training run?)")
+    try:
+        saved = json.loads(cfg_path.read_text())
+        cfg = config_from_dict(saved["config"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise TrainError(f"cannot resume: {cfg_path} is not a run's settings ({e})") from None
+    if not isinstance(overrides, dict):
+        overrides = cfgmod.parse_overrides(overrides)
+    if overrides:
+        cfg = resolve_config(None, {**_flat(cfgmod.to_dict(cfg)), **overrides})
+    data = data or saved.get("data")
+    if not data:
+        raise TrainError(f"{cfg_path} does not name its data: pass --data")
+    return cfg, Path(data)
+
+
+def _flat(d: dict) -> dict:
+    """``{"augment": {"rotation": 8}}`` -> ``{"augment.rotation": 8}``."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
 def model_config(cfg: TrainConfig) -> ModelConfig:
     return ModelConfig(width=cfg.width, dropout=cfg.dropout, heads=dict(HEADS))
 
 
 # --------------------------------------------------------------------------- devices
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA, then MPS, then CPU (under torchrun: this process's local GPU)."""
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has native bf16 matrix units (AVX512-BF16 or AMX)."""
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, c, lambda: False)()) for c in checks)
-
-
-def use_bf16(setting: str, device: torch.device) -> bool:
-    """Resolve ``bf16`` = auto / on / off for ``device``.
-
-    auto: on for CUDA with bf16 support and for CPUs with native bf16 (AVX512-BF16/AMX);
-    off elsewhere: on AVX2-only CPUs bf16 is emulated (measured ~10x slower on one).
-    """
-    s = str(setting).lower()
-    if s in ("on", "true", "1", "yes"):
-        return True
-    if s in ("off", "false", "0", "no"):
-        return False
-    if s != "auto":
-        raise cfgmod.ConfigError(f"bf16 must be auto, on or off, not {setting!r}")
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_fast_bf16()
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
@@ -183,145 +197,31 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 # --------------------------------------------------------------------------- sampling
 
 
-def sampler_weights(labels: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Per-sample weight = 1 / count of its class (each class gets equal total mass).
-
-    >>> sampler_weights([0, 0, 0, 1]).tolist()
-    [0.3333333432674408, 0.3333333432674408, 0.3333333432674408, 1.0]
-    """
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    counts = torch.bincount(labels).float()
-    return 1.0 / counts[labels]
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (seed, epoch, rank, stream)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
-
-
-def epoch_order(
-    weights: torch.Tensor | None, n: int, seed: int, epoch: int, rank: int = 0, world: int = 1
-) -> torch.Tensor:
-    """This rank's sample indices for ``epoch`` (CPU long tensor).
-
-    With ``weights``: ``n`` draws with replacement (``torch.multinomial``); without:
-    a permutation. Every rank draws the same global sequence from ``(seed, epoch)`` and
-    keeps its own contiguous share of ``n // world`` (equal shares keep DDP in step).
-    """
-    g = torch.Generator().manual_seed(_seed(seed, epoch, 1))
-    if weights is None:
-        order = torch.randperm(n, generator=g)
-    else:
-        order = torch.multinomial(weights.double(), n, replacement=True, generator=g)
-    share = n // world
-    return order[rank * share : (rank + 1) * share]
-
-
-def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
-    """Seed torch's global generators (augmentation, dropout) from (seed, epoch, rank)."""
-    torch.manual_seed(_seed(seed, epoch, rank, 2))
-
-
 # --------------------------------------------------------------------------- optimisation
 
 
-def multitask_loss(cfg: TrainConfig):
-    """``loss_fn(outputs, batch) -> (L, {"gender": CE, "ethnicity": CE})``."""
+def heads_loss(weights: dict[str, float], smoothing: dict[str, float] | None = None):
+    """``loss_fn(outputs, batch) -> (sum of weight x CE per head, {head: CE})``, one term per
+    head of ``weights`` (``batch[head]``: long class indices)."""
+    smoothing = smoothing or {}
 
     def loss_fn(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]):
-        lg = F.cross_entropy(
-            outputs["gender"], batch["gender"], label_smoothing=cfg.gender_smoothing
-        )
-        le = F.cross_entropy(
-            outputs["ethnicity"], batch["ethnicity"], label_smoothing=cfg.ethnicity_smoothing
-        )
-        return cfg.gender_weight * lg + cfg.ethnicity_weight * le, {"gender": lg, "ethnicity": le}
+        parts = {
+            h: F.cross_entropy(outputs[h], batch[h], label_smoothing=smoothing.get(h, 0.0))
+            for h in weights
+        }
+        return sum(weights[h] * parts[h] for h in weights), parts
 
     return loss_fn
 
 
-def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """Linear warm-up to 1 over ``warmup_steps``, then cosine down to ``min_ratio``.
-
-    >>> [round(lr_factor(s, 2, 6), 3) for s in range(7)]
-    [0.5, 1.0, 1.0, 0.854, 0.5, 0.146, 0.0]
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(total_steps - warmup_steps, 1)
-    t = min((step - warmup_steps) / span, 1.0)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def make_scheduler(
-    optimizer: torch.optim.Optimizer,
-    warmup_steps: int,
-    total_steps: int,
-    min_ratio: float = 0.0,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step LambdaLR following :func:`lr_factor` (call ``step()`` after each batch)."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup_steps, total_steps, min_ratio)
+def multitask_loss(cfg: TrainConfig, heads=HEADS):
+    """L = 0.4 CE(gender) + 2.5 CE(ethnicity) (``cfg.HEAD_weight``, ``cfg.HEAD_smoothing``;
+    a head without settings: weight 1, no smoothing)."""
+    return heads_loss(
+        {h: getattr(cfg, f"{h}_weight", 1.0) for h in heads},
+        {h: getattr(cfg, f"{h}_smoothing", 0.0) for h in heads},
     )
-
-
-class EarlyStopping:
-    """Stop after ``patience`` epochs without improvement of ``monitor``.
-
-    >>> es = EarlyStopping("score", mode="max", patience=2)
-    >>> [es.step(v) for v in (0.5, 0.6, 0.6, 0.55)], es.should_stop, es.best_epoch
-    ([True, True, False, False], True, 2)
-    """
-
-    def __init__(self, monitor: str, mode: str = "max", patience: int = 8, min_delta: float = 0.0):
-        if mode not in ("max", "min"):
-            raise ValueError(f"mode must be 'max' or 'min', not {mode!r}")
-        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
-        self.best: float | None = None
-        self.best_epoch = 0
-        self.bad_epochs = 0
-        self.epoch = 0
-
-    def improves(self, value: float) -> bool:
-        if self.best is None or math.isnan(self.best):
-            return not math.isnan(value)
-        if self.mode == "max":
-            return value > self.best + self.min_delta
-        return value < self.best - self.min_delta
-
-    def step(self, value: float, epoch: int | None = None) -> bool:
-        """Record one epoch's value; True when it is a new best."""
-        self.epoch = epoch if epoch is not None else self.epoch + 1
-        if self.improves(value):
-            self.best, self.best_epoch, self.bad_epochs = value, self.epoch, 0
-            return True
-        self.bad_epochs += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return self.bad_epochs >= self.patience
-
-    def state_dict(self) -> dict[str, Any]:
-        keys = (
-            "monitor",
-            "mode",
-            "patience",
-            "min_delta",
-            "best",
-            "best_epoch",
-            "bad_epochs",
-            "epoch",
-        )
-        return {k: getattr(self, k) for k in keys}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, v in state.items():
-            setattr(self, k, v)
 
 
 # --------------------------------------------------------------------------- resume state
@@ -382,46 +282,32 @@ def load_train_state(run_dir: Path, resume: dict[str, Any], optimizer, scheduler
 
 # --------------------------------------------------------------------------- history
 
-HISTORY_FIELDS = [
-    "epoch", "lr", "seconds", "images_per_s",
-    "train_loss", "train_loss_gender", "train_loss_ethnicity", "val_loss",
-    "val_gender_accuracy", "val_gender_macro_f1",
-    "val_ethnicity_accuracy", "val_ethnicity_macro_f1", "val_score",
-]  # fmt: skip
+
+def history_fields(heads=HEADS) -> list[str]:
+    """Columns of ``history.csv``: per epoch, losses and validation scores of every head."""
+    return [
+        "epoch", "lr", "seconds", "images_per_s", "train_loss",
+        *(f"train_loss_{h}" for h in heads), "val_loss",
+        *(f"val_{h}_{m}" for h in heads for m in ("accuracy", "macro_f1")), "val_score",
+    ]  # fmt: skip
 
 
-def read_history(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    lines = [",".join(HISTORY_FIELDS)]
-    for r in rows:
-        lines.append(",".join(_fmt(r.get(k, "")) for k in HISTORY_FIELDS))
-    write_text_atomic(path, "\n".join(lines) + "\n")
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
+HISTORY_FIELDS = history_fields()
 
 
 # --------------------------------------------------------------------------- fit
 
 
 def _split_tensors(faces: FaceSet, split: str, limit: int, seed: int, device) -> dict:
+    """Images and one label tensor per head (the FaceSet attribute of that name)."""
     idx = faces.indices(split)
     if limit and len(idx) > limit:
-        rng = np.random.default_rng(_seed(seed, 3))
+        rng = np.random.default_rng(mix_seed(seed, 3))
         idx = np.sort(rng.choice(idx, limit, replace=False))
+    labels = {h: getattr(faces, h)[idx].astype(np.int64) for h in HEADS}
     return {
         "image": torch.from_numpy(np.ascontiguousarray(faces.images[idx])).to(device),
-        "gender": torch.from_numpy(faces.gender[idx].astype(np.int64)).to(device),
-        "ethnicity": torch.from_numpy(faces.ethnicity[idx].astype(np.int64)).to(device),
+        **{h: torch.from_numpy(v).to(device) for h, v in labels.items()},
     }
 
 
@@ -518,11 +404,9 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
         return augmenter(batch["image"], batch["ethnicity"])
 
     t0 = time.perf_counter()
-    stopped_early = False
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if stopper.should_stop:  # a resumed run that had already stopped
-            stopped_early = True
-            break
+    evals: dict[int, dict] = {}  # this session's validation results, by epoch
+
+    def epoch_fn(epoch: int) -> dict[str, Any]:
         t_epoch = time.perf_counter()
         seed_epoch(cfg.seed, epoch, rank)
         order = epoch_order(weights, n_train, cfg.seed, epoch, rank, world).to(device)
@@ -541,44 +425,46 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
             model, val, HEADS, batch_size=cfg.eval_batch_size, loss_fn=loss_fn, bf16=bf16,
             channels_last=cfg.channels_last, indices=shard,
         )  # fmt: skip
+        evals[epoch] = ev
         seconds = time.perf_counter() - t_epoch
-        score = (ev["gender"]["macro_f1"] + ev["ethnicity"]["macro_f1"]) / 2
-        improved = stopper.step(score, epoch)
-        row = {
+        score = sum(ev[h]["macro_f1"] for h in HEADS) / len(HEADS)
+        return {
             "epoch": epoch, "lr": lr, "seconds": seconds, "images_per_s": tr["images_per_s"],
-            "train_loss": tr["loss"], "train_loss_gender": tr["loss_gender"],
-            "train_loss_ethnicity": tr["loss_ethnicity"], "val_loss": ev["loss"],
-            "val_gender_accuracy": ev["gender"]["accuracy"],
-            "val_gender_macro_f1": ev["gender"]["macro_f1"],
-            "val_ethnicity_accuracy": ev["ethnicity"]["accuracy"],
-            "val_ethnicity_macro_f1": ev["ethnicity"]["macro_f1"], "val_score": score,
+            "train_loss": tr["loss"], **{f"train_loss_{h}": tr[f"loss_{h}"] for h in HEADS},
+            "val_loss": ev["loss"], "val_score": score,
+            **{f"val_{h}_{m}": ev[h][m] for h in HEADS for m in ("accuracy", "macro_f1")},
         }  # fmt: skip
+
+    def on_epoch(row: dict[str, Any], improved: bool) -> None:
+        epoch, score, ev = row["epoch"], row["val_score"], evals[row["epoch"]]
         history.append(row)
         log.info(
-            "epoch %d/%d  loss %.4f  val gender F1 %.4f  ethnicity F1 %.4f  score %.4f%s  "
-            "%.0f img/s  %.0f s",
-            epoch, cfg.epochs, tr["loss"], ev["gender"]["macro_f1"], ev["ethnicity"]["macro_f1"],
-            score, "  *best*" if improved else "", tr["images_per_s"], seconds,
+            "epoch %d/%d  loss %.4f  val %s  score %.4f%s  %.0f img/s  %.0f s",
+            epoch, cfg.epochs, row["train_loss"],
+            "  ".join(f"{h} F1 {ev[h]['macro_f1']:.4f}" for h in HEADS), score,
+            "  *best*" if improved else "", row["images_per_s"], row["seconds"],
         )  # fmt: skip
         if main:
-            meta = {"epoch": epoch, "score": score, "monitor": "val mean macro-F1 (gender, ethnicity)",
+            monitor = f"val mean macro-F1 ({', '.join(HEADS)})"
+            meta = {"epoch": epoch, "score": score, "monitor": monitor,
                     "val": {h: {k: ev[h][k] for k in ("accuracy", "macro_f1", "confusion")}
                             for h in HEADS},
                     "data": data_ref, "config": cfgmod.to_dict(cfg)}  # fmt: skip
             if improved:
                 save_checkpoint(out_dir, "best", model, {**meta, "kind": "best"})
             resume_state = save_train_state(out_dir, epoch, optimizer, scheduler, stopper)
-            write_history(out_dir / "history.csv", history)
+            write_history(out_dir / "history.csv", history, HISTORY_FIELDS)
             save_checkpoint(
                 out_dir, "last", model, {**meta, "kind": "last", "resume": resume_state}
             )
-            if tr["seconds"] >= 30:  # keep history.png current when it costs little
+            if row["seconds"] >= 30:  # keep history.png current when it costs little
                 _plot(out_dir)
-        if stopper.should_stop and epoch < cfg.epochs:
-            log.info("early stop: no gain for %d epochs, best epoch %d", cfg.patience,
-                     stopper.best_epoch)  # fmt: skip
-            stopped_early = True
-            break
+
+    epochs = range(start_epoch, cfg.epochs + 1)
+    stopped_early = run_epochs(epochs, epoch_fn, stopper, on_epoch)
+    if stopped_early:
+        log.info("early stop: no gain for %d epochs, best epoch %d", cfg.patience,
+                 stopper.best_epoch)  # fmt: skip
 
     summary = {
         "best_epoch": stopper.best_epoch, "best_score": stopper.best,

@@ -7,7 +7,7 @@ better of the two on validation is the default.
 
 Modules: ``bins`` (edges, labels), ``finetune`` (head-only then full training from the
 multitask backbone), ``regress`` (per-bin regressors, routing), ``direct`` (the direct
-head's losses), ``bundle`` (save / load / ``AgeModel``), ``evaluate`` (metrics),
+head's losses), ``bundle`` (``AgeModel`` and saving it; loading is :mod:`faceattrs.bundle`), ``evaluate`` (metrics),
 ``pipeline`` (``train_age``, the whole stage).
 
 Run it::
@@ -16,23 +16,26 @@ Run it::
         --out runs/cpu/age --preset cpu
 """
 
-from .bins import REFERENCE_EDGES, assign_bins, bin_labels, quantile_edges
-from .bundle import AgeModel, load_age_model, resolve_bundle, save_age_model
-from .config import PRESETS, AgeConfig
-from .evaluate import evaluate_age
-from .pipeline import train_age
+import importlib
 
-__all__ = [
-    "PRESETS",
-    "REFERENCE_EDGES",
-    "AgeConfig",
-    "AgeModel",
-    "assign_bins",
-    "bin_labels",
-    "evaluate_age",
-    "load_age_model",
-    "quantile_edges",
-    "resolve_bundle",
-    "save_age_model",
-    "train_age",
-]
+# name -> submodule; loaded on first use, so that importing one submodule (e.g. the age
+# model for prediction) does not import the training stage (kornia, matplotlib)
+_LAZY = {
+    "REFERENCE_EDGES": "bins",
+    "assign_bins": "bins",
+    "bin_labels": "bins",
+    "quantile_edges": "bins",
+    "AgeModel": "bundle",
+    "save_age_model": "bundle",
+    "PRESETS": "config",
+    "AgeConfig": "config",
+    "evaluate_age": "evaluate",
+    "train_age": "pipeline",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

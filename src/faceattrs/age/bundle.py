@@ -7,9 +7,9 @@ An age run folder holds::
     coarse.safetensors/.json       6-way bin classifier (FaceResNet, head "age_bin")
     regressors.safetensors         one small regressor per bin (BinRegressors)
     direct.safetensors/.json       the direct age head (FaceResNet, head "age"), optional
-    config.json, *_history.jsonl, metrics.json, figures/
+    config.json, *_history.csv, metrics.json, figures/
 
-``resolve_bundle`` lets every command accept either a multitask run or an age run.
+Loading (and resolving ``--model`` to an age run) is :mod:`faceattrs.bundle`'s job.
 """
 
 from __future__ import annotations
@@ -20,22 +20,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..checkpoint import CheckpointError, load_model, read_meta, save_checkpoint
-from ..engine import predict as engine_predict
+from ..checkpoint import CheckpointError, save_checkpoint
 from ..io import write_json_atomic, write_with
-from ..metrics import softmax
 from ..model import FaceResNet
-from . import conformal
+from ..model import predict as predict_faces
+from ..postprocess import APPROACHES, age_prediction, route, softmax
 from . import direct as directmod
 from .bins import bin_labels
-from .regress import BinRegressors, route
+from .regress import BinRegressors
 
 AGE_JSON = "age.json"
 FORMAT = "faceattrs-age-1"
 COARSE_HEAD = "age_bin"
-APPROACHES = ("two_stage", "direct")
 
 
 @dataclass
@@ -77,14 +75,22 @@ class AgeModel:
     def _clip(self, x: np.ndarray) -> np.ndarray:
         return np.clip(x, *self.clip)
 
+    def _per_bin(self, embedding: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            z = torch.as_tensor(embedding, device=self.device)
+            return self.regressors.eval()(z).double().cpu().numpy()
+
+    def two_stage_outputs(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """Coarse bin logits ``(N, K)`` and each bin's regressor's age ``(N, K)``."""
+        out = predict_faces(self.coarse, images, self.batch_size, embed=True)
+        return out[COARSE_HEAD], self._per_bin(out["embedding"])
+
     def two_stage(self, images) -> dict[str, np.ndarray]:
         """``(N, 48, 48)`` uint8 -> bin probabilities ``(N, K)``, per-bin ages ``(N, K)``,
         hard- and soft-routed ages ``(N,)`` and the embedding ``(N, D)``."""
-        out = engine_predict(self.coarse, images, self.batch_size, embed=True)
+        out = predict_faces(self.coarse, images, self.batch_size, embed=True)
         probs = softmax(out[COARSE_HEAD])
-        with torch.no_grad():
-            z = torch.as_tensor(out["embedding"], device=self.device)
-            per_bin = self.regressors.eval()(z).double().cpu().numpy()
+        per_bin = self._per_bin(out["embedding"])
         return {
             "bin_probabilities": probs,
             "per_bin": per_bin,
@@ -97,13 +103,9 @@ class AgeModel:
         """Expected age ``(N,)`` and bin probabilities ``(N, K)`` (per-year mass summed per bin)."""
         if self.direct is None:
             raise CheckpointError("this age model has no direct head")
-        logits = engine_predict(self.direct, images, self.batch_size)[directmod.HEAD]
-        probs = softmax(logits)
-        value = probs @ np.arange(probs.shape[1], dtype=np.float64)
-        return {
-            "value": self._clip(value),
-            "bin_probabilities": directmod.year_probs_to_bins(probs, self.edges),
-        }
+        logits = predict_faces(self.direct, images, self.batch_size)[directmod.HEAD]
+        out = age_prediction("direct", edges=self.edges, clip=self.clip, year_logits=logits)
+        return {"value": out["value"], "bin_probabilities": out["bin_probabilities"]}
 
     def predict_all(self, images) -> dict[str, np.ndarray]:
         out = self.two_stage(images)
@@ -114,28 +116,21 @@ class AgeModel:
         return out
 
     def predict(self, images, approach: str | None = None, routing: str | None = None) -> dict:
-        """``{"value": (N,) years, "bin": (N,) int, "bin_probabilities": (N, K)}``.
-
-        ``bin`` is the most probable bin (from the coarse classifier, or from the direct
-        head's per-year distribution when that is the approach).
-        """
+        """``{"value": (N,) years, "bin": (N,) int, "bin_probabilities": (N, K)}``
+        (:func:`faceattrs.postprocess.age_prediction`, shared with the ONNX backend)."""
         approach = approach or self.approach
+        kw = {"edges": self.edges, "clip": self.clip, "routing": routing or self.routing}
+        if approach == self.approach and routing in (None, self.routing):
+            kw["interval"] = self.interval  # fitted for the default approach and routing only
         if approach == "direct":
-            d = self.direct_predict(images)
-            value, probs = d["value"], d["bin_probabilities"]
-        elif approach == "two_stage":
-            t = self.two_stage(images)
-            value, probs = t[routing or self.routing], t["bin_probabilities"]
-        else:
+            if self.direct is None:
+                raise CheckpointError("this age model has no direct head")
+            logits = predict_faces(self.direct, images, self.batch_size)[directmod.HEAD]
+            return age_prediction("direct", year_logits=logits, **kw)
+        if approach != "two_stage":
             raise CheckpointError(f"unknown age approach {approach!r}; use one of {APPROACHES}")
-        out = {
-            "value": value.astype(np.float64),
-            "bin": probs.argmax(1),
-            "bin_probabilities": probs,
-        }
-        if self.interval is not None and approach == self.approach:
-            out["interval"] = conformal.interval(out["value"], out["bin"], self.interval)
-        return out
+        bin_logits, per_bin = self.two_stage_outputs(images)
+        return age_prediction("two_stage", bin_logits=bin_logits, per_bin=per_bin, **kw)
 
 
 def save_age_model(
@@ -172,82 +167,3 @@ def save_age_model(
     }
     write_json_atomic(age_dir / AGE_JSON, meta)
     return age_dir / AGE_JSON
-
-
-def resolve_bundle(path: str | Path) -> tuple[Path, Path | None]:
-    """A multitask run or an age run -> ``(multitask_run_dir, age_dir or None)``.
-
-    - an age run folder (holds ``age.json``): its multitask model is the folder named in
-      ``age.json`` (relative path first, then the absolute path recorded at training);
-    - a multitask run folder (holds ``best.json``): its age model is ``RUN/age`` when that
-      holds ``age.json``, otherwise None.
-    """
-    path = Path(path)
-    if path.is_file() and path.name == AGE_JSON:
-        path = path.parent
-    if path.is_dir() and (path / AGE_JSON).exists():
-        meta = _read_age_json(path)
-        cands = [
-            path / meta[k] if k == "multitask" else Path(meta[k])
-            for k in ("multitask", "multitask_absolute")
-            if meta.get(k)
-        ]
-        for cand in cands:
-            if (cand / "best.json").exists():
-                return cand.resolve(), path
-        raise CheckpointError(
-            f"{path}: its multitask model is missing (looked for {path / meta.get('multitask', '')} "
-            f"and {meta.get('multitask_absolute')}); keep the age run next to its multitask run"
-        )
-    if path.is_dir() and (path / "best.json").exists():
-        age = path / "age"
-        return path, (age if (age / AGE_JSON).exists() else None)
-    if path.is_file():
-        return path, None  # a checkpoint file: checkpoint.load_model decides
-    raise CheckpointError(
-        f"{path}: not a model folder (expected best.json from `faceattrs train` or age.json "
-        "from `faceattrs train-age`)"
-    )
-
-
-def load_age_model(run_dir: str | Path, device: str | torch.device = "cpu") -> AgeModel | None:
-    """The age model of a model bundle (an age run, or a multitask run with ``age/``), or None."""
-    _, age_dir = resolve_bundle(run_dir)
-    if age_dir is None:
-        return None
-    meta = _read_age_json(age_dir)
-    try:
-        coarse, _ = load_model(age_dir, "coarse", device)
-        rs = meta["regressors"]
-        reg = BinRegressors(rs["dim"], rs["n_bins"], rs["hidden"], rs["dropout"])
-        weights = age_dir / "regressors.safetensors"
-        if not weights.exists():
-            raise CheckpointError(f"age regressor weights missing: {weights}")
-        reg.load_state_dict(load_file(str(weights)))
-        direct = load_model(age_dir, "direct", device)[0] if meta.get("direct") else None
-        model = AgeModel(
-            coarse=coarse,
-            regressors=reg.to(device).eval(),
-            edges=np.asarray(meta["edges"]),
-            routing=meta["routing"],
-            approach=meta["approach"],
-            direct=direct,
-            clip=tuple(meta["clip"]),
-            interval=meta.get("interval"),
-        )
-    except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{age_dir}: inconsistent age model: {e}") from None
-    if model.approach == "direct" and direct is None:
-        raise CheckpointError(f"{age_dir}: default approach is 'direct' but direct.* is missing")
-    return model
-
-
-def read_age_meta(age_dir: str | Path) -> dict:
-    return _read_age_json(Path(age_dir))
-
-
-def _read_age_json(age_dir: Path) -> dict:
-    meta = read_meta(age_dir / AGE_JSON)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{age_dir / AGE_JSON}: not an age model ({meta.get('format')!r})")
-    return meta

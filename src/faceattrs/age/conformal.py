@@ -9,6 +9,7 @@ uses the global half-width. The predicted bin is known at inference time, so the
 interval needs nothing but the model's own output.
 
 >>> import numpy as np
+
 >>> y = np.arange(100.0); pred = y + np.tile([-3.0, 3.0], 50)
 >>> w = fit(y, pred, np.zeros(100, int), n_bins=1, alpha=0.1)
 >>> w["global"], w["per_bin"]
@@ -23,6 +24,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from ..postprocess import conformal_interval as interval  # noqa: F401 (fit's counterpart)
 
 ALPHA = 0.1  # 90 % intervals
 MIN_COUNT = 30  # fewer validation faces in a bin: that bin uses the global half-width
@@ -66,15 +69,6 @@ def fit(
         "val_counts": counts,
         "min_count": min_count,
     }
-
-
-def interval(
-    pred: np.ndarray, pred_bin: np.ndarray, widths: dict, clip=(0.0, math.inf)
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(low, high)`` for each prediction, clipped to ``clip`` (ages are never negative)."""
-    half = np.asarray(widths["per_bin"], np.float64)[np.asarray(pred_bin)]
-    pred = np.asarray(pred, np.float64)
-    return np.clip(pred - half, *clip), np.clip(pred + half, *clip)
 
 
 def coverage(y_true: np.ndarray, low: np.ndarray, high: np.ndarray) -> dict:

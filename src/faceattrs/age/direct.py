@@ -17,18 +17,15 @@ value of the softmax. Two losses:
 >>> good, flat = (q + 1e-9).log(), torch.zeros(1, 101)
 >>> bool(dldl_loss(good, torch.tensor([30.0]), 2.0, 1.0) < dldl_loss(flat, torch.tensor([30.0]), 2.0, 1.0))
 True
->>> year_probs_to_bins(np.array([[0.1, 0.2, 0.3, 0.4]]), [2]).tolist()
-[[0.30000000000000004, 0.7]]
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..exceptions import FaceattrsError
-from .bins import assign_bins
+from ..postprocess import year_probs_to_bins  # noqa: F401  (re-exported)
 
 HEAD = "age"  # name of the direct head in FaceResNet
 LOSSES = ("dldl", "mean_variance")
@@ -82,12 +79,3 @@ def make_loss(cfg):
             lg, a, cfg.direct_mean_weight, cfg.direct_var_weight
         )
     raise FaceattrsError(f"unknown direct age loss {cfg.direct_loss!r}; use one of {LOSSES}")
-
-
-def year_probs_to_bins(probs: np.ndarray, edges) -> np.ndarray:
-    """Per-year probabilities ``(N, Y)`` -> bin probabilities ``(N, K)`` (summed per bin)."""
-    bins = assign_bins(np.arange(probs.shape[1]), edges)
-    out = np.zeros((len(probs), len(edges) + 1), dtype=np.float64)
-    for k in range(out.shape[1]):
-        out[:, k] = probs[:, bins == k].sum(1)
-    return out

@@ -15,11 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bundle import load_age_model
+from ..checkpoint import CheckpointError
 from ..dataset import FaceSet
+from ..exceptions import FaceattrsError
+from ..io import write_json_atomic, write_with
 from ..labels import ETHNICITIES, GENDERS
 from ..metrics import classification_report, per_group
 from . import conformal
 from .bins import assign_bins
+from .bundle import AgeModel
 
 log = logging.getLogger(__name__)
 
@@ -138,20 +143,13 @@ def evaluate_age(
     PNGs (scatter, MAE per bin and per group, bin confusion, captioned grid) plus
     ``age_metrics.json`` next to them.
     """
-    from ..io import write_json_atomic
-    from .bundle import AgeModel, load_age_model
-
     if not isinstance(model, AgeModel):
         loaded = load_age_model(model)
         if loaded is None:
-            from ..checkpoint import CheckpointError
-
             raise CheckpointError(f"{model}: no age model in this bundle")
         model = loaded
     sub = faces.take(faces.indices(split))
     if len(sub) == 0:
-        from ..exceptions import FaceattrsError
-
         raise FaceattrsError(f"no faces in split {split!r}")
     pred = model.predict_all(sub.images)
     age = sub.age.astype(np.float64)
@@ -208,8 +206,6 @@ def evaluate_age(
 
 
 def _save_npz(path: Path, **arrays) -> None:
-    from ..io import write_with
-
     def write(p: Path) -> None:
         with open(p, "wb") as f:
             np.savez_compressed(f, **arrays)

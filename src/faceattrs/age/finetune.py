@@ -4,15 +4,15 @@ Used by both age models (the coarse bin classifier and the direct head). Stage 1
 the backbone (its batch-norm statistics too) and trains only the new head; stage 2
 fine-tunes everything at a lower learning rate with warm-up + cosine, early-stopped on a
 validation score. The best model over both stages is kept. Augmentation is the
-multitask model's (``augment.Augmenter`` built from its run's settings); the loop is
-``engine.train_one_epoch``. One JSON line per epoch goes to the history file.
+multitask model's (``augment.Augmenter`` built from its run's settings); the loop is the
+multitask model's (:func:`faceattrs.loop.run_epochs` over ``engine.train_one_epoch``, one
+history row per epoch in the same CSV format, :class:`faceattrs.loop.EarlyStopping`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -22,10 +22,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import config as cfgmod
 from ..augment import AugmentConfig, Augmenter, minority_classes
 from ..dataset import FaceSet
 from ..engine import train_one_epoch
-from ..io import write_text_atomic
+from ..loop import (
+    EarlyStopping,
+    epoch_order,
+    make_optimizer,
+    make_scheduler,
+    run_epochs,
+    seed_epoch,
+    use_bf16,
+    write_history,
+)
 from ..model import FaceResNet
 
 log = logging.getLogger(__name__)
@@ -67,10 +77,8 @@ class HeadOnly(nn.Module):
 def augmenter_for(mt_meta: dict, train: FaceSet, device) -> Augmenter:
     """The multitask run's augmentation (its saved ``augment`` settings; the reference's
     when the checkpoint has none), minority classes from these training faces."""
-    from ..train import config_from_dict
-
-    saved = mt_meta.get("config")
-    aug_cfg = config_from_dict(saved).augment if saved else AugmentConfig()
+    saved = (mt_meta.get("config") or {}).get("augment")
+    aug_cfg = cfgmod.from_dict(AugmentConfig, saved) if saved else AugmentConfig()
     minority = minority_classes(train.ethnicity, aug_cfg.minority_ratio)
     return Augmenter(aug_cfg, minority).to(device)
 
@@ -97,15 +105,6 @@ def train_two_stages(
     training face). ``score_fn(net) -> {name: value}`` scores the validation split.
     Returns the best network over both stages (eval mode) and a summary.
     """
-    from ..train import (
-        EarlyStopping,
-        epoch_order,
-        make_optimizer,
-        make_scheduler,
-        seed_epoch,
-        use_bf16,
-    )
-
     net.to(device)
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)
@@ -120,63 +119,46 @@ def train_two_stages(
     if cfg.max_batches:
         steps = min(steps, cfg.max_batches)
     rows: list[dict] = []
-    best = {"score": None, "stage": 0, "epoch": 0, "state": None}
-    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
+    # the best network over both stages (same rule as early stopping, without patience)
+    best = EarlyStopping(monitor, mode, patience=math.inf)
+    best_state = {"stage": 0, "state": None}
 
     def prepare(batch):
         return augment(batch["image"], batch["ethnicity"])
 
-    def run_epoch(stage: int, epoch: int, model, opt, sched) -> float:
-        lr = opt.param_groups[0]["lr"]
-        seed_epoch(cfg.seed, 100 * stage + epoch)  # augmentation and dropout
-        order = epoch_order(None, len(train), cfg.seed, 100 * stage + epoch).to(device)
-        tr = train_one_epoch(
-            model,
-            loss_fn,
-            data,
-            order,
-            opt,
-            prepare,
-            batch_size=cfg.batch_size,
-            scheduler=sched,
-            bf16=bf16,
-            channels_last=cfg.channels_last,
-            max_batches=cfg.max_batches,
-            progress=f"{name} stage {stage} epoch {epoch}",
-        )
-        scores = score_fn(net)
-        rows.append(
-            {
-                "model": name,
-                "stage": stage,
-                "epoch": epoch,
-                "lr": lr,
-                "train_loss": tr["loss"],
-                **scores,
-                "seconds": round(tr["seconds"], 1),
-                "images_per_s": round(tr["images_per_s"], 1),
-            }
-        )
-        write_text_atomic(history_path, "".join(json.dumps(r) + "\n" for r in rows))
-        new_best = best["score"] is None or better(scores[monitor], best["score"])
-        log.info(
-            "%s stage %d epoch %d: loss %.4f, %s%s (%.0f s)",
-            name,
-            stage,
-            epoch,
-            tr["loss"],
-            ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),
-            "  *best*" if new_best else "",
-            tr["seconds"],
-        )
-        if new_best:
-            best.update(
-                score=scores[monitor],
-                stage=stage,
-                epoch=epoch,
-                state=copy.deepcopy(net.state_dict()),
-            )
-        return scores[monitor]
+    def epochs(stage: int, model, opt, sched, n: int, stopper: EarlyStopping) -> None:
+        def epoch_fn(epoch: int) -> dict:
+            lr = opt.param_groups[0]["lr"]
+            seed_epoch(cfg.seed, 100 * stage + epoch)  # augmentation and dropout
+            order = epoch_order(None, len(train), cfg.seed, 100 * stage + epoch).to(device)
+            tr = train_one_epoch(
+                model, loss_fn, data, order, opt, prepare,
+                batch_size=cfg.batch_size, scheduler=sched, bf16=bf16,
+                channels_last=cfg.channels_last, max_batches=cfg.max_batches,
+                progress=f"{name} stage {stage} epoch {epoch}",
+            )  # fmt: skip
+            return {
+                "model": name, "stage": stage, "epoch": epoch, "lr": lr,
+                "train_loss": tr["loss"], **score_fn(net),
+                "seconds": round(tr["seconds"], 1), "images_per_s": round(tr["images_per_s"], 1),
+            }  # fmt: skip
+
+        def on_epoch(row: dict, improved: bool) -> None:
+            rows.append(row)
+            write_history(history_path, rows, list(rows[0]))
+            new_best = best.step(row[monitor])
+            scores = {k: v for k, v in row.items() if k.startswith("val_")}
+            log.info(
+                "%s stage %d epoch %d: loss %.4f, %s%s (%.0f s)",
+                name, stage, row["epoch"], row["train_loss"],
+                ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),
+                "  *best*" if new_best else "", row["seconds"],
+            )  # fmt: skip
+            if new_best:
+                best_state.update(stage=stage, state=copy.deepcopy(net.state_dict()))
+
+        if run_epochs(range(1, n + 1), epoch_fn, stopper, on_epoch):
+            log.info("%s: early stop after stage-%d epoch %d", name, stage, stopper.epoch)
 
     # Stage 1: only the new head learns; the backbone (batch-norm statistics too) is frozen.
     torch.manual_seed(cfg.seed)
@@ -184,8 +166,8 @@ def train_two_stages(
     opt = make_optimizer(
         [p for p in net.parameters() if p.requires_grad], cfg.head_lr, cfg.weight_decay
     )
-    for epoch in range(1, cfg.head_epochs + 1):
-        run_epoch(1, epoch, head_only, opt, None)
+    no_stop = EarlyStopping(monitor, mode, patience=math.inf)
+    epochs(1, head_only, opt, None, cfg.head_epochs, no_stop)
     for p in net.parameters():
         p.requires_grad_(True)
 
@@ -194,17 +176,14 @@ def train_two_stages(
         opt = make_optimizer(net.parameters(), cfg.finetune_lr, cfg.weight_decay)
         sched = make_scheduler(opt, cfg.warmup_epochs * steps, cfg.finetune_epochs * steps)
         stopper = EarlyStopping(monitor, mode, cfg.patience, cfg.min_delta)
-        for epoch in range(1, cfg.finetune_epochs + 1):
-            stopper.step(run_epoch(2, epoch, net, opt, sched), epoch)
-            if stopper.should_stop:
-                log.info("%s: early stop after stage-2 epoch %d", name, epoch)
-                break
-    if best["state"] is not None:
-        net.load_state_dict(best["state"])
+        epochs(2, net, opt, sched, cfg.finetune_epochs, stopper)
+    if best_state["state"] is not None:
+        net.load_state_dict(best_state["state"])
+    best_epoch = rows[best.best_epoch - 1]["epoch"] if best.best_epoch else 0
     summary = {
-        "best_stage": best["stage"],
-        "best_epoch": best["epoch"],
-        monitor: best["score"],
+        "best_stage": best_state["stage"],
+        "best_epoch": best_epoch,
+        monitor: best.best,
         "epochs": len(rows),
         "seconds": round(sum(r["seconds"] for r in rows), 1),
     }

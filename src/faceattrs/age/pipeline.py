@@ -22,12 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import config as cfgmod
-from ..checkpoint import load_model
+from ..bundle import resolve
 from ..dataset import FaceSet
 from ..engine import evaluate_heads
 from ..engine import predict as engine_predict
 from ..exceptions import FaceattrsError
 from ..io import write_json_atomic
+from ..loop import select_device
 from . import conformal
 from . import direct as directmod
 from .bins import assign_bins, bin_labels, check_edges, quantile_edges
@@ -55,8 +56,6 @@ def train_age(
     behind each choice, test metrics. ``info`` (e.g. the data path) is recorded in age.json.
     An existing age run in ``out_dir`` is an error unless ``overwrite``.
     """
-    from ..train import select_device
-
     cfg = cfg or AgeConfig()
     out_dir = Path(out_dir)
     if (out_dir / AGE_JSON).exists():
@@ -70,7 +69,9 @@ def train_age(
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    mt_model, mt_meta = load_model(multitask_dir, "best", "cpu")
+    mt_bundle = resolve(multitask_dir)  # a run folder (or an age run: its multitask run)
+    multitask_dir = mt_bundle.source
+    mt_model, mt_meta = mt_bundle.load_multitask("cpu")
     train, val = faces.subset("train"), faces.subset("val")
     if len(train) == 0 or len(val) == 0:
         raise FaceattrsError("the age stage needs faces in the train and val splits")
@@ -118,7 +119,7 @@ def train_age(
         cfg,
         device,
         mt_meta,
-        out_dir / "coarse_history.jsonl",
+        out_dir / "coarse_history.csv",
         "coarse",
     )
 
@@ -227,7 +228,7 @@ def _train_direct(
         cfg,
         device,
         mt_meta,
-        out_dir / "direct_history.jsonl",
+        out_dir / "direct_history.csv",
         "direct",
     )
 

@@ -29,25 +29,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..exceptions import FaceattrsError
+from ..loop import EarlyStopping, make_optimizer, run_epochs
+from ..postprocess import ROUTINGS, route, route_by_bin
 from .bins import assign_bins
 
 log = logging.getLogger(__name__)
 
-ROUTINGS = ("hard", "soft")
-
-
-def route(bin_probs: np.ndarray, per_bin: np.ndarray, routing: str) -> np.ndarray:
-    """Combine per-bin predictions ``(N, K)`` with bin probabilities ``(N, K)`` -> ``(N,)``."""
-    if routing == "hard":
-        return route_by_bin(per_bin, np.argmax(bin_probs, axis=1))
-    if routing == "soft":
-        return np.sum(bin_probs * per_bin, axis=1)
-    raise FaceattrsError(f"unknown age routing {routing!r}; use one of {ROUTINGS}")
-
-
-def route_by_bin(per_bin: np.ndarray, bins: np.ndarray) -> np.ndarray:
-    """The prediction of bin ``bins[i]``'s regressor for each face."""
-    return per_bin[np.arange(len(per_bin)), np.asarray(bins)]
+__all__ = ["ROUTINGS", "BinRegressors", "route", "route_by_bin", "train_regressors"]
 
 
 class BinRegressors(nn.Module):
@@ -171,8 +159,6 @@ def _fit_one(
 ) -> dict:
     """Train ``reg.mlps[k]`` on ``(x, y)``; keep the epoch with the lowest validation MAE
     (training MAE when the bin has no validation faces)."""
-    from ..train import EarlyStopping, make_optimizer
-
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + k)
     torch.manual_seed(cfg.seed * 1000 + k)
     for m in reg.mlps[k].modules():  # re-initialise from the seed: bins are independent
@@ -185,8 +171,9 @@ def _fit_one(
     opt = make_optimizer(reg.mlps[k].parameters(), cfg.reg_lr, cfg.reg_weight_decay)
     loss_fn = regression_loss(cfg.reg_loss, cfg.huber_delta)
     stopper = EarlyStopping(monitor="val_mae", mode="min", patience=cfg.reg_patience)
-    best_state, epoch = None, 0
-    for epoch in range(1, cfg.reg_epochs + 1):
+    best_state: dict[str, torch.Tensor] = {}
+
+    def epoch_fn(epoch: int) -> dict:
         reg.mlps[k].train()
         for idx in torch.randperm(len(x), generator=gen).split(cfg.reg_batch_size):
             loss = loss_fn(reg.forward_one(k, x[idx]), y[idx])
@@ -195,15 +182,17 @@ def _fit_one(
             opt.step()
         reg.mlps[k].eval()
         with torch.no_grad():
-            mae = float((reg.forward_one(k, xv) - yv).abs().mean())
-        if stopper.step(mae, epoch):
-            best_state = {n: t.clone() for n, t in reg.mlps[k].state_dict().items()}
-        if stopper.should_stop:
-            break
+            return {"epoch": epoch, "val_mae": float((reg.forward_one(k, xv) - yv).abs().mean())}
+
+    def on_epoch(row: dict, improved: bool) -> None:
+        if improved:
+            best_state.update({n: t.clone() for n, t in reg.mlps[k].state_dict().items()})
+
+    run_epochs(range(1, cfg.reg_epochs + 1), epoch_fn, stopper, on_epoch)
     reg.mlps[k].load_state_dict(best_state)
     return {
         "val_mae": round(stopper.best, 4),
         "best_epoch": stopper.best_epoch,
-        "epochs": epoch,
+        "epochs": stopper.epoch,
         "monitored": "val" if has_val else "train",
     }

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 
 from .. import config as cfgmod
-from ..photo import MAX_PIXELS, PhotoConfig
+from ..inputs import MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from ..photo import PhotoConfig
     from ..predict_files import predict_files
 
     photo = cfgmod.resolve(PhotoConfig, {}, None, args.photo_set)

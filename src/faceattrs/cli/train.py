@@ -13,10 +13,8 @@ in RUN/config.json. See docs/training.md.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from .. import config as cfgmod
 from ..exceptions import FaceattrsError
 
 
@@ -35,24 +33,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..prepare import load_faces
-    from ..train import config_from_dict, fit, resolve_config
+    from ..train import fit, resolve_config, resume_settings
 
     overrides = list(args.overrides) + list(args.more)
     if args.resume:
         out = Path(args.resume)
         if args.out and Path(args.out) != out:
             raise FaceattrsError("--resume RUN continues RUN in place; drop --out or make it RUN")
-        cfg_path = out / "config.json"
-        if not cfg_path.exists():
-            raise FaceattrsError(f"cannot resume: {cfg_path} not found (not a training run?)")
-        saved = json.loads(cfg_path.read_text())
-        cfg = config_from_dict(saved["config"])
-        if overrides:  # e.g. epochs=60 to extend a finished run
-            changed = cfgmod.parse_overrides(overrides)
-            cfg = resolve_config(None, {**_flat(cfgmod.to_dict(cfg)), **changed})
-        data = args.data or saved.get("data")
-        if not data:
-            raise FaceattrsError(f"{cfg_path} does not name its data: pass --data")
+        cfg, data = resume_settings(out, overrides, args.data)  # overrides: e.g. epochs=60
     else:
         if not args.data or not args.out:
             raise FaceattrsError("--data and --out are required (or --resume RUN)")
@@ -67,17 +55,6 @@ def run(args: argparse.Namespace) -> int:
             f"({summary['epochs_run']} epochs, {summary['seconds']:.0f} s this session) -> {out}"
         )
     return 0
-
-
-def _flat(d: dict) -> dict:
-    """``{"augment": {"rotation": 8}}`` -> ``{"augment.rotation": 8}``."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
-        else:
-            out[k] = v
-    return out
 
 
 def _rank0() -> bool:

@@ -191,47 +191,6 @@ def face_grid(
     return save(fig, path)
 
 
-def _overlay(ax, face: np.ndarray, cam: np.ndarray, title: str, color: str = RIGHT) -> None:
-    """A face with its (already smoothly upsampled) heat map on top."""
-    size = cam.shape[0]
-    ax.imshow(
-        face, cmap="gray", vmin=0, vmax=255, extent=(0, size, size, 0), interpolation="bicubic"
-    )
-    ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1, extent=(0, size, size, 0))
-    ax.set_title(title, fontsize=7, color=color)
-    ax.axis("off")
-
-
-def cam_grid(rows: Sequence[dict], path: Path, title: str | None = None, per_row: int = 4) -> Path:
-    """Faces side by side, ``per_row`` to a row; each face followed by one overlay per head.
-
-    Each row dict: ``{"face": (48,48) uint8, "label": str, "cams": {head: (S,S) in [0,1]},
-    "titles": {head: str}, "wrong": {head: bool}}``; a wrong head's title is red.
-    """
-    heads = list(rows[0]["cams"])
-    k = 1 + len(heads)
-    per_row = max(1, min(per_row, len(rows)))
-    nrows = -(-len(rows) // per_row)
-    fig, axes = plt.subplots(
-        nrows, per_row * k, figsize=(1.9 * per_row * k, 2.4 * nrows + 0.5), squeeze=False
-    )
-    for ax in axes.flat:
-        ax.axis("off")
-    for i, row in enumerate(rows):
-        r, c = divmod(i, per_row)
-        c *= k
-        axes[r, c].imshow(row["face"], cmap="gray", vmin=0, vmax=255)
-        axes[r, c].set_title(row.get("label", ""), fontsize=7)
-        for j, head in enumerate(heads, start=1):
-            color = WRONG if row.get("wrong", {}).get(head) else RIGHT
-            _overlay(axes[r, c + j], row["face"], row["cams"][head], row["titles"][head], color)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    top = 1 - 0.85 / fig.get_figheight()
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top, wspace=0.06, hspace=0.45)
-    return save(fig, path)
-
-
 def photo_boxes(image: np.ndarray, boxes: Sequence[Sequence[int]], path: Path) -> Path:
     """The photo with numbered face boxes ``(x, y, w, h)``."""
     h, w = image.shape[:2]

@@ -26,7 +26,10 @@ def plot_history(csv_path: str | Path, out_path: str | Path) -> Path:
     ax.set(title="weighted loss", xlabel="epoch")
     ax.legend()
     ax = axes[1]
-    for task, colour in (("gender", "C0"), ("ethnicity", "C1")):
+    tasks = [c[4 : -len("_macro_f1")] for c in (rows[0] if rows else {}) if c.startswith("val_")
+             and c.endswith("_macro_f1")]  # fmt: skip
+    for i, task in enumerate(tasks):  # every head in the history (gender, ethnicity, ...)
+        colour = f"C{i}"
         ax.plot(ep, col(f"val_{task}_accuracy"), "--", color=colour, label=f"{task} accuracy")
         ax.plot(ep, col(f"val_{task}_macro_f1"), "o-", color=colour, label=f"{task} macro-F1")
     score = col("val_score")

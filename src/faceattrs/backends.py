@@ -1,0 +1,155 @@
+"""Inference backends: the networks of a :class:`~faceattrs.bundle.Bundle` behind one interface.
+
+:class:`Backend` is what the analyzer, ``faceattrs export``'s agreement check and the
+command line use; :class:`TorchBackend` (PyTorch) and :class:`OnnxBackend` (onnxruntime,
+on a folder from ``faceattrs export``) implement it. Both return raw logits per head and
+the age model's prediction after :func:`faceattrs.postprocess.age_prediction`, so
+probabilities, temperatures and age post-processing are the same code for both.
+A new backend implements these four attributes and two methods, and is added to
+:func:`faceattrs.predict.load_models`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .bundle import Bundle, resolve
+from .checkpoint import CheckpointError
+from .exceptions import FaceattrsError
+from .inputs import normalise
+from .model import fuse_batchnorm
+from .postprocess import age_prediction
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The networks of a bundle, ready to run on uint8 faces ``(N, 48, 48)``."""
+
+    bundle: Bundle
+    class_names: dict[str, list[str]]  # head -> class names, in the network's head order
+    temperatures: dict[str, float]  # calibration per head ({} = not calibrated)
+    bin_labels: list[str] | None  # age bins, None without an age model
+
+    def logits(self, faces: np.ndarray) -> dict[str, np.ndarray]:
+        """``{head: (N, K) float logits}``."""
+        ...
+
+    def age(self, faces: np.ndarray) -> dict[str, np.ndarray] | None:
+        """``{"value": (N,), "bin": (N,), "bin_probabilities": (N, K)}`` or None."""
+        ...
+
+
+class TorchBackend:
+    """The PyTorch backend: the multitask model and, when present, the age model.
+
+    ``model``: a :class:`Bundle` or anything :func:`faceattrs.bundle.resolve` accepts.
+    ``dtype="bf16"`` runs under CPU/GPU autocast in bfloat16.
+    """
+
+    def __init__(self, model, device: str = "cpu", dtype: str = "fp32", age: bool = True):
+        if dtype not in DTYPES:
+            raise FaceattrsError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        self.bundle = resolve(model)
+        if self.bundle.kind == "onnx":
+            raise FaceattrsError(
+                f"{self.bundle.path} is an ONNX export: use it with --backend onnx"
+            )
+        self.device, self.dtype = torch.device(device), dtype
+        self.model, self.meta = self.bundle.load_multitask(self.device)
+        self.class_names = {h: list(v) for h, v in self.bundle.heads.items()}
+        self.temperatures = dict(self.bundle.temperatures)
+        self.age_model = self.bundle.load_age(self.device) if age else None
+        self.bin_labels = list(self.age_model.bin_labels) if self.age_model else None
+        self.source = self.bundle.source
+        # BN folded into the convs (about 5% faster, bench_predict.py), channels-last weights
+        # (oneDNN's fast convolutions, about 3x on the 2-core CPUs)
+        nets = [self.model] + [getattr(self.age_model, k, None) for k in ("coarse", "direct")]
+        for net in nets:
+            if isinstance(net, nn.Module):
+                fuse_batchnorm(net.eval()).to(memory_format=torch.channels_last)
+
+    def _autocast(self):
+        return torch.autocast(
+            self.device.type, dtype=DTYPES[self.dtype], enabled=self.dtype != "fp32"
+        )
+
+    @torch.inference_mode()
+    def logits(self, faces: np.ndarray) -> dict[str, np.ndarray]:
+        x = normalise(torch.from_numpy(faces).to(self.device))
+        with self._autocast():
+            out = self.model(x)
+        return {h: out[h].float().cpu().numpy() for h in self.class_names}
+
+    @torch.inference_mode()
+    def age(self, faces: np.ndarray) -> dict[str, np.ndarray] | None:
+        if self.age_model is None:
+            return None
+        with self._autocast():
+            return self.age_model.predict(faces)
+
+
+class OnnxBackend:
+    """The onnxruntime backend on an export folder (see :mod:`faceattrs.export`)."""
+
+    def __init__(self, export_dir, age: bool = True, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise FaceattrsError(
+                "the onnx backend needs onnxruntime: pip install 'faceattrs[onnx]'"
+            ) from None
+        self.bundle = resolve(export_dir)
+        if self.bundle.kind != "onnx":
+            raise CheckpointError(f"{self.bundle.path}: not a faceattrs ONNX export")
+        self.dir = self.bundle.path
+        m = self.manifest = self.bundle.meta
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        # idle model threads must not spin: decoding and detection need the cores between calls
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+        def session(key):
+            path = self.dir / m["graphs"][key]
+            if not path.exists():
+                raise CheckpointError(f"ONNX graph missing: {path}")
+            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+        self.class_names = {h: list(v) for h, v in self.bundle.heads.items()}
+        self.temperatures = dict(self.bundle.temperatures)
+        self.source = m.get("source")
+        self.multitask = session("multitask")
+        self.age_meta = self.bundle.age if age else None
+        self.bin_labels = self.age_meta["bin_labels"] if self.age_meta else None
+        self.two_stage = session("age_two_stage") if self.age_meta else None
+        has_direct = self.age_meta and "age_direct" in m["graphs"]
+        self.direct = session("age_direct") if has_direct else None
+        self._tmp = None  # a temporary export this backend owns (export.open_onnx)
+
+    def logits(self, faces: np.ndarray) -> dict[str, np.ndarray]:
+        heads = list(self.class_names)
+        out = self.multitask.run(heads, {"faces": np.ascontiguousarray(faces, np.uint8)})
+        return dict(zip(heads, out, strict=True))
+
+    def age(self, faces: np.ndarray) -> dict[str, np.ndarray] | None:
+        """As :meth:`faceattrs.age.AgeModel.predict` with the default approach and routing."""
+        if self.age_meta is None:
+            return None
+        meta, faces = self.age_meta, np.ascontiguousarray(faces, np.uint8)
+        kw = {"edges": meta["edges"], "clip": meta["clip"], "routing": meta["routing"]}
+        kw["interval"] = meta.get("interval")
+        if meta["approach"] == "direct":
+            if self.direct is None:
+                raise CheckpointError(
+                    f"{self.dir}: age approach is 'direct' but its graph is missing"
+                )
+            year_logits = self.direct.run(None, {"faces": faces})[0]
+            return age_prediction("direct", year_logits=year_logits, **kw)
+        bin_logits, per_bin = self.two_stage.run(None, {"faces": faces})
+        return age_prediction("two_stage", bin_logits=bin_logits, per_bin=per_bin, **kw)

@@ -1,0 +1,338 @@
+"""Model bundles: what ``--model`` names, resolved once into one typed object.
+
+Every command and the Python API hand their ``--model`` value (or ``model=``) to
+:func:`resolve`; nothing else reads model folders. A bundle is one of:
+
+- a multitask **run** folder from ``faceattrs train``: ``best.safetensors`` + ``best.json``
+  (+ ``config.json``), with its calibration (``calibration.json``, from ``faceattrs
+  calibrate``) and its age model (``age/``, from ``faceattrs train-age``) when present;
+- an **age run** folder (``age.json``): the bundle of the multitask run it was trained
+  from, found by the path relative to the age run that ``age.json`` records (a copied
+  age run must be copied with its multitask run; the absolute path recorded at training
+  is only quoted in the error, never used);
+- a **checkpoint** file (``NAME.json`` or ``NAME.safetensors``): that network alone;
+- an **onnx** export folder (``faceattrs-onnx.json``, from ``faceattrs export``);
+- ``None``: the default model shipped in the package, :data:`DEFAULT_MODEL_DIR` (a run
+  folder as above).
+
+>>> resolve("no/such/folder")
+Traceback (most recent call last):
+...
+faceattrs.checkpoint.CheckpointError: model folder no/such/folder does not exist
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .age.bundle import AGE_JSON, AgeModel
+from .age.bundle import FORMAT as AGE_FORMAT
+from .age.regress import BinRegressors
+from .checkpoint import CheckpointError, load_model, load_weights, read_meta
+from .exceptions import FaceattrsError
+from .model import FaceResNet
+
+log = logging.getLogger(__name__)
+
+# The default model shipped in the package: used when no --model is given (``model=None``).
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
+
+BEST = "best"  # the multitask checkpoint of a run folder
+CALIBRATION_FILE = "calibration.json"  # temperatures, written by `faceattrs calibrate`
+RUN_CONFIG = "config.json"  # the training run's settings, with its data path
+ONNX_MANIFEST = "faceattrs-onnx.json"
+ONNX_FORMAT = "faceattrs-onnx-1"
+KINDS = ("run", "checkpoint", "onnx")
+
+
+@dataclass
+class Bundle:
+    """A resolved model bundle; see the module docstring for the kinds.
+
+    ``heads``: class names per head, in the network's head order. ``temperatures``:
+    calibration per head (``{}`` when not calibrated). ``age``: the age model's settings
+    (``age.json``, or the ONNX manifest's ``"age"``), None without one.
+    """
+
+    kind: str
+    path: Path  # the folder or file that was named
+    run_dir: Path | None  # the multitask run folder (None for a checkpoint file or an export)
+    checkpoint: Path | None  # the multitask checkpoint's JSON (None for an export)
+    meta: dict[str, Any]  # that checkpoint's settings, or the ONNX manifest
+    heads: dict[str, list[str]]
+    temperatures: dict[str, float] = field(default_factory=dict)
+    age_dir: Path | None = None
+    age: dict[str, Any] | None = None
+
+    @property
+    def source(self) -> Path:
+        """The folder the multitask model comes from (for an export: the folder exported)."""
+        if self.kind == "onnx":
+            return Path(self.meta.get("source") or self.path)
+        return self.run_dir or self.checkpoint.parent
+
+    @property
+    def bin_labels(self) -> list[str] | None:
+        return list(self.age["bin_labels"]) if self.age else None
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Where the bundle's parts come from, for logs and records."""
+        return {
+            "kind": self.kind,
+            "path": str(self.path),
+            "multitask": str(self.checkpoint or self.source),
+            "age": str(self.age_dir) if self.age_dir else None,
+            "epoch": self.meta.get("epoch"),
+            "data": self.meta.get("data"),
+            "calibrated": bool(self.temperatures),
+        }
+
+    def torch_bundle(self) -> Bundle:
+        """The PyTorch bundle: this one, or for an export the run folder it came from."""
+        if self.kind != "onnx":
+            return self
+        src = self.meta.get("source")
+        if not src or not Path(src).exists():
+            raise CheckpointError(
+                f"{self.path} is an ONNX export and its run folder ({src}) is not here: "
+                "pass the run folder"
+            )
+        return resolve(src)
+
+    def load_multitask(self, device: str | torch.device = "cpu") -> tuple[FaceResNet, dict]:
+        """The multitask network in eval mode, and its checkpoint settings."""
+        if self.checkpoint is None:
+            raise FaceattrsError(f"{self.path} is an ONNX export: use it with --backend onnx")
+        return load_model(self.checkpoint, device=device)
+
+    def load_age(self, device: str | torch.device = "cpu") -> AgeModel | None:
+        """The age model (coarse classifier, per-bin regressors, direct head), or None."""
+        if self.age_dir is None or self.age is None:
+            return None
+        return _load_age(self.age_dir, self.age, device)
+
+    def recorded_data(self) -> Path:
+        """The data path recorded in the run's ``config.json`` (relative to the run when
+        it is not found as recorded)."""
+        run = self.torch_bundle().run_dir
+        cfg = (run or self.source) / RUN_CONFIG
+        recorded = _read_json(cfg).get("data") if cfg.exists() else None
+        if not isinstance(recorded, str):
+            raise FaceattrsError(f"{cfg} records no data path: pass --data PREPARED_FOLDER_or_CSV")
+        path = Path(recorded)
+        if not path.exists() and run is not None and (run / path).exists():
+            path = run / path
+        return path
+
+
+def resolve(model: str | os.PathLike | Bundle | None) -> Bundle:
+    """``--model`` (a folder, a checkpoint file, an export, or None) -> a :class:`Bundle`."""
+    if isinstance(model, Bundle):
+        return model
+    if model is None:
+        if not (DEFAULT_MODEL_DIR / f"{BEST}.json").exists():
+            raise FaceattrsError(
+                "no model given and no default model is bundled with this installation: "
+                "train one with `faceattrs run --data CSV --out RUN --preset cpu` and pass "
+                "`--model RUN` (Python: model='RUN')"
+            )
+        model = DEFAULT_MODEL_DIR
+    path = Path(model)
+    if not path.exists():
+        raise CheckpointError(f"model folder {path} does not exist")
+    if path.is_file() and path.name in (AGE_JSON, ONNX_MANIFEST):
+        path = path.parent
+    if path.is_file():
+        return _checkpoint_file(path)
+    if (path / ONNX_MANIFEST).exists():
+        return _export(path)
+    if (path / f"{BEST}.json").exists():
+        return _run(path, path)
+    if (path / AGE_JSON).exists():
+        return _run(_multitask_of_age_run(path), path, age_dir=path)
+    raise CheckpointError(
+        f"{path}: not a model folder (expected best.json from `faceattrs train`, age.json "
+        f"from `faceattrs train-age` or {ONNX_MANIFEST} from `faceattrs export`)"
+    )
+
+
+def resolve_bundle(path: str | os.PathLike) -> tuple[Path, Path | None]:
+    """``(multitask run folder or checkpoint file, age run folder or None)`` of ``path``."""
+    b = resolve(path)
+    if b.kind == "onnx":
+        raise CheckpointError(f"{b.path} is an ONNX export, not a run folder")
+    return (b.run_dir or b.checkpoint), b.age_dir
+
+
+def load_age_model(path, device: str | torch.device = "cpu") -> AgeModel | None:
+    """The age model of a bundle (an age run, or a run holding ``age/``), or None."""
+    return resolve(path).load_age(device)
+
+
+def is_export(path: str | os.PathLike) -> bool:
+    return (Path(path) / ONNX_MANIFEST).exists()
+
+
+def weights_id(run_dir: str | Path, name: str = BEST) -> str | None:
+    """Short SHA-256 of ``NAME.safetensors``: ties a calibration to the weights it was fitted on."""
+    path = Path(run_dir) / f"{name}.safetensors"
+    if not path.exists():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def read_temperatures(run_dir: str | Path) -> dict[str, float]:
+    """``{head: T}`` from ``RUN/calibration.json``; ``{}`` when the run is not calibrated, or
+    was calibrated for other weights (a warning says so)."""
+    path = Path(run_dir) / CALIBRATION_FILE
+    if not path.exists():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+        temps = {str(k): float(v) for k, v in saved["temperatures"].items()}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+        raise FaceattrsError(
+            f"{path} is not a calibration file ({e}); delete it or rerun `faceattrs calibrate`"
+        ) from None
+    if saved.get("weights_sha256") not in (None, weights_id(run_dir)):
+        log.warning(
+            "%s was fitted for other weights (retrained?): ignored; rerun `faceattrs calibrate`",
+            path,
+        )
+        return {}
+    return temps
+
+
+# ---------------------------------------------------------------- the kinds
+
+
+def _heads(meta: dict, where: Path) -> dict[str, list[str]]:
+    try:
+        order = list(meta["model"]["heads"])
+        names = meta["class_names"]
+        heads = {h: [str(n) for n in names[h]] for h in order}
+        sizes = meta["model"]["heads"]
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{where}: bad or missing heads / class names ({e})") from None
+    for h, n in sizes.items():
+        if len(heads[h]) != n:
+            raise CheckpointError(f"{where}: head {h!r} has {n} classes but {len(heads[h])} names")
+    return heads
+
+
+def _run(run_dir: Path, path: Path, age_dir: Path | None = None) -> Bundle:
+    ckpt = run_dir / f"{BEST}.json"
+    meta = read_meta(ckpt)
+    if age_dir is None and (run_dir / "age" / AGE_JSON).exists():
+        age_dir = run_dir / "age"
+    return Bundle(
+        kind="run",
+        path=path,
+        run_dir=run_dir,
+        checkpoint=ckpt,
+        meta=meta,
+        heads=_heads(meta, ckpt),
+        temperatures=read_temperatures(run_dir),
+        age_dir=age_dir,
+        age=_read_age_json(age_dir) if age_dir is not None else None,
+    )
+
+
+def _checkpoint_file(path: Path) -> Bundle:
+    if path.suffix not in (".json", ".safetensors"):
+        raise CheckpointError(
+            f"{path}: not a model (pass a run folder, or a checkpoint's .json / .safetensors)"
+        )
+    ckpt = path.with_suffix(".json")
+    meta = read_meta(ckpt)
+    heads = _heads(meta, ckpt)
+    return Bundle("checkpoint", path, None, ckpt, meta, heads)
+
+
+def _export(path: Path) -> Bundle:
+    try:
+        m = _read_json(path / ONNX_MANIFEST)
+    except CheckpointError as e:
+        raise CheckpointError(f"unreadable ONNX manifest: {e}") from None
+    if m.get("format") != ONNX_FORMAT:
+        raise CheckpointError(f"{path / ONNX_MANIFEST}: not a faceattrs ONNX export")
+    try:
+        heads = {h: [str(n) for n in v] for h, v in m["class_names"].items()}
+        temps = {str(k): float(v) for k, v in (m.get("temperatures") or {}).items()}
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{path / ONNX_MANIFEST}: bad class names ({e})") from None
+    return Bundle("onnx", path, None, None, m, heads, temps, age=m.get("age"))
+
+
+def _multitask_of_age_run(age_dir: Path) -> Path:
+    """The multitask run of an age run: the path ``age.json`` records relative to it."""
+    meta = _read_age_json(age_dir)
+    rel = meta.get("multitask")
+    cand = age_dir / rel if isinstance(rel, str) and rel else None
+    if cand is not None and (cand / f"{BEST}.json").exists():
+        return cand.resolve()
+    recorded = meta.get("multitask_absolute")
+    raise CheckpointError(
+        f"{age_dir}: its multitask model is missing (looked for {cand}; at training it was "
+        f"{recorded}); copy the age run together with its multitask run, keeping their "
+        "relative places, or pass the multitask run folder holding age/"
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a JSON object (got a {type(data).__name__})")
+    return data
+
+
+def _read_age_json(age_dir: Path) -> dict:
+    meta = read_meta(age_dir / AGE_JSON)
+    if meta.get("format") != AGE_FORMAT:
+        raise CheckpointError(f"{age_dir / AGE_JSON}: not an age model ({meta.get('format')!r})")
+    return meta
+
+
+def _load_age(age_dir: Path, meta: dict, device) -> AgeModel:
+    try:
+        coarse, _ = load_model(age_dir, "coarse", device)
+        rs = meta["regressors"]
+        reg = BinRegressors(rs["dim"], rs["n_bins"], rs["hidden"], rs["dropout"])
+        weights = age_dir / "regressors.safetensors"
+        if not weights.exists():
+            raise CheckpointError(f"age regressor weights missing: {weights}")
+        reg.load_state_dict(load_weights(weights))
+        direct = load_model(age_dir, "direct", device)[0] if meta.get("direct") else None
+        model = AgeModel(
+            coarse=coarse,
+            regressors=reg.to(device).eval(),
+            edges=np.asarray(meta["edges"]),
+            routing=meta["routing"],
+            approach=meta["approach"],
+            direct=direct,
+            clip=tuple(meta["clip"]),
+            interval=meta.get("interval"),
+        )
+    except (KeyError, TypeError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else repr(e)
+        raise CheckpointError(f"{age_dir}: inconsistent age model: {first}") from None
+    if model.approach == "direct" and direct is None:
+        raise CheckpointError(f"{age_dir}: default approach is 'direct' but direct.* is missing")
+    return model

@@ -1,0 +1,137 @@
+"""The package's layering: no import cycles, --model resolved in one module, and an
+inference path that loads no training-only library."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import faceattrs
+
+PACKAGE = Path(faceattrs.__file__).parent
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """``module -> faceattrs modules it imports`` (at any depth: top level or in functions).
+
+    ``from .x import y`` counts as an import of ``x.y`` when that is a module, else of ``x``.
+    """
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for mod, path in modules.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+                if node.level == 0:
+                    base = node.module or ""
+                targets = [
+                    f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base
+                    for a in node.names
+                ]
+            else:
+                continue
+            graph[mod] |= {t for t in targets if t in modules and t != mod}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as a list of modules (first == last), or None."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycle(graph) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_import_graph_has_no_cycles():
+    graph = import_graph()
+    assert "faceattrs.bundle" in graph["faceattrs.predict"] | graph["faceattrs.backends"]
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_stages_do_not_import_the_cli():
+    graph = import_graph()
+    for mod, deps in graph.items():
+        if not mod.startswith("faceattrs.cli") and mod != "faceattrs.__main__":
+            assert not any(d.startswith("faceattrs.cli") for d in deps), mod
+
+
+def test_model_folders_are_read_in_one_module():
+    """Only the bundle layer knows the names of a model folder's files."""
+    markers = ('"age.json"', '"calibration.json"', '"faceattrs-onnx.json"', "multitask_absolute")
+    readers = set()
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        if any(m in text for m in markers):
+            readers.add(module_name(path))
+    # age.bundle writes age.json (train-age); bundle reads every kind; report renders every
+    # file of a run folder as a document (it loads no model)
+    allowed = {"faceattrs.bundle", "faceattrs.age.bundle", "faceattrs.report"}
+    assert readers <= allowed and "faceattrs.bundle" in readers, readers
+
+
+def test_inference_imports_no_training_library(tmp_path):
+    """Loading a bundle and analysing a face imports no training library (kornia,
+    matplotlib, scikit-learn, SciPy)."""
+    from test_predict import make_run
+
+    run = make_run(tmp_path / "run", temperatures={"gender": 2.0})
+    code = f"""
+import sys
+import numpy as np
+import faceattrs
+from faceattrs import predict_files  # the `predict` command's module
+an = faceattrs.FaceAnalyzer({str(run)!r})
+rec = an.analyze(np.full((48, 48), 128, np.uint8), detect=False)[0]
+assert rec["age"] is not None and rec["gender"]["label"]
+heavy = sorted(m for m in ("kornia", "matplotlib", "sklearn", "scipy") if m in sys.modules)
+assert not heavy, heavy
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_help_stays_light():
+    code = """
+import sys
+from faceattrs.cli import main
+try:
+    main(["--help"])
+except SystemExit:
+    pass
+heavy = sorted(m for m in ("torch", "kornia", "matplotlib", "cv2", "PIL", "sklearn", "scipy")
+               if m in sys.modules)
+assert not heavy, heavy
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
