@@ -44,9 +44,10 @@ def resolve_device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def default_out(model_dir: str | Path, stage: str, split: str = "test") -> Path:
-    """``RUN/eval`` for the test split, ``RUN/eval_val`` / ``RUN/eval_all`` otherwise."""
-    return Path(model_dir) / (stage if split == "test" else f"{stage}_{split}")
+def default_out(model_dir: str | Path | None, stage: str, split: str = "test") -> Path:
+    """``RUN/eval`` for the test split, ``RUN/eval_val`` / ``RUN/eval_all`` otherwise; for
+    the bundled model (``None``), the same names in the current folder (never the package)."""
+    return Path(model_dir or ".") / (stage if split == "test" else f"{stage}_{split}")
 
 
 def data_path(model_dir: str | Path, data: str | Path | None) -> Path:
@@ -62,7 +63,8 @@ def load_data(model_dir: str | Path, data: str | Path | None, split: str) -> Fac
 
     path = data_path(model_dir, data)
     if not path.exists():
-        raise FaceattrsError(f"data not found: {path}")
+        hint = "" if data is not None else " (the path recorded with the model): pass --data"
+        raise FaceattrsError(f"data not found: {path}{hint}")
     if split == "all" and path.is_file():
         return prepare.read_csv_unsplit(path)
     faces = prepare.load_faces(path)

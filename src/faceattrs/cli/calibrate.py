@@ -10,7 +10,7 @@ from .evaluate import add_common
 
 
 def add_arguments(p) -> None:
-    add_common(p, split=False)
+    add_common(p, split=False, model_required=True)  # it writes into RUN
     p.add_argument(
         "--bins", type=int, default=15, help="equal-width confidence bins for ECE (default 15)"
     )

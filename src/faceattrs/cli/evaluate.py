@@ -13,9 +13,16 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def add_common(p, split: bool = True) -> None:
+def add_common(p, split: bool = True, model_required: bool = False) -> None:
     """Arguments shared by the evaluation commands (evaluate, explain, errors, calibrate)."""
-    p.add_argument("--model", required=True, metavar="RUN", help="run folder holding best.json")
+    if model_required:
+        p.add_argument("--model", required=True, metavar="RUN", help="run folder holding best.json")
+    else:
+        p.add_argument(
+            "--model",
+            metavar="RUN",
+            help="run folder holding best.json (default: the model bundled with the package)",
+        )
     p.add_argument(
         "--data",
         metavar="PATH",
@@ -33,7 +40,11 @@ def add_common(p, split: bool = True) -> None:
 
 def add_arguments(p) -> None:
     add_common(p)
-    p.add_argument("--out", metavar="DIR", help="output folder (default RUN/eval, RUN/eval_SPLIT)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="output folder (default RUN/eval, RUN/eval_SPLIT; ./eval... for the bundled model)",
+    )
     p.add_argument("--grid", type=int, default=24, help="faces in the captioned grid (default 24)")
 
 

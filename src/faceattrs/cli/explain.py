@@ -33,7 +33,7 @@ def run(args) -> int:
     from ..evaluate import load_data, resolve_device
     from ..explain import explain_misclassified, explain_photo, parse_classes
 
-    out = Path(args.out) if args.out else Path(args.model) / "explain"
+    out = Path(args.out) if args.out else Path(args.model or ".") / "explain"
     device = resolve_device(args.device)
     if args.image:
         result = explain_photo(args.model, args.image, out, device=device)
