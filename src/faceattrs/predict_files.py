@@ -182,12 +182,21 @@ class Explainer:
 
     def save(self, crops: np.ndarray, records: list[dict], out_stem: Path) -> list[Path]:
         """Write ``OUT_STEM_face<i>.png`` for each face; ``crops``: uint8 (N, 48, 48)."""
+        paths = []
+        for rec, overlay in zip(records, self.overlays(crops, records), strict=True):
+            path = out_stem.parent / f"{out_stem.name}_face{rec['face']}.png"
+            save_image(path, overlay)
+            paths.append(path)
+        return paths
+
+    def overlays(self, crops: np.ndarray, records: list[dict]) -> list[np.ndarray]:
+        """One RGB uint8 picture per face: the face, then the Grad-CAM map of each head."""
         cams = {}
         for h in HEADS:
             names = list(records[0][h]["probabilities"])
             target = np.array([names.index(r[h]["label"]) for r in records])
             cams[h] = self.grad_cam(self.model, crops, h, target=target)
-        paths = []
+        out = []
         for i, (crop, rec) in enumerate(zip(crops, records, strict=True)):
             big = cv2.resize(crop, (PANEL, PANEL), interpolation=cv2.INTER_CUBIC)
             face = cv2.cvtColor(big, cv2.COLOR_GRAY2RGB)
@@ -198,10 +207,8 @@ class Explainer:
                 p = rec[h]["probabilities"][rec[h]["label"]]
                 blend = cv2.addWeighted(face, 0.55, heat, 0.45, 0)
                 panels.append(_caption(blend, f"{h}: {rec[h]['label']} {p:.2f}"))
-            path = out_stem.parent / f"{out_stem.name}_face{rec['face']}.png"
-            save_image(path, np.hstack(panels))
-            paths.append(path)
-        return paths
+            out.append(np.hstack(panels))
+        return out
 
 
 # ---------------------------------------------------------------- the command
