@@ -174,11 +174,15 @@ def check_upload(up: Upload, max_pixels: int) -> tuple[int, int]:
             with Image.open(io.BytesIO(up.data)) as im:
                 w, h = im.size
         except UnidentifiedImageError:
-            raise ApiError(400, f"{up.name}: not an image (or a format Pillow cannot read)")
+            raise ApiError(
+                400, f"{up.name}: not an image (or a format Pillow cannot read)"
+            ) from None
         except Image.DecompressionBombError:
-            raise ApiError(413, f"{up.name}: too many pixels (a decompression-bomb guard)")
+            raise ApiError(
+                413, f"{up.name}: too many pixels (a decompression-bomb guard)"
+            ) from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise ApiError(400, f"{up.name}: truncated or corrupt image ({e})")
+            raise ApiError(400, f"{up.name}: truncated or corrupt image ({e})") from None
     if max_pixels and w * h > max_pixels:
         raise ApiError(
             413,
@@ -272,7 +276,9 @@ class ModelWorker:
                 log.exception("analysis failed")
                 for j in jobs:
                     if not j.future.done():
-                        j.future.set_exception(ApiError(500, f"internal error ({type(e).__name__})"))
+                        j.future.set_exception(
+                            ApiError(500, f"internal error ({type(e).__name__})")
+                        )
                 continue
             for j, res in zip(jobs, results, strict=True):
                 if not j.future.done():

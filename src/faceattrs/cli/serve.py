@@ -13,9 +13,7 @@ from ..photo import MAX_PIXELS
 
 
 def add_arguments(p) -> None:
-    p.add_argument(
-        "--model", help="run folder (default: the model bundled with the package)"
-    )
+    p.add_argument("--model", help="run folder (default: the model bundled with the package)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument(
