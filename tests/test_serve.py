@@ -27,6 +27,7 @@ from faceattrs.serve import (  # noqa: E402
     WEB_DIR,
     ApiError,
     BodyLimit,
+    Job,
     ModelWorker,
     ServeConfig,
     Upload,
@@ -244,7 +245,7 @@ def _asgi_call(app, chunks, headers=()):
 
 
 def test_body_limit_refuses_while_streaming():
-    """Reading stops at the chunk that passes the limit; a declared length is refused unread."""
+    """Reading stops past the limit plus what it drains; nothing past the limit is kept."""
 
     async def reader(scope, receive, send):
         while (await receive()).get("more_body"):
@@ -259,12 +260,36 @@ def test_body_limit_refuses_while_streaming():
             await send({"type": "http.response.start", "status": e.status, "headers": []})
             await send({"type": "http.response.body", "body": b""})
 
-    limited = BodyLimit(app, max_bytes=1000)
+    limited = BodyLimit(app, max_bytes=1000, drain_bytes=1000)
     chunks = [b"x" * 400] * 10
-    assert _asgi_call(limited, chunks) == (413, 3)  # 1200 bytes > 1000 after the 3rd of 10
+    # 1200 bytes > 1000 at the 3rd chunk; 3 more (1200 > 1000) are dropped; 4 never read
+    assert _asgi_call(limited, chunks) == (413, 6)
+    assert _asgi_call(limited, chunks[:5]) == (413, 5)  # within the drain: read to its end
     assert _asgi_call(limited, chunks[:2]) == (200, 2)
+    assert _asgi_call(BodyLimit(app, 1000, drain_bytes=0), chunks) == (413, 3)
     declared = [(b"content-length", b"4000")]
-    assert _asgi_call(limited, chunks, declared) == (413, 0)
+    assert _asgi_call(limited, chunks, declared) == (413, 0)  # refused unread
+    declared = [(b"content-length", b"2000")]
+    assert _asgi_call(limited, chunks[:5], declared) == (413, 5)  # drained, then refused
+
+
+def test_images_are_decoded_within_the_pixel_budget(analyzer):
+    """Waiting requests are analysed together, in runs of at most batch_pixels pixels."""
+    runs = []
+
+    class Recorder(SlowAnalyzer):
+        def run(self, sources, keep_images=False, **kw):
+            runs.append(len(sources))
+            return super().run(sources, keep_images, **kw)
+
+    rec = Recorder()
+    rec.go.set()
+    worker = ModelWorker(rec, ServeConfig(batch_pixels=1000))
+    ups = [Upload(f"{i}.png", "image/png", b"x", pixels=p) for i, p in enumerate([400] * 5)]
+    ups.append(Upload("big.png", "image/png", b"x", pixels=5000))
+    out = worker.process([Job(ups[:3], False, None), Job(ups[3:], False, None)])
+    assert runs == [2, 2, 1, 1]  # 400 + 400, 400 + 400, 400, then the big one alone
+    assert [len(r) for r in out] == [3, 3] and out[1][2]["file"] == "big.png"
 
 
 # ---------------------------------------------------------------- concurrency

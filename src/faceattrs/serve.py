@@ -65,6 +65,7 @@ class ServeConfig:
     max_images: int = 16  # images in one request
     queue_size: int = 32  # requests waiting for the model; more -> 503
     batch_images: int = 8  # images the model thread takes together from the queue
+    batch_pixels: int = 50_000_000  # images decoded together hold at most this (or one image)
     retry_after: int = 1  # seconds, sent with a 503
     device: str = "cpu"
     dtype: str = "fp32"
@@ -72,7 +73,13 @@ class ServeConfig:
     photo: dict = field(default_factory=dict)  # other PhotoConfig fields
 
     def check(self) -> None:
-        for name in ("max_upload_bytes", "max_images", "queue_size", "batch_images"):
+        for name in (
+            "max_upload_bytes",
+            "max_images",
+            "queue_size",
+            "batch_images",
+            "batch_pixels",
+        ):
             if getattr(self, name) < 1:
                 raise FaceattrsError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_pixels < 0 or self.retry_after < 0:
@@ -92,30 +99,54 @@ class Upload:
     name: str
     content_type: str
     data: bytes
+    pixels: int = 0  # width x height from the header (check_upload)
 
 
 # ---------------------------------------------------------------- request body limit
 
 
 class BodyLimit:
-    """ASGI middleware: a body over ``max_bytes`` is refused with 413 before it is read.
+    """ASGI middleware: a body over ``max_bytes`` is refused with 413, never held in memory.
 
-    A declared ``Content-Length`` over the limit is answered at once; otherwise the
-    bytes are counted as the app reads them and reading stops at the limit.
+    The bytes are counted as the app reads them; past the limit, reading goes on only to
+    discard at most ``drain_bytes`` more (for at most ``drain_seconds``), so that a client
+    still sending a body a little over the limit gets the 413 rather than a reset
+    connection (nginx's lingering close does the same); then the answer goes out and the
+    connection closes, the rest unread. A declared ``Content-Length`` over the limit is
+    answered at once (its body drained first only when within ``drain_bytes`` of the limit).
     """
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, drain_bytes: int | None = None, drain_seconds=5.0):
         self.app, self.max_bytes = app, max_bytes
+        self.drain_bytes = max_bytes if drain_bytes is None else drain_bytes
+        self.drain_seconds = drain_seconds
 
     def message(self) -> str:
         return f"upload too large: over the limit of {self.max_bytes / MB:g} MB"
 
+    async def drain(self, receive, budget: int) -> None:
+        """Read and drop what follows, up to ``budget`` bytes / ``drain_seconds``."""
+
+        async def loop():
+            dropped = 0
+            while dropped < budget:
+                msg = await receive()
+                if msg["type"] != "http.request" or not msg.get("more_body"):
+                    return
+                dropped += len(msg.get("body", b""))
+
+        try:
+            await asyncio.wait_for(loop(), self.drain_seconds)
+        except TimeoutError:
+            pass
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            if int(declared) <= self.max_bytes + self.drain_bytes:
+                await self.drain(receive, int(declared))
             response = JSONResponse({"error": self.message()}, 413, {"Connection": "close"})
             return await response(scope, receive, send)
         seen = 0
@@ -126,6 +157,8 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
+                    if msg.get("more_body"):
+                        await self.drain(receive, self.drain_bytes)
                     raise ApiError(413, self.message(), {"Connection": "close"})
             return msg
 
@@ -189,6 +222,7 @@ def check_upload(up: Upload, max_pixels: int) -> tuple[int, int]:
             f"{up.name}: {w}x{h} is {w * h / 1e6:.1f} megapixels, over the limit of "
             f"{max_pixels / 1e6:g}",
         )
+    up.pixels = w * h
     return w, h
 
 
@@ -285,12 +319,21 @@ class ModelWorker:
                     j.future.set_result(res)
 
     def process(self, jobs: list[Job]) -> list[list[dict]]:
-        """In the model thread: per job, per image ``{"faces": [...], "reason"|"error"}``."""
+        """In the model thread: per job, per image ``{"faces": [...], "reason"|"error"}``.
+
+        The images go through the analyzer in runs of at most ``batch_pixels`` pixels (at
+        least one image), which bounds the decoded pixels held at once."""
         uploads = [u for j in jobs for u in j.uploads]
-        items = []
-        for item in self.analyzer.run([u.data for u in uploads], keep_images=True):
-            decoded, item.image = item.image is not None, None
-            items.append((item, decoded))
+        items, run, pixels = [], [], 0
+        for i, up in enumerate(uploads):
+            run.append(up.data)
+            pixels += up.pixels
+            nxt = uploads[i + 1].pixels if i + 1 < len(uploads) else None
+            if nxt is None or pixels + nxt > self.cfg.batch_pixels:
+                for item in self.analyzer.run(run, keep_images=True):
+                    decoded, item.image = item.image is not None, None
+                    items.append((item, decoded))
+                run, pixels = [], 0
         self.stats["batches"] += 1
         self.stats["requests"] += len(jobs)
         self.stats["images"] += len(uploads)

@@ -22,7 +22,8 @@ async function loadModel() {
     const m = await r.json();
     limits = m.limits;
     const name = (m.source || "bundled model").split("/").filter(Boolean).slice(-1)[0];
-    const parts = [`model: ${name}`, `heads: ${Object.keys(m.heads).join(", ")}`];
+    const epoch = m.checkpoint && m.checkpoint.epoch !== undefined ? ` (epoch ${m.checkpoint.epoch})` : "";
+    const parts = [`model: ${name}${epoch}`, `heads: ${Object.keys(m.heads).join(", ")}`];
     parts.push(m.age ? `age bins: ${m.age.bins.join(", ")}` : "no age model");
     const val = (m.metrics && m.metrics.validation) || {};
     const f1 = Object.entries(val).map(([h, v]) => `${h} ${(v.macro_f1 ?? 0).toFixed(2)}`);
