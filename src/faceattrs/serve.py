@@ -251,7 +251,7 @@ def release_memory() -> None:
 
 def png_data(rgb: np.ndarray) -> str:
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG", optimize=False)
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=3)  # 2x faster than 6
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -279,6 +279,7 @@ class ModelWorker:
         self.task: asyncio.Task | None = None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="faceattrs-model")
         self.explainer = None
+        self._to_explain: list[tuple[dict, np.ndarray]] = []  # (record, 48x48 crop)
         self.stats = {"requests": 0, "batches": 0, "images": 0, "faces": 0, "rejected": 0}
 
     def start(self) -> None:
@@ -362,7 +363,7 @@ class ModelWorker:
         self.stats["batches"] += 1
         self.stats["requests"] += len(jobs)
         self.stats["images"] += len(uploads)
-        out, k = [], 0
+        out, k, self._to_explain = [], 0, []
         for job in jobs:
             res = []
             for up in job.uploads:
@@ -370,6 +371,11 @@ class ModelWorker:
                 k += 1
                 res.append(self._image_result(up, item, decoded, job.explain))
             out.append(res)
+        if self._to_explain:  # the faces of every request that asked, in one Grad-CAM batch
+            recs = [r for r, _ in self._to_explain]
+            crops = np.stack([c for _, c in self._to_explain])
+            for rec, overlay in zip(recs, self._explainer().overlays(crops, recs), strict=True):
+                rec["explain"] = png_data(overlay)
         return out
 
     def _image_result(self, up: Upload, item, decoded: bool, explain: bool) -> dict:
@@ -385,10 +391,10 @@ class ModelWorker:
             rec["file"] = up.name
             faces.append(rec)
         self.stats["faces"] += len(faces)
-        if explain and faces:
-            crops = np.stack([f.crop for f in item.faces])
-            for rec, overlay in zip(faces, self._explainer().overlays(crops, faces), strict=True):
-                rec["explain"] = png_data(overlay)
+        if explain:
+            self._to_explain += [
+                (rec, face.crop) for rec, face in zip(faces, item.faces, strict=True)
+            ]
         return {"file": up.name, "faces": faces}
 
     def _explainer(self):
