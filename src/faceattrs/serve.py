@@ -183,13 +183,14 @@ async def read_uploads(request: Request, cfg: ServeConfig) -> list[Upload]:
             if isinstance(value, str):
                 continue
             data = await value.read()
-            uploads.append(Upload(value.filename or "upload", value.content_type or "", data))
+            name = (value.filename or "upload")[:200]
+            uploads.append(Upload(name, value.content_type or "", data))
             await value.close()
         if not uploads:
             raise ApiError(400, "no image in the upload: send files in a multipart field")
         return uploads
-    if media in IMAGE_TYPES or media in SNIFFED_TYPES - {""} or media.startswith("image/"):
-        name = request.query_params.get("name") or "upload"
+    if media == "application/octet-stream" or media.startswith("image/"):
+        name = (request.query_params.get("name") or "upload")[:200]
         return [Upload(name, media, await request.body())]
     raise ApiError(
         415,
@@ -277,6 +278,7 @@ class ModelWorker:
         self.analyzer, self.cfg = analyzer, cfg
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
+        self._carry: Job | None = None  # taken from the queue, did not fit the last batch
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="faceattrs-model")
         self.explainer = None
         self._to_explain: list[tuple[dict, np.ndarray]] = []  # (record, 48x48 crop)
@@ -317,13 +319,14 @@ class ModelWorker:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            jobs = [await self.queue.get()]
-            n = len(jobs[0].uploads)
+            jobs = [self._carry or await self.queue.get()]
+            self._carry, n = None, len(jobs[0].uploads)
             while not self.queue.empty():
-                nxt = self.queue._queue[0]  # peek: take it only if it fits the batch
+                nxt = self.queue.get_nowait()
                 if n + len(nxt.uploads) > self.cfg.batch_images:
+                    self._carry = nxt  # the first of the next batch
                     break
-                jobs.append(self.queue.get_nowait())
+                jobs.append(nxt)
                 n += len(nxt.uploads)
             jobs = [j for j in jobs if not j.future.done()]  # the client went away
             if not jobs:
