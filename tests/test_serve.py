@@ -9,6 +9,7 @@ import base64
 import io
 import os
 import re
+import socket
 import threading
 from pathlib import Path
 
@@ -384,3 +385,10 @@ def test_cli_bad_model_and_options_exit_2(tmp_path, capsys):
     assert "--max-upload-mb" in capsys.readouterr().err
     assert main(["serve", "--photo-set", "nonsense=1"]) == 2
     assert "nonsense" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(tmp_path), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot listen on 127.0.0.1:{port}" in err[0]

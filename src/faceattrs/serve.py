@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import socket
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -577,6 +578,17 @@ def app_from_env() -> FastAPI:
     return create_app(ServeConfig(**json.loads(os.environ.get("FACEATTRS_SERVE", "{}"))))
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail with one line, before the model loads, when ``host:port`` cannot be listened on."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise FaceattrsError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+
+
 def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     """Load the model, print the URL and serve until interrupted."""
     import uvicorn
@@ -588,6 +600,7 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: 
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: reachable from other machines", host)
     cfg.check()
+    check_port(host, port)
     shown = f"[{host}]" if ":" in host else host
     if workers == 1:
         app = create_app(cfg)
