@@ -213,4 +213,18 @@ def test_page_explains_errors(server, browser, tmp_path):
     assert msg["fake.jpg"].startswith("Error 400: fake.jpg: not an image")
     assert msg["grey.png"] == "No face: no face found."
     assert "over the upload limit of 2.0 MB" in msg["big.jpg"]
+    # a photo dropped on the drop zone goes the same way
+    page.evaluate(
+        """async (bytes) => {
+            const dt = new DataTransfer();
+            dt.items.add(new File([new Uint8Array(bytes)], "dropped.png", {type: "image/png"}));
+            document.querySelector("#drop").dispatchEvent(
+                new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+        }""",
+        list(grey.read_bytes()),
+    )
+    page.wait_for_function("document.querySelectorAll('.card').length === 5", timeout=60_000)
+    dropped = page.locator(".card").first
+    assert dropped.locator("h2").inner_text().startswith("dropped.png")
+    dropped.locator(".reason").wait_for(timeout=60_000)
     page.screenshot(path=str(tmp_path / "errors.png"), full_page=True)
