@@ -183,6 +183,15 @@ class Explainer:
 
     def save(self, crops: np.ndarray, records: list[dict], out_stem: Path) -> list[Path]:
         """Write ``OUT_STEM_face<i>.png`` for each face; ``crops``: uint8 (N, 48, 48)."""
+        paths = []
+        for rec, picture in zip(records, self.overlays(crops, records), strict=True):
+            path = out_stem.parent / f"{out_stem.name}_face{rec['face']}.png"
+            paths.append(self.explain.save_picture(path, picture))
+        return paths
+
+    def overlays(self, crops: np.ndarray, records: list[dict]) -> list[np.ndarray]:
+        """One RGB uint8 picture per face (:func:`faceattrs.explain.cam_panels`): the face,
+        then the Grad-CAM map of each head."""
         probs = {
             h: np.array([list(r[h]["probabilities"].values()) for r in records]) for h in self.names
         }
@@ -195,11 +204,7 @@ class Explainer:
         rows = self.explain.explanation_rows(
             crops, {"probs": probs, "cams": cams}, self.names, labels
         )
-        paths = []
-        for rec, row in zip(records, rows, strict=True):
-            path = out_stem.parent / f"{out_stem.name}_face{rec['face']}.png"
-            paths.append(self.explain.save_picture(path, self.explain.cam_panels(row)))
-        return paths
+        return [self.explain.cam_panels(row) for row in rows]
 
 
 # ---------------------------------------------------------------- the command

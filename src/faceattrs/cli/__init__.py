@@ -25,6 +25,7 @@ COMMANDS = [
     ("train-age", "train_age", "train the age model on top of a multitask model"),
     ("predict", "predict", "faces in photos -> gender, ethnicity, age"),
     ("export", "export", "export the models to ONNX"),
+    ("serve", "serve", "HTTP API and web page: drop in a photo, see what the model sees"),
     ("report", "report", "write the run's self-contained report.html"),
     ("run", "run", "every stage in order, ending with the report"),
 ]
