@@ -37,6 +37,7 @@ from . import config as cfgmod
 from .augment import AugmentConfig, Augmenter, minority_classes
 from .checkpoint import CheckpointError, read_meta, save_checkpoint
 from .dataset import FaceSet
+from .devices import check_device, check_device_name
 from .engine import evaluate_heads, train_one_epoch
 from .exceptions import FaceattrsError
 from .io import clean_stale_temps, write_json_atomic, write_text_atomic, write_with
@@ -142,38 +143,6 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
 
 
 # --------------------------------------------------------------------------- devices
-
-
-def check_device_name(name: str) -> None:
-    """ConfigError unless ``name`` is ``auto`` or a device string torch can parse."""
-    if name == "auto":
-        return
-    try:
-        torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise cfgmod.ConfigError(
-            f"setting 'device': {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps"
-        ) from None
-
-
-def check_device(name: str) -> None:
-    """ConfigError unless ``name`` names a device this machine has (``auto`` always does)."""
-    check_device_name(name)
-    if name == "auto":
-        return
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise cfgmod.ConfigError(f"device {name!r}: no CUDA GPU here; use cpu or auto")
-        if dev.index is not None and dev.index >= n:
-            raise cfgmod.ConfigError(f"device {name!r}: only {n} CUDA GPU(s) here (0..{n - 1})")
-    elif dev.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if not (mps and mps.is_available()):
-            raise cfgmod.ConfigError(f"device {name!r}: MPS is not available here; use cpu")
-    elif dev.type != "cpu":
-        raise cfgmod.ConfigError(f"device {name!r}: use auto, cpu, cuda, cuda:N or mps")
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -550,6 +519,7 @@ def fit(
     Returns ``{"best_epoch", "best_score", "epochs_run", "stopped_early", ...}``.
     """
     out_dir = Path(out_dir)
+    check_device(cfg.device)
     threads = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

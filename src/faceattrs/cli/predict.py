@@ -57,9 +57,28 @@ def add_arguments(p) -> None:
     )
 
 
+def check_options(args) -> None:
+    """Every option's range, before any work (one line, exit 2)."""
+    if args.batch_size < 1:
+        raise cfgmod.ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.threads is not None and args.threads < 1:
+        raise cfgmod.ConfigError(
+            f"--threads must be at least 1, got {args.threads} (leave it out to use all)"
+        )
+    if args.max_pixels < 0:
+        raise cfgmod.ConfigError(
+            f"--max-pixels must be at least 0 (0 = no limit), got {args.max_pixels}"
+        )
+    if args.backend == "torch":
+        from ..devices import check_device
+
+        check_device(args.device)
+
+
 def run(args) -> int:
     from ..predict_files import predict_files
 
+    check_options(args)
     photo = cfgmod.resolve(PhotoConfig, {}, None, args.photo_set)
     photo = cfgmod.replace(photo, {"max_pixels": args.max_pixels})
     counts = predict_files(
