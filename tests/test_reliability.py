@@ -388,3 +388,123 @@ def test_debug_flag_shows_the_traceback(tmp_path, capsys):
     assert "Traceback" in capsys.readouterr().err
     assert main([*argv, "--debug"]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ predict
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    from faceattrs.checkpoint import save_checkpoint
+    from faceattrs.model import FaceResNet, ModelConfig
+
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    save_checkpoint(run, "best", FaceResNet(ModelConfig(width=0.125)), {"epoch": 0})
+    return run
+
+
+def face_png(path: Path, seed: int = 0) -> Path:
+    img = np.random.default_rng(seed).integers(0, 256, (64, 64), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path, format="PNG" if path.suffix == ".png" else "JPEG")
+    return path
+
+
+def test_annotate_never_overwrites_an_input(tmp_path, tiny_run, capsys):
+    d = tmp_path / "in"
+    a = face_png(d / "a.jpg")
+    before = a.read_bytes()
+    for target in (d, d.parent):  # the input folder itself; a file given inside it
+        args = [str(a)] if target == d else [str(d)]
+        one_line_error(
+            capsys,
+            ["predict", *args, "--model", str(tiny_run), "--no-detect", "--annotate", str(d)],
+            "would overwrite an input photo",
+        )
+    assert a.read_bytes() == before
+    one_line_error(capsys, ["predict", str(d / "a.jpg"), "--model", str(tiny_run), "--no-detect",
+                            "--explain", str(d / "a.jpg")], "is a file, not a folder")  # fmt: skip
+
+
+def test_same_stem_inputs_get_distinct_outputs(tmp_path, tiny_run):
+    d = tmp_path / "in"
+    face_png(d / "face.jpg", 1), face_png(d / "face.png", 2), face_png(d / "other.png", 3)
+    face_png(tmp_path / "in2" / "other.png", 4)  # the same name under a second folder
+    ann = tmp_path / "ann"
+    argv = ["predict", str(d), str(tmp_path / "in2"), "--model", str(tiny_run), "--no-detect"]
+    assert main([*argv, "--annotate", str(ann), "--out", str(tmp_path / "r.jsonl")]) == 0
+    names = sorted(p.name for p in ann.iterdir())
+    assert names == ["face.jpg.jpg", "face.png.jpg", "other.png-2.jpg", "other.png.jpg"]
+
+
+def test_non_utf8_file_name_in_csv_loses_nothing(tmp_path, tiny_run):
+    d = tmp_path / "in"
+    face_png(d / "ok.png", 1)
+    odd = os.fsdecode(bytes(d) + b"/caf\xe9.png")  # Latin-1 name: not UTF-8
+    face_png(Path(odd), 2)
+    for out in (tmp_path / "x.csv", tmp_path / "x.jsonl"):
+        assert (
+            main(["predict", str(d), "--model", str(tiny_run), "--no-detect", "--out", str(out)])
+            == 0
+        )
+        text = out.read_text(encoding="utf-8")  # valid UTF-8
+        assert "ok.png" in text and "caf\\udce9.png" in text
+    with (tmp_path / "x.csv").open(encoding="utf-8") as f:
+        assert len(list(csv.DictReader(f))) == 2
+
+
+def test_broken_and_looping_links_are_records_and_linked_folders_a_warning(
+    tmp_path, tiny_run, caplog
+):
+    d = tmp_path / "in"
+    face_png(d / "ok.png")
+    (d / "broken.jpg").symlink_to(d / "gone.jpg")
+    (d / "loop.jpg").symlink_to(d / "loop.jpg")
+    face_png(tmp_path / "elsewhere" / "x.png")
+    (d / "linked").symlink_to(tmp_path / "elsewhere")
+    out = tmp_path / "r.jsonl"
+    assert (
+        main(["predict", str(d), "--model", str(tiny_run), "--no-detect", "--out", str(out)]) == 1
+    )
+    recs = {Path(r["file"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(recs) == {"ok.png", "broken.jpg", "loop.jpg"}
+    assert "error" in recs["broken.jpg"] and "error" in recs["loop.jpg"]
+    assert "1 symlinked folder(s) (linked)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "option, words",
+    [
+        (["--threads", "-1"], "--threads must be at least 1"),
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--device", "bogus"], "'bogus' is not a device name"),
+        (["--device", "cuda:7"], "cuda:7"),
+        (["--max-pixels", "-5"], "--max-pixels must be at least 0"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--out", "r.txt"], "use a .jsonl or .csv"),
+    ],
+)
+def test_predict_options_checked_before_any_work(tmp_path, tiny_run, capsys, option, words):
+    if "cuda:7" in option and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    face_png(tmp_path / "a.png")
+    one_line_error(capsys, ["predict", str(tmp_path / "a.png"), "--model", str(tiny_run),
+                            *option], words)  # fmt: skip
+
+
+def test_predict_killed_keeps_the_old_results_whole(tmp_path, tiny_run):
+    d = tmp_path / "in"
+    for i in range(3):
+        face_png(d / f"{i}.png", i)
+    out = tmp_path / "r.csv"
+    argv = ["predict", str(d), "--model", str(tiny_run), "--no-detect", "--out", str(out)]
+    assert main(argv) == 0
+    before = out.read_bytes()
+    face_png(d / "3.png", 3)
+    # killed between writing the new results and renaming them: the old file is intact,
+    # the temp file is removed by the next run
+    assert crash_subprocess(argv, at=1, mode="before") == 86
+    assert out.read_bytes() == before and list(tmp_path.glob(".r.csv.*"))
+    assert main(argv) == 0
+    assert not list(tmp_path.glob(".r.csv.*")) and len(out.read_text().splitlines()) == 5
