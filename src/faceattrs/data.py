@@ -84,7 +84,10 @@ def _read_text(path: Path) -> str:
 def read_csv(path: str | Path, on_bad_row: str = "error") -> RawFaces:
     """Read the public CSV layout; extra columns are ignored, column order is free."""
     path = Path(path)
-    rows, lines, header = _split_rows(_read_text(path))
+    try:
+        rows, lines, header = _split_rows(_read_text(path))
+    except csv.Error as e:  # e.g. a NUL byte, or a quote left open
+        raise DataError(f"{path}: not a readable CSV file ({e})") from None
     if not header or not any(h.strip() for h in header):
         raise DataError(
             f"{path}: empty file (expected a header: age,ethnicity,gender,img_name,pixels)"
@@ -126,7 +129,7 @@ def _split_rows(text: str) -> tuple[list[list[str]], list[int], list[str] | None
     """Rows, their 1-based line numbers and the header. Plain ``str.split`` when nothing
     is quoted (the public file), the csv module otherwise."""
     if '"' in text:
-        reader = csv.reader(io.StringIO(text))
+        reader = csv.reader(io.StringIO(text, newline=""))
         header = next(reader, None)
         rows, lines = [], []
         for row in reader:
