@@ -290,7 +290,9 @@ def read_photo_folder(folder: str | Path, on_bad_row: str = "error") -> RawFaces
     raw = _finish(folder, images, labels, names, np.zeros(len(files), np.int64), errors, on_bad_row)
     if unlabelled:
         raw.invalid["unlabelled photo name"] += len(unlabelled)
-        raw.skipped += [(0, str(u.relative_to(folder)), "unlabelled photo name") for u in unlabelled]
+        raw.skipped += [
+            (0, str(u.relative_to(folder)), "unlabelled photo name") for u in unlabelled
+        ]
         log.warning(
             "%s: skipped %d photos without AGE_GENDER_ETHNICITY_ names", folder, len(unlabelled)
         )

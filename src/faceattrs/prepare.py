@@ -65,7 +65,9 @@ def _key(path: Path, cfg: PrepareConfig) -> str:
     h.update(json.dumps(cfgmod.to_dict(cfg), sort_keys=True).encode())
     files = photo_files(path)[0] if path.is_dir() else [path]
     for p in files:
-        h.update(str(p.relative_to(path) if path.is_dir() else "").encode("utf-8", "surrogateescape"))
+        h.update(
+            str(p.relative_to(path) if path.is_dir() else "").encode("utf-8", "surrogateescape")
+        )
         try:
             with open(p, "rb") as f:
                 for chunk in iter(lambda f=f: f.read(1 << 22), b""):
@@ -150,7 +152,9 @@ def prepare(data: str | Path, out: str | Path, cfg: PrepareConfig | None = None)
         raise DataError(f"{data}: no such file or folder")
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: is a file, not a folder; choose a folder to write into")
-    if out.resolve() == data.resolve() or (data.is_dir() and data.resolve() in out.resolve().parents):
+    if out.resolve() == data.resolve() or (
+        data.is_dir() and data.resolve() in out.resolve().parents
+    ):
         raise DataError(f"--out {out}: inside the input folder {data}; choose a folder outside it")
     key = _key(data, cfg)
     manifest = out / "manifest.json"

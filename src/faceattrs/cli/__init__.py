@@ -73,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the machine, not the input: a full disk, a permission, a lost mount
+        if debug:
+            traceback.print_exc()
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"faceattrs {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except Exception as e:  # a bug, not the input: one line, the traceback on request
         if debug:
             traceback.print_exc()

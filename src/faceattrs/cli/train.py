@@ -46,8 +46,13 @@ def run(args: argparse.Namespace) -> int:
         cfg_path = out / "config.json"
         if not cfg_path.exists():
             raise FaceattrsError(f"cannot resume: {cfg_path} not found (not a training run?)")
-        saved = json.loads(cfg_path.read_text())
-        cfg = config_from_dict(saved["config"])
+        try:
+            saved = json.loads(cfg_path.read_text())
+            cfg = config_from_dict(saved["config"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            if isinstance(e, cfgmod.ConfigError):
+                raise
+            raise FaceattrsError(f"cannot resume: {cfg_path} is unreadable ({e!r})") from None
         if overrides:  # e.g. epochs=60 to extend a finished run
             changed = cfgmod.parse_overrides(overrides)
             cfg = resolve_config(None, {**_flat(cfgmod.to_dict(cfg)), **changed})
