@@ -508,3 +508,20 @@ def test_predict_killed_keeps_the_old_results_whole(tmp_path, tiny_run):
     assert out.read_bytes() == before and list(tmp_path.glob(".r.csv.*"))
     assert main(argv) == 0
     assert not list(tmp_path.glob(".r.csv.*")) and len(out.read_text().splitlines()) == 5
+
+
+def test_age_bundle_killed_while_saving_is_no_bundle_not_a_mixed_one(tmp_path, monkeypatch):
+    from faceattrs.age import AgeModel, save_age_model
+    from faceattrs.age.bundle import AGE_JSON
+    from faceattrs.age.regress import BinRegressors
+    from faceattrs.model import FaceResNet, ModelConfig
+
+    coarse = FaceResNet(ModelConfig(width=0.125, heads={"age_bin": 6})).eval()
+    reg = BinRegressors(coarse.embed_dim, 6, 16).eval()
+    edges = np.array([16, 26, 29, 37, 53])
+    model = AgeModel(coarse=coarse, regressors=reg, edges=edges)
+    save_age_model(tmp_path / "age", model, tmp_path, {})
+    kill_at(monkeypatch, 1)  # the first weights file of the next save
+    with pytest.raises(Killed):
+        save_age_model(tmp_path / "age", model, tmp_path, {})
+    assert not (tmp_path / "age" / AGE_JSON).exists()
