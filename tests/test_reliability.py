@@ -525,3 +525,44 @@ def test_age_bundle_killed_while_saving_is_no_bundle_not_a_mixed_one(tmp_path, m
     with pytest.raises(Killed):
         save_age_model(tmp_path / "age", model, tmp_path, {})
     assert not (tmp_path / "age" / AGE_JSON).exists()
+
+
+@pytest.mark.parametrize(
+    "setting, words",
+    [
+        ("scale_factor=1", "'scale_factor' must be above 1"),
+        ("min_face=0", "'min_face' must be at least 1"),
+        ("overlap=nan", "'overlap' must be in [0, 1]"),
+        ("cascade=nope.xml", "nope.xml"),
+    ],
+)
+def test_photo_settings_checked_before_any_work(tmp_path, tiny_run, capsys, setting, words):
+    face_png(tmp_path / "a.png")
+    one_line_error(capsys, ["predict", str(tmp_path / "a.png"), "--model", str(tiny_run),
+                            "--photo-set", setting], words)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "setting, words",
+    [
+        ("finetune_epochs=0", "head_epochs + finetune_epochs"),
+        ("n_bins=1", "'n_bins' must be at least 2"),
+        ("max_age=0.5", "'max_age' must be above 1"),
+        ("reg_loss=l3", "'reg_loss' must be one of huber, l1"),
+        ("batch_size=0", "'batch_size' must be at least 1"),
+    ],
+)
+def test_age_settings_checked_before_any_work(tmp_path, capsys, setting, words):
+    if setting.startswith("finetune"):
+        setting = "finetune_epochs=0 head_epochs=0"
+    argv = ["train-age", "--model", str(tmp_path), "--data", str(tmp_path / "nowhere")]
+    argv += [w for s in setting.split() for w in ("--set", s)]
+    one_line_error(capsys, argv, words)
+    assert not (tmp_path / "age").exists()
+
+
+def test_evaluate_and_train_age_devices_checked(tmp_path, capsys):
+    one_line_error(capsys, ["evaluate", "--model", str(tmp_path), "--device", "bogus"],
+                   "not a device name")  # fmt: skip
+    one_line_error(capsys, ["train-age", "--model", str(tmp_path), "--data", str(tmp_path),
+                            "--device", "cuda:9"], "cuda:9")  # fmt: skip
