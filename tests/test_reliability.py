@@ -566,3 +566,11 @@ def test_evaluate_and_train_age_devices_checked(tmp_path, capsys):
                    "not a device name")  # fmt: skip
     one_line_error(capsys, ["train-age", "--model", str(tmp_path), "--data", str(tmp_path),
                             "--device", "cuda:9"], "cuda:9")  # fmt: skip
+
+
+def test_explain_never_overwrites_an_input_overlay_name(tmp_path, tiny_run, capsys):
+    d = tmp_path / "in"
+    face_png(d / "a.png")
+    face_png(d / "a_face0.png", 1)  # what --explain DIR writes for a.png's first face
+    one_line_error(capsys, ["predict", str(d), "--model", str(tiny_run), "--no-detect",
+                            "--explain", str(d)], "would overwrite an input photo")  # fmt: skip

@@ -18,6 +18,7 @@ import glob
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -119,6 +120,12 @@ def check_outputs(files: list[tuple[str, str]], stems: dict[str, Path], annotate
             inputs.add(Path(path).resolve())
         except (OSError, RuntimeError):  # a looping link
             continue
+    # overlays are STEM_face<i>.png: the stems an input of that form would be overwritten by
+    overlay_stems = set()
+    for p in inputs:
+        m = re.fullmatch(r"(.+)_face\d+\.png", p.name)
+        if m:
+            overlay_stems.add(p.with_name(m[1]))
     for option, folder in (("--annotate", annotate_dir), ("--explain", explain_dir)):
         if not folder:
             continue
@@ -128,13 +135,7 @@ def check_outputs(files: list[tuple[str, str]], stems: dict[str, Path], annotate
         for path, stem in stems.items():
             out = folder / (str(stem) + ".jpg") if option == "--annotate" else folder / stem
             target = out.resolve()
-            # overlays are STEM_face<i>.png: an input of that form would be overwritten
-            hit = target in inputs or (
-                option == "--explain"
-                and any(p.parent == target.parent and p.name.startswith(target.name + "_face")
-                        for p in inputs)
-            )  # fmt: skip
-            if hit:
+            if target in (overlay_stems if option == "--explain" else inputs):
                 raise FaceattrsError(
                     f"{option} {folder}: the output for {path} would overwrite an input "
                     "photo; choose a folder outside the inputs"
