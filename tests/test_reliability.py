@@ -75,13 +75,6 @@ def kill_at(monkeypatch, n: int) -> list[int]:
     return calls
 
 
-def count_replaces(monkeypatch, fn) -> int:
-    calls = kill_at(monkeypatch, 0)
-    fn()
-    monkeypatch.undo()
-    return calls[0]
-
-
 # ------------------------------------------------------------------ prepare: crashes
 
 
@@ -92,12 +85,27 @@ def faces_equal(a, b) -> bool:
     )
 
 
+def cheap_figures(monkeypatch):
+    """Figures as one small atomic write each (matplotlib costs seconds; the write points,
+    which are what a kill can fall between, stay)."""
+    import faceattrs.prepare as P
+
+    def figures(out, *args):
+        for name in ("label_distribution.png", "duplicate_pairs.png"):
+            fio.write_bytes_atomic(out / name, b"png")
+
+    monkeypatch.setattr(P, "_figures", figures)
+
+
 def test_prepare_killed_at_any_write_never_serves_mixed_or_stale_data(tmp_path, monkeypatch):
+    cheap_figures(monkeypatch)
     big, small = csv_of(tmp_path / "big.csv", 60), csv_of(tmp_path / "small.csv", 20, seed=1)
     prepare(big, tmp_path / "ref_big")
     prepare(small, tmp_path / "ref_small")
     ref_big, ref_small = load_prepared(tmp_path / "ref_big"), load_prepared(tmp_path / "ref_small")
-    writes = count_replaces(monkeypatch, lambda: prepare(small, tmp_path / "count"))
+    calls = kill_at(monkeypatch, 0)
+    prepare(small, tmp_path / "count")
+    writes = calls[0]
     assert writes >= 5  # manifest marker, faces, removed.csv, report, figures, manifest
     for n in range(1, writes + 1):
         out = tmp_path / f"x{n}"
@@ -106,6 +114,7 @@ def test_prepare_killed_at_any_write_never_serves_mixed_or_stale_data(tmp_path, 
         with pytest.raises(Killed):
             prepare(small, out)
         monkeypatch.undo()
+        cheap_figures(monkeypatch)
         # a reader sees the old data whole, or a clear error: never the new faces as if done
         try:
             seen = load_prepared(out)
@@ -200,13 +209,14 @@ def same_run(a: dict, b: dict) -> bool:
 
 
 def test_train_killed_at_any_write_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "_plot", lambda out_dir: None)  # a figure, not the run's state
     faces = synthetic_faceset(40)
     cfg = T.resolve_config("paper", TINY)
     T.fit(faces, tmp_path / "full", cfg, progress=False)
     full = run_files(tmp_path / "full")
-    writes = count_replaces(
-        monkeypatch, lambda: T.fit(faces, tmp_path / "count", cfg, progress=False)
-    )
+    calls = kill_at(monkeypatch, 0)
+    T.fit(faces, tmp_path / "count", cfg, progress=False)
+    writes = calls[0]
     assert writes >= 2 * 5  # per epoch: state, history, best (2), last (2)
     for n in range(1, writes + 1):
         run = tmp_path / f"cut{n}"
@@ -216,6 +226,7 @@ def test_train_killed_at_any_write_resumes_to_the_uninterrupted_run(tmp_path, mo
         except Killed:
             pass
         monkeypatch.undo()
+        monkeypatch.setattr(T, "_plot", lambda out_dir: None)
         if (run / T.STATE_FILE).exists():  # something to resume: it must resume exactly
             T.fit(faces, run, cfg, resume=True, progress=False)
         else:  # killed before the first epoch was complete: a clean start is allowed
