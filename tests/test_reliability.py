@@ -585,3 +585,23 @@ def test_explain_never_overwrites_an_input_overlay_name(tmp_path, tiny_run, caps
     face_png(d / "a_face0.png", 1)  # what --explain DIR writes for a.png's first face
     one_line_error(capsys, ["predict", str(d), "--model", str(tiny_run), "--no-detect",
                             "--explain", str(d)], "would overwrite an input photo")  # fmt: skip
+
+
+def test_sigterm_is_clean_like_ctrl_c(tmp_path, monkeypatch, capsys):
+    import signal
+
+    import faceattrs.prepare as P
+
+    def savez_then_terminated(path, arrays):
+        path.write_bytes(b"partial")
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises at the next bytecode
+        for _ in range(1000):
+            pass
+
+    monkeypatch.setattr(P, "_savez", savez_then_terminated)
+    data = csv_of(tmp_path / "d.csv", 30)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["prepare", "--data", str(data), "--out", str(tmp_path / "o")]) == 143
+    assert "terminated" in capsys.readouterr().err
+    assert not [p.name for p in (tmp_path / "o").iterdir() if p.name.startswith(".")]
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
