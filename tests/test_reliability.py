@@ -605,3 +605,18 @@ def test_sigterm_is_clean_like_ctrl_c(tmp_path, monkeypatch, capsys):
     assert "terminated" in capsys.readouterr().err
     assert not [p.name for p in (tmp_path / "o").iterdir() if p.name.startswith(".")]
     assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+
+
+def test_non_utf8_photo_names_in_prepare_reports(tmp_path):
+    d = tmp_path / "ph"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        img = rng.integers(0, 256, (60, 60), dtype=np.uint8)
+        Image.fromarray(img).save(d / f"{20 + i}_{i % 2}_{i % 5}_x{i}.png")
+    Path(os.fsdecode(bytes(d) + b"/30_1_2_caf\xe9.jpg")).write_bytes(b"")
+    from faceattrs.prepare import PrepareConfig
+
+    prepare(d, tmp_path / "o", PrepareConfig(on_bad_row="skip"))
+    removed = (tmp_path / "o" / "removed.csv").read_text(encoding="utf-8")
+    assert "30_1_2_caf\\udce9.jpg" in removed
