@@ -22,7 +22,7 @@ from faceattrs import io as fio
 from faceattrs import train as T
 from faceattrs.cli import main
 from faceattrs.data import DataError
-from faceattrs.prepare import load_prepared, prepare
+from faceattrs.prepare import PrepareConfig, load_prepared, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = "age,ethnicity,gender,img_name,pixels"
@@ -353,9 +353,7 @@ def test_removed_csv_lists_skipped_rows_and_reasons_keep_the_rule(tmp_path):
         "30,1,0,short.jpg,1 2 3",
     ]
     data = csv_of(tmp_path / "d.csv", 30, rows=bad)
-    rep = prepare(
-        data, tmp_path / "o", __import__("faceattrs").prepare.PrepareConfig(on_bad_row="skip")
-    )
+    rep = prepare(data, tmp_path / "o", PrepareConfig(on_bad_row="skip"))
     assert rep["invalid_reasons"] == {
         "age: outside 1..120": 2,
         "age: not an integer": 2,
@@ -615,8 +613,6 @@ def test_non_utf8_photo_names_in_prepare_reports(tmp_path):
         img = rng.integers(0, 256, (60, 60), dtype=np.uint8)
         Image.fromarray(img).save(d / f"{20 + i}_{i % 2}_{i % 5}_x{i}.png")
     Path(os.fsdecode(bytes(d) + b"/30_1_2_caf\xe9.jpg")).write_bytes(b"")
-    from faceattrs.prepare import PrepareConfig
-
     prepare(d, tmp_path / "o", PrepareConfig(on_bad_row="skip"))
     removed = (tmp_path / "o" / "removed.csv").read_text(encoding="utf-8")
     assert "30_1_2_caf\\udce9.jpg" in removed
