@@ -386,7 +386,8 @@ def save_train_state(
     }
     metadata = {"epoch": str(epoch)}
     if model is not None:
-        inner = getattr(getattr(model, "module", model), "_orig_mod", model)
+        inner = getattr(model, "module", model)  # unwrap DDP / compiled models
+        inner = getattr(inner, "_orig_mod", inner)
         tensors.update(
             {f"model.{k}": v.detach().to("cpu").contiguous() for k, v in inner.state_dict().items()}
         )
