@@ -616,3 +616,17 @@ def test_non_utf8_photo_names_in_prepare_reports(tmp_path):
     prepare(d, tmp_path / "o", PrepareConfig(on_bad_row="skip"))
     removed = (tmp_path / "o" / "removed.csv").read_text(encoding="utf-8")
     assert "30_1_2_caf\\udce9.jpg" in removed
+
+
+def test_a_changed_prepared_file_is_refused_and_prepared_again(tmp_path):
+    data = csv_of(tmp_path / "d.csv", 30)
+    out = tmp_path / "o"
+    prepare(data, out)
+    good = load_prepared(out)
+    other = tmp_path / "other"
+    prepare(csv_of(tmp_path / "e.csv", 30, seed=5), other)
+    (out / "faces.npz").write_bytes((other / "faces.npz").read_bytes())  # a valid npz, not ours
+    with pytest.raises(DataError, match="run `faceattrs prepare` again"):
+        load_prepared(out)
+    prepare(data, out)  # no cache hit: the hash does not match
+    assert faces_equal(load_prepared(out), good)
