@@ -179,6 +179,7 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
     for p in (stale, live, old, mine):
         p.write_bytes(b"x")
     os.utime(old, (1, 1))
+    assert fio.clean_stale_temps(tmp_path, ["other.csv"]) == []  # only these names
     assert sorted(fio.clean_stale_temps(tmp_path)) == sorted([stale, old])
     assert live.exists() and mine.exists()
 

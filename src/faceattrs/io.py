@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -76,13 +76,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
+def clean_stale_temps(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
     """Remove the temporary files that killed writers left in ``folder``; returns them.
 
     A temp file is stale when the process named in it is gone (or, for an untagged one,
     when it is over an hour old). Files that are not ours never match: the name must be
-    ``.NAME.[PID.tmp]XXXXXXXX`` followed by NAME's own suffix.
+    ``.NAME.[PID.tmp]XXXXXXXX`` followed by NAME's own suffix, and NAME one of ``names``
+    when given (in a folder that is not ours alone, e.g. next to a results file).
     """
+    only = set(names) if names is not None else None
     folder = Path(folder)
     removed: list[Path] = []
     try:
@@ -94,6 +96,8 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
         if not m or not entry.is_file(follow_symlinks=False):
             continue
         if (m["suffix"] or "") != Path(m["name"]).suffix:
+            continue
+        if only is not None and m["name"] not in only:
             continue
         if m["pid"] is not None:
             stale = int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"]))

@@ -202,7 +202,7 @@ def record_writer(path: str | os.PathLike | None, models) -> Iterator[Callable[[
         yield writer(sys.stdout)
         sys.stdout.flush()
         return
-    clean_stale_temps(Path(path).parent)  # of a killed run
+    clean_stale_temps(Path(path).parent, [Path(path).name])  # of a killed run
     # backslashreplace: a non-UTF-8 file name (surrogate escapes) is written as \udcXX
     with (
         atomic_path(path) as tmp,
