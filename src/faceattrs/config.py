@@ -111,6 +111,52 @@ def resolve(
     return replace(cfg, overrides)
 
 
+def check_range(
+    cfg,
+    key: str,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Raise ConfigError naming ``key`` unless ``lo <= cfg.key <= hi`` (``<`` when open;
+    None = unbounded). NaN is never in range.
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class D:
+    ...     n: int = 0
+    >>> check_range(D(n=0), "n", 1)
+    Traceback (most recent call last):
+    ...
+    faceattrs.config.ConfigError: setting 'n' must be at least 1, got 0
+    """
+    v = getattr(cfg, key)
+    ok = v == v  # NaN
+    if ok and lo is not None:
+        ok = v > lo if low_open else v >= lo
+    if ok and hi is not None:
+        ok = v < hi if high_open else v <= hi
+    if ok:
+        return
+    if lo is not None and hi is not None:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        want = f"in {left}{lo:g}, {hi:g}{right}"
+    elif lo is not None:
+        want = f"above {lo:g}" if low_open else f"at least {lo:g}"
+    else:
+        want = f"below {hi:g}" if high_open else f"at most {hi:g}"
+    raise ConfigError(f"setting {key!r} must be {want}, got {v!r}")
+
+
+def check_choice(cfg, key: str, choices: Iterable[str]) -> None:
+    """Raise ConfigError naming ``key`` unless ``cfg.key`` is one of ``choices``."""
+    v = getattr(cfg, key)
+    if v not in tuple(choices):
+        raise ConfigError(f"setting {key!r} must be one of {', '.join(choices)}, got {v!r}")
+
+
 def to_dict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

@@ -11,6 +11,7 @@ import csv
 import gzip
 import io
 import logging
+import os
 import re
 import warnings
 import zlib
@@ -39,8 +40,9 @@ class DataError(FaceattrsError):
 @dataclass
 class RawFaces:
     """Rows as read, before de-duplication: the arrays of a FaceSet without a split,
-    plus ``lines`` (1-based line of each row in the file, or 0 for photos) and the
-    counts of skipped rows by reason."""
+    plus ``lines`` (1-based line of each row in the file, or 0 for photos), the counts
+    of skipped rows by rule (``invalid``) and each skipped row as ``(line, name, reason)``
+    (``skipped``)."""
 
     images: np.ndarray
     age: np.ndarray
@@ -50,6 +52,7 @@ class RawFaces:
     lines: np.ndarray
     rows_read: int = 0
     invalid: Counter = field(default_factory=Counter)
+    skipped: list[tuple[int, str, str]] = field(default_factory=list)
 
 
 def read_faces(path: str | Path, on_bad_row: str = "error") -> RawFaces:
@@ -81,7 +84,10 @@ def _read_text(path: Path) -> str:
 def read_csv(path: str | Path, on_bad_row: str = "error") -> RawFaces:
     """Read the public CSV layout; extra columns are ignored, column order is free."""
     path = Path(path)
-    rows, lines, header = _split_rows(_read_text(path))
+    try:
+        rows, lines, header = _split_rows(_read_text(path))
+    except csv.Error as e:  # e.g. a NUL byte, or a quote left open
+        raise DataError(f"{path}: not a readable CSV file ({e})") from None
     if not header or not any(h.strip() for h in header):
         raise DataError(
             f"{path}: empty file (expected a header: age,ethnicity,gender,img_name,pixels)"
@@ -94,10 +100,16 @@ def read_csv(path: str | Path, on_bad_row: str = "error") -> RawFaces:
         raise DataError(f"{path}: no data rows after the header")
     lines = np.asarray(lines, np.int64)
     need = max(cols[c] for c in REQUIRED) + 1
-    errors: list[tuple[str, str] | None] = [None] * len(rows)
+    # errors[i]: (column, message, rule); the rule (the message without the row's own
+    # value) groups skipped rows in the report
+    errors: list[tuple[str, str, str] | None] = [None] * len(rows)
     for i, row in enumerate(rows):
         if len(row) < need:
-            errors[i] = ("pixels", f"row has {len(row)} fields, header has {len(header)}")
+            errors[i] = (
+                "pixels",
+                f"row has {len(row)} fields, header has {len(header)}",
+                f"fewer fields than the header's {len(header)}",
+            )
     get = lambda c: [r[cols[c]] if len(r) > cols[c] else "" for r in rows]  # noqa: E731
     labels = {}
     for col, lo, hi in (
@@ -108,7 +120,7 @@ def read_csv(path: str | Path, on_bad_row: str = "error") -> RawFaces:
         labels[col] = _parse_labels(get(col), col, lo, hi, errors)
     images, pix_err = parse_pixels(get("pixels"))
     for i in np.flatnonzero(pix_err != ""):
-        errors[i] = errors[i] or ("pixels", str(pix_err[i]))
+        errors[i] = errors[i] or ("pixels", str(pix_err[i]), _pixel_rule(str(pix_err[i])))
     names = np.asarray(get("img_name") if "img_name" in cols else [""] * len(rows))
     return _finish(path, images, labels, names, lines, errors, on_bad_row)
 
@@ -117,7 +129,7 @@ def _split_rows(text: str) -> tuple[list[list[str]], list[int], list[str] | None
     """Rows, their 1-based line numbers and the header. Plain ``str.split`` when nothing
     is quoted (the public file), the csv module otherwise."""
     if '"' in text:
-        reader = csv.reader(io.StringIO(text))
+        reader = csv.reader(io.StringIO(text, newline=""))
         header = next(reader, None)
         rows, lines = [], []
         for row in reader:
@@ -142,12 +154,12 @@ def _parse_labels(values: list[str], col: str, lo: int, hi: int, errors: list) -
         v = v.strip()
         try:
             x = int(float(v)) if v and float(v).is_integer() else int(v)
-        except ValueError:
+        except (ValueError, OverflowError):
             msg = "missing value" if not v else f"not an integer: {v[:20]!r}"
-            errors[i] = errors[i] or (col, msg)
+            errors[i] = errors[i] or (col, msg, "missing value" if not v else "not an integer")
             continue
         if not lo <= x <= hi:
-            errors[i] = errors[i] or (col, f"{x} is outside {lo}..{hi}")
+            errors[i] = errors[i] or (col, f"{x} is outside {lo}..{hi}", f"outside {lo}..{hi}")
             continue
         out[i] = x
     return out
@@ -194,12 +206,22 @@ def _pixel_error(text: str) -> str:
     return f"{len(tokens)} pixel values, expected {N_PIXELS}"
 
 
+def _pixel_rule(msg: str) -> str:
+    """The rule a pixel-string error breaks, without the row's own value."""
+    if msg.startswith("pixel value"):
+        return "pixel value outside 0..255"
+    if msg.endswith(f"expected {N_PIXELS}"):
+        return f"not {N_PIXELS} pixel values"
+    return msg
+
+
 def _finish(path, images, labels, names, lines, errors, on_bad_row) -> RawFaces:
     bad = [i for i, e in enumerate(errors) if e is not None]
     invalid: Counter = Counter()
+    skipped: list[tuple[int, str, str]] = []
     if bad:
         i = bad[0]
-        col, msg = errors[i]
+        col, msg, _ = errors[i]
         where = f"line {lines[i]}" if lines[i] else f"file {names[i]}"
         if on_bad_row == "error":
             more = (
@@ -208,9 +230,16 @@ def _finish(path, images, labels, names, lines, errors, on_bad_row) -> RawFaces:
                 else ""
             )
             raise DataError(f"{path}: {where}: column {col!r}: {msg}{more}")
+        if len(bad) == len(images):
+            col, msg, _ = errors[bad[0]]
+            raise DataError(
+                f"{path}: every one of the {len(bad)} rows is invalid, nothing to keep "
+                f"(first: {where}: column {col!r}: {msg})"
+            )
         for i in bad:
-            col, msg = errors[i]
-            invalid[f"{col}: {re.sub(r'[0-9]+', 'N', msg)}"] += 1
+            col, msg, rule = errors[i]
+            invalid[f"{col}: {rule}"] += 1
+            skipped.append((int(lines[i]), str(names[i]), f"invalid {col}: {msg}"))
         log.warning("%s: skipped %d bad rows (%s)", path, len(bad), dict(invalid))
     keep = np.setdiff1d(np.arange(len(images)), bad)
     return RawFaces(
@@ -222,6 +251,7 @@ def _finish(path, images, labels, names, lines, errors, on_bad_row) -> RawFaces:
         lines=lines[keep],
         rows_read=len(images),
         invalid=invalid,
+        skipped=skipped,
     )
 
 
@@ -232,7 +262,12 @@ def read_photo_folder(folder: str | Path, on_bad_row: str = "error") -> RawFaces
     import cv2
 
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PHOTO_EXTS)
+    files, linked_dirs = photo_files(folder)
+    if linked_dirs:
+        log.warning(
+            "%s: not searched: %d symlinked folder(s) (%s); pass their targets to include them",
+            folder, len(linked_dirs), ", ".join(str(d.relative_to(folder)) for d in linked_dirs[:3]),
+        )  # fmt: skip
     unlabelled = [p for p in files if not PHOTO_NAME.match(p.name)]
     files = [p for p in files if PHOTO_NAME.match(p.name)]
     if not files:
@@ -240,9 +275,9 @@ def read_photo_folder(folder: str | Path, on_bad_row: str = "error") -> RawFaces
     images = np.zeros((len(files), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
     errors: list = [None] * len(files)
     for i, p in enumerate(files):
-        img = cv2.imdecode(np.fromfile(p, np.uint8), cv2.IMREAD_GRAYSCALE)
+        img, why = _decode_gray(p, cv2)
         if img is None:
-            errors[i] = ("image", "not a readable image")
+            errors[i] = ("image", why, why)
             continue
         images[i] = cv2.resize(img, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_AREA)
     parts = [PHOTO_NAME.match(p.name).groups() for p in files]
@@ -255,8 +290,44 @@ def read_photo_folder(folder: str | Path, on_bad_row: str = "error") -> RawFaces
     raw = _finish(folder, images, labels, names, np.zeros(len(files), np.int64), errors, on_bad_row)
     if unlabelled:
         raw.invalid["unlabelled photo name"] += len(unlabelled)
+        raw.skipped += [
+            (0, str(u.relative_to(folder)), "unlabelled photo name") for u in unlabelled
+        ]
         log.warning(
             "%s: skipped %d photos without AGE_GENDER_ETHNICITY_ names", folder, len(unlabelled)
         )
     raw.rows_read += len(unlabelled)
     return raw
+
+
+def photo_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Files with a photo extension under ``folder`` (broken symlinks included, so that
+    they are reported; folders named like photos excluded), and the symlinked folders
+    that are not searched (a link may loop)."""
+    files, linked_dirs = [], []
+    for root, dirs, names in os.walk(folder):
+        for d in dirs:
+            if os.path.islink(os.path.join(root, d)):
+                linked_dirs.append(Path(root, d))
+        for n in names:
+            p = Path(root, n)
+            if p.suffix.lower() in PHOTO_EXTS and (p.is_symlink() or p.is_file()):
+                files.append(p)
+    return sorted(files), sorted(linked_dirs)
+
+
+def _decode_gray(path: Path, cv2) -> tuple[np.ndarray | None, str]:
+    """Decode one photo to grayscale; ``(None, why)`` when it cannot be used."""
+    if path.is_symlink() and not path.exists():
+        return None, "broken or looping symbolic link"
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror or e})"
+    if data.size == 0:
+        return None, "empty file (0 bytes)"
+    try:
+        img = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+    except cv2.error:
+        img = None
+    return (img, "") if img is not None else (None, "not a readable image")

@@ -1,19 +1,29 @@
 """Atomic file writes: write to a temporary file in the same folder, then rename.
 
-A crash mid-write never leaves a half-written checkpoint or result behind.
+A crash mid-write never leaves a half-written checkpoint or result behind. The temporary
+file's name carries the writer's process id (``.NAME.PID.tmpXXXXXXXX.SUFFIX``), so that
+:func:`clean_stale_temps` can remove those of a killed run without touching a live one's.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+# .NAME.PID.tmpXXXXXXXX.SUFFIX (ours) and .NAME.XXXXXXXX.SUFFIX (before the PID was added)
+_TEMP = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<pid>\d+)\.tmp)?[a-z0-9_]{8}(?P<suffix>\.[^.]*)?$")
+LEGACY_TEMP_AGE_S = 3600  # an untagged temp file this old belongs to no live writer
 
 
 @contextmanager
@@ -21,7 +31,9 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.tmp", suffix=path.suffix, dir=path.parent
+    )
     os.close(fd)
     try:
         yield Path(tmp)
@@ -40,7 +52,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
+    """UTF-8; a file name's undecodable bytes (surrogate escapes) become ``\\udcXX``."""
+    write_bytes_atomic(path, text.encode("utf-8", "backslashreplace"))
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
@@ -51,6 +64,54 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
     """Call ``writer(tmp_path)`` and rename the result onto ``path``."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale_temps(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
+    """Remove the temporary files that killed writers left in ``folder``; returns them.
+
+    A temp file is stale when the process named in it is gone (or, for an untagged one,
+    when it is over an hour old). Files that are not ours never match: the name must be
+    ``.NAME.[PID.tmp]XXXXXXXX`` followed by NAME's own suffix, and NAME one of ``names``
+    when given (in a folder that is not ours alone, e.g. next to a results file).
+    """
+    only = set(names) if names is not None else None
+    folder = Path(folder)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # missing or unreadable: nothing to clean
+        return removed
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if not m or not entry.is_file(follow_symlinks=False):
+            continue
+        if (m["suffix"] or "") != Path(m["name"]).suffix:
+            continue
+        if only is not None and m["name"] not in only:
+            continue
+        if m["pid"] is not None:
+            stale = int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"]))
+        else:
+            stale = time.time() - entry.stat().st_mtime > LEGACY_TEMP_AGE_S
+        if stale:
+            try:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+            except OSError:
+                continue
+    if removed:
+        log.info("removed %d temporary file(s) of an interrupted run in %s", len(removed), folder)
+    return removed
 
 
 def _jsonable(obj):

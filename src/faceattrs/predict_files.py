@@ -5,7 +5,10 @@ overlays out. The analysis itself is :class:`faceattrs.predict.FaceAnalyzer`.
         --annotate annotated/ --explain cams/
 
 Records are JSON lines (``.jsonl``, or stdout) or CSV (``.csv``, probabilities flattened
-to one column each), written to a temporary file and renamed at the end.
+to one column each), written to a temporary file and renamed at the end. A file name that
+is not valid UTF-8 is written with ``\\udcXX`` escapes for its odd bytes (as JSON does).
+Annotated copies and overlays never overwrite an input photo, and two inputs never share
+an output name (``face.jpg`` + ``face.png`` -> ``face.jpg.jpg`` + ``face.png.jpg``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import glob
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -24,7 +28,7 @@ import cv2
 import numpy as np
 
 from .exceptions import FaceattrsError
-from .io import atomic_path, write_with
+from .io import atomic_path, clean_stale_temps, write_with
 from .photo import PhotoConfig
 from .predict import FaceAnalyzer
 
@@ -39,14 +43,21 @@ def expand_inputs(args: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
     ``name`` is the path relative to the folder it was found in (or the file name), used
     for annotated copies and overlays. A path that does not exist and matches no file is
     kept, so that it becomes an error record.
+
+    Broken or looping symbolic links with an image extension are kept (they become error
+    records); symbolic links to folders are not followed (a link may loop), with a warning.
     """
     out: list[tuple[str, str]] = []
     for arg in args:
         path = Path(arg)
         if path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-            )
+            found, linked = _walk_images(path)
+            if linked:
+                log.warning(
+                    "%s: not searched: %d symlinked folder(s) (%s); pass them as PATHs to "
+                    "include them", path, len(linked),
+                    ", ".join(str(d.relative_to(path)) for d in linked[:3]),
+                )  # fmt: skip
             if not found:
                 log.warning("%s: no image files (%s) in it", path, " ".join(IMAGE_EXTENSIONS))
             out += [(str(p), str(p.relative_to(path))) for p in found]
@@ -56,6 +67,77 @@ def expand_inputs(args: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
             matches = sorted(m for m in glob.glob(str(arg), recursive=True) if Path(m).is_file())
             out += [(m, Path(m).name) for m in matches] or [(str(arg), path.name)]
     return out
+
+
+def _walk_images(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Image files under ``folder`` (broken links included) and the symlinked folders."""
+    files, linked = [], []
+    for root, dirs, names in os.walk(folder):
+        linked += [Path(root, d) for d in dirs if os.path.islink(os.path.join(root, d))]
+        for n in names:
+            p = Path(root, n)
+            if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_symlink() or p.is_file()):
+                files.append(p)
+    return sorted(files), sorted(linked)
+
+
+def output_stems(files: list[tuple[str, str]]) -> dict[str, Path]:
+    """A distinct relative output stem per input path (annotated copies, overlays).
+
+    The stem is the name without its extension (``a/face.jpg`` -> ``a/face``); when two
+    inputs would share it, each keeps its extension (``a/face.jpg``, ``a/face.png``), and
+    names still shared (the same name under two input folders) get ``-2``, ``-3`` ...
+
+    >>> sorted(map(str, output_stems([("x/f.jpg", "f.jpg"), ("x/f.png", "f.png"),
+    ...                                  ("y/f.png", "f.png"), ("g.jpg", "g.jpg")]).values()))
+    ['f.jpg', 'f.png', 'f.png-2', 'g']
+    """
+    plain = [Path(rel).with_suffix("") for _, rel in files]
+    counts: dict[str, int] = {}
+    for stem in plain:
+        counts[str(stem).lower()] = counts.get(str(stem).lower(), 0) + 1
+    stems: dict[str, Path] = {}
+    taken: set[str] = set()
+    for (path, rel), stem in zip(files, plain, strict=True):
+        if counts[str(stem).lower()] > 1:
+            stem = Path(rel)
+        candidate, k = stem, 1
+        while str(candidate).lower() in taken:  # case-insensitive file systems too
+            k += 1
+            candidate = stem.with_name(f"{stem.name}-{k}")
+        taken.add(str(candidate).lower())
+        stems[path] = candidate
+    return stems
+
+
+def check_outputs(files: list[tuple[str, str]], stems: dict[str, Path], annotate_dir, explain_dir):
+    """FaceattrsError before any work when an output could overwrite an input photo."""
+    inputs = set()
+    for path, _ in files:
+        try:
+            inputs.add(Path(path).resolve())
+        except (OSError, RuntimeError):  # a looping link
+            continue
+    # overlays are STEM_face<i>.png: the stems an input of that form would be overwritten by
+    overlay_stems = set()
+    for p in inputs:
+        m = re.fullmatch(r"(.+)_face\d+\.png", p.name)
+        if m:
+            overlay_stems.add(p.with_name(m[1]))
+    for option, folder in (("--annotate", annotate_dir), ("--explain", explain_dir)):
+        if not folder:
+            continue
+        folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise FaceattrsError(f"{option} {folder}: is a file, not a folder")
+        for path, stem in stems.items():
+            out = folder / (str(stem) + ".jpg") if option == "--annotate" else folder / stem
+            target = out.resolve()
+            if target in (overlay_stems if option == "--explain" else inputs):
+                raise FaceattrsError(
+                    f"{option} {folder}: the output for {path} would overwrite an input "
+                    "photo; choose a folder outside the inputs"
+                )
 
 
 # ---------------------------------------------------------------- records to files
@@ -83,6 +165,19 @@ def flat_record(rec: dict) -> dict:
     return row
 
 
+def check_out_file(path) -> None:
+    """FaceattrsError before any work for an ``--out`` that cannot be written."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.suffix.lower() not in (".jsonl", ".json", ".csv"):
+        raise FaceattrsError(f"--out {path}: use a .jsonl or .csv file name")
+    if path.is_dir():
+        raise FaceattrsError(f"--out {path}: is a folder; name a .jsonl or .csv file")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise FaceattrsError(f"--out {path}: {path.parent} is not a folder")
+
+
 @contextmanager
 def record_writer(path: str | os.PathLike | None, models) -> Iterator[Callable[[dict], None]]:
     """Yield ``write(record)``: JSON lines to stdout (``path`` None) or to ``.jsonl``, or CSV."""
@@ -104,7 +199,12 @@ def record_writer(path: str | os.PathLike | None, models) -> Iterator[Callable[[
         yield writer(sys.stdout)
         sys.stdout.flush()
         return
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+    clean_stale_temps(Path(path).parent, [Path(path).name])  # of a killed run
+    # backslashreplace: a non-UTF-8 file name (surrogate escapes) is written as \udcXX
+    with (
+        atomic_path(path) as tmp,
+        open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as fh,
+    ):
         yield writer(fh)
 
 
@@ -232,9 +332,11 @@ def predict_files(
     files = expand_inputs(inputs)
     if not files:
         raise FaceattrsError("no input files")
+    check_out_file(out)
+    stems = output_stems(files)
+    check_outputs(files, stems, annotate_dir, explain_dir)
     analyzer = FaceAnalyzer(model, photo=photo, **analyzer_options)
     explainer = Explainer(analyzer.models) if explain_dir else None
-    names = dict(files)
     counts = {"files": len(files), "faces": 0, "failed": 0}
     keep = bool(annotate_dir or explain_dir)
     with record_writer(out, analyzer.models) as write:
@@ -242,13 +344,13 @@ def predict_files(
         for item in analyzer.run([p for p, _ in files], detect=detect, keep_images=keep):
             counts["failed"] += item.error is not None
             counts["faces"] += len(item.faces)
-            rel = Path(names[item.file])
+            stem = stems[item.file]
             if explainer and item.faces:
                 crops = np.stack([f.crop for f in item.faces])
-                explainer.save(crops, item.records, Path(explain_dir) / rel.with_suffix(""))
+                explainer.save(crops, item.records, Path(explain_dir) / stem)
             if annotate_dir and item.faces:
                 copy = annotate(item.image, item.records)
-                save_image(Path(annotate_dir) / rel.with_suffix(".jpg"), copy)
+                save_image(Path(annotate_dir) / (str(stem) + ".jpg"), copy)
             for rec in item.records:
                 write(rec)
             bar.update(1)

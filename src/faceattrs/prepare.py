@@ -1,8 +1,13 @@
 """Preparation: read -> validate -> de-duplicate -> split, written once for every later stage.
 
 A prepared folder holds ``faces.npz`` (uint8 faces, labels, split), ``dedup_report.json``,
-``removed.csv`` (every row not kept, and why), ``manifest.json`` (cache key, settings) and
-figures. Preparing the same input with the same settings again reuses it (near-instant).
+``removed.csv`` (every row not kept, and why), ``manifest.json`` (cache key, settings, a
+SHA-256 of each file) and figures. Preparing the same input with the same settings again
+reuses it (near-instant) once the files match their hashes.
+
+Crash consistency: ``manifest.json`` is first replaced by an "incomplete" marker and
+written last, so a folder whose preparation was killed is never taken for a prepared one
+(neither by the cache check nor by :func:`load_prepared`).
 
     faceattrs prepare --data ../shared/data/utkface48.csv.gz --out prepared/utkface48
 """
@@ -14,6 +19,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -22,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from . import config as cfgmod
-from .data import DataError, RawFaces, read_faces
+from .data import DataError, RawFaces, photo_files, read_faces
 from .dataset import FaceSet
-from .io import write_json_atomic, write_text_atomic, write_with
+from .io import clean_stale_temps, write_json_atomic, write_text_atomic, write_with
 from .labels import SPLITS
 
 log = logging.getLogger(__name__)
@@ -40,18 +46,57 @@ class PrepareConfig:
     test_fraction: float = 0.1  # share of kept rows for test
     seed: int = 0  # split seed
 
+    def __post_init__(self):
+        cfgmod.check_choice(self, "on_conflict", ("keep", "drop"))
+        cfgmod.check_choice(self, "on_bad_row", ("error", "skip"))
+        cfgmod.check_range(self, "near_threshold", 0.0, 1.0, low_open=True)
+        cfgmod.check_range(self, "val_fraction", 0.0, 1.0, low_open=True, high_open=True)
+        cfgmod.check_range(self, "test_fraction", 0.0, 1.0, low_open=True, high_open=True)
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise cfgmod.ConfigError(
+                f"val_fraction + test_fraction must be below 1 (no training faces left), "
+                f"got {self.val_fraction} + {self.test_fraction}"
+            )
+
 
 def _key(path: Path, cfg: PrepareConfig) -> str:
     """Content hash of the input (file bytes, or each photo's name and bytes) + settings."""
     h = hashlib.sha256(FORMAT.encode())
     h.update(json.dumps(cfgmod.to_dict(cfg), sort_keys=True).encode())
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = photo_files(path)[0] if path.is_dir() else [path]
     for p in files:
-        h.update(str(p.relative_to(path) if path.is_dir() else "").encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
+        h.update(
+            str(p.relative_to(path) if path.is_dir() else "").encode("utf-8", "surrogateescape")
+        )
+        try:
+            with open(p, "rb") as f:
+                for chunk in iter(lambda f=f: f.read(1 << 22), b""):
+                    h.update(chunk)
+        except OSError as e:  # a broken link or unreadable photo: its reason is part of the key
+            h.update(f"unreadable: {e.strerror}".encode())
     return h.hexdigest()[:20]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verified_manifest(out: Path) -> dict | None:
+    """The manifest of a complete prepared folder whose files match their hashes, or None."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+        files = manifest["files"]
+        if not isinstance(files, dict) or "faces.npz" not in files:
+            return None
+        if any(file_sha256(out / name) != digest for name, digest in files.items()):
+            return None
+        return manifest
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def split_rows(ethnicity: np.ndarray, gender: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
@@ -62,13 +107,35 @@ def split_rows(ethnicity: np.ndarray, gender: np.ndarray, cfg: PrepareConfig) ->
     idx = np.arange(n)
     strata = ethnicity.astype(np.int64) * 2 + gender
     holdout = cfg.val_fraction + cfg.test_fraction
+    n_hold = math.ceil(holdout * n)  # as scikit-learn rounds
+    if n - n_hold < 1 or n_hold < 2:
+        raise DataError(
+            f"{n} face(s) left after validation and de-duplication: too few to split into "
+            f"train, val and test ({cfg.val_fraction:g} / {cfg.test_fraction:g} held out); "
+            "pass more distinct faces"
+        )
     counts = np.bincount(strata)
     strat = strata if counts[counts > 0].min() >= 4 else None  # tiny sets: plain shuffle
-    train, rest = train_test_split(idx, test_size=holdout, random_state=cfg.seed, stratify=strat)
-    strat_rest = strata[rest] if strat is not None else None
-    val, test = train_test_split(
-        rest, test_size=cfg.test_fraction / holdout, random_state=cfg.seed + 1, stratify=strat_rest
-    )
+
+    def split(stratify: bool):
+        s = strat if stratify else None
+        train, rest = train_test_split(idx, test_size=holdout, random_state=cfg.seed, stratify=s)
+        s_rest = strata[rest] if s is not None else None
+        val, test = train_test_split(
+            rest, test_size=cfg.test_fraction / holdout, random_state=cfg.seed + 1, stratify=s_rest
+        )
+        return val, test
+
+    try:
+        val, test = split(strat is not None)
+    except ValueError as e:
+        if strat is None:
+            raise DataError(f"cannot split {n} faces: {e}") from None
+        log.warning("stratified split impossible (%s); plain shuffle instead", e)
+        try:
+            val, test = split(False)
+        except ValueError as e2:
+            raise DataError(f"cannot split {n} faces: {e2}") from None
     split = np.zeros(n, np.int8)
     split[val], split[test] = 1, 2
     return split
@@ -80,18 +147,24 @@ def prepare(data: str | Path, out: str | Path, cfg: PrepareConfig | None = None)
     Reuses ``out`` when it already holds this input prepared with these settings.
     """
     cfg = cfg or PrepareConfig()
-    if cfg.on_conflict not in ("keep", "drop"):
-        raise DataError(f"on_conflict must be 'keep' or 'drop', not {cfg.on_conflict!r}")
     data, out = Path(data), Path(out)
     if not data.exists():
         raise DataError(f"{data}: no such file or folder")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: is a file, not a folder; choose a folder to write into")
+    if out.resolve() == data.resolve() or (
+        data.is_dir() and data.resolve() in out.resolve().parents
+    ):
+        raise DataError(f"--out {out}: inside the input folder {data}; choose a folder outside it")
     key = _key(data, cfg)
     manifest = out / "manifest.json"
-    if manifest.exists() and (out / "faces.npz").exists():
+    clean_stale_temps(out)
+    done = _verified_manifest(out)
+    if done is not None and done.get("key") == key:
         try:
-            if json.loads(manifest.read_text()).get("key") == key:
-                log.info("prepared data up to date in %s (cache hit)", out)
-                return json.loads((out / "dedup_report.json").read_text())
+            report = json.loads((out / "dedup_report.json").read_text())
+            log.info("prepared data up to date in %s (cache hit)", out)
+            return report
         except (json.JSONDecodeError, OSError):
             pass  # unreadable: prepare again
     from .dedup import find_duplicates  # scipy: only when preparing
@@ -115,22 +188,32 @@ def prepare(data: str | Path, out: str | Path, cfg: PrepareConfig | None = None)
     )
     report = _report(raw, dup, conflicted, keep, split, cfg)
     out.mkdir(parents=True, exist_ok=True)
-    write_with(out / "faces.npz", lambda p: np.savez(open(p, "wb"), **faces.to_arrays()))
+    # the old manifest goes first: from here until the new one, the folder is incomplete
+    write_json_atomic(manifest, {"format": FORMAT, "state": "incomplete"})
+    write_with(out / "faces.npz", lambda p: _savez(p, faces.to_arrays()))
     write_text_atomic(out / "removed.csv", _removed_csv(raw, dup, keep, conflicted))
     write_json_atomic(out / "dedup_report.json", report)
     _figures(out, raw, dup, faces)
     report["seconds"] = round(time.perf_counter() - t0, 2)
+    files = {n: file_sha256(out / n) for n in ("faces.npz", "removed.csv", "dedup_report.json")}
     write_json_atomic(
         manifest,
         {
             "format": FORMAT,
+            "state": "complete",
             "key": key,
             "source": str(data.resolve()),
             "config": cfgmod.to_dict(cfg),
+            "files": files,
         },
     )
     log.info("prepared %d faces into %s in %.1f s", len(faces), out, report["seconds"])
     return report
+
+
+def _savez(path: Path, arrays: dict) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def _report(raw: RawFaces, dup, conflicted, keep, split, cfg) -> dict:
@@ -159,6 +242,8 @@ def _removed_csv(raw: RawFaces, dup, keep, conflicted) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["line", "img_name", "reason", "kept_line", "similarity"])
+    for line, name, reason in raw.skipped:  # invalid rows, never read into the arrays
+        w.writerow([line or "", name, reason, "", ""])
     kept = np.zeros(len(raw.images), bool)
     kept[keep] = True
     for i in np.flatnonzero(~kept):
@@ -187,12 +272,34 @@ def _figures(out: Path, raw: RawFaces, dup, faces: FaceSet) -> None:
 
 
 def load_prepared(folder: str | Path) -> FaceSet:
-    """Read ``faces.npz`` from a prepared folder."""
+    """Read ``faces.npz`` from a prepared folder.
+
+    A folder whose ``manifest.json`` marks it incomplete (a killed ``prepare``) or whose
+    ``faces.npz`` does not match the manifest's hash is refused; a folder without a
+    manifest (written by hand) is read as it is.
+    """
     path = Path(folder) / "faces.npz"
     if not path.exists():
         raise DataError(f"{folder}: not a prepared folder (no faces.npz); run `faceattrs prepare`")
-    with np.load(path, allow_pickle=False) as z:
-        return FaceSet(**{k: z[k] for k in FaceSet.__dataclass_fields__})
+    manifest = Path(folder) / "manifest.json"
+    if manifest.exists():
+        try:
+            info = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            info = {"state": "unreadable"}
+        digest = info.get("files", {}).get("faces.npz") if isinstance(info, dict) else None
+        if info.get("state", "complete") != "complete" or (digest and file_sha256(path) != digest):
+            raise DataError(
+                f"{folder}: incomplete or inconsistent prepared folder (its preparation was "
+                "interrupted, or a file changed since); run `faceattrs prepare` again"
+            )
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return FaceSet(**{k: z[k] for k in FaceSet.__dataclass_fields__})
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise DataError(
+            f"{path}: unreadable prepared data ({e}); run `faceattrs prepare` again"
+        ) from None
 
 
 def cache_dir() -> Path:

@@ -35,10 +35,11 @@ from . import config as cfgmod
 from .augment import AugmentConfig, Augmenter, minority_classes
 from .checkpoint import CheckpointError, read_meta, save_checkpoint
 from .dataset import FaceSet
+from .devices import check_device, check_device_name
 from .engine import evaluate_heads, train_one_epoch
 from .exceptions import FaceattrsError
 from .inputs import DEFAULT_HEADS
-from .io import write_json_atomic, write_with
+from .io import clean_stale_temps, write_json_atomic, write_with
 from .loop import (  # noqa: F401  (re-exported: the training toolbox's old home)
     EarlyStopping,
     cpu_has_fast_bf16,
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 
 # head -> number of classes, from the input contract; a checkpoint records its own
 HEADS = {h: len(names) for h, names in DEFAULT_HEADS.items()}
+BF16_WORDS = ("auto", "on", "off", "true", "false", "1", "0", "yes", "no")
 
 
 class TrainError(FaceattrsError):
@@ -96,6 +98,22 @@ class TrainConfig:
     limit: int = 0  # use at most this many faces per split (0 = all; smoke tests)
     max_batches: int = 0  # stop each epoch after this many batches (0 = full; smoke tests)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # override as augment.KEY
+
+    def __post_init__(self):  # every setting's valid range, checked before any work
+        c = cfgmod.check_range
+        for key in ("epochs", "batch_size", "eval_batch_size", "patience"):
+            c(self, key, 1)
+        for key in ("threads", "limit", "max_batches", "warmup_epochs", "min_lr", "min_delta"):
+            c(self, key, 0)
+        for key in ("weight_decay", "gender_weight", "ethnicity_weight"):
+            c(self, key, 0)
+        c(self, "lr", 0, low_open=True)
+        c(self, "width", 0, 16, low_open=True)
+        for key in ("dropout", "ethnicity_smoothing", "gender_smoothing"):
+            c(self, key, 0, 1, high_open=True)
+        if str(self.bf16).lower() not in BF16_WORDS:
+            raise cfgmod.ConfigError(f"setting 'bf16' must be auto, on or off, got {self.bf16!r}")
+        check_device_name(self.device)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -227,35 +245,95 @@ def multitask_loss(cfg: TrainConfig, heads=HEADS):
 # --------------------------------------------------------------------------- resume state
 
 STATE_FILE = "last_state.safetensors"
+STATE_FORMAT = "faceattrs-train-state-2"
 
 
-def save_train_state(run_dir: Path, epoch: int, optimizer, scheduler, stopper) -> dict[str, Any]:
-    """Optimizer tensors -> ``last_state.safetensors``; returns the JSON-able rest.
+def save_train_state(
+    run_dir: Path,
+    epoch: int,
+    optimizer,
+    scheduler,
+    stopper,
+    model: torch.nn.Module | None = None,
+    record: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything a resume needs -> ``last_state.safetensors``, in one atomic write;
+    returns the JSON-able part (the caller copies it into ``last.json``, for reading).
 
-    The caller puts the returned dict into ``last.json`` (written last), and the epoch is
-    stored in both files so that a crash between the writes is detected on resume.
+    With ``model``, the file is complete on its own (format 2): the model's weights
+    (``model.*``), the optimizer's tensors (``optim.PID.NAME``), and in its metadata the
+    epoch, the scheduler, early-stopping and optimizer settings and ``record`` (history
+    rows and checkpoint settings of the epoch). One file replaced in one rename is the
+    commit point of an epoch: a kill at any instant leaves the previous epoch's complete
+    state or the new one, never a mix (``best``/``last`` are rebuilt from it on resume).
     """
     sd = optimizer.state_dict()
+    prefix = "optim." if model is not None else ""
     tensors = {
-        f"{pid}.{k}": v.detach().to("cpu").contiguous()
+        f"{prefix}{pid}.{k}": v.detach().to("cpu").contiguous()
         for pid, st in sd["state"].items()
         for k, v in st.items()
         if torch.is_tensor(v)
     }
-    write_with(
-        run_dir / STATE_FILE, lambda p: save_file(tensors, str(p), metadata={"epoch": str(epoch)})
-    )
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    return {
+    resume = {
         "state_file": STATE_FILE,
         "epoch": epoch,
         "optimizer_param_groups": sd["param_groups"],
         "scheduler": sched,
         "early_stopping": stopper.state_dict(),
     }
+    metadata = {"epoch": str(epoch)}
+    if model is not None:
+        inner = getattr(model, "module", model)  # unwrap DDP / compiled models
+        inner = getattr(inner, "_orig_mod", inner)
+        tensors.update(
+            {f"model.{k}": v.detach().to("cpu").contiguous() for k, v in inner.state_dict().items()}
+        )
+        metadata.update(
+            format=STATE_FORMAT,
+            resume=json.dumps(resume, default=_jsonable),
+            record=json.dumps(record or {}, default=_jsonable),
+        )
+    write_with(run_dir / STATE_FILE, lambda p: save_file(tensors, str(p), metadata=metadata))
+    return resume
+
+
+def read_train_state(run_dir: Path) -> dict[str, Any] | None:
+    """A complete (format 2) resume state: ``{"epoch", "resume", "record", "model",
+    "optim"}``; None when there is no such file (a run saved before format 2)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = run_dir / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != STATE_FORMAT:
+            return None
+        flat = load_file(str(path))
+        resume, record = json.loads(meta["resume"]), json.loads(meta["record"])
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise TrainError(f"cannot resume: {path} is unreadable ({e})") from None
+    optim: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in flat.items():
+        if key.startswith("optim."):
+            pid, name = key[len("optim.") :].split(".", 1)
+            optim.setdefault(int(pid), {})[name] = v
+    model = {k[len("model.") :]: v for k, v in flat.items() if k.startswith("model.")}
+    return {"epoch": int(meta["epoch"]), "resume": resume, "record": record, "model": model,
+            "optim": optim}  # fmt: skip
+
+
+def _jsonable(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def load_train_state(run_dir: Path, resume: dict[str, Any], optimizer, scheduler, stopper) -> None:
+    """Resume a run saved before format 2 (optimizer tensors only, settings in last.json)."""
     from safetensors import safe_open
 
     path = run_dir / resume["state_file"]
@@ -327,6 +405,7 @@ def fit(
     Returns ``{"best_epoch", "best_score", "epochs_run", "stopped_early", ...}``.
     """
     out_dir = Path(out_dir)
+    check_device(cfg.device)
     threads = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -377,8 +456,10 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
     loss_fn = multitask_loss(cfg)
 
     start_epoch, history = 1, []
+    if main:
+        clean_stale_temps(out_dir)  # of a killed run
     if resume:
-        start_epoch, history = _resume(out_dir, model, optimizer, scheduler, stopper)
+        start_epoch, history = _resume(out_dir, model, optimizer, scheduler, stopper, main)
     else:
         _check_fresh(out_dir)
     run_config = {"data": data_ref, "world_size": world, "bf16": bf16, "device": str(device),
@@ -450,13 +531,8 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
                     "val": {h: {k: ev[h][k] for k in ("accuracy", "macro_f1", "confusion")}
                             for h in HEADS},
                     "data": data_ref, "config": cfgmod.to_dict(cfg)}  # fmt: skip
-            if improved:
-                save_checkpoint(out_dir, "best", model, {**meta, "kind": "best"})
-            resume_state = save_train_state(out_dir, epoch, optimizer, scheduler, stopper)
-            write_history(out_dir / "history.csv", history, HISTORY_FIELDS)
-            save_checkpoint(
-                out_dir, "last", model, {**meta, "kind": "last", "resume": resume_state}
-            )
+            _save_epoch(out_dir, epoch, model, optimizer, scheduler, stopper, meta, history,
+                        improved)  # fmt: skip
             if row["seconds"] >= 30:  # keep history.png current when it costs little
                 _plot(out_dir)
 
@@ -477,16 +553,78 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
     return summary
 
 
+# --------------------------------------------------------------------------- crash-consistent saving
+
+
+def _save_epoch(out_dir, epoch, model, optimizer, scheduler, stopper, meta, history, improved):
+    """Write an epoch's files so that a kill at any instant leaves a resumable run.
+
+    1. ``last_state.safetensors``: the complete resume state (weights, optimizer, history,
+       settings) in one atomic write: the epoch's commit point;
+    2. ``history.csv``, ``best`` (when improved) and ``last``: derived from it; each
+       checkpoint's JSON is removed first and written last, so a reader never pairs one
+       epoch's JSON with another's weights. A kill among them is repaired on resume.
+    """
+    record = {"history": history, "meta": meta}
+    resume = save_train_state(out_dir, epoch, optimizer, scheduler, stopper, model, record)
+    write_history(out_dir / "history.csv", history, HISTORY_FIELDS)
+    if improved:
+        _save_pair(out_dir, "best", model, {**meta, "kind": "best"})
+    _save_pair(out_dir, "last", model, {**meta, "kind": "last", "resume": resume})
+
+
+def _save_pair(out_dir: Path, name: str, model, meta: dict) -> None:
+    (out_dir / f"{name}.json").unlink(missing_ok=True)
+    save_checkpoint(out_dir, name, model, meta)
+
+
+def _json_epoch(path: Path) -> int | None:
+    try:
+        return int(read_meta(path)["epoch"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return None
+
+
 def _check_fresh(out_dir: Path) -> None:
-    if (out_dir / "last.json").exists() or (out_dir / "best.json").exists():
+    held = ("last.json", "best.json", STATE_FILE)
+    if any((out_dir / name).exists() for name in held):
         raise TrainError(
             f"{out_dir} already holds a run: continue it with --resume {out_dir}, "
             "or choose another --out"
         )
 
 
-def _resume(out_dir: Path, model, optimizer, scheduler, stopper) -> tuple[int, list[dict]]:
-    """Load ``last`` into the objects; returns (first epoch to run, history rows so far)."""
+def _resume(
+    out_dir: Path, model, optimizer, scheduler, stopper, main: bool = True
+) -> tuple[int, list[dict]]:
+    """Load the saved state into the objects; returns (first epoch to run, history so far).
+
+    From a complete state file (format 2), the files derived from it that a kill left
+    behind (``history.csv``, ``best``, ``last``) are rewritten first.
+    """
+    snap = read_train_state(out_dir)
+    if snap is not None:
+        model.load_state_dict(snap["model"])
+        resume = snap["resume"]
+        optimizer.load_state_dict(
+            {"state": snap["optim"], "param_groups": resume["optimizer_param_groups"]}
+        )
+        scheduler.load_state_dict(
+            {**resume["scheduler"], "lr_lambdas": scheduler.state_dict()["lr_lambdas"]}
+        )
+        stopper.load_state_dict(resume["early_stopping"])
+        epoch, rows, meta = snap["epoch"], snap["record"]["history"], snap["record"]["meta"]
+        if main:
+            write_history(out_dir / "history.csv", rows, HISTORY_FIELDS)
+            if stopper.best_epoch == epoch and _json_epoch(out_dir / "best.json") != epoch:
+                log.info("rebuilding best (epoch %d) from the saved state", epoch)
+                _save_pair(out_dir, "best", model, {**meta, "kind": "best"})
+            if _json_epoch(out_dir / "last.json") != epoch:
+                log.info("rebuilding last (epoch %d) from the saved state", epoch)
+                _save_pair(out_dir, "last", model, {**meta, "kind": "last", "resume": resume})
+        log.info("resuming %s after epoch %d (best %s at epoch %d)", out_dir, epoch,
+                 stopper.best, stopper.best_epoch)  # fmt: skip
+        return epoch + 1, rows
     try:
         meta = read_meta(out_dir / "last.json")
     except CheckpointError as e:

@@ -136,9 +136,11 @@ class AgeModel:
 def save_age_model(
     age_dir: str | Path, model: AgeModel, multitask_dir: str | Path, info: dict
 ) -> Path:
-    """Write the weights, then ``age.json`` (last: it marks the bundle complete)."""
+    """Write the weights, then ``age.json`` (last: it marks the bundle complete; an old
+    one is removed first, so a kill in between never pairs it with new weights)."""
     age_dir = Path(age_dir)
     age_dir.mkdir(parents=True, exist_ok=True)
+    (age_dir / AGE_JSON).unlink(missing_ok=True)
     edges = [float(e) for e in model.edges]
     save_checkpoint(
         age_dir,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import config as cfgmod
+
 
 @dataclass
 class AgeConfig:
@@ -50,6 +52,31 @@ class AgeConfig:
     # Run
     seed: int = 0  # seeds every random choice (init, batches, augmentation)
     eval_batch_size: int = 512  # batch size for embeddings and evaluation
+
+    def __post_init__(self):  # every setting's valid range, checked before any work
+        c = cfgmod.check_range
+        c(self, "n_bins", 2)
+        c(self, "min_age", 0)
+        c(self, "max_age", self.min_age, low_open=True)
+        for key in ("batch_size", "reg_epochs", "reg_batch_size", "eval_batch_size", "reg_hidden"):
+            c(self, key, 1)
+        for key in ("patience", "reg_patience"):
+            c(self, key, 1)
+        for key in ("head_epochs", "finetune_epochs", "warmup_epochs", "max_batches", "min_delta"):
+            c(self, key, 0)
+        for key in ("weight_decay", "reg_weight_decay", "direct_mean_weight", "direct_var_weight"):
+            c(self, key, 0)
+        for key in ("head_lr", "finetune_lr", "reg_lr", "huber_delta", "direct_sigma"):
+            c(self, key, 0, low_open=True)
+        for key in ("label_smoothing", "reg_dropout"):
+            c(self, key, 0, 1, high_open=True)
+        cfgmod.check_choice(self, "reg_loss", ("huber", "l1"))
+        cfgmod.check_choice(self, "direct_loss", ("dldl", "mean_variance"))
+        if self.head_epochs + self.finetune_epochs < 1:
+            raise cfgmod.ConfigError("head_epochs + finetune_epochs must be at least 1")
+        edges = list(self.edges)
+        if any(not (b > a) for a, b in zip(edges, edges[1:], strict=False)):
+            raise cfgmod.ConfigError(f"setting 'edges' must increase, got {edges}")
 
 
 PRESETS: dict[str, dict] = {

@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import signal
 import sys
+import traceback
 
 from .. import __version__
 from ..exceptions import FaceattrsError
@@ -35,30 +38,77 @@ class CLIError(FaceattrsError):
     """An error to print as one line, with exit status 2."""
 
 
+DEBUG_HELP = "show the traceback of an error (also FACEATTRS_DEBUG=1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="faceattrs", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"faceattrs {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    # --debug also after the command (SUPPRESS: an absent one keeps the value given before)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module, help_ in COMMANDS:
         mod = importlib.import_module(f"{__name__}.{module}")
-        p = sub.add_parser(name, help=help_, description=mod.__doc__)
+        p = sub.add_parser(name, help=help_, description=mod.__doc__, parents=[common])
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every temporary file is removed on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:  # only the main thread may set a handler
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:
+        previous = None
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(message)s",
     )
+    debug = args.debug or os.environ.get("FACEATTRS_DEBUG", "") not in ("", "0")
     try:
         return int(args._run(args) or 0)
     except FaceattrsError as e:
+        if debug:
+            traceback.print_exc()
         print(f"faceattrs {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return 143 if terminated else 130
+    except OSError as e:  # the machine, not the input: a full disk, a permission, a lost mount
+        if debug:
+            traceback.print_exc()
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"faceattrs {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug, not the input: one line, the traceback on request
+        if debug:
+            traceback.print_exc()
+        what = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(
+            f"faceattrs {args.command}: internal error: {type(e).__name__}: {what} "
+            "(a bug: please report it; --debug shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1

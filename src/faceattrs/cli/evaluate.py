@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..exceptions import FaceattrsError
+
 
 def add_common(p, split: bool = True, model_required: bool = False) -> None:
     """Arguments shared by the evaluation commands (evaluate, explain, errors, calibrate)."""
@@ -49,8 +51,13 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from ..devices import check_device
     from ..evaluate import default_out, evaluate_run, load_data, resolve_device
 
+    if args.device:
+        check_device(args.device)
+    if args.grid < 0:
+        raise FaceattrsError(f"--grid must be at least 0, got {args.grid}")
     faces = load_data(args.model, args.data, args.split)
     out = Path(args.out) if args.out else default_out(args.model, "eval", args.split)
     evaluate_run(

@@ -57,12 +57,62 @@ def add_arguments(p) -> None:
     )
 
 
+def check_options(args) -> None:
+    """Every option's range, before any work (one line, exit 2)."""
+    if args.batch_size < 1:
+        raise cfgmod.ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.threads is not None and args.threads < 1:
+        raise cfgmod.ConfigError(
+            f"--threads must be at least 1, got {args.threads} (leave it out to use all)"
+        )
+    if args.max_pixels < 0:
+        raise cfgmod.ConfigError(
+            f"--max-pixels must be at least 0 (0 = no limit), got {args.max_pixels}"
+        )
+    if args.backend == "torch":
+        from ..devices import check_device
+
+        check_device(args.device)
+
+
+# --photo-set ranges: (low, high, low_open, high_open); None = unbounded. Only the fields
+# PhotoConfig has are checked (photo.py may gain or lose some).
+PHOTO_RANGES = {
+    "scale_factor": (1, None, True, False),
+    "tight_scale_factor": (1, None, True, False),
+    "min_neighbors": (0, None, False, False),
+    "min_face": (1, None, False, False),
+    "max_side": (1, None, False, False),
+    "overlap": (0, 1, False, False),
+    "tight_max_side": (0, None, False, False),
+    "tight_max_aspect": (1, None, False, False),
+    "tight_pad": (0, None, False, False),
+    "tight_min_face": (0, 1, True, False),
+    "whole_pad": (0, None, False, False),
+    "whole_min_face": (0, 1, False, False),
+    "margin_scale": (0, None, True, False),
+    "max_pixels": (0, None, False, False),
+}
+
+
+def check_photo_config(photo) -> None:
+    """Every ``--photo-set`` value in its range, and the cascades present."""
+    for key, (lo, hi, lo_open, hi_open) in PHOTO_RANGES.items():
+        if hasattr(photo, key):
+            cfgmod.check_range(photo, key, lo, hi, low_open=lo_open, high_open=hi_open)
+    for key in ("cascade", "check_cascade"):
+        if hasattr(photo, key):
+            photo.classifier(getattr(photo, key))  # PhotoError naming the file when missing
+
+
 def run(args) -> int:
     from ..photo import PhotoConfig
     from ..predict_files import predict_files
 
+    check_options(args)
     photo = cfgmod.resolve(PhotoConfig, {}, None, args.photo_set)
     photo = cfgmod.replace(photo, {"max_pixels": args.max_pixels})
+    check_photo_config(photo)
     counts = predict_files(
         args.paths,
         args.model,

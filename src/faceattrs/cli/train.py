@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..devices import check_device
     from ..prepare import load_faces
     from ..train import fit, resolve_config, resume_settings
 
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
             raise FaceattrsError("--data and --out are required (or --resume RUN)")
         cfg = resolve_config(args.preset, overrides)
         out, data = Path(args.out), args.data
+    check_device(cfg.device)  # before any work (load_faces may prepare a CSV)
     faces = load_faces(data)
     summary = fit(faces, out, cfg, resume=bool(args.resume),
                   data_ref=str(Path(data).resolve()), progress=not args.no_progress)  # fmt: skip

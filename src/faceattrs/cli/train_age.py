@@ -45,6 +45,7 @@ def run(args) -> int:
 
     from .. import config as cfgmod
     from ..age import PRESETS, AgeConfig, train_age
+    from ..devices import check_device
     from ..prepare import load_faces
 
     overrides = cfgmod.parse_overrides(args.overrides)
@@ -55,6 +56,7 @@ def run(args) -> int:
     if args.no_direct:
         overrides["direct"] = False
     cfg = cfgmod.resolve(AgeConfig, PRESETS, args.preset, overrides)
+    check_device(args.device)
     out = Path(args.out) if args.out else Path(args.model) / "age"
     faces = load_faces(args.data)
     summary = train_age(
