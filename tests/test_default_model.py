@@ -75,3 +75,29 @@ def test_default_model_reproduces_its_recorded_check(shared_csv):
     assert gender == pytest.approx(check["gender_accuracy"], abs=3 / len(val))
     assert eth == pytest.approx(check["ethnicity_accuracy"], abs=3 / len(val))
     assert mae == pytest.approx(check["age_mae"], abs=0.05)
+
+
+def test_commands_without_model_use_the_default(tmp_path):
+    """evaluate (on an external CSV), explain (a photo) and export need no --model."""
+    from conftest import synthetic_faceset
+    from test_evaluate import write_csv
+
+    from faceattrs.cli import main
+
+    csv = tmp_path / "faces.csv"
+    write_csv(csv, synthetic_faceset(40, split=False))
+    ev = tmp_path / "ev"
+    assert main(["evaluate", "--data", str(csv), "--split", "all", "--out", str(ev)]) == 0
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert metrics["n"] == 40 and metrics["age"]["interval"]["n"] == 40
+    ex = tmp_path / "ex"
+    assert main(["explain", "--image", str(SAMPLE), "--out", str(ex)]) == 0
+    assert any(ex.glob("*.png"))
+    onnx = tmp_path / "onnx"
+    assert main(["export", "--out", str(onnx)]) == 0
+    assert (onnx / "faceattrs-onnx.json").exists()
+    assert json.loads((onnx / "faceattrs-onnx.json").read_text())["age"]["interval"]
+    # calibrate writes into the model folder: it never defaults to the installed package
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--data", str(csv)])
+    assert not any(p.name.startswith(".") for p in DEFAULT.rglob("*"))

@@ -147,7 +147,7 @@ def evaluate_run(
     from .plots import evaluate as plots
 
     bundle = resolve(model_dir)
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model_dir, out_dir = bundle.source, Path(out_dir)
     model, meta = bundle.load_multitask(device)
     sub = faces.subset(split)
     if len(sub) == 0:
