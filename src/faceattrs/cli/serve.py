@@ -9,7 +9,7 @@ start-up line gives the URL. Requests go through a bounded queue to one model th
 
 from __future__ import annotations
 
-from ..photo import MAX_PIXELS
+from ..inputs import MAX_PIXELS
 
 
 def add_arguments(p) -> None:
