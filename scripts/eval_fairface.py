@@ -7,8 +7,8 @@ align, crop, models). The labelled face is the one whose box centre is nearest t
 centre. A photo where no face is found counts as wrong for gender and age. The predicted
 age (years) is put into FairFace's groups (0-2, 3-9, 10-19, ..., 60-69, 70+: an age of
 2.6 years is in 0-2, 2.99 still is, 3.0 is in 3-9). Writes ``fairface.json`` (every
-figure, per photo too), ``fairface.md`` (the table) and ``fairface.png`` (the plot) in
-``--out``.
+figure), ``fairface_photos.json`` (per photo, with its labels: keep it out of the repo),
+``fairface.md`` (the table) and ``fairface.png`` (the plot) in ``--out``.
 
 Run: ``python scripts/eval_fairface.py --model runs/cpu [--data ../shared/data/fairface_dev]
 [--out runs/cpu/fairface] [--photo-set detector=haar]`` (about a minute on two cores).
@@ -218,13 +218,14 @@ def main(argv=None) -> int:
     }
     out = args.out or Path(args.model) / "fairface"
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "fairface.json", {**res, "photos": rows})
+    write_json_atomic(out / "fairface.json", res)
+    write_json_atomic(out / "fairface_photos.json", rows)  # per photo (holds the labels)
     md = table(res)
     write_text_atomic(out / "fairface.md", md)
     opts = " ".join(args.photo_set) + (" --no-detect" if args.no_detect else "")
     plot(res, out / "fairface.png", f"fairface_dev, {args.model} {opts}".strip())
     print(md, end="")
-    print(f"-> {out}/fairface.json, fairface.md, fairface.png")
+    print(f"-> {out}/fairface.json, fairface_photos.json, fairface.md, fairface.png")
     return 0
 
 
