@@ -299,6 +299,8 @@ def test_no_face_gives_empty_list(detector):
     images = no_face(np.random.default_rng(1))
     if detector == "dlib":  # a miss runs every fallback (the CNN too): about 1 s each
         images = images[::3]
+    # tiny and thin images: too small for any face (the CNN would refuse them)
+    images += [np.full(s, 100, np.uint8) for s in ((1, 1), (5, 5), (30, 7), (2, 600), (47, 600))]
     for img in images:
         assert extract_faces(img, cfg=cfg) == [], img.shape
 

@@ -497,6 +497,8 @@ def _dlib_pass(gray: np.ndarray, scale: float, pad: float, angle: float, cnn: fl
         )
         fwd = rot @ np.vstack([fwd, [0, 0, 1]])
     back = cv2.invertAffineTransform(fwd)
+    if min(img.shape) < 48:  # below both detectors' smallest face (and the CNN's filters)
+        return []
     if cnn:
         found = [(d.rect, d.confidence) for d in _dlib("cnn")(img, 0) if d.confidence >= cnn]
     else:
