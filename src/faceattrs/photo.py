@@ -64,6 +64,8 @@ class PhotoConfig:
     detector: str = "dlib"  # falls back to "haar" with a warning when dlib is not installed
     align: bool = True  # dlib: rotate and scale each face from its landmarks (eyes level)
     hog_min_face: int = 40  # dlib: smallest face searched in large images, pixels
+    quick_side: int = 100  # dlib: a small image is first searched at this short side
+    # (only faces filling most of it, as in a tight face crop: about 10x faster), 0 = off
     hog_pad: float = 0.125  # dlib: a small image with no face is searched again, padded this much
     hog_small_upsample: bool = True  # dlib: ... and upsampled 2x (faces under 80 px)
     rotations: tuple[float, ...] = (30.0, -30.0)  # dlib: angles tried when nothing is found
@@ -508,8 +510,17 @@ def _dlib_pass(gray: np.ndarray, scale: float, pad: float, angle: float, cnn: fl
     out = []
     for r, score in found:
         r = dlib.rectangle(r.left(), r.top(), r.right(), r.bottom())
-        pts = shape(img, r)
-        marks = np.array([(pts.part(i).x, pts.part(i).y) for i in range(5)], np.float64)
+        if angle:  # landmarks in the turned copy, where the face is upright
+            pts = shape(img, r)
+            marks = np.array([(p.x, p.y) for p in pts.parts()], np.float64)
+            marks = marks @ back[:, :2].T + back[:, 2]
+        else:  # landmarks at the photo's own resolution
+            (x0, y0), (x1, y1) = (
+                np.array([[r.left(), r.top()], [r.right(), r.bottom()]]) @ back[:, :2].T
+                + back[:, 2]
+            )
+            pts = shape(gray, dlib.rectangle(round(x0), round(y0), round(x1), round(y1)))
+            marks = np.array([(p.x, p.y) for p in pts.parts()], np.float64)
         corners = np.array(
             [
                 (r.left(), r.top()),
@@ -524,7 +535,7 @@ def _dlib_pass(gray: np.ndarray, scale: float, pad: float, angle: float, cnn: fl
         x1, y1 = corners.max(0)
         box = (round(x0), round(y0), round(x1 - x0), round(y1 - y0))
         if clip_box(box, gray.shape)[2] > 0:
-            out.append((box, float(score), marks @ back[:, :2].T + back[:, 2]))
+            out.append((box, float(score), marks))
     return out
 
 
@@ -532,7 +543,8 @@ def find_faces(gray: np.ndarray, cfg: PhotoConfig | None = None) -> list[Detecti
     """Every face of a uint8 gray image, left to right, with landmarks where the detector
     gives them (``cfg.detector``; "dlib" falls back to "haar" when dlib is missing).
 
-    dlib: HOG on the image (a small one, long side up to ``tight_max_side``, as it is; a
+    dlib: HOG on the image (a small one, long side up to ``tight_max_side``, first shrunk
+    to a short side of ``quick_side`` for a face that fills it, then as it is; a
     larger one scaled so that faces of ``hog_min_face`` pixels are searched, long side at
     most ``max_side``); when nothing is found, a small image again padded and upsampled
     2x, then the image turned by each of ``rotations``, then the CNN detector on a copy at
@@ -552,6 +564,8 @@ def find_faces(gray: np.ndarray, cfg: PhotoConfig | None = None) -> list[Detecti
     small = long <= cfg.tight_max_side
     scale = 1.0 if small else min(cfg.max_side / long, 80 / max(1, cfg.hog_min_face))
     tries = [(scale, 0.0, 0.0, 0.0)]
+    if small and cfg.quick_side and min(h, w) > cfg.quick_side:
+        tries.insert(0, (cfg.quick_side / min(h, w), 0.0, 0.0, 0.0))
     if small and (cfg.hog_pad or cfg.hog_small_upsample):
         tries.append((2.0 if cfg.hog_small_upsample else 1.0, cfg.hog_pad, 0.0, 0.0))
     tries += [(min(scale, 1.0), 0.0, a, 0.0) for a in cfg.rotations]
