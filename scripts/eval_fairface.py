@@ -82,6 +82,10 @@ def summarise(rows: list[dict]) -> dict:
 
     def stats(sel: list[dict]) -> dict:
         n = len(sel)
+        if not n:
+            keys = ["found", "gender_acc", "said_female", "gender_acc_found"]
+            keys += ["age_acc", "age_within_one_group"] if has_age else []
+            return {"photos": 0, **dict.fromkeys(keys)}
         found = sum(r["faces"] > 0 for r in sel)
         out = {
             "photos": n,
@@ -174,6 +178,7 @@ def plot(res: dict, path: Path, title: str) -> None:
     for ax, (key, label) in zip(np.atleast_1d(axes), metrics, strict=True):
         for k, (s, color) in enumerate((("Male", "tab:blue"), ("Female", "tab:red"))):
             v = [res["by_age_gender"][f"{g} {s}"][key] for g in GROUPS]
+            v = [np.nan if a is None else a for a in v]
             ax.bar(x + (k - 0.5) * 0.4, v, 0.4, label=s, color=color)
         ax.axhline(res["overall"][key], color="k", lw=1, ls="--", label="all photos")
         ax.set_xticks(x, GROUPS, rotation=60)
