@@ -16,8 +16,9 @@ face. For each: faces found, false boxes, ms per image (one thread). Then the al
 target (eyes and nose on the shared photos) and the crop's correlation with the training
 crop: the shared photo's own 48x48 resize, for the photos and for the turned photos.
 
-Run: ``python scripts/compare_detectors.py ../shared/data [--json out.json]`` (a few
-minutes on two busy cores).
+Run: ``python scripts/compare_detectors.py ../shared/data [--json out.json]
+[--sets photos,turned,no]`` (about 20 minutes on two busy cores, most of it fairface_dev
+and the CNN alone).
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def eyes_in_haar(sets: dict) -> dict:
     """Haar + eye cascades as a landmark source: faces with two eyes found in their upper half."""
     eye = PhotoConfig().classifier("haarcascade_eye.xml")
     out = {}
-    for set_name in ("fairface_dev", "photos"):
+    for set_name in [k for k in ("fairface_dev", "photos") if k in sets]:
         n = two = 0
         for g, _ in sets[set_name]:
             for b, _, _ in photo.detect_faces(g, CANDIDATES["haar"]):
@@ -201,9 +202,15 @@ def main() -> None:
     ap.add_argument("data", type=Path, help="the shared data folder (photos/, fairface_dev/)")
     ap.add_argument("--cnn-limit", type=int, default=40, help="images per set for the CNN alone")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--sets", help="only the sets whose names start with these, e.g. photos,turned")
     args = ap.parse_args()
     cv2.setNumThreads(1)
     sets = build_sets(args.data)
+    if args.sets:
+        keep = tuple(args.sets.split(","))
+        if not any(k.startswith(("photos", "turned")) for k in keep):
+            raise SystemExit("compare_detectors: --sets must include photos and turned (alignment)")
+        sets = {k: v for k, v in sets.items() if k.startswith(keep)}
     res = {
         "detectors": measure(sets, args.cnn_limit),
         "eyes": eyes_in_haar(sets),
