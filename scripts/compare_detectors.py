@@ -207,10 +207,9 @@ def main() -> None:
     cv2.setNumThreads(1)
     sets = build_sets(args.data)
     if args.sets:
-        keep = tuple(args.sets.split(","))
-        if not any(k.startswith(("photos", "turned")) for k in keep):
+        sets = {k: v for k, v in sets.items() if k.startswith(tuple(args.sets.split(",")))}
+        if not {"photos", "turned +-30 deg"} <= set(sets):
             raise SystemExit("compare_detectors: --sets must include photos and turned (alignment)")
-        sets = {k: v for k, v in sets.items() if k.startswith(keep)}
     res = {
         "detectors": measure(sets, args.cnn_limit),
         "eyes": eyes_in_haar(sets),
