@@ -1,13 +1,18 @@
-"""Photos in, 48x48 faces out: decode, orientation, face detection, crop with margin.
+"""Photos in, 48x48 faces out: decode, orientation, face detection, alignment, crop.
 
 ``load_image`` decodes JPEG, PNG, WebP, BMP, TIFF (anything Pillow reads), applies the
 EXIF orientation and returns uint8 ``(H, W)`` for gray or ``(H, W, 3)`` RGB (alpha is
-composited on white, 16-bit is scaled to 8-bit). ``extract_faces`` finds every face with
-OpenCV's bundled Haar cascades (no download) and crops each one the way the training
-faces were made: the UTKFace "aligned & cropped" extent around the face, grayscale,
-resized to 48x48 with area interpolation. Bad input raises :class:`PhotoError`.
+composited on white, 16-bit is scaled to 8-bit). ``extract_faces`` finds every face
+(:func:`find_faces`: dlib's HOG detector with retries and its CNN detector, 5 landmarks
+per face; model files from the face_recognition_models package, nothing downloaded) and
+aligns each one the way the training faces were made: eyes and nose moved onto where
+they sit in the UTKFace "aligned & cropped" 200x200 photos (:func:`align_matrix`), then
+grayscale, resized to 48x48 with area interpolation (:func:`aligned_crop`). Without dlib
+(or ``detector="haar"``) OpenCV's bundled Haar cascades find the faces and the crop is the
+measured margin around the box (:func:`detect_faces`, :func:`to_face_crop`). Bad input
+raises :class:`PhotoError`. Measured in docs/photos.md.
 
-Detection (measured on the 24 shared photos and on composed multi-face images, see
+Haar detection (measured on the 24 shared photos and on composed multi-face images, see
 docs/photos.md):
 
 1. an image that may be a tight face crop (near-square, at most ``tight_max_side``
@@ -74,7 +79,7 @@ class PhotoConfig:
     # alignment target: eye centres and nose tip as shares of the training crop's side
     # (measured on the shared UTKFace photos: scripts/compare_detectors.py, docs/photos.md)
     target_right_eye: tuple[float, ...] = (0.296, 0.300)  # (x, y) of the eye on the image's left
-    target_left_eye: tuple[float, ...] = (0.679, 0.303)  # the eye on the image's right
+    target_left_eye: tuple[float, ...] = (0.679, 0.302)  # the eye on the image's right
     target_nose: tuple[float, ...] = (0.490, 0.590)  # the base of the nose
     # --- Haar detection (OpenCV Haar cascades shipped in opencv-python, cv2.data.haarcascades)
     cascade: str = "haarcascade_frontalface_alt2.xml"  # precise boxes: used for every crop
@@ -477,8 +482,9 @@ def _dlib_pass(gray: np.ndarray, scale: float, pad: float, angle: float, cnn: fl
     turned by ``angle`` degrees (counter-clockwise, about the centre, canvas grown to fit).
     HOG unless ``cnn`` > 0 (then the CNN, keeping faces scoring at least ``cnn``).
 
-    Returns ``(box, score, landmarks)`` in ``gray``'s pixels; the landmarks are found in the
-    searched copy (so a turned face is upright for the predictor) and mapped back.
+    Returns ``(box, score, landmarks)`` in ``gray``'s pixels; the landmarks are found in
+    ``gray`` itself, or for a turned pass in the turned copy (where the face is upright)
+    and mapped back.
     """
     import dlib
 
@@ -487,7 +493,8 @@ def _dlib_pass(gray: np.ndarray, scale: float, pad: float, angle: float, cnn: fl
     p = round(pad * min(h, w))
     if p:
         img = cv2.copyMakeBorder(img, p, p, p, p, cv2.BORDER_REPLICATE)
-    fwd = np.array([[scale, 0, p], [0, scale, p]], np.float64)  # gray -> searched copy
+    sx, sy = w / gray.shape[1], h / gray.shape[0]  # the scale after rounding the size
+    fwd = np.array([[sx, 0, p], [0, sy, p]], np.float64)  # gray -> searched copy
     if angle:
         hh, ww = img.shape
         rot = cv2.getRotationMatrix2D((ww / 2, hh / 2), angle, 1.0)
