@@ -361,7 +361,9 @@ def test_alignment_geometry():
 
 def test_detector_choice_and_fallback(monkeypatch, caplog):
     with pytest.raises(PhotoError, match="unknown detector"):
-        find_faces(np.zeros((50, 50), np.uint8), PhotoConfig(detector="yolo"))
+        PhotoConfig(detector="yolo")
+    with pytest.raises(PhotoError, match="two numbers"):
+        PhotoConfig(target_nose=(0.5,))
     monkeypatch.setattr(photo, "_DLIB_STATE", {"why": "dlib is not installed"})
     img = np.zeros((100, 100), np.uint8)
     monkeypatch.setattr(photo, "detect_faces", lambda g, c: [((1, 2, 30, 30), 4.0, "detected")])

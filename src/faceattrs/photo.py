@@ -102,6 +102,13 @@ class PhotoConfig:
     margin_shift_x: float = 0.0  # crop centre right of the box centre, in box widths
     margin_shift_y: float = 0.09  # crop centre below the box centre, in box heights
 
+    def __post_init__(self) -> None:
+        if self.detector not in ("dlib", "haar"):
+            raise PhotoError(f"unknown detector {self.detector!r}: choose dlib or haar")
+        for key in ("target_right_eye", "target_left_eye", "target_nose"):
+            if len(getattr(self, key)) != 2:
+                raise PhotoError(f"{key} must be two numbers x,y, got {getattr(self, key)}")
+
     def classifier(self, name: str) -> cv2.CascadeClassifier:
         """The cascade ``name``, loaded once per thread (a cascade is not thread-safe)."""
         cache = _CASCADES.__dict__
