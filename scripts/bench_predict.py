@@ -14,7 +14,10 @@ regressors). Without ``--model`` the models are random-init at full width (speed
 depend on the weights). A measurement that would take longer than ``--budget`` seconds
 uses fewer faces (bf16 on a CPU without native bf16 is very slow) and says so.
 
-Run: ``python scripts/bench_predict.py --photos ../shared/data/photos``
+The photo path alone (decode, detect, align, crop), per detector, comes first;
+``--photo-only`` stops there.
+
+Run: ``python scripts/bench_predict.py --photos ../shared/data/photos [--photo-only]``
 """
 
 from __future__ import annotations
@@ -157,6 +160,44 @@ def bn_folding(model: str, crops: np.ndarray, batch_size: int, reps: int = 3) ->
     return tuple(out)
 
 
+def photo_path(photos: list[Path], repeats: int) -> None:
+    """Decode + detect + align + crop of one 200x200 photo (JPEG bytes in memory), per
+    detector, from one run: median and fastest latency on one thread (the fastest is the
+    cost without other jobs' interruptions), and the time per photo with two
+    threads taking photos in turn (how ``FaceAnalyzer`` runs them). Budget: 8 ms."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from faceattrs.photo import PhotoConfig, dlib_missing
+
+    data = [p.read_bytes() for p in photos]
+    names = ["haar"] + ([] if dlib_missing() else ["dlib"])
+    for name in names:
+        cfg = PhotoConfig(detector=name)
+        extract_faces(load_image(data[0]), cfg=cfg)  # models loaded before timing
+        times = []
+        for _ in range(repeats):
+            for d in data:
+                t = time.perf_counter()
+                extract_faces(load_image(d), cfg=cfg)
+                times.append(time.perf_counter() - t)
+
+        def one(d, cfg=cfg):
+            return extract_faces(load_image(d), cfg=cfg)
+
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(one, data[:2]))  # each thread loads its models
+            t = time.perf_counter()
+            list(pool.map(one, data * repeats))
+            two = (time.perf_counter() - t) / (len(data) * repeats)
+        print(
+            f"photo path ({name}): decode + detect + align + crop of a 200x200 photo: median "
+            f"{statistics.median(times) * 1e3:.2f} ms, fastest {min(times) * 1e3:.2f} ms (one "
+            f"thread, {len(times)} photos), "
+            f"{two * 1e3:.2f} ms per photo with two threads (budget 8 ms)",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", type=Path, default=Path("../shared/data/photos"))
@@ -166,12 +207,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=50, help="photos timed for the latency")
     ap.add_argument("--budget", type=float, default=300.0, help="seconds per backend, roughly")
     ap.add_argument("--backends", default="torch-fp32,onnx,torch-bf16")
+    ap.add_argument("--photo-only", action="store_true", help="only the photo path's speed")
     args = ap.parse_args()
     photos = sorted(args.photos.glob("*.jpg"))
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
         f"load average at start {os.getloadavg()[0]:.2f}"
     )
+    photo_path(photos, 5 if args.photo_only else 2)
+    if args.photo_only:
+        print(f"load average at end {os.getloadavg()[0]:.2f}")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(make_bundle(Path(tmp) / "run"))
         paths = make_folder(photos, args.faces, Path(tmp) / "folder")

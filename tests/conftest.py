@@ -3,6 +3,7 @@ synthetic face sets for logic tests."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+# ../shared/data beside the checkout; FACEATTRS_SHARED_DATA points elsewhere (a worktree)
+SHARED = Path(os.environ.get("FACEATTRS_SHARED_DATA") or REPO.parent / "shared" / "data")
 SHARED_CSV = SHARED / "utkface48.csv.gz"
 SHARED_PHOTOS = SHARED / "photos"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -129,3 +131,47 @@ def test_base_geometry_parameters_stay_in_range():
     rad = torch.deg2rad(torch.tensor(8.0))
     bound = 3 * 1.05 * (torch.cos(rad) + torch.sin(rad)) + 0.03 * 48
     assert moved.abs().max() <= bound + 1e-3 and moved.abs().max() > 3
+
+
+CAMERA = {"camera_p": 1.0, "jpeg_p": 1.0, "jpeg_quality_min": 20}
+
+
+def test_camera_options_are_off_by_default_and_leave_the_reference_alone():
+    """Off (the default, and the paper preset): strengths do not matter and nothing is
+    drawn from the generator, so the reference's batches are unchanged."""
+    images, eth = _faces()
+    other = dataclasses.replace(AugmentConfig(), gamma=0.9, contrast=0.9, noise_std=0.5)
+    torch.manual_seed(2)
+    a = Augmenter(AugmentConfig(), minority=(1, 2))(images, eth)
+    after_a = torch.rand(1)
+    torch.manual_seed(2)
+    b = Augmenter(other, minority=(1, 2))(images, eth)
+    assert torch.equal(a, b) and torch.equal(after_a, torch.rand(1))
+    assert Augmenter(AugmentConfig()).camera is None
+
+
+def test_camera_options_change_pixels_not_geometry():
+    images, eth = _faces()
+    smooth = torch.nn.functional.avg_pool2d(images[:, None].float(), 5, 1, 2)[:, 0].to(torch.uint8)
+    cfg = dataclasses.replace(IDENTITY_BASE, **CAMERA)
+    torch.manual_seed(0)
+    x = Augmenter(cfg)(smooth, eth)
+    plain = normalise(smooth)
+    assert x.shape == plain.shape and x.min() >= -1 and x.max() <= 1
+    diff = (x - plain).abs().flatten(1).mean(1)
+    assert (diff > 0.01).float().mean() > 0.9  # every op at p=1: nearly every image changes
+    r = [
+        torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]
+        for a, b in zip(x, plain, strict=True)
+    ]
+    assert torch.stack(r)[2:].median() > 0.8  # ... but stays the same face (no warp)
+
+
+def test_jitter_moves_the_face():
+    images, eth = _faces()
+    torch.manual_seed(0)
+    still = Augmenter(IDENTITY_BASE)(images, eth)
+    cfg = dataclasses.replace(IDENTITY_BASE, jitter_rotation=10.0, jitter_shift=0.05)
+    torch.manual_seed(0)
+    moved = Augmenter(cfg)(images, eth)
+    assert ((moved - still).abs().flatten(1).amax(1) > 0.1).float().mean() > 0.9

@@ -5,22 +5,31 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import SHARED_PHOTOS
 from PIL import Image
+from scenes import matches, multi_face, no_face, rotated
 
 from faceattrs import photo
 from faceattrs.photo import (
     PhotoConfig,
     PhotoError,
+    align_matrix,
+    aligned_crop,
     detect_faces,
     extract_faces,
+    find_faces,
     load_image,
     to_face_crop,
     to_gray,
+)
+
+HAAR = PhotoConfig(detector="haar")
+needs_dlib = pytest.mark.skipif(
+    photo.dlib_missing() is not None, reason=f"dlib detector unavailable: {photo.dlib_missing()}"
 )
 
 
@@ -40,9 +49,6 @@ def corr(a, b) -> float:
     a = a.astype(np.float64).ravel() - a.mean()
     b = b.astype(np.float64).ravel() - b.mean()
     return float(a @ b / np.sqrt((a @ a) * (b @ b)))
-
-
-SHARED_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
 
 
 @pytest.fixture(scope="module")
@@ -163,16 +169,22 @@ def test_bad_inputs_raise_clear_errors(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- detection and crops
 
 
-def test_every_shared_photo_gives_one_face(photos):
+DETECTORS = [pytest.param("haar", id="haar"), pytest.param("dlib", id="dlib", marks=needs_dlib)]
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_every_shared_photo_gives_one_face(photos, detector):
     paths, images = photos
+    cfg = PhotoConfig(detector=detector)
     kinds = []
     for p, img in zip(paths, images, strict=True):
-        faces = extract_faces(img)
+        faces = extract_faces(img, cfg=cfg)
         assert len(faces) == 1, p.name
         f = faces[0]
         assert f.crop.shape == (48, 48) and f.crop.dtype == np.uint8
         x, y, w, h = f.box
         assert 0 <= x and 0 <= y and x + w <= 200 and y + h <= 200 and w > 80
+        assert (f.landmarks is not None) == (detector == "dlib")
         kinds.append(f.kind)
     # measured (docs/photos.md): the precise cascade finds 22, the whole-image check the rest
     assert kinds.count("detected") >= 20 and set(kinds) <= {"detected", "whole"}
@@ -199,22 +211,22 @@ def test_whole_image_fallback_for_tight_crops(photos):
     paths, images = photos
     img = images[0]
     # neither the padded nor the general search can succeed: the check pass decides
-    (f,) = extract_faces(img, cfg=PhotoConfig(tight_min_face=2.0, min_face=1000))
+    (f,) = extract_faces(img, cfg=PhotoConfig(detector="haar", tight_min_face=2.0, min_face=1000))
     assert f.kind == "whole" and f.box == (0, 0, 200, 200)
     # a face inside a face-sized image, missed by the padded search: the general search
     framed = cv2.copyMakeBorder(img, 60, 60, 60, 60, cv2.BORDER_REPLICATE)
-    (f,) = extract_faces(framed, cfg=PhotoConfig(tight_min_face=2.0))
+    (f,) = extract_faces(framed, cfg=PhotoConfig(detector="haar", tight_min_face=2.0))
     x, y, w, h = f.box
     assert f.kind == "detected" and abs(x + w / 2 - 160) < 40 and abs(y + h / 2 - 160) < 40
     whole = [
         p.name
         for p, img in zip(paths, images, strict=True)
-        if extract_faces(img)[0].kind == "whole"
+        if extract_faces(img, cfg=HAAR)[0].kind == "whole"
     ]
     assert whole  # measured: 2 of the 24 (docs/photos.md)
     for name in whole:
         img = images[[p.name for p in paths].index(name)]
-        f = extract_faces(img)[0]
+        f = extract_faces(img, cfg=HAAR)[0]
         assert f.box == (0, 0, 200, 200)
         ref = cv2.resize(to_gray(img), (48, 48), interpolation=cv2.INTER_AREA)
         assert np.array_equal(f.crop, ref)
@@ -235,16 +247,35 @@ def compose(tiles, sizes, canvas=(600, 900), seed=0):
     return img, boxes
 
 
-def test_multi_face_composite(photos):
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_multi_face_composite(photos, detector):
     _, images = photos
     img, truth = compose([images[i] for i in (0, 5, 9, 14)], [120, 160, 100, 180])
-    faces = extract_faces(img)
+    faces = extract_faces(img, cfg=PhotoConfig(detector=detector))
     assert len(faces) == 4
     assert [f.box[0] for f in faces] == sorted(f.box[0] for f in faces)  # left to right
     for f, (x, y, s) in zip(faces, truth, strict=True):
         bx, by, bw, bh = f.box
         assert abs(bx + bw / 2 - x - s / 2) < s / 4 and abs(by + bh / 2 - y - s / 2) < s / 4
-        assert 0.7 * s < bw < 1.3 * s and f.kind == "detected"
+        assert 0.6 * s < bw < 1.3 * s and f.kind == "detected"
+
+
+@needs_dlib
+def test_composed_scenes_many_and_small_faces(photos):
+    """Random scenes (tests/scenes.py): 6 faces of 64-200 px on 960x720, and 6 small faces
+    of 40-64 px on 640x480; measured: every face found, no false box (docs/photos.md)."""
+    _, images = photos
+    rng = np.random.default_rng(3)
+    for sizes, canvas in (
+        ([64, 80, 100, 128, 160, 200], (720, 960)),
+        ([40, 46, 52, 58, 64, 64], (480, 640)),
+    ):
+        pick = rng.choice(len(images), 6, replace=False)
+        img, truth = multi_face([images[i] for i in pick], sizes, rng, canvas)
+        faces = extract_faces(img)
+        hit, false = matches([f.box for f in faces], truth)
+        assert hit >= 5 and false == 0, (sizes, hit, false)
+        assert all(f.landmarks is not None and f.crop.shape == (48, 48) for f in faces)
 
 
 def test_large_photo_and_rotated_photo(photos):
@@ -262,13 +293,83 @@ def test_large_photo_and_rotated_photo(photos):
     assert len(extract_faces(data)) == 1
 
 
-def test_no_face_gives_empty_list():
-    rng = np.random.default_rng(1)
-    for shape, sigma in (((480, 640), 8), ((200, 200), 4)):
-        noise = cv2.GaussianBlur(rng.normal(0, 1, shape).astype(np.float32), (0, 0), sigma)
-        img = cv2.normalize(noise, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-        assert extract_faces(img) == []
-    assert extract_faces(np.full((200, 200), 128, np.uint8)) == []
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_no_face_gives_empty_list(detector):
+    cfg = PhotoConfig(detector=detector)
+    images = no_face(np.random.default_rng(1))
+    if detector == "dlib":  # a miss runs every fallback (the CNN too): about 1 s each
+        images = images[::3]
+    # tiny and thin images: too small for any face (the CNN would refuse them)
+    images += [np.full(s, 100, np.uint8) for s in ((1, 1), (5, 5), (30, 7), (2, 600), (47, 600))]
+    for img in images:
+        assert extract_faces(img, cfg=cfg) == [], img.shape
+
+
+@needs_dlib
+@pytest.mark.parametrize("angle", [30, -30])
+def test_turned_face_is_found_and_levelled(photos, angle):
+    """A face turned by +-30 degrees is found (the turned retry) and its aligned crop looks
+    like the upright training crop; without the rotation it does not."""
+    _, images = photos
+    rs, flat = [], []
+    for i in (0, 7, 12, 20):
+        img, truth = rotated(images[i], angle, np.random.default_rng(i))
+        faces = extract_faces(img)
+        assert matches([f.box for f in faces], truth) == (1, 0)
+        ref = cv2.resize(to_gray(images[i]), (48, 48), interpolation=cv2.INTER_AREA)
+        rs.append(corr(faces[0].crop, ref))
+        flat.append(corr(aligned_crop(img, align_matrix(faces[0].landmarks, rotate=False)), ref))
+    # measured, +30 degrees: mean r 0.77 aligned vs 0.29 unturned (the scene's background
+    # replaces the photo's corners, so even a perfect crop stays below 1)
+    assert np.mean(rs) > 0.65 and np.mean(rs) > np.mean(flat) + 0.25, (rs, flat)
+
+
+@needs_dlib
+def test_aligned_crop_reproduces_training_crops(photos):
+    """The aligned crop of each shared photo against its 48x48 area resize (how the CSV
+    was made): measured mean r 0.924, worst 0.54 (a baby's face), docs/photos.md."""
+    _, images = photos
+    rs, tilts = [], []
+    for img in images:
+        gray = to_gray(img)
+        (d,) = find_faces(gray)
+        ref = cv2.resize(gray, (48, 48), interpolation=cv2.INTER_AREA)
+        rs.append(corr(aligned_crop(gray, align_matrix(d.landmarks)), ref))
+        (lx, ly), (rx, ry), _ = photo.eye_nose(d.landmarks)
+        tilts.append(np.degrees(np.arctan2(ry - ly, rx - lx)))
+    # UTKFace's faces are level: measured tilt median 0.4 degrees, at most about 6
+    assert abs(np.median(tilts)) < 2 and np.abs(tilts).max() < 8, tilts
+    assert np.mean(rs) > 0.88 and np.median(rs) > 0.9 and min(rs) > 0.4, rs
+
+
+def test_alignment_geometry():
+    """Landmarks mapped by the alignment land on the target; a face 10x the frame is
+    shrunk with area interpolation (a flat patch stays flat)."""
+    cfg = PhotoConfig()
+    tgt = np.array([cfg.target_right_eye, cfg.target_left_eye, cfg.target_nose]) * photo.CANON
+    ang = np.radians(25)
+    rot = np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
+    marks = (tgt[[1, 1, 0, 0, 2]] - 100) @ rot.T * 3 + 500  # dlib order: right eye first
+    m = align_matrix(marks, cfg)
+    got = photo.eye_nose(marks) @ m[:, :2].T + m[:, 2]
+    assert np.abs(got - tgt).max() < 1e-6
+    big = np.full((3000, 3000), 77, np.uint8)
+    assert (aligned_crop(big, align_matrix(marks * 5, cfg)) == 77).all()
+    with pytest.raises(PhotoError, match="outside"):
+        aligned_crop(np.zeros((50, 50), np.uint8), align_matrix(marks + 5000, cfg))
+
+
+def test_detector_choice_and_fallback(monkeypatch, caplog):
+    with pytest.raises(PhotoError, match="unknown detector"):
+        PhotoConfig(detector="yolo")
+    with pytest.raises(PhotoError, match="two numbers"):
+        PhotoConfig(target_nose=(0.5,))
+    monkeypatch.setattr(photo, "_DLIB_STATE", {"why": "dlib is not installed"})
+    img = np.zeros((100, 100), np.uint8)
+    monkeypatch.setattr(photo, "detect_faces", lambda g, c: [((1, 2, 30, 30), 4.0, "detected")])
+    with caplog.at_level("WARNING"):
+        (d,) = find_faces(img, PhotoConfig(detector="dlib"))
+    assert d.box == (1, 2, 30, 30) and d.landmarks is None and "Haar" in caplog.text
 
 
 def test_no_detect_and_crop_geometry():

@@ -55,6 +55,18 @@ class AugmentConfig:
     extra_erase_p: float = 0.3  # RandomErasing probability (torchvision's default area)
     # [ours] minority = classes with fewer than this fraction of the largest class's count
     minority_ratio: float = 0.5
+    # [ours] other cameras and detectors (docs/photos.md), on every image; all off by
+    # default (the reference has none; nothing is drawn from the generator while off)
+    camera_p: float = 0.0  # probability per image of each of contrast, gamma, blur, noise
+    contrast: float = 0.4  # contrast factor in [1 - c, 1 + c]
+    gamma: float = 0.4  # gamma in [1 / (1 + g), 1 + g]
+    blur_sigma: float = 1.2  # Gaussian blur (5x5), sigma in [0.1, this]
+    noise_std: float = 0.03  # Gaussian noise, standard deviation in [0, 1] pixel units
+    jpeg_p: float = 0.0  # probability per image of a JPEG round trip (OpenCV, on the CPU)
+    jpeg_quality_min: int = 30  # its quality in [this, 95]
+    jitter_rotation: float = 0.0  # extra rotation, +- degrees (landmark / alignment error)
+    jitter_shift: float = 0.0  # extra shift, +- fraction of the side (detector box error)
+    jitter_scale: float = 0.0  # extra scale in [1 - s, 1 + s]
 
 
 def minority_classes(ethnicity: Sequence[int] | np.ndarray | torch.Tensor, ratio: float = 0.5):
@@ -91,6 +103,23 @@ class Augmenter(nn.Module):
         self.jitter = K.ColorJitter(
             brightness=cfg.extra_brightness, contrast=cfg.extra_contrast, p=1.0
         )
+        self.camera = None
+        if cfg.camera_p > 0:
+            p, g = cfg.camera_p, cfg.gamma
+            self.camera = nn.Sequential(
+                K.RandomContrast(contrast=(1 - cfg.contrast, 1 + cfg.contrast), p=p),
+                K.RandomGamma(gamma=(1 / (1 + g), 1 + g), p=p),
+                K.RandomGaussianBlur((5, 5), (0.1, max(0.1, cfg.blur_sigma)), p=p),
+                K.RandomGaussianNoise(std=cfg.noise_std, p=p),
+            )
+
+    def jitter_matrix(self, n: int, size: int, device) -> torch.Tensor:
+        """Forward matrices of the detector / alignment jitter: rotation, scale, shift."""
+        cfg = self.cfg
+        rot = _uniform(n, -cfg.jitter_rotation, cfg.jitter_rotation, device)
+        s = _uniform(n, 1 - cfg.jitter_scale, 1 + cfg.jitter_scale, device)
+        t = _uniform((n, 2), -cfg.jitter_shift * size, cfg.jitter_shift * size, device)
+        return _translate(t) @ _about_centre(_scale(s, s) @ _rotate(rot), size)
 
     def base_matrix(self, n: int, size: int, device) -> torch.Tensor:
         """Forward matrices ``(n, 3, 3)`` of crop-with-padding, flip, rotation, affine."""
@@ -137,7 +166,13 @@ class Augmenter(nn.Module):
             k = int(mask.sum())
             if k:  # minority images: the extra geometry after the base geometry
                 m[mask] = self.extra_matrix(k, size, x.device) @ m[mask]
+            if cfg.jitter_rotation or cfg.jitter_shift or cfg.jitter_scale:
+                m = self.jitter_matrix(n, size, x.device) @ m
             x = _warp(x, m)  # one resampling for both lists
+            if self.camera is not None:
+                x = self.camera(x).clamp_(0.0, 1.0)
+            if cfg.jpeg_p > 0:
+                x = _jpeg(x, cfg.jpeg_p, cfg.jpeg_quality_min)
             x = _erase(x, cfg.erase_p, (cfg.erase_min, cfg.erase_max), cfg.erase_value)
             if k:
                 sub = self.jitter(x[mask])
@@ -216,3 +251,23 @@ def _erase(x: torch.Tensor, p: float, scale: tuple[float, float], value: float) 
     on = torch.rand(n, device=dev) < p
     mask = (rows[:, :, None] & cols[:, None, :] & on[:, None, None]).unsqueeze(1)
     return x.masked_fill(mask, value)
+
+
+def _jpeg(x: torch.Tensor, p: float, quality_min: int) -> torch.Tensor:
+    """With probability ``p`` per image, a JPEG round trip (8-bit, quality uniform in
+    [quality_min, 95]) of ``(B, 1, S, S)`` images in [0, 1]; one draw per image."""
+    import cv2
+
+    on = torch.rand(len(x), device=x.device) < p
+    q = torch.randint(int(quality_min), 96, (len(x),), device=x.device)
+    idx = torch.nonzero(on).flatten().tolist()
+    if not idx:
+        return x
+    u8 = (x[idx, 0] * 255 + 0.5).clamp_(0, 255).to(torch.uint8).cpu().numpy()
+    out = []
+    for img, quality in zip(u8, q[idx].tolist(), strict=True):
+        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+        out.append(cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) if ok else img)
+    x = x.clone()
+    x[idx, 0] = torch.from_numpy(np.stack(out)).to(x.device, x.dtype) / 255.0
+    return x

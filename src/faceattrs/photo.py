@@ -1,13 +1,18 @@
-"""Photos in, 48x48 faces out: decode, orientation, face detection, crop with margin.
+"""Photos in, 48x48 faces out: decode, orientation, face detection, alignment, crop.
 
 ``load_image`` decodes JPEG, PNG, WebP, BMP, TIFF (anything Pillow reads), applies the
 EXIF orientation and returns uint8 ``(H, W)`` for gray or ``(H, W, 3)`` RGB (alpha is
-composited on white, 16-bit is scaled to 8-bit). ``extract_faces`` finds every face with
-OpenCV's bundled Haar cascades (no download) and crops each one the way the training
-faces were made: the UTKFace "aligned & cropped" extent around the face, grayscale,
-resized to 48x48 with area interpolation. Bad input raises :class:`PhotoError`.
+composited on white, 16-bit is scaled to 8-bit). ``extract_faces`` finds every face
+(:func:`find_faces`: dlib's HOG detector with retries and its CNN detector, 5 landmarks
+per face; model files from the face_recognition_models package, nothing downloaded) and
+aligns each one the way the training faces were made: eyes and nose moved onto where
+they sit in the UTKFace "aligned & cropped" 200x200 photos (:func:`align_matrix`), then
+grayscale, resized to 48x48 with area interpolation (:func:`aligned_crop`). Without dlib
+(or ``detector="haar"``) OpenCV's bundled Haar cascades find the faces and the crop is the
+measured margin around the box (:func:`detect_faces`, :func:`to_face_crop`). Bad input
+raises :class:`PhotoError`. Measured in docs/photos.md.
 
-Detection (measured on the 24 shared photos and on composed multi-face images, see
+Haar detection (measured on the 24 shared photos and on composed multi-face images, see
 docs/photos.md):
 
 1. an image that may be a tight face crop (near-square, at most ``tight_max_side``
@@ -29,6 +34,7 @@ docs/photos.md):
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import logging
 import os
@@ -57,7 +63,24 @@ class PhotoError(FaceattrsError):
 class PhotoConfig:
     # --- decoding
     max_pixels: int = MAX_PIXELS  # refuse images with more pixels than this (0 = no limit)
-    # --- detection (OpenCV Haar cascades shipped in opencv-python, cv2.data.haarcascades)
+    # --- detector: "dlib" (HOG, then CNN on a miss; 5 landmarks for alignment; needs the
+    # dlib-bin and face_recognition_models packages) or "haar" (OpenCV cascades, no landmarks)
+    detector: str = "dlib"  # falls back to "haar" with a warning when dlib is not installed
+    align: bool = True  # dlib: rotate and scale each face from its landmarks (eyes level)
+    hog_min_face: int = 40  # dlib: smallest face searched in large images, pixels
+    quick_side: int = 100  # dlib: a small image is first searched at this short side
+    # (only faces filling most of it, as in a tight face crop: about 10x faster), 0 = off
+    hog_pad: float = 0.125  # dlib: a small image with no face is searched again, padded this much
+    hog_small_upsample: bool = True  # dlib: ... and upsampled 2x (faces under 80 px)
+    rotations: tuple[float, ...] = (30.0, -30.0)  # dlib: angles tried when nothing is found
+    cnn_max_side: int = 320  # dlib: last try, the CNN detector on a copy this long (0 = off)
+    cnn_min_score: float = 0.3  # dlib: CNN detections below this confidence are dropped
+    # alignment target: eye centres and nose tip as shares of the training crop's side
+    # (measured on the shared UTKFace photos: scripts/compare_detectors.py, docs/photos.md)
+    target_right_eye: tuple[float, ...] = (0.296, 0.300)  # (x, y) of the eye on the image's left
+    target_left_eye: tuple[float, ...] = (0.679, 0.302)  # the eye on the image's right
+    target_nose: tuple[float, ...] = (0.490, 0.590)  # the base of the nose
+    # --- Haar detection (OpenCV Haar cascades shipped in opencv-python, cv2.data.haarcascades)
     cascade: str = "haarcascade_frontalface_alt2.xml"  # precise boxes: used for every crop
     check_cascade: str = "haarcascade_frontalface_default.xml"  # higher recall: whole-image check
     scale_factor: float = 1.1  # pyramid step between searched face sizes
@@ -77,6 +100,13 @@ class PhotoConfig:
     margin_scale: float = 0.975  # crop side / box side
     margin_shift_x: float = 0.0  # crop centre right of the box centre, in box widths
     margin_shift_y: float = 0.09  # crop centre below the box centre, in box heights
+
+    def __post_init__(self) -> None:
+        if self.detector not in ("dlib", "haar"):
+            raise PhotoError(f"unknown detector {self.detector!r}: choose dlib or haar")
+        for key in ("target_right_eye", "target_left_eye", "target_nose"):
+            if len(getattr(self, key)) != 2:
+                raise PhotoError(f"{key} must be two numbers x,y, got {getattr(self, key)}")
 
     def classifier(self, name: str) -> cv2.CascadeClassifier:
         """The cascade ``name``, loaded once per thread (a cascade is not thread-safe)."""
@@ -106,6 +136,7 @@ class Face:
     crop: np.ndarray
     score: float | None = None
     kind: str = "detected"
+    landmarks: np.ndarray | None = None  # dlib's 5 points (5, 2) in the photo, or None
 
 
 # ---------------------------------------------------------------- decoding
@@ -386,6 +417,260 @@ def to_face_crop(
     return cv2.resize(region, (IMAGE_SIZE, IMAGE_SIZE), interpolation=interp)
 
 
+# ---------------------------------------------------------------- dlib: detection, landmarks
+
+CANON = 200  # side of the training faces' frame (UTKFace aligned & cropped photos)
+
+
+@dataclass
+class Detection:
+    """A face found by :func:`find_faces`: ``box`` (x, y, w, h; may leave the image),
+    detector ``score``, ``kind`` and dlib's 5 ``landmarks`` (``(5, 2)`` float, photo pixels:
+    two corners of the eye on the image's left, two of the other eye, the base of the nose;
+    None for the Haar detector)."""
+
+    box: Box
+    score: float
+    kind: str = "detected"
+    landmarks: np.ndarray | None = None
+
+
+_DLIB = threading.local()
+_DLIB_STATE: dict[str, str | None] = {}
+
+
+def dlib_missing() -> str | None:
+    """Why the dlib detector cannot be used (None when it can): a package is not installed."""
+    if "why" not in _DLIB_STATE:
+        why = None
+        if importlib.util.find_spec("dlib") is None:
+            why = "the dlib package is not installed (pip install dlib-bin)"
+        elif not os.path.isfile(_dlib_model("shape_predictor_5_face_landmarks.dat")):
+            why = "face_recognition_models is not installed (pip install face_recognition_models)"
+        _DLIB_STATE["why"] = why
+    return _DLIB_STATE["why"]
+
+
+def _dlib_model(name: str) -> str:
+    # found without importing the package: its __init__ needs pkg_resources (old setuptools)
+    spec = importlib.util.find_spec("face_recognition_models")
+    where = spec.submodule_search_locations if spec else None
+    return os.path.join(where[0], "models", name) if where else ""
+
+
+def _dlib(what: str):
+    """dlib's models, loaded once per thread: "hog", "shape" (5 landmarks) or "cnn"."""
+    cache = _DLIB.__dict__
+    if what not in cache:
+        import dlib
+
+        if what == "hog":
+            cache[what] = dlib.get_frontal_face_detector()
+        elif what == "shape":
+            cache[what] = dlib.shape_predictor(_dlib_model("shape_predictor_5_face_landmarks.dat"))
+        else:
+            cache[what] = dlib.cnn_face_detection_model_v1(
+                _dlib_model("mmod_human_face_detector.dat")
+            )
+    return cache[what]
+
+
+def _resized(gray: np.ndarray, scale: float) -> np.ndarray:
+    if scale == 1.0:
+        return gray
+    h, w = gray.shape
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(gray, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+
+
+def _dlib_pass(gray: np.ndarray, scale: float, pad: float, angle: float, cnn: float = 0.0):
+    """One detector pass on ``gray`` resized by ``scale``, padded by ``pad`` x short side,
+    turned by ``angle`` degrees (counter-clockwise, about the centre, canvas grown to fit).
+    HOG unless ``cnn`` > 0 (then the CNN, keeping faces scoring at least ``cnn``).
+
+    Returns ``(box, score, landmarks)`` in ``gray``'s pixels; the landmarks are found in
+    ``gray`` itself, or for a turned pass in the turned copy (where the face is upright)
+    and mapped back.
+    """
+    import dlib
+
+    img = _resized(gray, scale)
+    h, w = img.shape
+    p = round(pad * min(h, w))
+    if p:
+        img = cv2.copyMakeBorder(img, p, p, p, p, cv2.BORDER_REPLICATE)
+    sx, sy = w / gray.shape[1], h / gray.shape[0]  # the scale after rounding the size
+    fwd = np.array([[sx, 0, p], [0, sy, p]], np.float64)  # gray -> searched copy
+    if angle:
+        hh, ww = img.shape
+        rot = cv2.getRotationMatrix2D((ww / 2, hh / 2), angle, 1.0)
+        c, s_ = abs(rot[0, 0]), abs(rot[0, 1])
+        nw, nh = int(np.ceil(ww * c + hh * s_)), int(np.ceil(ww * s_ + hh * c))
+        rot[:, 2] += (nw - ww) / 2, (nh - hh) / 2
+        img = cv2.warpAffine(
+            img, rot, (nw, nh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
+        fwd = rot @ np.vstack([fwd, [0, 0, 1]])
+    back = cv2.invertAffineTransform(fwd)
+    if min(img.shape) < 48:  # below both detectors' smallest face (and the CNN's filters)
+        return []
+    if cnn:
+        found = [(d.rect, d.confidence) for d in _dlib("cnn")(img, 0) if d.confidence >= cnn]
+    else:
+        rects, scores, _ = _dlib("hog").run(img, 0, 0.0)
+        found = list(zip(rects, scores, strict=True))
+    shape = _dlib("shape")
+    out = []
+    for r, score in found:
+        r = dlib.rectangle(r.left(), r.top(), r.right(), r.bottom())
+        if angle:  # landmarks in the turned copy, where the face is upright
+            pts = shape(img, r)
+            marks = np.array([(p.x, p.y) for p in pts.parts()], np.float64)
+            marks = marks @ back[:, :2].T + back[:, 2]
+        else:  # landmarks at the photo's own resolution
+            (x0, y0), (x1, y1) = (
+                np.array([[r.left(), r.top()], [r.right(), r.bottom()]]) @ back[:, :2].T
+                + back[:, 2]
+            )
+            pts = shape(gray, dlib.rectangle(round(x0), round(y0), round(x1), round(y1)))
+            marks = np.array([(p.x, p.y) for p in pts.parts()], np.float64)
+        corners = np.array(
+            [
+                (r.left(), r.top()),
+                (r.right() + 1, r.top()),
+                (r.left(), r.bottom() + 1),
+                (r.right() + 1, r.bottom() + 1),
+            ],
+            np.float64,
+        )
+        corners = corners @ back[:, :2].T + back[:, 2]
+        x0, y0 = corners.min(0)
+        x1, y1 = corners.max(0)
+        box = (round(x0), round(y0), round(x1 - x0), round(y1 - y0))
+        if clip_box(box, gray.shape)[2] > 0:
+            out.append((box, float(score), marks))
+    return out
+
+
+def find_faces(gray: np.ndarray, cfg: PhotoConfig | None = None) -> list[Detection]:
+    """Every face of a uint8 gray image, left to right, with landmarks where the detector
+    gives them (``cfg.detector``; "dlib" falls back to "haar" when dlib is missing).
+
+    dlib: HOG on the image (a small one, long side up to ``tight_max_side``, first shrunk
+    to a short side of ``quick_side`` for a face that fills it, then as it is; a
+    larger one scaled so that faces of ``hog_min_face`` pixels are searched, long side at
+    most ``max_side``); when nothing is found, a small image again padded and upsampled
+    2x, then the image turned by each of ``rotations``, then the CNN detector on a copy at
+    most ``cnn_max_side`` long. Each step runs only when the ones before found nothing.
+    """
+    cfg = cfg or PhotoConfig()
+    if cfg.detector not in ("dlib", "haar"):
+        raise PhotoError(f"unknown detector {cfg.detector!r}: choose dlib or haar")
+    why = dlib_missing() if cfg.detector == "dlib" else None
+    if why and "warned" not in _DLIB_STATE:
+        _DLIB_STATE["warned"] = "yes"
+        log.warning("face detector dlib unavailable (%s): using OpenCV's Haar cascades", why)
+    if cfg.detector == "haar" or why:
+        return [Detection(b, s, k) for b, s, k in detect_faces(gray, cfg)]
+    h, w = gray.shape
+    long = max(h, w)
+    small = long <= cfg.tight_max_side
+    scale = 1.0 if small else min(cfg.max_side / long, 80 / max(1, cfg.hog_min_face))
+    tries = [(scale, 0.0, 0.0, 0.0)]
+    if small and cfg.quick_side and min(h, w) > cfg.quick_side:
+        tries.insert(0, (cfg.quick_side / min(h, w), 0.0, 0.0, 0.0))
+    if small and (cfg.hog_pad or cfg.hog_small_upsample):
+        tries.append((2.0 if cfg.hog_small_upsample else 1.0, cfg.hog_pad, 0.0, 0.0))
+    tries += [(min(scale, 1.0), 0.0, a, 0.0) for a in cfg.rotations]
+    if cfg.cnn_max_side:
+        tries.append((min(1.0, cfg.cnn_max_side / long), 0.0, 0.0, max(cfg.cnn_min_score, 1e-6)))
+    for sc, pad, angle, cnn in tries:
+        found = _dlib_pass(gray, sc, pad, angle, cnn)
+        if found:
+            break
+    keep = _suppress([(b, s) for b, s, _ in found], cfg.overlap, (h, w))
+    marks = {b: m for b, _, m in found}
+    dets = [Detection(b, s, "detected", marks[b]) for b, s in keep]
+    return sorted(dets, key=lambda d: (d.box[0], d.box[1]))
+
+
+def eye_nose(landmarks: np.ndarray) -> np.ndarray:
+    """dlib's 5 points -> ``(3, 2)``: centre of the eye on the image's left, of the other
+    eye, and the base of the nose."""
+    a, b = landmarks[0:2].mean(0), landmarks[2:4].mean(0)
+    left, right = (a, b) if a[0] <= b[0] else (b, a)
+    return np.stack([left, right, landmarks[4]])
+
+
+def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The least-squares rotation + uniform scale + shift taking points ``src`` to ``dst``
+    (both ``(N, 2)``), as a ``(2, 3)`` matrix (Umeyama, without reflection).
+
+    >>> m = similarity(np.array([[0.0, 0], [1, 0]]), np.array([[1.0, 1], [1, 3]]))
+    >>> np.round(m, 6).tolist()
+    [[0.0, -2.0, 1.0], [2.0, 0.0, 1.0]]
+    """
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s, d = src - mu_s, dst - mu_d
+    cov = d.T @ s / len(src)
+    u, sig, vt = np.linalg.svd(cov)
+    sign = np.sign(np.linalg.det(u @ vt)) or 1.0
+    e = np.diag([1.0, sign])
+    r = u @ e @ vt
+    k = float(np.trace(np.diag(sig) @ e) / ((s**2).sum() / len(src)))
+    m = np.empty((2, 3))
+    m[:, :2] = k * r
+    m[:, 2] = mu_d - m[:, :2] @ mu_s
+    return m
+
+
+def align_matrix(landmarks: np.ndarray, cfg: PhotoConfig | None = None, rotate: bool = True):
+    """Photo pixels -> the training frame (``CANON`` x ``CANON``): eyes and nose moved onto
+    the measured target (``cfg.target_*``). ``rotate=False`` keeps the photo's angle
+    (scale and shift only)."""
+    cfg = cfg or PhotoConfig()
+    src = eye_nose(landmarks)
+    dst = np.array([cfg.target_right_eye, cfg.target_left_eye, cfg.target_nose], np.float64)
+    m = similarity(src, dst * CANON)
+    if not rotate:
+        k = float(np.hypot(*m[:, 0]))
+        m[:, :2] = np.eye(2) * k
+        m[:, 2] = dst.mean(0) * CANON - k * src.mean(0)
+    return m
+
+
+def aligned_crop(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """The model's input through ``matrix`` (photo -> training frame): the frame is
+    resampled (bilinear; a large face is first shrunk with area interpolation so that the
+    frame is never sampled sparser than 2 photo pixels apart), then resized to 48x48 with
+    area interpolation, as the training CSV was made. uint8 ``(48, 48)``."""
+    gray = to_gray(image)
+    h, w = gray.shape
+    m = np.asarray(matrix, np.float64)
+    k = float(np.hypot(*m[:, 0]))  # frame pixels per photo pixel
+    inv = cv2.invertAffineTransform(m)
+    corners = np.array([[0, 0], [CANON, 0], [0, CANON], [CANON, CANON]], np.float64)
+    pre = corners @ inv[:, :2].T + inv[:, 2]
+    x0, y0 = np.floor(pre.min(0)).astype(int) - 1
+    x1, y1 = np.ceil(pre.max(0)).astype(int) + 1
+    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+    if x1 <= x0 or y1 <= y0:
+        raise PhotoError(f"aligned face lies outside the {w}x{h} image")
+    region = gray[y0:y1, x0:x1]
+    m = m.copy()
+    m[:, 2] += m[:, :2] @ np.array([x0, y0], np.float64)
+    if k < 0.5:  # shrink first: bilinear sampling would skip pixels
+        f = 2 * k
+        rh, rw = region.shape
+        size = (max(1, round(rw * f)), max(1, round(rh * f)))
+        region = cv2.resize(region, size, interpolation=cv2.INTER_AREA)
+        m[:, :2] /= np.array([size[0] / rw, size[1] / rh])[None, :]
+    frame = cv2.warpAffine(
+        region, m, (CANON, CANON), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
+    return cv2.resize(frame, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_AREA)
+
+
 def extract_faces(image, detect: bool = True, cfg: PhotoConfig | None = None) -> list[Face]:
     """Every face of ``image`` (anything :func:`load_image` takes), left to right.
 
@@ -401,7 +686,12 @@ def extract_faces(image, detect: bool = True, cfg: PhotoConfig | None = None) ->
         ]
     gray = to_gray(image)
     faces = []
-    for box, score, kind in detect_faces(gray, cfg):
-        crop = to_face_crop(gray, box, cfg, margin=kind == "detected")
-        faces.append(Face(clip_box(box, gray.shape), crop, round(score, 3), kind))
+    for d in find_faces(gray, cfg):
+        if d.landmarks is not None:
+            crop = aligned_crop(gray, align_matrix(d.landmarks, cfg, rotate=cfg.align))
+        else:
+            crop = to_face_crop(gray, d.box, cfg, margin=d.kind == "detected")
+        faces.append(
+            Face(clip_box(d.box, gray.shape), crop, round(d.score, 3), d.kind, d.landmarks)
+        )
     return faces

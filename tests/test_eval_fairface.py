@@ -1,0 +1,70 @@
+"""scripts/eval_fairface.py: age groups, the central face, the summary and its table."""
+
+from __future__ import annotations
+
+import doctest
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "eval_fairface.py"
+
+
+@pytest.fixture(scope="module")
+def ev():
+    spec = importlib.util.spec_from_file_location("eval_fairface", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_doctests(ev):
+    assert doctest.testmod(ev).failed == 0
+
+
+def test_summary_counts_missing_faces_as_wrong(ev, tmp_path):
+    rows = [
+        {
+            "gender": "Male",
+            "age": "20-29",
+            "faces": 1,
+            "pred_gender": "Male",
+            "pred_group": "20-29",
+        },
+        {
+            "gender": "Male",
+            "age": "20-29",
+            "faces": 1,
+            "pred_gender": "Female",
+            "pred_group": "30-39",
+        },
+        {"gender": "Female", "age": "70+", "faces": 0},
+        {
+            "gender": "Female",
+            "age": "70+",
+            "faces": 2,
+            "pred_gender": "Female",
+            "pred_group": "0-2",
+        },
+    ]
+    res = ev.summarise(rows)
+    assert res["overall"]["found"] == 0.75 and res["overall"]["gender_acc"] == 0.5
+    assert res["overall"]["gender_acc_found"] == pytest.approx(2 / 3)
+    assert res["overall"]["age_acc"] == 0.25 and res["overall"]["age_within_one_group"] == 0.5
+    assert res["by_age_gender"]["70+ Female"]["found"] == 0.5
+    assert res["age_confusion"]["rows_true_cols_pred"][3][4] == 1
+    md = ev.table(res)
+    assert md.count("\n") == 2 + 9 + 1 and "| **all** | 4 | 75.0 | 50.0 |" in md
+    ev.plot(res, tmp_path / "f.png", "test")
+    assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_central_face(ev):
+    recs = [{"box": [0, 0, 50, 50]}, {"box": [80, 80, 60, 60]}]
+    assert ev.central(recs, (224, 224)) is recs[1]
+
+
+def test_bad_folder_exits_2(ev, tmp_path, capsys):
+    assert ev.main(["--model", str(tmp_path), "--data", str(tmp_path)]) == 2
+    assert "no ground_truth.json" in capsys.readouterr().err
