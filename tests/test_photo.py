@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -395,3 +396,16 @@ def test_config_is_used():
     crop = to_face_crop(img, (100, 100, 100, 100), cfg)
     assert crop[24, 24] == 255 and crop[2, 2] == 0
     assert (to_face_crop(img, (100, 100, 100, 100), cfg, margin=False) == 255).all()
+
+
+def test_weak_box_beside_a_clear_face_is_dropped():
+    """The sample photo (NASA portrait): its mission badge is a weak HOG hit beside the
+    face; dropped by relative_min_score, kept when that rule is off."""
+    pytest.importorskip("dlib")
+    sample = Path(__file__).resolve().parents[1] / "examples" / "astronaut.jpg"
+    gray = cv2.imread(str(sample), cv2.IMREAD_GRAYSCALE)
+    faces = find_faces(gray, PhotoConfig())
+    assert len(faces) == 1
+    x, y, w, h = faces[0].box
+    assert 150 < x + w / 2 < 300 and 60 < y + h / 2 < 200  # the face, not the badge
+    assert len(find_faces(gray, PhotoConfig(relative_min_score=0.0))) == 2

@@ -92,6 +92,12 @@ PHOTO_RANGES = {
     "whole_min_face": (0, 1, False, False),
     "margin_scale": (0, None, True, False),
     "max_pixels": (0, None, False, False),
+    "hog_min_face": (1, None, False, False),
+    "quick_side": (0, None, False, False),
+    "hog_pad": (0, None, False, False),
+    "cnn_max_side": (0, None, False, False),
+    "cnn_min_score": (0, 1, False, False),
+    "relative_min_score": (0, 1, False, False),
 }
 
 
