@@ -22,7 +22,6 @@ provenance says so.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import shutil
@@ -36,14 +35,6 @@ LICENCE = (
     "Trained on UTKFace-derived faces (the 48x48 'Age, Gender and Ethnicity Face Data' CSV "
     "layout), which is for non-commercial research only: so are these weights."
 )
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_figures(model_dir: Path, data: Path, n: int) -> dict:
@@ -79,6 +70,7 @@ def main() -> int:
     ap.add_argument("--check-n", type=int, default=512)
     ap.add_argument("--command", default="", help="the training commands, for the record")
     args = ap.parse_args()
+    from faceattrs.prepare import file_sha256
 
     run, age = args.run, args.run / "age"
     for f in ("best.json", "best.safetensors", "config.json", "calibration.json"):
@@ -125,7 +117,7 @@ def main() -> int:
         "trained_at_commit": commit,
         "training_data": {
             "name": args.csv.name,
-            "sha256": sha256(args.csv) if args.csv.exists() else None,
+            "sha256": file_sha256(args.csv) if args.csv.exists() else None,
         },
         "machine": {"processor": platform.processor() or platform.machine(), "cores": 2},
         "check": check_figures(tmp, args.data, args.check_n),
