@@ -12,6 +12,8 @@ ONNX backend both call :func:`age_prediction`, so they cannot drift apart.
 [10.0, 40.0]
 >>> route(probs, per_bin, "soft").round(6).tolist()
 [16.0, 34.4]
+>>> route_by_bin(per_bin, np.array([1, 0])).tolist()
+[30.0, 12.0]
 >>> year_probs_to_bins(np.array([[0.1, 0.2, 0.3, 0.4]]), [2]).tolist()
 [[0.30000000000000004, 0.7]]
 """

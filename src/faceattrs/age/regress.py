@@ -8,14 +8,8 @@ early-stopped on that bin's validation faces. Predictions are combined by routin
 - ``soft``: the bin probabilities weight all regressors' outputs;
 - ``oracle``: the regressor of the true bin (needs the true age: evaluation only).
 
->>> probs = np.array([[0.7, 0.3], [0.2, 0.8]])
->>> per_bin = np.array([[10.0, 30.0], [12.0, 40.0]])
->>> route(probs, per_bin, "hard").tolist()
-[10.0, 40.0]
->>> route(probs, per_bin, "soft").round(6).tolist()
-[16.0, 34.4]
->>> route_by_bin(per_bin, np.array([1, 0])).tolist()
-[30.0, 12.0]
+Routing itself (``route``, ``route_by_bin``) lives in :mod:`faceattrs.postprocess`, shared
+with the ONNX backend; its examples are there.
 """
 
 from __future__ import annotations
