@@ -70,6 +70,7 @@ class Bundle:
     meta: dict[str, Any]  # that checkpoint's settings, or the ONNX manifest
     heads: dict[str, list[str]]
     temperatures: dict[str, float] = field(default_factory=dict)
+    flip_tta: bool = False  # mirror-image averaging chosen by `faceattrs calibrate`
     age_dir: Path | None = None
     age: dict[str, Any] | None = None
 
@@ -95,6 +96,7 @@ class Bundle:
             "epoch": self.meta.get("epoch"),
             "data": self.meta.get("data"),
             "calibrated": bool(self.temperatures),
+            "flip_tta": self.flip_tta,
         }
 
     def torch_bundle(self) -> Bundle:
@@ -113,7 +115,9 @@ class Bundle:
         """The multitask network in eval mode, and its checkpoint settings."""
         if self.checkpoint is None:
             raise FaceattrsError(f"{self.path} is an ONNX export: use it with --backend onnx")
-        return load_model(self.checkpoint, device=device)
+        model, meta = load_model(self.checkpoint, device=device)
+        model.flip_tta = self.flip_tta
+        return model, meta
 
     def load_age(self, device: str | torch.device = "cpu") -> AgeModel | None:
         """The age model (coarse classifier, per-bin regressors, direct head), or None."""
@@ -198,12 +202,21 @@ def weights_id(run_dir: str | Path, name: str = BEST) -> str | None:
 def read_temperatures(run_dir: str | Path) -> dict[str, float]:
     """``{head: T}`` from ``RUN/calibration.json``; ``{}`` when the run is not calibrated, or
     was calibrated for other weights (a warning says so)."""
+    return read_calibration(run_dir)[0]
+
+
+def read_calibration(run_dir: str | Path) -> tuple[dict[str, float], bool]:
+    """``({head: T}, flip_tta)`` from ``RUN/calibration.json``; ``({}, False)`` when the run
+    is not calibrated, or was calibrated for other weights (a warning says so)."""
     path = Path(run_dir) / CALIBRATION_FILE
     if not path.exists():
-        return {}
+        return {}, False
     try:
         saved = json.loads(path.read_text())
         temps = {str(k): float(v) for k, v in saved["temperatures"].items()}
+        flip = saved.get("flip_tta", False)
+        if not isinstance(flip, bool):
+            raise ValueError(f"flip_tta must be true or false, got {flip!r}")
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
         raise FaceattrsError(
             f"{path} is not a calibration file ({e}); delete it or rerun `faceattrs calibrate`"
@@ -213,8 +226,8 @@ def read_temperatures(run_dir: str | Path) -> dict[str, float]:
             "%s was fitted for other weights (retrained?): ignored; rerun `faceattrs calibrate`",
             path,
         )
-        return {}
-    return temps
+        return {}, False
+    return temps, flip
 
 
 # ---------------------------------------------------------------- the kinds
@@ -239,6 +252,7 @@ def _run(run_dir: Path, path: Path, age_dir: Path | None = None) -> Bundle:
     meta = read_meta(ckpt)
     if age_dir is None and (run_dir / "age" / AGE_JSON).exists():
         age_dir = run_dir / "age"
+    temperatures, flip_tta = read_calibration(run_dir)
     return Bundle(
         kind="run",
         path=path,
@@ -246,7 +260,8 @@ def _run(run_dir: Path, path: Path, age_dir: Path | None = None) -> Bundle:
         checkpoint=ckpt,
         meta=meta,
         heads=_heads(meta, ckpt),
-        temperatures=read_temperatures(run_dir),
+        temperatures=temperatures,
+        flip_tta=flip_tta,
         age_dir=age_dir,
         age=_read_age_json(age_dir) if age_dir is not None else None,
     )
@@ -275,7 +290,8 @@ def _export(path: Path) -> Bundle:
         temps = {str(k): float(v) for k, v in (m.get("temperatures") or {}).items()}
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise CheckpointError(f"{path / ONNX_MANIFEST}: bad class names ({e})") from None
-    return Bundle("onnx", path, None, None, m, heads, temps, age=m.get("age"))
+    flip = m.get("flip_tta") is True  # baked into the graph; recorded for describe()
+    return Bundle("onnx", path, None, None, m, heads, temps, flip, age=m.get("age"))
 
 
 def _multitask_of_age_run(age_dir: Path) -> Path:

@@ -8,6 +8,12 @@ confident the probabilities are.
 
 Command: ``faceattrs calibrate --model runs/paper`` (validation split of the run's data).
 
+The same step decides flip test-time augmentation (``--flip-tta auto``, the default): the
+logits of each face and of its mirror image are averaged when that raises the validation
+score (mean macro-F1 of the heads, the training's selection metric); the choice and both
+scores are saved in ``calibration.json`` and the temperatures are fitted to the logits
+that prediction will use.
+
 >>> probs = np.array([[0.75, 0.25]] * 4)     # four predictions of class 0 at 0.75
 >>> expected_calibration_error(probs, np.array([0, 0, 0, 1]))  # 3 of 4 right: calibrated
 0.0
@@ -141,14 +147,48 @@ def apply_temperatures(
     return {head: softmax(z, temps.get(head, 1.0)) for head, z in logits.items()}
 
 
-def calibrate_run(
-    model_dir: str | Path, faces: FaceSet, n_bins: int = N_BINS, device: str = "cpu"
-) -> dict:
-    """Fit one temperature per head on the validation rows of ``faces``; save and plot.
+FLIP_TTA_CHOICES = ("auto", "on", "off")
 
-    Writes ``RUN/calibration.json`` (temperatures, and ECE / NLL / reliability bins before
-    and after on validation, and on test when the data has a test split: the held-out
-    check that the fit generalises) and ``RUN/calibration/reliability_HEAD.png``.
+
+def val_score(logits: dict[str, np.ndarray], faces: FaceSet, heads) -> float:
+    """Mean macro-F1 of ``heads`` (the training's model-selection score)."""
+    from sklearn.metrics import f1_score
+
+    f1 = [
+        f1_score(getattr(faces, h), logits[h].argmax(1), average="macro", zero_division=0)
+        for h in heads
+    ]
+    return round(float(np.mean(f1)), 4)
+
+
+def choose_flip_tta(model, val: FaceSet, heads, mode: str = "auto") -> tuple[bool, dict]:
+    """Whether to average each face's logits with its mirror image's: ``mode`` "on"/"off",
+    or "auto" = when it raises the validation score. Returns ``(choice, scores)``."""
+    if mode not in FLIP_TTA_CHOICES:
+        raise FaceattrsError(f"flip_tta must be one of {', '.join(FLIP_TTA_CHOICES)}, got {mode!r}")
+    scores = {}
+    for flip in (False, True):
+        model.flip_tta = flip
+        scores["flip" if flip else "plain"] = val_score(predict(model, val.images), val, heads)
+    choice = {"on": True, "off": False}.get(mode, scores["flip"] > scores["plain"])
+    model.flip_tta = choice
+    return choice, {"mode": mode, "val_score": scores}
+
+
+def calibrate_run(
+    model_dir: str | Path,
+    faces: FaceSet,
+    n_bins: int = N_BINS,
+    device: str = "cpu",
+    flip_tta: str = "auto",
+) -> dict:
+    """Choose flip TTA (:func:`choose_flip_tta`) and fit one temperature per head on the
+    validation rows of ``faces``; save and plot.
+
+    Writes ``RUN/calibration.json`` (flip-TTA choice, temperatures, and ECE / NLL /
+    reliability bins before and after on validation, and on test when the data has a test
+    split: the held-out check that the fit generalises) and
+    ``RUN/calibration/reliability_HEAD.png``.
     """
     from .plots import evaluate as plots
 
@@ -160,9 +200,17 @@ def calibrate_run(
         raise FaceattrsError(
             "the data has no validation rows: calibrate needs a prepared (split) data set"
         )
-    logits = {s: predict(model, f.images) for s, f in parts.items() if len(f)}
     heads = [h for h in model.cfg.heads if hasattr(faces, h)]
-    result = {"temperatures": {}, "fitted_on": "val", "n_bins": n_bins, "heads": {}}
+    flip, selection = choose_flip_tta(model, parts["val"], heads, flip_tta)
+    log.info(
+        "flip TTA %s (validation score plain %.4f, flip %.4f)",
+        "on" if flip else "off",
+        selection["val_score"]["plain"],
+        selection["val_score"]["flip"],
+    )
+    logits = {s: predict(model, f.images) for s, f in parts.items() if len(f)}
+    result = {"flip_tta": flip, "flip_tta_selection": selection}
+    result.update({"temperatures": {}, "fitted_on": "val", "n_bins": n_bins, "heads": {}})
     result["weights_sha256"] = weights_id(model_dir)
     for head in heads:
         t = fit_temperature(logits["val"][head], getattr(parts["val"], head))

@@ -38,15 +38,24 @@ DISPLAY_SIZE = 192  # pixels of a displayed overlay (4x the model's input)
 def layer_cam(
     model: torch.nn.Module, x: torch.Tensor, head: str, target: torch.Tensor
 ) -> torch.Tensor:
-    """Raw Grad-CAM ``(B, h, w)`` (ReLU'd, unscaled) of ``head``'s logit ``target`` at the CAM layer."""
+    """Raw Grad-CAM ``(B, h, w)`` (ReLU'd, unscaled) of ``head``'s logit ``target`` at the CAM layer.
+
+    The map explains the face as given: a model's flip TTA is off while the map is taken
+    (its second, mirrored pass would otherwise be the one the layer hook records).
+    """
     try:
         from captum.attr import LayerGradCam  # optional dependency: faceattrs[explain]
     except ImportError:
         raise FaceattrsError("Grad-CAM needs captum: pip install 'faceattrs[explain]'") from None
     layer = model.get_submodule(model.cam_layer)
     cam = LayerGradCam(lambda inp: model(inp)[head], layer)
-    with torch.enable_grad():
-        attr = cam.attribute(x, target=target, relu_attributions=True)
+    flip = getattr(model, "flip_tta", False)
+    model.flip_tta = False
+    try:
+        with torch.enable_grad():
+            attr = cam.attribute(x, target=target, relu_attributions=True)
+    finally:
+        model.flip_tta = flip
     return attr.detach()[:, 0]
 
 

@@ -159,6 +159,7 @@ def export_onnx(
         "graphs": graphs,
         "class_names": tm.class_names,
         "temperatures": tm.temperatures,
+        "flip_tta": tm.bundle.flip_tta,  # inside the multitask graph
         "age": age_meta,
     }
     write_json_atomic(out_dir / MANIFEST, manifest)

@@ -94,9 +94,16 @@ class Head(nn.Module):
 
 
 class FaceResNet(nn.Module):
-    """Backbone (stem + 4 stages + global average pool) and one :class:`Head` per task."""
+    """Backbone (stem + 4 stages + global average pool) and one :class:`Head` per task.
+
+    ``flip_tta``: in eval mode, each head's logits are the mean of the logits of the face
+    and of its mirror image (flip test-time augmentation). Off by default and never used in
+    training; ``faceattrs calibrate`` turns it on for a run when it raises the validation
+    score, and :meth:`faceattrs.bundle.Bundle.load_multitask` applies that choice.
+    """
 
     cam_layer = "stages.3"  # last residual stage, 6x6 maps at 48x48 input
+    flip_tta = False
 
     def __init__(self, cfg: ModelConfig | None = None):
         super().__init__()
@@ -150,7 +157,17 @@ class FaceResNet(nn.Module):
         return {name: head(z) for name, head in self.heads.items()}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.forward_head(self.embed(x))
+        return self.logits_and_embedding(x)[0]
+
+    def logits_and_embedding(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Logits per head (flip-averaged when ``flip_tta`` in eval mode) and the embedding
+        of ``x`` itself."""
+        z = self.embed(x)
+        out = self.forward_head(z)
+        if self.flip_tta and not self.training:
+            mirrored = self.forward_head(self.embed(torch.flip(x, dims=(-1,))))
+            out = {k: (v + mirrored[k]) / 2 for k, v in out.items()}
+        return out, z
 
 
 def fuse_batchnorm(model: nn.Module) -> nn.Module:
@@ -198,7 +215,8 @@ def predict(
     """Logits per head for uint8 faces ``(N, 48, 48)``, as float32 numpy ``(N, K)``.
 
     With ``embed=True`` the result also holds ``"embedding"`` ``(N, D)``.
-    The model is put in eval mode; nothing is augmented.
+    The model is put in eval mode; nothing is augmented, except the mirror image when the
+    model's ``flip_tta`` is on.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
@@ -206,8 +224,7 @@ def predict(
     images = torch.as_tensor(images)
     for start in range(0, len(images), batch_size):
         x = normalise(images[start : start + batch_size].to(device))
-        z = model.embed(x)
-        logits = model.forward_head(z)
+        logits, z = model.logits_and_embedding(x)
         if embed:
             logits = {**logits, "embedding": z}
         for k, v in logits.items():

@@ -14,6 +14,13 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--bins", type=int, default=15, help="equal-width confidence bins for ECE (default 15)"
     )
+    p.add_argument(
+        "--flip-tta",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="average each face's logits with its mirror image's: auto (default) = when that "
+        "raises the validation score",
+    )
 
 
 def run(args) -> int:
@@ -21,7 +28,18 @@ def run(args) -> int:
     from ..evaluate import load_data, resolve_device
 
     faces = load_data(args.model, args.data, "val")
-    result = calibrate_run(args.model, faces, n_bins=args.bins, device=resolve_device(args.device))
+    result = calibrate_run(
+        args.model,
+        faces,
+        n_bins=args.bins,
+        device=resolve_device(args.device),
+        flip_tta=args.flip_tta,
+    )
+    scores = result["flip_tta_selection"]["val_score"]
+    print(
+        f"flip TTA: {'on' if result['flip_tta'] else 'off'} "
+        f"(validation score plain {scores['plain']:.4f}, flip {scores['flip']:.4f})"
+    )
     for head, t in result["temperatures"].items():
         parts = [
             f"{s} ECE {v['ece_before']:.4f} -> {v['ece_after']:.4f}"
