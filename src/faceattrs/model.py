@@ -162,12 +162,14 @@ class FaceResNet(nn.Module):
     def logits_and_embedding(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Logits per head (flip-averaged when ``flip_tta`` in eval mode) and the embedding
         of ``x`` itself."""
-        z = self.embed(x)
-        out = self.forward_head(z)
-        if self.flip_tta and not self.training:
-            mirrored = self.forward_head(self.embed(torch.flip(x, dims=(-1,))))
-            out = {k: (v + mirrored[k]) / 2 for k, v in out.items()}
-        return out, z
+        if not (self.flip_tta and not self.training):
+            z = self.embed(x)
+            return self.forward_head(z), z
+        # one batch of faces and mirror images: faster than two passes for small batches
+        both = self.embed(torch.cat([x, torch.flip(x, dims=(-1,))]))
+        z, z_mirror = both.chunk(2)
+        out, mirrored = self.forward_head(z), self.forward_head(z_mirror)
+        return {k: (v + mirrored[k]) / 2 for k, v in out.items()}, z
 
 
 def fuse_batchnorm(model: nn.Module) -> nn.Module:
