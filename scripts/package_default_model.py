@@ -11,7 +11,7 @@ folder is built beside it and renamed into place, so a kill leaves the old or th
   when it is the default approach), with the multitask link made relative (``..``) and the
   absolute training path dropped;
 - ``provenance.json``: the commands, the training data's name and hash, the machine, the
-  test figures of the run (``eval/metrics.json``), and a check: gender / ethnicity accuracy
+  run the age model was fine-tuned from, and a check: gender / ethnicity accuracy
   and age MAE of the packaged model on the first ``--check-n`` validation faces, which
   ``tests/test_default_model.py`` recomputes.
 
@@ -66,13 +66,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="multitask run folder with age/")
     ap.add_argument("--data", type=Path, required=True, help="the prepared data it was trained on")
+    ap.add_argument(
+        "--age",
+        type=Path,
+        default=None,
+        help="the age run to ship (default RUN/age); it may come from another multitask run "
+        "trained on the same data and split: the age model is a network of its own",
+    )
     ap.add_argument("--csv", type=Path, default=REPO.parent / "shared/data/utkface48.csv.gz")
     ap.add_argument("--check-n", type=int, default=512)
     ap.add_argument("--command", default="", help="the training commands, for the record")
     args = ap.parse_args()
     from faceattrs.prepare import file_sha256
 
-    run, age = args.run, args.run / "age"
+    run, age = args.run, args.age or args.run / "age"
     for f in ("best.json", "best.safetensors", "config.json", "calibration.json"):
         if not (run / f).exists():
             sys.exit(f"package_default_model: {run / f} is missing")
@@ -107,10 +114,7 @@ def main() -> int:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
-    test = {}
-    for name, path in (("multitask", run / "eval" / "metrics.json"), ("age", age / "metrics.json")):
-        if path.exists():
-            test[name] = str(path)
+    age_from = json.loads((age / "age.json").read_text()).get("multitask_absolute")
     prov = {
         "licence": LICENCE,
         "commands": args.command,
@@ -120,6 +124,7 @@ def main() -> int:
             "sha256": file_sha256(args.csv) if args.csv.exists() else None,
         },
         "machine": {"processor": platform.processor() or platform.machine(), "cores": 2},
+        "age_model_fine_tuned_from": Path(age_from).name if age_from else None,
         "check": check_figures(tmp, args.data, args.check_n),
     }
     (tmp / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
