@@ -164,3 +164,88 @@ def test_onnx_export_bakes_the_flip_in(tta_run, tmp_path):
     faces = np.random.default_rng(3).integers(0, 256, (4, 48, 48), dtype=np.uint8)
     onnx = OnnxBackend(tmp_path / "onnx").logits(faces)["gender"]
     assert np.allclose(onnx, TorchBackend(run).logits(faces)["gender"], atol=1e-3)
+
+
+# ---------------------------------------------------------------- the age model
+
+
+@pytest.fixture(scope="module")
+def age_run(tmp_path_factory):
+    from test_predict import make_run
+
+    return make_run(tmp_path_factory.mktemp("agerun"))
+
+
+def _age_val():
+    faces = split_faces()
+    faces.age[:] = np.arange(len(faces)) % 80 + 1
+    return faces
+
+
+def test_age_flip_is_the_mean_of_face_and_mirror(age_run):
+    am = resolve(age_run).load_age()
+    faces = np.random.default_rng(4).integers(0, 256, (5, 48, 48), dtype=np.uint8)
+    mirror = np.ascontiguousarray(faces[:, :, ::-1])
+    am.flip_tta = False
+    (la, pa), (lb, pb) = am.two_stage_outputs(faces), am.two_stage_outputs(mirror)
+    da, db = am.direct_predict(faces), am.direct_predict(mirror)
+    am.flip_tta = True
+    lf, pf = am.two_stage_outputs(faces)
+    assert np.allclose(lf, (la + lb) / 2, atol=1e-5) and np.allclose(pf, (pa + pb) / 2, atol=1e-4)
+    assert np.allclose(am.direct_predict(faces)["value"], am.direct_predict(mirror)["value"], atol=1e-3)
+    assert not np.allclose(da["value"], db["value"], atol=1e-3)  # the flip is not a no-op
+    out = am.two_stage(faces)
+    assert out["embedding"].shape[0] == 5  # the face's own embedding
+
+
+def test_choose_age_flip_refits_the_interval(age_run):
+    from faceattrs.age.bundle import choose_flip_tta as choose_age
+
+    am = resolve(age_run).load_age()
+    val = _age_val().subset("val")
+    choice, sel = choose_age(am, val, "auto")
+    assert choice == (sel["val_mae"]["flip"] < sel["val_mae"]["plain"]) and am.flip_tta == choice
+    assert am.interval is not None and am.interval["alpha"] == pytest.approx(0.1)
+    on = choose_age(am, val, "on")[0]
+    width_on = am.interval
+    off = choose_age(am, val, "off")[0]
+    assert on is True and off is False and am.interval != width_on  # refitted each time
+    with pytest.raises(Exception, match="flip_tta must be one of"):
+        choose_age(am, val, "perhaps")
+
+
+def test_calibrate_chooses_for_the_age_model_too(tmp_path):
+    from test_predict import make_run
+
+    run = make_run(tmp_path / "run")
+    result = calibrate_run(run, _age_val(), flip_tta="on")
+    assert result["age"]["flip_tta"] is True
+    saved = json.loads((run / "age" / "age.json").read_text())
+    assert saved["flip_tta"] is True and set(saved["flip_tta_selection"]["val_mae"]) == {
+        "plain",
+        "flip",
+    }
+    assert resolve(run).load_age().flip_tta is True
+    pytest.importorskip("onnxruntime")
+    from faceattrs.backends import OnnxBackend
+    from faceattrs.export import MANIFEST, agreement, export_onnx
+
+    export_onnx(run, tmp_path / "onnx")
+    m = json.loads((tmp_path / "onnx" / MANIFEST).read_text())
+    assert m["age"]["flip_tta"] is True
+    faces = np.random.default_rng(5).integers(0, 256, (6, 48, 48), dtype=np.uint8)
+    diffs = agreement(TorchBackend(run), OnnxBackend(tmp_path / "onnx"), faces)
+    assert diffs["age_years"] <= 1e-2 and diffs["age_bin_probabilities"] <= 1e-3
+
+
+def test_bad_age_flip_value_is_one_clear_error(tmp_path):
+    from test_predict import make_run
+
+    from faceattrs.checkpoint import CheckpointError
+
+    run = make_run(tmp_path / "run")
+    meta = json.loads((run / "age" / "age.json").read_text())
+    meta["flip_tta"] = "yes"
+    (run / "age" / "age.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="flip_tta must be true or false"):
+        resolve(run).load_age()

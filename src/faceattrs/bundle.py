@@ -345,7 +345,10 @@ def _load_age(age_dir: Path, meta: dict, device) -> AgeModel:
             direct=direct,
             clip=tuple(meta["clip"]),
             interval=meta.get("interval"),
+            flip_tta=meta.get("flip_tta", False),
         )
+        if not isinstance(model.flip_tta, bool):
+            raise TypeError(f"flip_tta must be true or false, got {model.flip_tta!r}")
     except (KeyError, TypeError, RuntimeError) as e:
         first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else repr(e)
         raise CheckpointError(f"{age_dir}: inconsistent age model: {first}") from None

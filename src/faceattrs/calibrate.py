@@ -241,4 +241,26 @@ def calibrate_run(
             summary["ece_after"],
         )
     write_json_atomic(model_dir / CALIBRATION_FILE, result)
+    if bundle.age_dir is not None and bundle.age is not None:
+        result["age"] = calibrate_age_flip(bundle, parts["val"], flip_tta, device)
     return result
+
+
+def calibrate_age_flip(bundle, val: FaceSet, mode: str = "auto", device: str = "cpu") -> dict:
+    """Choose flip TTA for the bundle's age model on validation (lower MAE of its default
+    approach), refit its 90 % interval to the predictions it will make, and rewrite its
+    ``age.json`` (one atomic write: the weights do not change)."""
+    from .age.bundle import AGE_JSON, choose_flip_tta
+
+    model = bundle.load_age(device)
+    choice, selection = choose_flip_tta(model, val, mode)
+    log.info(
+        "age flip TTA %s (validation MAE plain %.3f, flip %.3f)",
+        "on" if choice else "off",
+        selection["val_mae"]["plain"],
+        selection["val_mae"]["flip"],
+    )
+    meta = {**bundle.age, "flip_tta": choice, "flip_tta_selection": selection}
+    meta["interval"] = model.interval
+    write_json_atomic(bundle.age_dir / AGE_JSON, meta)
+    return {"flip_tta": choice, **selection}

@@ -52,23 +52,37 @@ class _Multitask(nn.Module):
         return tuple(out[h] for h in self.heads)
 
 
+def _with_mirror(faces, flip: bool):
+    """The normalised faces, followed by their mirror images when ``flip``."""
+    x = normalise(faces)
+    return torch.cat([x, torch.flip(x, dims=(-1,))]) if flip else x
+
+
+def _mean_halves(t, flip: bool):
+    if not flip:
+        return t
+    a, b = t.chunk(2)
+    return (a + b) / 2
+
+
 class _TwoStage(nn.Module):
-    def __init__(self, coarse, regressors, head: str):
+    def __init__(self, coarse, regressors, head: str, flip: bool = False):
         super().__init__()
-        self.coarse, self.regressors, self.head = coarse, regressors, head
+        self.coarse, self.regressors, self.head, self.flip = coarse, regressors, head, flip
 
     def forward(self, faces):
-        z = self.coarse.embed(normalise(faces))
-        return self.coarse.forward_head(z)[self.head], self.regressors(z)
+        z = self.coarse.embed(_with_mirror(faces, self.flip))
+        logits = self.coarse.forward_head(z)[self.head]
+        return _mean_halves(logits, self.flip), _mean_halves(self.regressors(z), self.flip)
 
 
 class _Direct(nn.Module):
-    def __init__(self, direct, head: str):
+    def __init__(self, direct, head: str, flip: bool = False):
         super().__init__()
-        self.direct, self.head = direct, head
+        self.direct, self.head, self.flip = direct, head, flip
 
     def forward(self, faces):
-        return self.direct(normalise(faces))[self.head]
+        return _mean_halves(self.direct(_with_mirror(faces, self.flip))[self.head], self.flip)
 
 
 def _export_graph(module: nn.Module, path: Path, outputs: list[str], opset: int) -> None:
@@ -124,7 +138,7 @@ def export_onnx(
     if am is not None:
         graphs["age_two_stage"] = "age_two_stage.onnx"
         _export_graph(
-            _TwoStage(am.coarse, am.regressors, COARSE_HEAD),
+            _TwoStage(am.coarse, am.regressors, COARSE_HEAD, am.flip_tta),
             out_dir / graphs["age_two_stage"],
             ["age_bin", "per_bin"],
             opset,
@@ -132,7 +146,7 @@ def export_onnx(
         if am.direct is not None:
             graphs["age_direct"] = "age_direct.onnx"
             _export_graph(
-                _Direct(am.direct, DIRECT_HEAD),
+                _Direct(am.direct, DIRECT_HEAD, am.flip_tta),
                 out_dir / graphs["age_direct"],
                 ["age_years"],
                 opset,
@@ -144,6 +158,7 @@ def export_onnx(
             "routing": am.routing,
             "clip": [float(c) for c in am.clip],
             "interval": am.interval,
+            "flip_tta": am.flip_tta,  # inside the age graphs
         }
     manifest = {
         "format": FORMAT,

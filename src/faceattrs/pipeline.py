@@ -59,7 +59,8 @@ def run_all(
     cfg = resume_settings(out, overrides)[0] if resume else resolve_config(preset, overrides)
     stage("train", fit, faces, out, cfg, resume=resume, data_ref=str(prepared.resolve()),
           progress=progress)  # fmt: skip
-    stage("calibrate", calibrate_run, out, faces)
+    # the reference has no test-time flip: the paper preset keeps it off
+    stage("calibrate", calibrate_run, out, faces, flip_tta="off" if preset == "paper" else "auto")
     if age:
         from .age import PRESETS as AGE_PRESETS
         from .age import AgeConfig, train_age

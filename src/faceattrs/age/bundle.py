@@ -53,6 +53,7 @@ class AgeModel:
     clip: tuple[float, float] = (1.0, 100.0)
     batch_size: int = 512
     interval: dict | None = None  # split-conformal half-widths (age.conformal), fitted on val
+    flip_tta: bool = False  # average face and mirror image (chosen on val: choose_flip_tta)
 
     @property
     def bin_labels(self) -> list[str]:
@@ -80,30 +81,46 @@ class AgeModel:
             z = torch.as_tensor(embedding, device=self.device)
             return self.regressors.eval()(z).double().cpu().numpy()
 
+    def _two_stage_raw(self, images) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Bin logits, per-bin ages (face and mirror averaged when ``flip_tta``) and the
+        face's own embedding."""
+        out = predict_faces(self.coarse, images, self.batch_size, embed=True)
+        logits, per_bin = out[COARSE_HEAD], self._per_bin(out["embedding"])
+        if self.flip_tta:
+            m = predict_faces(self.coarse, _mirror(images), self.batch_size, embed=True)
+            logits = (logits + m[COARSE_HEAD]) / 2
+            per_bin = (per_bin + self._per_bin(m["embedding"])) / 2
+        return logits, per_bin, out["embedding"]
+
     def two_stage_outputs(self, images) -> tuple[np.ndarray, np.ndarray]:
         """Coarse bin logits ``(N, K)`` and each bin's regressor's age ``(N, K)``."""
-        out = predict_faces(self.coarse, images, self.batch_size, embed=True)
-        return out[COARSE_HEAD], self._per_bin(out["embedding"])
+        return self._two_stage_raw(images)[:2]
 
     def two_stage(self, images) -> dict[str, np.ndarray]:
         """``(N, 48, 48)`` uint8 -> bin probabilities ``(N, K)``, per-bin ages ``(N, K)``,
         hard- and soft-routed ages ``(N,)`` and the embedding ``(N, D)``."""
-        out = predict_faces(self.coarse, images, self.batch_size, embed=True)
-        probs = softmax(out[COARSE_HEAD])
-        per_bin = self._per_bin(out["embedding"])
+        logits, per_bin, embedding = self._two_stage_raw(images)
+        probs = softmax(logits)
         return {
             "bin_probabilities": probs,
             "per_bin": per_bin,
             "hard": self._clip(route(probs, per_bin, "hard")),
             "soft": self._clip(route(probs, per_bin, "soft")),
-            "embedding": out["embedding"],
+            "embedding": embedding,
         }
 
-    def direct_predict(self, images) -> dict[str, np.ndarray]:
-        """Expected age ``(N,)`` and bin probabilities ``(N, K)`` (per-year mass summed per bin)."""
+    def _direct_logits(self, images) -> np.ndarray:
         if self.direct is None:
             raise CheckpointError("this age model has no direct head")
         logits = predict_faces(self.direct, images, self.batch_size)[directmod.HEAD]
+        if self.flip_tta:
+            mirrored = predict_faces(self.direct, _mirror(images), self.batch_size)
+            logits = (logits + mirrored[directmod.HEAD]) / 2
+        return logits
+
+    def direct_predict(self, images) -> dict[str, np.ndarray]:
+        """Expected age ``(N,)`` and bin probabilities ``(N, K)`` (per-year mass summed per bin)."""
+        logits = self._direct_logits(images)
         out = age_prediction("direct", edges=self.edges, clip=self.clip, year_logits=logits)
         return {"value": out["value"], "bin_probabilities": out["bin_probabilities"]}
 
@@ -123,14 +140,38 @@ class AgeModel:
         if approach == self.approach and routing in (None, self.routing):
             kw["interval"] = self.interval  # fitted for the default approach and routing only
         if approach == "direct":
-            if self.direct is None:
-                raise CheckpointError("this age model has no direct head")
-            logits = predict_faces(self.direct, images, self.batch_size)[directmod.HEAD]
-            return age_prediction("direct", year_logits=logits, **kw)
+            return age_prediction("direct", year_logits=self._direct_logits(images), **kw)
         if approach != "two_stage":
             raise CheckpointError(f"unknown age approach {approach!r}; use one of {APPROACHES}")
         bin_logits, per_bin = self.two_stage_outputs(images)
         return age_prediction("two_stage", bin_logits=bin_logits, per_bin=per_bin, **kw)
+
+
+def _mirror(images) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(images)[..., ::-1])
+
+
+def choose_flip_tta(model: AgeModel, val, mode: str = "auto") -> tuple[bool, dict]:
+    """Average each face's age outputs with its mirror image's? ``mode`` "on" / "off", or
+    "auto" = when that lowers the validation MAE of the default approach and routing.
+    Sets ``model.flip_tta`` and refits the 90 % interval (split-conformal on the validation
+    predictions the model will now make). Returns ``(choice, selection)``."""
+    from . import conformal
+
+    if mode not in ("auto", "on", "off"):
+        raise CheckpointError(f"flip_tta must be one of auto, on, off, got {mode!r}")
+    maes, preds = {}, {}
+    for flip in (False, True):
+        model.flip_tta = flip
+        preds[flip] = model.predict(val.images)
+        maes["flip" if flip else "plain"] = round(
+            float(np.abs(preds[flip]["value"] - val.age).mean()), 4
+        )
+    choice = {"on": True, "off": False}.get(mode, maes["flip"] < maes["plain"])
+    model.flip_tta = choice
+    pred = preds[choice]
+    model.interval = conformal.fit(val.age, pred["value"], pred["bin"], model.n_bins)
+    return choice, {"mode": mode, "val_mae": maes}
 
 
 def save_age_model(
@@ -165,6 +206,7 @@ def save_age_model(
         "regressors": model.regressors.settings(),
         "direct": model.direct is not None,
         "interval": model.interval,
+        "flip_tta": model.flip_tta,
         **info,
     }
     write_json_atomic(age_dir / AGE_JSON, meta)

@@ -49,6 +49,8 @@ class AgeConfig:
     direct_sigma: float = 2.0  # std (years) of the Gaussian label distribution (dldl)
     direct_mean_weight: float = 1.0  # weight of the expectation term (L1 for dldl, L2 for mv)
     direct_var_weight: float = 0.05  # weight of the variance term (mean_variance only)
+    # Inference
+    flip_tta: str = "auto"  # average face and mirror image: auto (when val MAE is lower), on, off
     # Run
     seed: int = 0  # seeds every random choice (init, batches, augmentation)
     eval_batch_size: int = 512  # batch size for embeddings and evaluation
@@ -72,6 +74,7 @@ class AgeConfig:
             c(self, key, 0, 1, high_open=True)
         cfgmod.check_choice(self, "reg_loss", ("huber", "l1"))
         cfgmod.check_choice(self, "direct_loss", ("dldl", "mean_variance"))
+        cfgmod.check_choice(self, "flip_tta", ("auto", "on", "off"))
         if self.head_epochs + self.finetune_epochs < 1:
             raise cfgmod.ConfigError("head_epochs + finetune_epochs must be at least 1")
         edges = list(self.edges)
@@ -81,7 +84,8 @@ class AgeConfig:
 
 PRESETS: dict[str, dict] = {
     # the reference's two stages; its epochs are not stated: ours, patience as the multitask model
-    "paper": {"head_epochs": 5, "finetune_epochs": 30, "patience": 8},
+    # (no test-time flip: the reference has none)
+    "paper": {"head_epochs": 5, "finetune_epochs": 30, "patience": 8, "flip_tta": "off"},
     # two CPU cores, ~14 min for the whole stage on a width-0.125 backbone: one head-only
     # epoch and six fine-tuning epochs per model (2 -> 6 epochs: validation MAE 10.7 -> 9.1),
     # larger batches (learning rates scaled with them), shorter regressor schedules

@@ -29,10 +29,9 @@ from ..engine import predict as engine_predict
 from ..exceptions import FaceattrsError
 from ..io import write_json_atomic
 from ..loop import select_device
-from . import conformal
 from . import direct as directmod
 from .bins import assign_bins, bin_labels, check_edges, quantile_edges
-from .bundle import AGE_JSON, COARSE_HEAD, AgeModel, save_age_model
+from .bundle import AGE_JSON, COARSE_HEAD, AgeModel, choose_flip_tta, save_age_model
 from .config import AgeConfig
 from .evaluate import evaluate_age, mae
 from .finetune import from_backbone, train_two_stages
@@ -158,9 +157,10 @@ def train_age(
         model.approach = "direct" if better else "two_stage"
     selection["approach"] = model.approach
     log.info("age model on validation: %s; default %s", selection, model.approach)
-    # 90 % prediction intervals of the default approach, split-conformal on validation.
-    val_default = model.predict(val.images)
-    model.interval = conformal.fit(val.age, val_default["value"], val_default["bin"], model.n_bins)
+    # Flip TTA chosen on validation, then 90 % prediction intervals of the default approach,
+    # split-conformal on the validation predictions the model makes (inside choose_flip_tta).
+    selection["flip_tta"], flip_selection = choose_flip_tta(model, val, cfg.flip_tta)
+    selection["val_mae_flip"] = flip_selection["val_mae"]
 
     save_age_model(
         out_dir,

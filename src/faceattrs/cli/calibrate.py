@@ -18,8 +18,8 @@ def add_arguments(p) -> None:
         "--flip-tta",
         choices=("auto", "on", "off"),
         default="auto",
-        help="average each face's logits with its mirror image's: auto (default) = when that "
-        "raises the validation score",
+        help="average each face's outputs with its mirror image's (multitask model, and the "
+        "age model when the run has one): auto (default) = when that does better on validation",
     )
 
 
@@ -40,6 +40,12 @@ def run(args) -> int:
         f"flip TTA: {'on' if result['flip_tta'] else 'off'} "
         f"(validation score plain {scores['plain']:.4f}, flip {scores['flip']:.4f})"
     )
+    if "age" in result:
+        a = result["age"]
+        print(
+            f"age flip TTA: {'on' if a['flip_tta'] else 'off'} "
+            f"(validation MAE plain {a['val_mae']['plain']:.3f}, flip {a['val_mae']['flip']:.3f})"
+        )
     for head, t in result["temperatures"].items():
         parts = [
             f"{s} ECE {v['ece_before']:.4f} -> {v['ece_after']:.4f}"
