@@ -192,7 +192,9 @@ def test_age_flip_is_the_mean_of_face_and_mirror(age_run):
     am.flip_tta = True
     lf, pf = am.two_stage_outputs(faces)
     assert np.allclose(lf, (la + lb) / 2, atol=1e-5) and np.allclose(pf, (pa + pb) / 2, atol=1e-4)
-    assert np.allclose(am.direct_predict(faces)["value"], am.direct_predict(mirror)["value"], atol=1e-3)
+    assert np.allclose(
+        am.direct_predict(faces)["value"], am.direct_predict(mirror)["value"], atol=1e-3
+    )
     assert not np.allclose(da["value"], db["value"], atol=1e-3)  # the flip is not a no-op
     out = am.two_stage(faces)
     assert out["embedding"].shape[0] == 5  # the face's own embedding
