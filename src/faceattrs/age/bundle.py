@@ -84,13 +84,16 @@ class AgeModel:
     def _two_stage_raw(self, images) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Bin logits, per-bin ages (face and mirror averaged when ``flip_tta``) and the
         face's own embedding."""
-        out = predict_faces(self.coarse, images, self.batch_size, embed=True)
+        if not self.flip_tta:
+            out = predict_faces(self.coarse, images, self.batch_size, embed=True)
+            return out[COARSE_HEAD], self._per_bin(out["embedding"]), out["embedding"]
+        # faces and mirror images in one pass (one batch for a single face)
+        images = np.asarray(images)
+        n = len(images)
+        both = np.concatenate([images, _mirror(images)])
+        out = predict_faces(self.coarse, both, self.batch_size, embed=True)
         logits, per_bin = out[COARSE_HEAD], self._per_bin(out["embedding"])
-        if self.flip_tta:
-            m = predict_faces(self.coarse, _mirror(images), self.batch_size, embed=True)
-            logits = (logits + m[COARSE_HEAD]) / 2
-            per_bin = (per_bin + self._per_bin(m["embedding"])) / 2
-        return logits, per_bin, out["embedding"]
+        return (logits[:n] + logits[n:]) / 2, (per_bin[:n] + per_bin[n:]) / 2, out["embedding"][:n]
 
     def two_stage_outputs(self, images) -> tuple[np.ndarray, np.ndarray]:
         """Coarse bin logits ``(N, K)`` and each bin's regressor's age ``(N, K)``."""
@@ -112,11 +115,12 @@ class AgeModel:
     def _direct_logits(self, images) -> np.ndarray:
         if self.direct is None:
             raise CheckpointError("this age model has no direct head")
-        logits = predict_faces(self.direct, images, self.batch_size)[directmod.HEAD]
-        if self.flip_tta:
-            mirrored = predict_faces(self.direct, _mirror(images), self.batch_size)
-            logits = (logits + mirrored[directmod.HEAD]) / 2
-        return logits
+        if not self.flip_tta:
+            return predict_faces(self.direct, images, self.batch_size)[directmod.HEAD]
+        images = np.asarray(images)
+        both = np.concatenate([images, _mirror(images)])
+        logits = predict_faces(self.direct, both, self.batch_size)[directmod.HEAD]
+        return (logits[: len(images)] + logits[len(images) :]) / 2
 
     def direct_predict(self, images) -> dict[str, np.ndarray]:
         """Expected age ``(N,)`` and bin probabilities ``(N, K)`` (per-year mass summed per bin)."""
