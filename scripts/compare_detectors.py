@@ -35,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from measure_margin import corr, whole48  # noqa: E402  (scripts/ is on the path when run)
 from scenes import matches, multi_face, no_face, rotated  # noqa: E402
 
 from faceattrs import photo  # noqa: E402
@@ -47,16 +48,6 @@ CANDIDATES = {
     "hog+retry": replace(DEFAULT, cnn_max_side=0),
     "hog+retry+cnn": DEFAULT,
 }
-
-
-def corr(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.astype(np.float64).ravel() - a.mean()
-    b = b.astype(np.float64).ravel() - b.mean()
-    return float(a @ b / np.sqrt((a @ a) * (b @ b) + 1e-12))
-
-
-def whole48(gray: np.ndarray) -> np.ndarray:
-    return cv2.resize(gray, (48, 48), interpolation=cv2.INTER_AREA)
 
 
 def cnn_only(gray: np.ndarray) -> list:

@@ -96,6 +96,7 @@ def main() -> int:
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
     meta = json.loads((age / "age.json").read_text())
+    age_from = meta.get("multitask_absolute")  # the run its coarse model was fine-tuned from
     meta["multitask"] = ".."
     meta.pop("multitask_absolute", None)
     meta.pop("data", None)
@@ -114,7 +115,6 @@ def main() -> int:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
-    age_from = json.loads((age / "age.json").read_text()).get("multitask_absolute")
     prov = {
         "licence": LICENCE,
         "commands": args.command,

@@ -164,15 +164,21 @@ def val_score(logits: dict[str, np.ndarray], faces: FaceSet, heads) -> float:
 def choose_flip_tta(model, val: FaceSet, heads, mode: str = "auto") -> tuple[bool, dict]:
     """Whether to average each face's logits with its mirror image's: ``mode`` "on"/"off",
     or "auto" = when it raises the validation score. Returns ``(choice, scores)``."""
+    return _flip_choice(model, val, heads, mode)[:2]
+
+
+def _flip_choice(model, val: FaceSet, heads, mode: str) -> tuple[bool, dict, dict]:
+    """:func:`choose_flip_tta`, plus the validation logits of the choice (for reuse)."""
     if mode not in FLIP_TTA_CHOICES:
         raise FaceattrsError(f"flip_tta must be one of {', '.join(FLIP_TTA_CHOICES)}, got {mode!r}")
-    scores = {}
+    scores, logits = {}, {}
     for flip in (False, True):
         model.flip_tta = flip
-        scores["flip" if flip else "plain"] = val_score(predict(model, val.images), val, heads)
+        logits[flip] = predict(model, val.images)
+        scores["flip" if flip else "plain"] = val_score(logits[flip], val, heads)
     choice = {"on": True, "off": False}.get(mode, scores["flip"] > scores["plain"])
     model.flip_tta = choice
-    return choice, {"mode": mode, "val_score": scores}
+    return choice, {"mode": mode, "val_score": scores}, logits[choice]
 
 
 def calibrate_run(
@@ -201,14 +207,16 @@ def calibrate_run(
             "the data has no validation rows: calibrate needs a prepared (split) data set"
         )
     heads = [h for h in model.cfg.heads if hasattr(faces, h)]
-    flip, selection = choose_flip_tta(model, parts["val"], heads, flip_tta)
+    flip, selection, val_logits = _flip_choice(model, parts["val"], heads, flip_tta)
     log.info(
         "flip TTA %s (validation score plain %.4f, flip %.4f)",
         "on" if flip else "off",
         selection["val_score"]["plain"],
         selection["val_score"]["flip"],
     )
-    logits = {s: predict(model, f.images) for s, f in parts.items() if len(f)}
+    logits = {"val": val_logits}
+    if len(parts["test"]):
+        logits["test"] = predict(model, parts["test"].images)
     result = {"flip_tta": flip, "flip_tta_selection": selection}
     result.update({"temperatures": {}, "fitted_on": "val", "n_bins": n_bins, "heads": {}})
     result["weights_sha256"] = weights_id(model_dir)
