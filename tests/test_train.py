@@ -94,6 +94,9 @@ def test_config_presets_and_overrides():
         T.resolve_config("cpu", ["lrr=1"])
     with pytest.raises(cfgmod.ConfigError):
         T.resolve_config("cpu", ["augment.rotaton=1"])
+    assert paper.ema == 0.0  # the reference averages no weights
+    with pytest.raises(cfgmod.ConfigError, match="ema"):
+        T.resolve_config("cpu", ["ema=1"])
 
 
 def test_bf16_auto_follows_the_device():
@@ -160,9 +163,10 @@ def test_fit_writes_the_run_folder(tmp_path):
         T.fit(faces, run, tiny_cfg(epochs=2))
 
 
-def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ema", [0.0, 0.9], ids=["plain", "ema"])
+def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, ema):
     faces = synthetic_faceset(80)
-    cfg = tiny_cfg(epochs=3, patience=10)
+    cfg = tiny_cfg(epochs=3, patience=10, ema=ema)
     T.fit(faces, tmp_path / "full", cfg)
 
     saves = []
@@ -193,6 +197,28 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
              _history(tmp_path / "full" / "history.csv")]  # fmt: skip
     assert strip == [{k: v for k, v in r.items() if k not in timing}
                      for r in _history(tmp_path / "cut" / "history.csv")]  # fmt: skip
+
+
+def test_ema_run_evaluates_and_saves_the_average(tmp_path):
+    faces = synthetic_faceset(80)
+    cfg = tiny_cfg(epochs=2, patience=10, ema=0.9)
+    T.fit(faces, tmp_path / "run", cfg)
+    run = tmp_path / "run"
+    state = T.read_train_state(run)
+    last = load_file(str(run / "last.safetensors"))
+    assert state["ema"]["n_averaged"].item() > 1
+    # the checkpoint is the average, not the raw weights the optimiser holds
+    assert all(torch.equal(v, state["ema"][f"module.{k}"]) for k, v in last.items())
+    assert not torch.equal(last["stem.0.weight"], state["model"]["stem.0.weight"])
+    # and the history's validation score is that of the saved model
+    model, _ = load_model(run, "last")
+    val = T._split_tensors(faces, "val", 0, cfg.seed + 1, "cpu")
+    bf16 = json.loads((run / "config.json").read_text())["bf16"]
+    ev = evaluate_heads(model, val, T.HEADS, batch_size=64, bf16=bf16, channels_last=True)
+    score = sum(ev[h]["macro_f1"] for h in T.HEADS) / len(T.HEADS)
+    assert score == pytest.approx(float(_history(run / "history.csv")[-1]["val_score"]), abs=1e-6)
+    with pytest.raises(T.TrainError, match="keep its ema setting"):
+        T.fit(faces, run, tiny_cfg(epochs=3, patience=10, ema=0.0), resume=True)
 
 
 def test_cli_one_epoch_on_real_data(tmp_path, shared_csv, monkeypatch):

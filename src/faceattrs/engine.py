@@ -69,11 +69,13 @@ def train_one_epoch(
     channels_last: bool = False,
     max_batches: int = 0,
     progress: bool | str = True,
+    after_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``order`` (this rank's sample indices into ``data``, on its device).
 
     Per batch: gather, ``prepare`` (augment), forward under optional bf16 autocast,
-    ``loss_fn``, backward, optimiser step, then ``scheduler.step()`` (per-step schedule).
+    ``loss_fn``, backward, optimiser step, ``after_step()`` (e.g. a weight average), then
+    ``scheduler.step()`` (per-step schedule).
     The last, smaller batch is kept. ``max_batches`` > 0 stops early (smoke tests).
     Returns ``{"loss", "loss_<part>"..., "images", "seconds", "images_per_s"}``, losses
     averaged over images and over ranks.
@@ -106,6 +108,8 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         if scheduler is not None:
             scheduler.step()
         k = len(x)

@@ -95,6 +95,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     eval_batch_size: int = 512  # validation batch size
     threads: int = 0  # torch CPU threads (0 = torch's default)
+    ema: float = 0.0  # [ours] per-step decay of a weight average (EMA), evaluated and saved
+    # in place of the raw weights; 0 = off (the reference)
     limit: int = 0  # use at most this many faces per split (0 = all; smoke tests)
     max_batches: int = 0  # stop each epoch after this many batches (0 = full; smoke tests)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # override as augment.KEY
@@ -109,7 +111,7 @@ class TrainConfig:
             c(self, key, 0)
         c(self, "lr", 0, low_open=True)
         c(self, "width", 0, 16, low_open=True)
-        for key in ("dropout", "ethnicity_smoothing", "gender_smoothing"):
+        for key in ("ema", "dropout", "ethnicity_smoothing", "gender_smoothing"):
             c(self, key, 0, 1, high_open=True)
         if str(self.bf16).lower() not in BF16_WORDS:
             raise cfgmod.ConfigError(f"setting 'bf16' must be auto, on or off, got {self.bf16!r}")
@@ -189,6 +191,17 @@ def _flat(d: dict) -> dict:
     return out
 
 
+def make_ema(model: torch.nn.Module, decay: float):
+    """An exponential moving average of ``model``'s weights and BatchNorm statistics
+    (``torch.optim.swa_utils.AveragedModel``; ``update_parameters(model)`` after each
+    step), or None when ``decay`` is 0."""
+    if decay <= 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def model_config(cfg: TrainConfig) -> ModelConfig:
     return ModelConfig(width=cfg.width, dropout=cfg.dropout, heads=dict(HEADS))
 
@@ -256,12 +269,14 @@ def save_train_state(
     stopper,
     model: torch.nn.Module | None = None,
     record: dict[str, Any] | None = None,
+    ema: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Everything a resume needs -> ``last_state.safetensors``, in one atomic write;
     returns the JSON-able part (the caller copies it into ``last.json``, for reading).
 
     With ``model``, the file is complete on its own (format 2): the model's weights
-    (``model.*``), the optimizer's tensors (``optim.PID.NAME``), and in its metadata the
+    (``model.*``), the optimizer's tensors (``optim.PID.NAME``), the weight average's
+    state when there is one (``ema.*``), and in its metadata the
     epoch, the scheduler, early-stopping and optimizer settings and ``record`` (history
     rows and checkpoint settings of the epoch). One file replaced in one rename is the
     commit point of an epoch: a kill at any instant leaves the previous epoch's complete
@@ -290,6 +305,10 @@ def save_train_state(
         tensors.update(
             {f"model.{k}": v.detach().to("cpu").contiguous() for k, v in inner.state_dict().items()}
         )
+        if ema is not None:
+            tensors.update(
+                {f"ema.{k}": v.detach().to("cpu").contiguous() for k, v in ema.state_dict().items()}
+            )
         metadata.update(
             format=STATE_FORMAT,
             resume=json.dumps(resume, default=_jsonable),
@@ -301,7 +320,7 @@ def save_train_state(
 
 def read_train_state(run_dir: Path) -> dict[str, Any] | None:
     """A complete (format 2) resume state: ``{"epoch", "resume", "record", "model",
-    "optim"}``; None when there is no such file (a run saved before format 2)."""
+    "optim", "ema"}`` (``ema``: empty without a weight average); None when there is no such file (a run saved before format 2)."""
     from safetensors import SafetensorError, safe_open
 
     path = run_dir / STATE_FILE
@@ -322,8 +341,9 @@ def read_train_state(run_dir: Path) -> dict[str, Any] | None:
             pid, name = key[len("optim.") :].split(".", 1)
             optim.setdefault(int(pid), {})[name] = v
     model = {k[len("model.") :]: v for k, v in flat.items() if k.startswith("model.")}
+    ema = {k[len("ema.") :]: v for k, v in flat.items() if k.startswith("ema.")}
     return {"epoch": int(meta["epoch"]), "resume": resume, "record": record, "model": model,
-            "optim": optim}  # fmt: skip
+            "optim": optim, "ema": ema}  # fmt: skip
 
 
 def _jsonable(obj):
@@ -454,12 +474,14 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
     )
     stopper = EarlyStopping("val_score", "max", cfg.patience, cfg.min_delta)
     loss_fn = multitask_loss(cfg)
+    ema = make_ema(model, cfg.ema)
+    served = ema.module if ema is not None else model  # evaluated, saved as best/last
 
     start_epoch, history = 1, []
     if main:
         clean_stale_temps(out_dir)  # of a killed run
     if resume:
-        start_epoch, history = _resume(out_dir, model, optimizer, scheduler, stopper, main)
+        start_epoch, history = _resume(out_dir, model, optimizer, scheduler, stopper, main, ema)
     else:
         _check_fresh(out_dir)
     run_config = {"data": data_ref, "world_size": world, "bf16": bf16, "device": str(device),
@@ -496,14 +518,15 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
             batch_size=cfg.batch_size, scheduler=scheduler, bf16=bf16,
             channels_last=cfg.channels_last, max_batches=cfg.max_batches,
             progress=f"epoch {epoch}/{cfg.epochs}" if (progress and main) else False,
+            after_step=(lambda: ema.update_parameters(model)) if ema is not None else None,
         )  # fmt: skip
         lr = scheduler.get_last_lr()[0]  # the lr of the epoch's last step
         if world > 1:  # every rank evaluates (its shard) with rank 0's BatchNorm statistics
-            for buf in model.buffers():
+            for buf in served.buffers():
                 dist.broadcast(buf, 0)
         shard = torch.arange(rank, n_val, world, device=device)
         ev = evaluate_heads(
-            model, val, HEADS, batch_size=cfg.eval_batch_size, loss_fn=loss_fn, bf16=bf16,
+            served, val, HEADS, batch_size=cfg.eval_batch_size, loss_fn=loss_fn, bf16=bf16,
             channels_last=cfg.channels_last, indices=shard,
         )  # fmt: skip
         evals[epoch] = ev
@@ -532,7 +555,7 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
                             for h in HEADS},
                     "data": data_ref, "config": cfgmod.to_dict(cfg)}  # fmt: skip
             _save_epoch(out_dir, epoch, model, optimizer, scheduler, stopper, meta, history,
-                        improved)  # fmt: skip
+                        improved, ema)  # fmt: skip
             if row["seconds"] >= 30:  # keep history.png current when it costs little
                 _plot(out_dir)
 
@@ -556,21 +579,26 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
 # --------------------------------------------------------------------------- crash-consistent saving
 
 
-def _save_epoch(out_dir, epoch, model, optimizer, scheduler, stopper, meta, history, improved):
+def _save_epoch(
+    out_dir, epoch, model, optimizer, scheduler, stopper, meta, history, improved, ema=None
+):
     """Write an epoch's files so that a kill at any instant leaves a resumable run.
 
-    1. ``last_state.safetensors``: the complete resume state (weights, optimizer, history,
-       settings) in one atomic write: the epoch's commit point;
+    1. ``last_state.safetensors``: the complete resume state (weights, optimizer, weight
+       average, history, settings) in one atomic write: the epoch's commit point;
     2. ``history.csv``, ``best`` (when improved) and ``last``: derived from it; each
        checkpoint's JSON is removed first and written last, so a reader never pairs one
        epoch's JSON with another's weights. A kill among them is repaired on resume.
+       With a weight average (``ema``), the checkpoints hold the average, the model that
+       was evaluated.
     """
     record = {"history": history, "meta": meta}
-    resume = save_train_state(out_dir, epoch, optimizer, scheduler, stopper, model, record)
+    resume = save_train_state(out_dir, epoch, optimizer, scheduler, stopper, model, record, ema)
     write_history(out_dir / "history.csv", history, HISTORY_FIELDS)
+    served = ema.module if ema is not None else model
     if improved:
-        _save_pair(out_dir, "best", model, {**meta, "kind": "best"})
-    _save_pair(out_dir, "last", model, {**meta, "kind": "last", "resume": resume})
+        _save_pair(out_dir, "best", served, {**meta, "kind": "best"})
+    _save_pair(out_dir, "last", served, {**meta, "kind": "last", "resume": resume})
 
 
 def _save_pair(out_dir: Path, name: str, model, meta: dict) -> None:
@@ -595,7 +623,7 @@ def _check_fresh(out_dir: Path) -> None:
 
 
 def _resume(
-    out_dir: Path, model, optimizer, scheduler, stopper, main: bool = True
+    out_dir: Path, model, optimizer, scheduler, stopper, main: bool = True, ema=None
 ) -> tuple[int, list[dict]]:
     """Load the saved state into the objects; returns (first epoch to run, history so far).
 
@@ -613,18 +641,29 @@ def _resume(
             {**resume["scheduler"], "lr_lambdas": scheduler.state_dict()["lr_lambdas"]}
         )
         stopper.load_state_dict(resume["early_stopping"])
+        if (ema is not None) != bool(snap["ema"]):
+            raise TrainError(
+                f"cannot resume {out_dir}: it was trained {'with' if snap['ema'] else 'without'}"
+                " a weight average (ema); keep its ema setting"
+            )
+        served = model
+        if ema is not None:
+            ema.load_state_dict(snap["ema"])
+            served = ema.module
         epoch, rows, meta = snap["epoch"], snap["record"]["history"], snap["record"]["meta"]
         if main:
             write_history(out_dir / "history.csv", rows, HISTORY_FIELDS)
             if stopper.best_epoch == epoch and _json_epoch(out_dir / "best.json") != epoch:
                 log.info("rebuilding best (epoch %d) from the saved state", epoch)
-                _save_pair(out_dir, "best", model, {**meta, "kind": "best"})
+                _save_pair(out_dir, "best", served, {**meta, "kind": "best"})
             if _json_epoch(out_dir / "last.json") != epoch:
                 log.info("rebuilding last (epoch %d) from the saved state", epoch)
-                _save_pair(out_dir, "last", model, {**meta, "kind": "last", "resume": resume})
+                _save_pair(out_dir, "last", served, {**meta, "kind": "last", "resume": resume})
         log.info("resuming %s after epoch %d (best %s at epoch %d)", out_dir, epoch,
                  stopper.best, stopper.best_epoch)  # fmt: skip
         return epoch + 1, rows
+    if ema is not None:
+        raise TrainError(f"cannot resume {out_dir} with a weight average: its state is too old")
     try:
         meta = read_meta(out_dir / "last.json")
     except CheckpointError as e:
