@@ -1,0 +1,182 @@
+"""Trial: one network with three heads (gender, ethnicity, age) instead of two backbones.
+
+    python scripts/trial_three_heads.py --data local/prepared --out runs/three_heads \\
+        width=0.25 epochs=28 lr=1.5e-3 warmup_epochs=2 threads=1
+
+The multitask recipe (``faceattrs train`` settings, same augmentation, sampling and
+schedule) with a third head: age as a distribution over whole years 0..116 (cross-entropy
+with label smoothing, plus ``--age-l1`` x the L1 error of its expected value); the age
+estimate is that expectation, clipped to the age model's range. Per epoch it validates
+gender and ethnicity (mean macro-F1, the multitask score), age MAE, CS@5 and 6-bin
+accuracy (bins from training-age quantiles, as ``faceattrs train-age``), and writes
+``history.csv``; at the end ``summary.json`` holds the epoch of the best multitask score
+with its age figures. Validation split only: this is a trial for choosing a design, not a
+model to ship (it writes no bundle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from faceattrs.age.bins import assign_bins, quantile_edges
+from faceattrs.augment import Augmenter, minority_classes
+from faceattrs.engine import autocast, train_one_epoch
+from faceattrs.inputs import normalise
+from faceattrs.loop import (
+    epoch_order,
+    make_optimizer,
+    make_scheduler,
+    sampler_weights,
+    seed_epoch,
+    select_device,
+    use_bf16,
+)
+from faceattrs.metrics import scores_from_confusion
+from faceattrs.model import FaceResNet, ModelConfig
+from faceattrs.prepare import load_prepared
+from faceattrs.train import HEADS, multitask_loss, resolve_config
+
+N_AGE = 117  # whole years 0..116
+CLIP = (1.0, 100.0)
+
+
+def tensors(faces, split: str, device) -> dict[str, torch.Tensor]:
+    idx = faces.indices(split)
+    out = {"image": torch.from_numpy(np.ascontiguousarray(faces.images[idx])).to(device)}
+    for h in (*HEADS, "age"):
+        out[h] = torch.from_numpy(getattr(faces, h)[idx].astype(np.int64)).clip(0, N_AGE - 1)
+    return out
+
+
+def expected_age(logits: torch.Tensor) -> torch.Tensor:
+    years = torch.arange(N_AGE, dtype=torch.float32, device=logits.device)
+    return (logits.float().softmax(1) * years).sum(1)
+
+
+@torch.no_grad()
+def validate(model, val, edges, bf16, device) -> dict[str, float]:
+    model.eval()
+    preds = {h: [] for h in HEADS}
+    ages = []
+    for s in range(0, len(val["image"]), 512):
+        x = normalise(val["image"][s : s + 512])
+        x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, bf16):
+            out = model(x)
+        for h in HEADS:
+            preds[h].append(out[h].float().argmax(1))
+        ages.append(expected_age(out["age"]).clip(*CLIP))
+    row = {}
+    for h, k in HEADS.items():
+        p = torch.cat(preds[h])
+        cm = torch.bincount(val[h] * k + p, minlength=k * k).reshape(k, k)
+        sc = scores_from_confusion(cm.tolist())
+        row[f"val_{h}_accuracy"], row[f"val_{h}_macro_f1"] = sc["accuracy"], sc["macro_f1"]
+    row["val_score"] = sum(row[f"val_{h}_macro_f1"] for h in HEADS) / len(HEADS)
+    age = torch.cat(ages).numpy()
+    true = val["age"].numpy().astype(np.float64)
+    err = np.abs(age - true)
+    row["val_age_mae"] = float(err.mean())
+    row["val_age_cs5"] = float((err <= 5).mean())
+    row["val_age_bin_accuracy"] = float(
+        (assign_bins(age, edges) == assign_bins(true, edges)).mean()
+    )
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", required=True, help="folder written by faceattrs prepare")
+    ap.add_argument("--out", required=True, help="new folder for history.csv, summary.json")
+    ap.add_argument("--preset", default="paper")
+    ap.add_argument("--age-weight", type=float, default=1.0)
+    ap.add_argument("--age-l1", type=float, default=0.1, help="weight of |E[age] - age|")
+    ap.add_argument("--age-smoothing", type=float, default=0.1)
+    ap.add_argument("settings", nargs="*", help="faceattrs train overrides, KEY=VALUE")
+    a = ap.parse_args(argv)
+    cfg = resolve_config(a.preset, a.settings)
+    out = Path(a.out)
+    if out.exists():
+        print(f"trial_three_heads: {out} exists; choose another --out", file=sys.stderr)
+        return 2
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = select_device(cfg.device)
+    bf16 = use_bf16(cfg.bf16, device)
+    faces = load_prepared(a.data)
+    train, val = tensors(faces, "train", device), tensors(faces, "val", device)
+    edges = quantile_edges(train["age"].numpy(), 6)
+    eth = train["ethnicity"].numpy()
+    augmenter = Augmenter(cfg.augment, minority_classes(eth, cfg.augment.minority_ratio))
+    weights = sampler_weights(eth) if cfg.balanced else None
+
+    torch.manual_seed(cfg.seed)
+    heads = {**HEADS, "age": N_AGE}
+    model = FaceResNet(ModelConfig(width=cfg.width, dropout=cfg.dropout, heads=heads))
+    model = model.to(device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
+    steps = math.ceil(len(train["image"]) / cfg.batch_size)
+    scheduler = make_scheduler(
+        optimizer, max(1, round(cfg.warmup_epochs * steps)), cfg.epochs * steps, 0.0
+    )
+    base = multitask_loss(cfg)
+    years = torch.arange(N_AGE, dtype=torch.float32, device=device)
+
+    def loss_fn(outputs, batch):
+        loss, parts = base(outputs, batch)
+        logits = outputs["age"]
+        ce = F.cross_entropy(logits, batch["age"], label_smoothing=a.age_smoothing)
+        l1 = ((logits.softmax(1) * years).sum(1) - batch["age"].float()).abs().mean()
+        age_loss = ce + a.age_l1 * l1
+        return loss + a.age_weight * age_loss, {**parts, "age": age_loss}
+
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(
+        {"settings": a.settings, "preset": a.preset, "age_weight": a.age_weight,
+         "age_l1": a.age_l1, "age_smoothing": a.age_smoothing, "edges": edges.tolist(),
+         "bf16": bf16}, indent=2))  # fmt: skip
+    history, t0 = [], time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        t = time.perf_counter()
+        seed_epoch(cfg.seed, epoch)
+        order = epoch_order(weights, len(train["image"]), cfg.seed, epoch).to(device)
+        tr = train_one_epoch(
+            model, loss_fn, train, order, optimizer,
+            lambda b: augmenter(b["image"], b["ethnicity"]), batch_size=cfg.batch_size,
+            scheduler=scheduler, bf16=bf16, channels_last=True, progress=False,
+            max_batches=cfg.max_batches,
+        )  # fmt: skip
+        row = {"epoch": epoch, "train_loss": tr["loss"], "train_loss_age": tr["loss_age"],
+               **validate(model, val, edges, bf16, device),
+               "seconds": time.perf_counter() - t}  # fmt: skip
+        history.append(row)
+        print(
+            f"epoch {epoch}/{cfg.epochs} score {row['val_score']:.4f} gender acc "
+            f"{row['val_gender_accuracy']:.4f} age MAE {row['val_age_mae']:.3f} "
+            f"bin acc {row['val_age_bin_accuracy']:.3f} {row['seconds']:.0f} s",
+            flush=True,
+        )
+        with (out / "history.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            w.writeheader()
+            w.writerows(history)
+    best = max(history, key=lambda r: r["val_score"])
+    summary = {"best_score_epoch": best, "best_mae": min(r["val_age_mae"] for r in history),
+               "wall_s": round(time.perf_counter() - t0), "n_val": len(val["image"])}  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
