@@ -298,3 +298,39 @@ def test_ddp_two_processes_gloo(tmp_path):
     # each rank trained on half the epoch: 64 train faces / 2 ranks / batch 8 = 4 steps
     assert json.loads((tmp_path / "run" / "last.json").read_text())["resume"]["scheduler"][
         "last_epoch"] == 4  # fmt: skip
+
+
+def test_distill_loss_blends_hard_and_soft_targets():
+    torch.manual_seed(0)
+    out = {"gender": torch.randn(6, 2), "ethnicity": torch.randn(6, 5)}
+    batch = {"gender": torch.randint(0, 2, (6,)), "ethnicity": torch.randint(0, 5, (6,))}
+    soft = {f"teacher_{h}": torch.rand(6, k).softmax(1) for h, k in T.HEADS.items()}
+    w, sm = {"gender": 0.4, "ethnicity": 2.5}, {"ethnicity": 0.12}
+    plain, _ = T.heads_loss(w, sm)(out, batch)
+    assert T.distill_loss(w, sm, 0.0, 2.0)(out, {**batch, **soft})[0] == pytest.approx(plain)
+    assert T.distill_loss(w, sm, 0.7, 2.0)(out, batch)[0] == pytest.approx(plain)  # no teacher
+    got, parts = T.distill_loss(w, sm, 1.0, 2.0)(out, {**batch, **soft})
+    p = soft["teacher_gender"]
+    kl = (p * (p.log() - torch.log_softmax(out["gender"] / 2, 1))).sum(1).mean() * 4
+    assert parts["gender"] == pytest.approx(kl.item(), rel=1e-5)
+    assert got == pytest.approx(sum(w[h] * parts[h] for h in w))
+
+
+def test_fit_distils_from_a_teacher_run(tmp_path):
+    faces = synthetic_faceset(80)
+    T.fit(faces, tmp_path / "teacher", tiny_cfg(epochs=1))
+    images = torch.from_numpy(faces.images[:10])
+    soft = T.teacher_targets(f"{tmp_path / 'teacher'}, {tmp_path / 'teacher'}", images, 2.0)
+    model, _ = load_model(tmp_path / "teacher", "best")
+    from faceattrs.model import predict
+
+    a, b = predict(model, images), predict(model, images.flip(-1))
+    for h in T.HEADS:
+        want = (torch.from_numpy(a[h] / 2).softmax(1) + torch.from_numpy(b[h] / 2).softmax(1)) / 2
+        assert torch.allclose(soft[f"teacher_{h}"], want, atol=1e-6)
+    cfg = tiny_cfg(epochs=1, teachers=str(tmp_path / "teacher"))
+    T.fit(faces, tmp_path / "student", cfg)
+    saved = json.loads((tmp_path / "student" / "config.json").read_text())["config"]
+    assert saved["teachers"] == str(tmp_path / "teacher") and saved["distill_weight"] == 0.5
+    with pytest.raises(T.TrainError, match="teacher"):
+        T.fit(faces, tmp_path / "s2", tiny_cfg(epochs=1, teachers=str(tmp_path / "none")))

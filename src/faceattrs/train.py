@@ -97,6 +97,10 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads (0 = torch's default)
     ema: float = 0.0  # [ours] per-step decay of a weight average (EMA), evaluated and saved
     # in place of the raw weights; 0 = off (the reference)
+    teachers: str = ""  # [ours] distillation: comma-separated run folders whose averaged
+    # predictions (face + mirror) on the training faces are soft targets; "" = off
+    distill_weight: float = 0.5  # share of the soft-target term in each head's loss
+    distill_temperature: float = 2.0
     limit: int = 0  # use at most this many faces per split (0 = all; smoke tests)
     max_batches: int = 0  # stop each epoch after this many batches (0 = full; smoke tests)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # override as augment.KEY
@@ -111,7 +115,8 @@ class TrainConfig:
             c(self, key, 0)
         c(self, "lr", 0, low_open=True)
         c(self, "width", 0, 16, low_open=True)
-        for key in ("ema", "dropout", "ethnicity_smoothing", "gender_smoothing"):
+        c(self, "distill_temperature", 0, low_open=True)
+        for key in ("ema", "distill_weight", "dropout", "ethnicity_smoothing", "gender_smoothing"):
             c(self, key, 0, 1, high_open=True)
         if str(self.bf16).lower() not in BF16_WORDS:
             raise cfgmod.ConfigError(f"setting 'bf16' must be auto, on or off, got {self.bf16!r}")
@@ -248,11 +253,60 @@ def heads_loss(weights: dict[str, float], smoothing: dict[str, float] | None = N
 
 def multitask_loss(cfg: TrainConfig, heads=HEADS):
     """L = 0.4 CE(gender) + 2.5 CE(ethnicity) (``cfg.HEAD_weight``, ``cfg.HEAD_smoothing``;
-    a head without settings: weight 1, no smoothing)."""
-    return heads_loss(
-        {h: getattr(cfg, f"{h}_weight", 1.0) for h in heads},
-        {h: getattr(cfg, f"{h}_smoothing", 0.0) for h in heads},
-    )
+    a head without settings: weight 1, no smoothing). With ``cfg.teachers``, see
+    :func:`distill_loss`."""
+    weights = {h: getattr(cfg, f"{h}_weight", 1.0) for h in heads}
+    smoothing = {h: getattr(cfg, f"{h}_smoothing", 0.0) for h in heads}
+    if cfg.teachers:
+        return distill_loss(weights, smoothing, cfg.distill_weight, cfg.distill_temperature)
+    return heads_loss(weights, smoothing)
+
+
+def distill_loss(weights, smoothing, alpha: float, temperature: float):
+    """Per head: ``weight x ((1 - alpha) CE + alpha T^2 KL(teacher_T || student_T))``, the
+    teacher's probabilities at temperature T in ``batch["teacher_HEAD"]`` (Hinton et al.
+    2015). A batch without them (validation) gets the plain loss."""
+    plain = heads_loss(weights, smoothing)
+    t = temperature
+
+    def loss_fn(outputs, batch):
+        if not all(f"teacher_{h}" in batch for h in weights):
+            return plain(outputs, batch)
+        parts = {}
+        for h in weights:
+            ce = F.cross_entropy(outputs[h], batch[h], label_smoothing=smoothing.get(h, 0.0))
+            kl = F.kl_div(
+                F.log_softmax(outputs[h] / t, 1), batch[f"teacher_{h}"], reduction="batchmean"
+            )
+            parts[h] = (1 - alpha) * ce + alpha * t * t * kl
+        return sum(weights[h] * parts[h] for h in weights), parts
+
+    return loss_fn
+
+
+def teacher_targets(
+    runs: str, images: torch.Tensor, temperature: float, heads=HEADS
+) -> dict[str, torch.Tensor]:
+    """``{"teacher_HEAD": (N, K) probabilities}``: the mean over the runs (comma-separated
+    folders) and over face and mirror of softmax(logits / T), on ``images``' device."""
+    from .checkpoint import load_model
+    from .model import predict
+
+    folders = [r.strip() for r in runs.split(",") if r.strip()]
+    sums = {h: torch.zeros(len(images), k) for h, k in heads.items()}
+    faces = images.cpu()
+    for folder in folders:
+        try:
+            model, _ = load_model(folder, "best", "cpu")
+        except (FaceattrsError, OSError) as e:
+            raise TrainError(f"teacher {folder}: {e}") from None
+        model.flip_tta = False
+        for x in (faces, faces.flip(-1)):
+            logits = predict(model, x, 512)
+            for h in heads:
+                sums[h] += torch.from_numpy(logits[h] / temperature).softmax(1)
+    n = 2 * len(folders)
+    return {f"teacher_{h}": (v / n).to(images.device) for h, v in sums.items()}
 
 
 # --------------------------------------------------------------------------- resume state
@@ -455,6 +509,10 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
             f"need a train and a val split (found {n_train} train, {n_val} val faces); "
             "pass data prepared by `faceattrs prepare`"
         )
+    if cfg.teachers:
+        log.info("distilling from %s (T=%s, weight %s)", cfg.teachers, cfg.distill_temperature,
+                 cfg.distill_weight)  # fmt: skip
+        train.update(teacher_targets(cfg.teachers, train["image"], cfg.distill_temperature))
     eth_train = train["ethnicity"].cpu().numpy()
     minority = minority_classes(eth_train, cfg.augment.minority_ratio)
     augmenter = Augmenter(cfg.augment, minority).to(device)
