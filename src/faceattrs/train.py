@@ -294,10 +294,10 @@ def teacher_targets(
 
     folders = [r.strip() for r in runs.split(",") if r.strip()]
     sums = {h: torch.zeros(len(images), k) for h, k in heads.items()}
-    faces = images.cpu()
+    faces = images  # the teachers run on the training device
     for folder in folders:
         try:
-            model, _ = load_model(folder, "best", "cpu")
+            model, _ = load_model(folder, "best", images.device)
         except (FaceattrsError, OSError) as e:
             raise TrainError(f"teacher {folder}: {e}") from None
         model.flip_tta = False
