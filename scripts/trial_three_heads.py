@@ -10,8 +10,10 @@ estimate is that expectation, clipped to the age model's range. Per epoch it val
 gender and ethnicity (mean macro-F1, the multitask score), age MAE, CS@5 and 6-bin
 accuracy (bins from training-age quantiles, as ``faceattrs train-age``), and writes
 ``history.csv``; at the end ``summary.json`` holds the epoch of the best multitask score
-with its age figures. Validation split only: this is a trial for choosing a design, not a
-model to ship (it writes no bundle).
+with its age figures. ``--ema DECAY`` validates and saves a weight average, as
+``faceattrs train ema=DECAY``. The network of the best-score epoch is saved as
+``best.safetensors`` / ``best.json`` (a FaceResNet checkpoint with heads gender, ethnicity
+and age). Validation split only: a trial for choosing a design, not a bundle.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 
 from faceattrs.age.bins import assign_bins, quantile_edges
 from faceattrs.augment import Augmenter, minority_classes
+from faceattrs.checkpoint import save_checkpoint
 from faceattrs.engine import autocast, train_one_epoch
 from faceattrs.inputs import normalise
 from faceattrs.loop import (
@@ -44,7 +47,7 @@ from faceattrs.loop import (
 from faceattrs.metrics import scores_from_confusion
 from faceattrs.model import FaceResNet, ModelConfig
 from faceattrs.prepare import load_prepared
-from faceattrs.train import HEADS, multitask_loss, resolve_config
+from faceattrs.train import HEADS, make_ema, multitask_loss, resolve_config
 
 N_AGE = 117  # whole years 0..116
 CLIP = (1.0, 100.0)
@@ -102,6 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--age-weight", type=float, default=1.0)
     ap.add_argument("--age-l1", type=float, default=0.1, help="weight of |E[age] - age|")
     ap.add_argument("--age-smoothing", type=float, default=0.1)
+    ap.add_argument("--ema", type=float, default=0.0, help="weight-average decay (0 = off)")
     ap.add_argument("settings", nargs="*", help="faceattrs train overrides, KEY=VALUE")
     a = ap.parse_args(argv)
     cfg = resolve_config(a.preset, a.settings)
@@ -129,6 +133,8 @@ def main(argv=None) -> int:
     scheduler = make_scheduler(
         optimizer, max(1, round(cfg.warmup_epochs * steps)), cfg.epochs * steps, 0.0
     )
+    ema = make_ema(model, a.ema)
+    served = ema.module if ema is not None else model
     base = multitask_loss(cfg)
     years = torch.arange(N_AGE, dtype=torch.float32, device=device)
 
@@ -143,7 +149,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(
         {"settings": a.settings, "preset": a.preset, "age_weight": a.age_weight,
-         "age_l1": a.age_l1, "age_smoothing": a.age_smoothing, "edges": edges.tolist(),
+         "age_l1": a.age_l1, "age_smoothing": a.age_smoothing, "ema": a.ema, "edges": edges.tolist(),
          "bf16": bf16}, indent=2))  # fmt: skip
     history, t0 = [], time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
@@ -155,11 +161,15 @@ def main(argv=None) -> int:
             lambda b: augmenter(b["image"], b["ethnicity"]), batch_size=cfg.batch_size,
             scheduler=scheduler, bf16=bf16, channels_last=True, progress=False,
             max_batches=cfg.max_batches,
+            after_step=(lambda: ema.update_parameters(model)) if ema is not None else None,
         )  # fmt: skip
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_loss_age": tr["loss_age"],
-               **validate(model, val, edges, bf16, device),
+               **validate(served, val, edges, bf16, device),
                "seconds": time.perf_counter() - t}  # fmt: skip
         history.append(row)
+        if row["val_score"] > max((r["val_score"] for r in history[:-1]), default=-1.0):
+            save_checkpoint(out, "best", served, {"epoch": epoch, "score": row["val_score"],
+                                                  "age_edges": edges.tolist()})  # fmt: skip
         print(
             f"epoch {epoch}/{cfg.epochs} score {row['val_score']:.4f} gender acc "
             f"{row['val_gender_accuracy']:.4f} age MAE {row['val_age_mae']:.3f} "
