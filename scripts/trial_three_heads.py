@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from faceattrs.age.bins import assign_bins, quantile_edges
+from faceattrs.age.direct import expected_age
 from faceattrs.augment import Augmenter, minority_classes
 from faceattrs.checkpoint import save_checkpoint
 from faceattrs.engine import autocast, train_one_epoch
@@ -59,11 +60,6 @@ def tensors(faces, split: str, device) -> dict[str, torch.Tensor]:
     for h in (*HEADS, "age"):
         out[h] = torch.from_numpy(getattr(faces, h)[idx].astype(np.int64)).clip(0, N_AGE - 1)
     return out
-
-
-def expected_age(logits: torch.Tensor) -> torch.Tensor:
-    years = torch.arange(N_AGE, dtype=torch.float32, device=logits.device)
-    return (logits.float().softmax(1) * years).sum(1)
 
 
 @torch.no_grad()
@@ -136,13 +132,12 @@ def main(argv=None) -> int:
     ema = make_ema(model, a.ema)
     served = ema.module if ema is not None else model
     base = multitask_loss(cfg)
-    years = torch.arange(N_AGE, dtype=torch.float32, device=device)
 
     def loss_fn(outputs, batch):
         loss, parts = base(outputs, batch)
         logits = outputs["age"]
         ce = F.cross_entropy(logits, batch["age"], label_smoothing=a.age_smoothing)
-        l1 = ((logits.softmax(1) * years).sum(1) - batch["age"].float()).abs().mean()
+        l1 = (expected_age(logits) - batch["age"].float()).abs().mean()
         age_loss = ce + a.age_l1 * l1
         return loss + a.age_weight * age_loss, {**parts, "age": age_loss}
 

@@ -56,3 +56,14 @@ def synthetic_faceset(n: int = 60, seed: int = 0, split: bool = True):
 @pytest.fixture
 def tiny_faces():
     return synthetic_faceset()
+
+
+def load_script(name: str):
+    """Import ``scripts/NAME.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

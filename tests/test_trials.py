@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import synthetic_faceset
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "trial_three_heads.py"
+from conftest import load_script, synthetic_faceset
 
 
 @pytest.fixture(scope="module")
 def th():
-    spec = importlib.util.spec_from_file_location("trial_three_heads", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("trial_three_heads")
 
 
 def test_expected_age_is_the_mean_of_the_distribution(th):
