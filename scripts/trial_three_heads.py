@@ -13,7 +13,10 @@ accuracy (bins from training-age quantiles, as ``faceattrs train-age``), and wri
 with its age figures. ``--ema DECAY`` validates and saves a weight average, as
 ``faceattrs train ema=DECAY``. The network of the best-score epoch is saved as
 ``best.safetensors`` / ``best.json`` (a FaceResNet checkpoint with heads gender, ethnicity
-and age). Validation split only: a trial for choosing a design, not a bundle.
+and age). ``--mix mixup|cutmix`` mixes each batch (with probability ``--mix-prob``) with a
+shuffled copy of itself after augmentation, one lambda ~ Beta(``--mix-alpha``) per batch
+(Zhang et al. 2018; Yun et al. 2019), and weighs the losses of both label sets by it.
+Validation split only: a trial for choosing a design, not a bundle.
 """
 
 from __future__ import annotations
@@ -93,6 +96,23 @@ def validate(model, val, edges, bf16, device) -> dict[str, float]:
     return row
 
 
+def mix_batch(x, mode: str, alpha: float, rng: np.random.Generator):
+    """``(mixed x, permutation, lambda)``: ``lambda x + (1 - lambda) x[perm]`` (mixup) or
+    ``x`` with one box of ``x[perm]`` pasted in (cutmix; lambda = the share of ``x`` left)."""
+    lam = float(rng.beta(alpha, alpha)) if alpha > 0 else 0.5
+    perm = torch.from_numpy(rng.permutation(len(x))).to(x.device)
+    if mode == "mixup":
+        return lam * x + (1 - lam) * x[perm], perm, lam
+    h, w = x.shape[-2:]
+    bh, bw = round(h * math.sqrt(1 - lam)), round(w * math.sqrt(1 - lam))
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    y0, y1 = max(cy - bh // 2, 0), min(cy + bh - bh // 2, h)
+    x0, x1 = max(cx - bw // 2, 0), min(cx + bw - bw // 2, w)
+    out = x.clone()
+    out[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+    return out, perm, 1 - (y1 - y0) * (x1 - x0) / (h * w)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="folder written by faceattrs prepare")
@@ -102,6 +122,9 @@ def main(argv=None) -> int:
     ap.add_argument("--age-l1", type=float, default=0.1, help="weight of |E[age] - age|")
     ap.add_argument("--age-smoothing", type=float, default=0.1)
     ap.add_argument("--ema", type=float, default=0.0, help="weight-average decay (0 = off)")
+    ap.add_argument("--mix", choices=("none", "mixup", "cutmix"), default="none")
+    ap.add_argument("--mix-alpha", type=float, default=1.0, help="Beta(alpha, alpha) lambda")
+    ap.add_argument("--mix-prob", type=float, default=0.5, help="share of batches mixed")
     ap.add_argument("settings", nargs="*", help="faceattrs train overrides, KEY=VALUE")
     a = ap.parse_args(argv)
     cfg = resolve_config(a.preset, a.settings)
@@ -133,7 +156,7 @@ def main(argv=None) -> int:
     served = ema.module if ema is not None else model
     base = multitask_loss(cfg)
 
-    def loss_fn(outputs, batch):
+    def one_loss(outputs, batch):
         loss, parts = base(outputs, batch)
         logits = outputs["age"]
         ce = F.cross_entropy(logits, batch["age"], label_smoothing=a.age_smoothing)
@@ -141,10 +164,28 @@ def main(argv=None) -> int:
         age_loss = ce + a.age_l1 * l1
         return loss + a.age_weight * age_loss, {**parts, "age": age_loss}
 
+    mix_rng = np.random.default_rng(cfg.seed)
+
+    def prepare(batch):
+        x = augmenter(batch["image"], batch["ethnicity"])
+        if a.mix != "none" and mix_rng.random() < a.mix_prob:
+            x, batch["mix_perm"], batch["mix_lam"] = mix_batch(x, a.mix, a.mix_alpha, mix_rng)
+        return x
+
+    def loss_fn(outputs, batch):
+        if "mix_perm" not in batch:
+            return one_loss(outputs, batch)
+        perm, lam = batch["mix_perm"], batch["mix_lam"]
+        other = {k: v[perm] for k, v in batch.items() if k in (*HEADS, "age")}
+        la, pa = one_loss(outputs, batch)
+        lb, pb = one_loss(outputs, other)
+        return lam * la + (1 - lam) * lb, {k: lam * pa[k] + (1 - lam) * pb[k] for k in pa}
+
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(
         {"settings": a.settings, "preset": a.preset, "age_weight": a.age_weight,
-         "age_l1": a.age_l1, "age_smoothing": a.age_smoothing, "ema": a.ema, "edges": edges.tolist(),
+         "age_l1": a.age_l1, "age_smoothing": a.age_smoothing, "ema": a.ema, "mix": a.mix,
+         "mix_alpha": a.mix_alpha, "mix_prob": a.mix_prob, "edges": edges.tolist(),
          "bf16": bf16}, indent=2))  # fmt: skip
     history, t0 = [], time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
@@ -153,7 +194,7 @@ def main(argv=None) -> int:
         order = epoch_order(weights, len(train["image"]), cfg.seed, epoch).to(device)
         tr = train_one_epoch(
             model, loss_fn, train, order, optimizer,
-            lambda b: augmenter(b["image"], b["ethnicity"]), batch_size=cfg.batch_size,
+            prepare, batch_size=cfg.batch_size,
             scheduler=scheduler, bf16=bf16, channels_last=True, progress=False,
             max_batches=cfg.max_batches,
             after_step=(lambda: ema.update_parameters(model)) if ema is not None else None,

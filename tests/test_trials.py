@@ -38,3 +38,28 @@ def test_trial_runs_and_summarises(th, tmp_path, monkeypatch):
     model, meta = load_model(out, "best")  # the best epoch's averaged network, three heads
     assert meta["epoch"] == best["epoch"] and set(model.heads) == {"gender", "ethnicity", "age"}
     assert th.main(args) == 2  # never overwrites a trial
+
+
+@pytest.mark.parametrize("mode", ["mixup", "cutmix"])
+def test_mix_batch_keeps_lambda_of_each_image(th, mode):
+    import numpy as np
+
+    x = torch.zeros(6, 3, 48, 48)
+    x += torch.arange(6.0).view(6, 1, 1, 1)  # image i is the constant i
+    mixed, perm, lam = th.mix_batch(x, mode, 1.0, np.random.default_rng(3))
+    assert sorted(perm.tolist()) == list(range(6)) and 0 <= lam <= 1
+    # every image is lam x own + (1 - lam) x partner, on average over its pixels
+    expected = lam * torch.arange(6.0) + (1 - lam) * perm.float()
+    assert mixed.mean((1, 2, 3)).tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    if mode == "cutmix":  # pixels come whole from one image or the other
+        assert set(mixed.unique().tolist()) <= set(range(6))
+
+
+def test_trial_with_cutmix_runs(th, tmp_path, monkeypatch):
+    monkeypatch.setattr(th, "load_prepared", lambda _: synthetic_faceset(80))
+    out = tmp_path / "mix"
+    args = ["--data", "x", "--out", str(out), "--mix", "cutmix", "--mix-prob", "1",
+            "width=0.125", "epochs=1", "batch_size=16", "threads=1", "device=cpu"]  # fmt: skip
+    assert th.main(args) == 0
+    assert json.loads((out / "config.json").read_text())["mix"] == "cutmix"
+    assert math.isfinite(json.loads((out / "summary.json").read_text())["best_mae"])
