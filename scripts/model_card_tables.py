@@ -84,12 +84,17 @@ def main() -> int:
         if key in age:
             out += group_table(f"age MAE {key[8:].replace('_', ' ')}", age[key], "{:.2f}")
     if age.get("mae_per_bin"):
-        out += ["**age MAE per true bin** (hard / soft routing / oracle bin)", "",
-                "| bin | n | hard | soft | oracle |", "|---|---|---|---|---|"]  # fmt: skip
+        kinds = [
+            k
+            for k in ("hard", "soft", "oracle", "direct")
+            if k in next(iter(age["mae_per_bin"].values()))
+        ]
+        names = {"hard": "hard routing", "soft": "soft routing", "oracle": "oracle bin",
+                 "direct": "direct age head"}  # fmt: skip
+        out += [f"**age MAE per true bin** ({' / '.join(names[k] for k in kinds)})", "",
+                "| bin | n | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]  # fmt: skip
         for label, r in age["mae_per_bin"].items():
-            out.append(
-                f"| {label} | {r['n']} | {r['hard']:.2f} | {r['soft']:.2f} | {r['oracle']:.2f} |"
-            )
+            out.append(f"| {label} | {r['n']} | " + " | ".join(f"{r[k]:.2f}" for k in kinds) + " |")
         out.append("")
     iv = age.get("interval")
     if iv:

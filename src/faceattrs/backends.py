@@ -5,8 +5,9 @@ command line use; :class:`TorchBackend` (PyTorch) and :class:`OnnxBackend` (onnx
 on a folder from ``faceattrs export``) implement it. Both return raw logits per head and
 the age model's prediction after :func:`faceattrs.postprocess.age_prediction`, so
 probabilities, temperatures and age post-processing are the same code for both.
-A new backend implements these four attributes and two methods, and is added to
-:func:`faceattrs.predict.load_models`.
+A new backend implements these four attributes and three methods, and is added to
+:func:`faceattrs.predict.load_models`. ``outputs`` gives both in one call: for a network
+with its own age head (three heads) that is one pass instead of two.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .age.direct import HEAD as AGE_HEAD
 from .bundle import Bundle, resolve
 from .checkpoint import CheckpointError
 from .exceptions import FaceattrsError
@@ -44,6 +46,21 @@ class Backend(Protocol):
         """``{"value": (N,), "bin": (N,), "bin_probabilities": (N, K)}`` or None."""
         ...
 
+    def outputs(self, faces: np.ndarray) -> tuple[dict[str, np.ndarray], dict | None]:
+        """``(logits(faces), age(faces))``."""
+        ...
+
+
+def _head_age(meta: dict, year_logits: np.ndarray) -> dict[str, np.ndarray]:
+    """The age prediction of a multitask network's own age head (``age.json`` ``meta``)."""
+    return age_prediction(
+        "direct",
+        year_logits=year_logits,
+        edges=meta["edges"],
+        clip=meta["clip"],
+        interval=meta.get("interval"),
+    )
+
 
 class TorchBackend:
     """The PyTorch backend: the multitask model and, when present, the age model.
@@ -64,13 +81,14 @@ class TorchBackend:
         self.model, self.meta = self.bundle.load_multitask(self.device)
         self.class_names = {h: list(v) for h, v in self.bundle.heads.items()}
         self.temperatures = dict(self.bundle.temperatures)
-        self.age_model = self.bundle.load_age(self.device) if age else None
+        self.age_model = self.bundle.load_age(self.device, self.model) if age else None
         self.bin_labels = list(self.age_model.bin_labels) if self.age_model else None
+        self.shared_age = self.age_model is not None and self.age_model.shared
         self.source = self.bundle.source
         # BN folded into the convs (about 5% faster, bench_predict.py), channels-last weights
         # (oneDNN's fast convolutions, about 3x on the 2-core CPUs)
         nets = [self.model] + [getattr(self.age_model, k, None) for k in ("coarse", "direct")]
-        for net in nets:
+        for net in {id(n): n for n in nets}.values():
             if isinstance(net, nn.Module):
                 fuse_batchnorm(net.eval()).to(memory_format=torch.channels_last)
 
@@ -80,18 +98,31 @@ class TorchBackend:
         )
 
     @torch.inference_mode()
-    def logits(self, faces: np.ndarray) -> dict[str, np.ndarray]:
+    def _forward(self, faces: np.ndarray) -> dict[str, np.ndarray]:
         x = normalise(torch.from_numpy(faces).to(self.device))
         with self._autocast():
             out = self.model(x)
-        return {h: out[h].float().cpu().numpy() for h in self.class_names}
+        return {h: v.float().cpu().numpy() for h, v in out.items()}
+
+    def logits(self, faces: np.ndarray) -> dict[str, np.ndarray]:
+        out = self._forward(faces)
+        return {h: out[h] for h in self.class_names}
 
     @torch.inference_mode()
     def age(self, faces: np.ndarray) -> dict[str, np.ndarray] | None:
         if self.age_model is None:
             return None
+        if self.shared_age:
+            return _head_age(self.bundle.age, self._forward(faces)[AGE_HEAD])
         with self._autocast():
             return self.age_model.predict(faces)
+
+    def outputs(self, faces: np.ndarray) -> tuple[dict[str, np.ndarray], dict | None]:
+        if not self.shared_age:
+            return self.logits(faces), self.age(faces)
+        out = self._forward(faces)
+        age = _head_age(self.bundle.age, out[AGE_HEAD])
+        return {h: out[h] for h in self.class_names}, age
 
 
 class OnnxBackend:
@@ -127,20 +158,33 @@ class OnnxBackend:
         self.multitask = session("multitask")
         self.age_meta = self.bundle.age if age else None
         self.bin_labels = self.age_meta["bin_labels"] if self.age_meta else None
-        self.two_stage = session("age_two_stage") if self.age_meta else None
+        self.shared_age = bool(self.age_meta) and self.age_meta.get("direct") == "multitask"
+        two_stage = self.age_meta and not self.shared_age
+        self.two_stage = session("age_two_stage") if two_stage else None
         has_direct = self.age_meta and "age_direct" in m["graphs"]
         self.direct = session("age_direct") if has_direct else None
         self._tmp = None  # a temporary export this backend owns (export.open_onnx)
 
-    def logits(self, faces: np.ndarray) -> dict[str, np.ndarray]:
-        heads = list(self.class_names)
+    def _run(self, faces: np.ndarray, heads: list[str]) -> dict[str, np.ndarray]:
         out = self.multitask.run(heads, {"faces": np.ascontiguousarray(faces, np.uint8)})
         return dict(zip(heads, out, strict=True))
+
+    def logits(self, faces: np.ndarray) -> dict[str, np.ndarray]:
+        return self._run(faces, list(self.class_names))
+
+    def outputs(self, faces: np.ndarray) -> tuple[dict[str, np.ndarray], dict | None]:
+        if not self.shared_age:
+            return self.logits(faces), self.age(faces)
+        out = self._run(faces, [*self.class_names, AGE_HEAD])
+        age = _head_age(self.age_meta, out.pop(AGE_HEAD))
+        return out, age
 
     def age(self, faces: np.ndarray) -> dict[str, np.ndarray] | None:
         """As :meth:`faceattrs.age.AgeModel.predict` with the default approach and routing."""
         if self.age_meta is None:
             return None
+        if self.shared_age:
+            return _head_age(self.age_meta, self._run(faces, [AGE_HEAD])[AGE_HEAD])
         meta, faces = self.age_meta, np.ascontiguousarray(faces, np.uint8)
         kw = {"edges": meta["edges"], "clip": meta["clip"], "routing": meta["routing"]}
         kw["interval"] = meta.get("interval")

@@ -15,6 +15,10 @@ Every command and the Python API hand their ``--model`` value (or ``model=``) to
 - ``None``: the default model shipped in the package, :data:`DEFAULT_MODEL_DIR` (a run
   folder as above).
 
+A multitask network may have a third head, ``age`` (per-year logits): it is then the
+bundle's age model (``age/age.json`` with ``"direct": "multitask"``, written by
+``faceattrs calibrate``), never a classification head: :attr:`Bundle.heads` leaves it out.
+
 >>> resolve("no/such/folder")
 Traceback (most recent call last):
 ...
@@ -36,6 +40,7 @@ import torch
 
 from .age.bundle import AGE_JSON, AgeModel
 from .age.bundle import FORMAT as AGE_FORMAT
+from .age.direct import HEAD as AGE_HEAD
 from .age.regress import BinRegressors
 from .checkpoint import CheckpointError, load_model, load_weights, read_meta
 from .exceptions import FaceattrsError
@@ -58,9 +63,10 @@ KINDS = ("run", "checkpoint", "onnx")
 class Bundle:
     """A resolved model bundle; see the module docstring for the kinds.
 
-    ``heads``: class names per head, in the network's head order. ``temperatures``:
-    calibration per head (``{}`` when not calibrated). ``age``: the age model's settings
-    (``age.json``, or the ONNX manifest's ``"age"``), None without one.
+    ``heads``: class names per classification head, in the network's head order (not
+    the ``age`` head). ``temperatures``: calibration per head (``{}`` when not
+    calibrated). ``age``: the age model's settings (``age.json``, or the ONNX manifest's
+    ``"age"``), None without one.
     """
 
     kind: str
@@ -80,6 +86,18 @@ class Bundle:
         if self.kind == "onnx":
             return Path(self.meta.get("source") or self.path)
         return self.run_dir or self.checkpoint.parent
+
+    @property
+    def age_head(self) -> bool:
+        """The multitask network has the ``age`` head (three heads in one pass)."""
+        return AGE_HEAD in (self.meta.get("model") or {}).get("heads", {}) or (
+            self.kind == "onnx" and bool(self.age) and self.age.get("direct") == "multitask"
+        )
+
+    @property
+    def shared_age(self) -> bool:
+        """The age model is the multitask network's own ``age`` head."""
+        return bool(self.age) and self.age.get("direct") == "multitask"
 
     @property
     def bin_labels(self) -> list[str] | None:
@@ -119,10 +137,16 @@ class Bundle:
         model.flip_tta = self.flip_tta
         return model, meta
 
-    def load_age(self, device: str | torch.device = "cpu") -> AgeModel | None:
-        """The age model (coarse classifier, per-bin regressors, direct head), or None."""
+    def load_age(
+        self, device: str | torch.device = "cpu", multitask: FaceResNet | None = None
+    ) -> AgeModel | None:
+        """The age model (coarse classifier, per-bin regressors, direct head), or None.
+        For a shared age head, ``multitask`` is the network already loaded (else one is)."""
         if self.age_dir is None or self.age is None:
             return None
+        if self.shared_age:
+            net = multitask if multitask is not None else self.load_multitask(device)[0]
+            return _head_age(self.age_dir, self.age, net, self.flip_tta)
         return _load_age(self.age_dir, self.age, device)
 
     def recorded_data(self) -> Path:
@@ -235,14 +259,14 @@ def read_calibration(run_dir: str | Path) -> tuple[dict[str, float], bool]:
 
 def _heads(meta: dict, where: Path) -> dict[str, list[str]]:
     try:
-        order = list(meta["model"]["heads"])
+        order = [h for h in meta["model"]["heads"] if h != AGE_HEAD]
         names = meta["class_names"]
         heads = {h: [str(n) for n in names[h]] for h in order}
         sizes = meta["model"]["heads"]
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{where}: bad or missing heads / class names ({e})") from None
     for h, n in sizes.items():
-        if len(heads[h]) != n:
+        if h in heads and len(heads[h]) != n:
             raise CheckpointError(f"{where}: head {h!r} has {n} classes but {len(heads[h])} names")
     return heads
 
@@ -253,6 +277,12 @@ def _run(run_dir: Path, path: Path, age_dir: Path | None = None) -> Bundle:
     if age_dir is None and (run_dir / "age" / AGE_JSON).exists():
         age_dir = run_dir / "age"
     temperatures, flip_tta = read_calibration(run_dir)
+    age = _read_age_json(age_dir) if age_dir is not None else None
+    if age is not None and age.get("direct") == "multitask":
+        if AGE_HEAD not in meta.get("model", {}).get("heads", {}):
+            raise CheckpointError(
+                f"{age_dir / AGE_JSON} names the multitask network's age head, but {ckpt} has none"
+            )
     return Bundle(
         kind="run",
         path=path,
@@ -263,7 +293,7 @@ def _run(run_dir: Path, path: Path, age_dir: Path | None = None) -> Bundle:
         temperatures=temperatures,
         flip_tta=flip_tta,
         age_dir=age_dir,
-        age=_read_age_json(age_dir) if age_dir is not None else None,
+        age=age,
     )
 
 
@@ -324,6 +354,23 @@ def _read_age_json(age_dir: Path) -> dict:
     if meta.get("format") != AGE_FORMAT:
         raise CheckpointError(f"{age_dir / AGE_JSON}: not an age model ({meta.get('format')!r})")
     return meta
+
+
+def _head_age(age_dir: Path, meta: dict, net: FaceResNet, flip_tta: bool) -> AgeModel:
+    try:
+        return AgeModel(
+            coarse=None,
+            regressors=None,
+            edges=np.asarray(meta["edges"]),
+            approach="direct",
+            direct=net,
+            clip=tuple(meta["clip"]),
+            interval=meta.get("interval"),
+            flip_tta=flip_tta,
+            shared=True,
+        )
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{age_dir}: inconsistent age model: {e!r}") from None
 
 
 def _load_age(age_dir: Path, meta: dict, device) -> AgeModel:

@@ -30,6 +30,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
+from .age.direct import HEAD as AGE_HEAD
 from .bundle import CALIBRATION_FILE, resolve, weights_id
 from .dataset import FaceSet
 from .engine import predict
@@ -38,6 +39,8 @@ from .io import write_json_atomic
 from .postprocess import softmax
 
 log = logging.getLogger(__name__)
+
+HEAD_AGE_CLIP = (1.0, 100.0)  # ages a network's own age head may give (as train-age's)
 
 N_BINS = 15  # equal-width bins on the max probability, as in Guo et al. (2017)
 T_BOUNDS = (0.05, 20.0)  # search range of the temperature
@@ -206,7 +209,7 @@ def calibrate_run(
         raise FaceattrsError(
             "the data has no validation rows: calibrate needs a prepared (split) data set"
         )
-    heads = [h for h in model.cfg.heads if hasattr(faces, h)]
+    heads = [h for h in bundle.heads if hasattr(faces, h)]  # not a network's age head
     flip, selection, val_logits = _flip_choice(model, parts["val"], heads, flip_tta)
     log.info(
         "flip TTA %s (validation score plain %.4f, flip %.4f)",
@@ -249,9 +252,36 @@ def calibrate_run(
             summary["ece_after"],
         )
     write_json_atomic(model_dir / CALIBRATION_FILE, result)
-    if bundle.age_dir is not None and bundle.age is not None:
+    if bundle.age_head and bundle.run_dir is not None and (bundle.age is None or bundle.shared_age):
+        result["age"] = calibrate_age_head(bundle, faces, val_logits[AGE_HEAD], flip)
+    elif bundle.age_dir is not None and bundle.age is not None:
         result["age"] = calibrate_age_flip(bundle, parts["val"], flip_tta, device)
     return result
+
+
+def calibrate_age_head(bundle, faces: FaceSet, val_year_logits: np.ndarray, flip: bool) -> dict:
+    """A network with its own age head: write ``RUN/age/age.json`` (bins from the
+    checkpoint's ``age_edges``, else training-age sextiles; clip 1..100; the 90 %
+    split-conformal interval fitted on the validation ages the network now predicts, with
+    the flip choice of the other heads, since one pass serves all three)."""
+    from .age import conformal
+    from .age.bins import quantile_edges
+    from .age.bundle import save_head_age_model
+    from .postprocess import age_prediction
+
+    val = faces.subset("val")
+    edges = bundle.meta.get("age_edges")
+    if edges is None:
+        edges = quantile_edges(faces.subset("train").age, 6).tolist()
+    clip = HEAD_AGE_CLIP
+    pred = age_prediction("direct", year_logits=val_year_logits, edges=edges, clip=clip)
+    interval = conformal.fit(val.age, pred["value"], pred["bin"], len(edges) + 1)
+    val_mae = round(float(np.abs(pred["value"] - val.age).mean()), 4)
+    save_head_age_model(
+        bundle.run_dir / "age", edges, clip, interval, flip, {"selection": {"val_mae": val_mae}}
+    )
+    log.info("age head: validation MAE %.3f, 90 %% interval refitted", val_mae)
+    return {"flip_tta": flip, "head": True, "val_mae": val_mae}
 
 
 def calibrate_age_flip(bundle, val: FaceSet, mode: str = "auto", device: str = "cpu") -> dict:

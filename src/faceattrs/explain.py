@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .age.direct import HEAD as AGE_HEAD
 from .bundle import resolve
 from .calibrate import apply_temperatures
 from .dataset import FaceSet
@@ -98,9 +99,11 @@ def smooth(cam: np.ndarray, size: int = DISPLAY_SIZE) -> np.ndarray:
 
 def explain_faces(model, images: np.ndarray, temps: dict[str, float]) -> dict:
     """Probabilities (temperature-scaled when calibrated) and Grad-CAM maps of every head
-    of ``model`` (gender and ethnicity for the multitask model)."""
+    of ``model`` (gender and ethnicity for the multitask model; not a network's own age
+    head, whose per-year logits are the age model's)."""
     logits = predict(model, images)
-    probs = apply_temperatures({h: logits[h] for h in model.cfg.heads}, temps)
+    heads = [h for h in model.cfg.heads if h != AGE_HEAD]
+    probs = apply_temperatures({h: logits[h] for h in heads}, temps)
     cams = {h: grad_cam(model, images, h, target=probs[h].argmax(1)) for h in probs}
     return {"probs": probs, "cams": cams}
 

@@ -3,7 +3,8 @@
 ``export_onnx(RUN, DIR)`` writes, with a dynamic batch dimension:
 
 - ``multitask.onnx``: uint8 faces ``(N, 48, 48)`` -> ``gender`` ``(N, 2)`` and
-  ``ethnicity`` ``(N, 5)`` logits (normalisation is inside the graph);
+  ``ethnicity`` ``(N, 5)`` logits (normalisation is inside the graph), and ``age``
+  per-year logits when the network has its own age head (then no age graph follows);
 - ``age_two_stage.onnx`` (when the bundle has an age model): faces -> ``age_bin`` logits
   ``(N, K)`` and ``per_bin`` ages ``(N, K)`` (each bin's regressor); routing and clipping
   are done after, as in :class:`faceattrs.age.AgeModel`;
@@ -128,14 +129,18 @@ def export_onnx(
     if bundle.kind == "onnx":
         raise FaceattrsError(f"{bundle.path} is already an ONNX export; pass the run folder")
     tm = TorchBackend(bundle)
-    heads = list(tm.class_names)
+    heads = list(tm.class_names) + ([DIRECT_HEAD] if tm.shared_age else [])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     graphs = {"multitask": "multitask.onnx"}
     _export_graph(_Multitask(tm.model, heads), out_dir / graphs["multitask"], heads, opset)
     age_meta = None
     am = tm.age_model
-    if am is not None:
+    if am is not None and tm.shared_age:
+        age_meta = {k: tm.bundle.age[k] for k in ("edges", "bin_labels", "clip", "interval")}
+        age_meta.update(approach="direct", routing="soft", direct="multitask")
+        age_meta["flip_tta"] = tm.bundle.flip_tta  # inside the multitask graph
+    elif am is not None:
         graphs["age_two_stage"] = "age_two_stage.onnx"
         _export_graph(
             _TwoStage(am.coarse, am.regressors, COARSE_HEAD, am.flip_tta),

@@ -83,10 +83,9 @@ def face_predictions(models: Backend, faces: np.ndarray) -> list[dict]:
     one entry per head of the bundle (gender and ethnicity for the multitask model)."""
     if len(faces) == 0:
         return []
-    logits = models.logits(faces)
+    logits, age = models.outputs(faces)
     heads = models.class_names
     probs = {h: softmax(logits[h], models.temperatures.get(h, 1.0)) for h in heads}
-    age = models.age(faces)
     out = []
     for i in range(len(faces)):
         rec = {}

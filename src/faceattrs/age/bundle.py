@@ -9,6 +9,11 @@ An age run folder holds::
     direct.safetensors/.json       the direct age head (FaceResNet, head "age"), optional
     config.json, *_history.csv, metrics.json, figures/
 
+or, for a multitask network that has the age head itself (three heads: gender, ethnicity,
+age; ``"direct": "multitask"`` in ``age.json``), only ``age.json``: bins, clip range,
+interval. That age model is the direct head of the multitask network, run in the same
+pass as the other heads (:func:`save_head_age_model`).
+
 Loading (and resolving ``--model`` to an age run) is :mod:`faceattrs.bundle`'s job.
 """
 
@@ -38,14 +43,17 @@ COARSE_HEAD = "age_bin"
 
 @dataclass
 class AgeModel:
-    """Two-stage age model (coarse bins + per-bin regressors), optionally with the direct head.
+    """Two-stage age model (coarse bins + per-bin regressors), optionally with the direct head;
+    or the direct head alone (``coarse`` and ``regressors`` None).
 
     ``predict(images)`` uses the default ``approach`` (and, for the two-stage model, the
     default ``routing``); ``predict_all`` returns every variant for evaluation.
+    ``shared``: ``direct`` is the multitask network itself (its ``age`` head); then
+    ``flip_tta`` is the bundle's calibration choice (one pass serves every head).
     """
 
-    coarse: FaceResNet
-    regressors: BinRegressors
+    coarse: FaceResNet | None
+    regressors: BinRegressors | None
     edges: np.ndarray
     routing: str = "soft"
     approach: str = "two_stage"
@@ -54,6 +62,11 @@ class AgeModel:
     batch_size: int = 512
     interval: dict | None = None  # split-conformal half-widths (age.conformal), fitted on val
     flip_tta: bool = False  # average face and mirror image (chosen on val: choose_flip_tta)
+    shared: bool = False  # direct is the multitask network's age head
+
+    @property
+    def two_stage_ok(self) -> bool:
+        return self.coarse is not None and self.regressors is not None
 
     @property
     def bin_labels(self) -> list[str]:
@@ -65,7 +78,7 @@ class AgeModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.coarse.parameters()).device
+        return next((self.coarse or self.direct).parameters()).device
 
     def to(self, device) -> AgeModel:
         for m in (self.coarse, self.regressors, self.direct):
@@ -84,6 +97,8 @@ class AgeModel:
     def _two_stage_raw(self, images) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Bin logits, per-bin ages (face and mirror averaged when ``flip_tta``) and the
         face's own embedding."""
+        if not self.two_stage_ok:
+            raise CheckpointError("this age model is the direct head alone: no two-stage model")
         if not self.flip_tta:
             out = predict_faces(self.coarse, images, self.batch_size, embed=True)
             return out[COARSE_HEAD], self._per_bin(out["embedding"]), out["embedding"]
@@ -115,6 +130,12 @@ class AgeModel:
     def _direct_logits(self, images) -> np.ndarray:
         if self.direct is None:
             raise CheckpointError("this age model has no direct head")
+        if self.shared:  # the multitask network mirrors by itself when told to
+            before, self.direct.flip_tta = self.direct.flip_tta, self.flip_tta
+            try:
+                return predict_faces(self.direct, images, self.batch_size)[directmod.HEAD]
+            finally:
+                self.direct.flip_tta = before
         if not self.flip_tta:
             return predict_faces(self.direct, images, self.batch_size)[directmod.HEAD]
         images = np.asarray(images)
@@ -129,7 +150,9 @@ class AgeModel:
         return {"value": out["value"], "bin_probabilities": out["bin_probabilities"]}
 
     def predict_all(self, images) -> dict[str, np.ndarray]:
-        out = self.two_stage(images)
+        """Every variant: the two-stage outputs (:meth:`two_stage`, when the model has them)
+        and ``"direct"`` / ``"direct_bin_probabilities"`` (when it has the direct head)."""
+        out = self.two_stage(images) if self.two_stage_ok else {}
         if self.direct is not None:
             d = self.direct_predict(images)
             out["direct"] = d["value"]
@@ -149,6 +172,30 @@ class AgeModel:
             raise CheckpointError(f"unknown age approach {approach!r}; use one of {APPROACHES}")
         bin_logits, per_bin = self.two_stage_outputs(images)
         return age_prediction("two_stage", bin_logits=bin_logits, per_bin=per_bin, **kw)
+
+
+def save_head_age_model(
+    age_dir: str | Path, edges, clip, interval: dict | None, flip_tta: bool, info: dict
+) -> Path:
+    """``age.json`` alone, for a multitask network with its own ``age`` head (one atomic
+    write: the weights are the multitask run's)."""
+    edges = [float(e) for e in edges]
+    meta = {
+        "format": FORMAT,
+        "multitask": "..",
+        "edges": edges,
+        "bin_labels": bin_labels(np.asarray(edges)),
+        "approach": "direct",
+        "routing": "soft",
+        "clip": [float(c) for c in clip],
+        "direct": "multitask",
+        "interval": interval,
+        "flip_tta": bool(flip_tta),
+        **info,
+    }
+    Path(age_dir).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(age_dir) / AGE_JSON, meta)
+    return Path(age_dir) / AGE_JSON
 
 
 def _mirror(images) -> np.ndarray:

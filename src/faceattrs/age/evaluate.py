@@ -76,32 +76,38 @@ def age_metrics(
     """All age figures from ``AgeModel.predict_all`` output and the true labels.
 
     The oracle routes each face to its true bin's regressor (clipped like the others).
+    For an age model that is the direct head alone (no ``"per_bin"`` in ``pred``) the
+    main figures are the direct head's, and the two-stage ones (``mae_hard``,
+    ``mae_soft``, ``mae_oracle_bins``) are None.
     """
     true_bin = assign_bins(age, edges)
-    oracle = np.clip(pred["per_bin"][np.arange(len(age)), true_bin], *clip)
-    main = pred[routing]
+    two_stage = "per_bin" in pred
+    if two_stage:
+        oracle = np.clip(pred["per_bin"][np.arange(len(age)), true_bin], *clip)
+        main, probs = pred[routing], pred["bin_probabilities"]
+    else:
+        main, probs = pred["direct"], pred["direct_bin_probabilities"]
     reg = regression_metrics(age, main)
-    report = classification_report(true_bin, pred["bin_probabilities"].argmax(1), labels)
+    report = classification_report(true_bin, probs.argmax(1), labels)
     per_bin = {}
     for k, label in enumerate(labels):
         m = true_bin == k
-        row = {
-            "n": int(m.sum()),
-            "hard": mae(age[m], pred["hard"][m]),
-            "soft": mae(age[m], pred["soft"][m]),
-            "oracle": mae(age[m], oracle[m]),
-        }
+        row = {"n": int(m.sum())}
+        if two_stage:
+            row["hard"] = mae(age[m], pred["hard"][m])
+            row["soft"] = mae(age[m], pred["soft"][m])
+            row["oracle"] = mae(age[m], oracle[m])
         if "direct" in pred:
             row["direct"] = mae(age[m], pred["direct"][m])
         per_bin[label] = row
     out = {
         "n": int(len(age)),
         "approach": approach,
-        "routing": routing,
+        "routing": routing if two_stage else None,
         "mae": reg["mae"],
-        "mae_hard": mae(age, pred["hard"]),
-        "mae_soft": mae(age, pred["soft"]),
-        "mae_oracle_bins": mae(age, oracle),
+        "mae_hard": mae(age, pred["hard"]) if two_stage else None,
+        "mae_soft": mae(age, pred["soft"]) if two_stage else None,
+        "mae_oracle_bins": mae(age, oracle) if two_stage else None,
         "median_ae": reg["median_ae"],
         "cs5": reg["cs5"],
         "bin_accuracy": _r(report["accuracy"]),

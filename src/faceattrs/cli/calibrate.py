@@ -40,8 +40,13 @@ def run(args) -> int:
         f"flip TTA: {'on' if result['flip_tta'] else 'off'} "
         f"(validation score plain {scores['plain']:.4f}, flip {scores['flip']:.4f})"
     )
-    if "age" in result:
-        a = result["age"]
+    a = result.get("age")
+    if a and a.get("head"):
+        print(
+            f"age head: flip TTA {'on' if a['flip_tta'] else 'off'} as the other heads (one "
+            f"pass); validation MAE {a['val_mae']:.3f}; 90 % interval refitted -> age/age.json"
+        )
+    elif a:
         print(
             f"age flip TTA: {'on' if a['flip_tta'] else 'off'} "
             f"(validation MAE plain {a['val_mae']['plain']:.3f}, flip {a['val_mae']['flip']:.3f})"

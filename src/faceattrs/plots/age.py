@@ -39,7 +39,11 @@ def plot_all(npz: str | Path, metrics: dict, out_dir: str | Path) -> list[Path]:
 
 def scatter(d: dict, metrics: dict, path: Path) -> Path:
     """Predicted vs true age: the two-stage model (default routing) and the direct head."""
-    panels = [(f"two-stage, {metrics['routing']} routing", d[metrics["routing"]], metrics["mae"])]
+    panels = []
+    if metrics["routing"]:
+        panels.append(
+            (f"two-stage, {metrics['routing']} routing", d[metrics["routing"]], metrics["mae"])
+        )
     if "direct" in d:
         panels.append(("direct head", d["direct"], metrics["direct"]["mae"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.2), squeeze=False)
@@ -74,11 +78,13 @@ def mae_by_bin(metrics: dict, path: Path) -> Path:
             x + (i - (len(kinds) - 1) / 2) * w, [per_bin[b][kind] for b in labels], w, label=kind
         )
     ax.set_xticks(x, [f"{b}\nn={per_bin[b]['n']}" for b in labels], fontsize=8)
+    shown = [(k, metrics.get(f"mae_{k}")) for k in ("hard", "soft", "oracle_bins")]
+    shown += [("direct", (metrics.get("direct") or {}).get("mae"))]
+    figures = ", ".join(f"{k.replace('_bins', '')} {v:.2f}" for k, v in shown if v is not None)
     ax.set(
         xlabel="true age bin",
         ylabel="MAE (years)",
-        title=f"Age MAE per bin ({metrics['split']}): hard {metrics['mae_hard']:.2f}, "
-        f"soft {metrics['mae_soft']:.2f}, oracle {metrics['mae_oracle_bins']:.2f}",
+        title=f"Age MAE per bin ({metrics['split']}): {figures}",
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -87,7 +93,7 @@ def mae_by_bin(metrics: dict, path: Path) -> Path:
 
 def mae_by_group(metrics: dict, path: Path) -> Path:
     """MAE per ethnicity and per gender, two-stage (default routing) beside the direct head."""
-    models = [("two-stage", metrics)]
+    models = [("two-stage", metrics)] if metrics["routing"] else []
     if metrics.get("direct"):
         models.append(("direct", metrics["direct"]))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [5, 2]})
@@ -109,8 +115,10 @@ def grid(d: dict, metrics: dict, path: Path) -> Path:
     """Test faces captioned as in the reference: true age and range, predicted range, age."""
     labels = metrics["bin_labels"]
     idx = d["grid_index"]
-    pred_bin = d["bin_probabilities"][idx].argmax(1)
-    value = d[metrics["routing"]][idx]
+    two_stage = bool(metrics["routing"])
+    probs = d["bin_probabilities" if two_stage else "direct_bin_probabilities"]
+    pred_bin = probs[idx].argmax(1)
+    value = d[metrics["routing"] if two_stage else "direct"][idx]
     captions = []
     for i, j in enumerate(idx):
         tb, pb = int(d["true_bin"][j]), int(pred_bin[i])
@@ -120,11 +128,9 @@ def grid(d: dict, metrics: dict, path: Path) -> Path:
             (f"Pred Range: {labels[pb]}", tb == pb),
             (f"Age: {value[i]:.1f}", abs(value[i] - d["age"][j]) <= 5),
         ]
-        if "direct" in d:
+        if "direct" in d and two_stage:
             lines.append((f"Direct: {d['direct'][j]:.1f}", abs(d["direct"][j] - d["age"][j]) <= 5))
         captions.append(lines)
-    title = (
-        f"Age on {metrics['split']} faces (two-stage, {metrics['routing']} routing; "
-        "red = wrong bin or more than 5 years off)"
-    )
+    model = f"two-stage, {metrics['routing']} routing" if two_stage else "direct age head"
+    title = f"Age on {metrics['split']} faces ({model}; red = wrong bin or more than 5 years off)"
     return evalplots.face_grid(d["grid_images"], captions, path, ncols=4, title=title)
