@@ -9,7 +9,8 @@ folder is built beside it and renamed into place, so a kill leaves the old or th
 - the multitask run's ``best.*``, ``config.json`` and ``calibration.json``;
 - the age run's ``age.json``, ``coarse.*``, ``regressors.safetensors`` (and ``direct.*``
   when it is the default approach), with the multitask link made relative (``..``) and the
-  absolute training path dropped;
+  absolute training path dropped; for a network with its own age head (three heads),
+  ``age/age.json`` alone (written by ``faceattrs calibrate``);
 - ``provenance.json``: the commands, the training data's name and hash, the machine, the
   run the age model was fine-tuned from, and a check: gender / ethnicity accuracy
   and age MAE of the packaged model on the first ``--check-n`` validation faces, which
@@ -84,7 +85,10 @@ def main() -> int:
         if not (run / f).exists():
             sys.exit(f"package_default_model: {run / f} is missing")
     if not (age / "age.json").exists():
-        sys.exit(f"package_default_model: {age / 'age.json'} is missing (run train-age)")
+        sys.exit(
+            f"package_default_model: {age / 'age.json'} is missing (run train-age, or "
+            "calibrate a network with its own age head)"
+        )
 
     tmp = DEST.with_name(".default_model.new")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -101,7 +105,9 @@ def main() -> int:
     meta.pop("multitask_absolute", None)
     meta.pop("data", None)
     names = ["coarse.json", "coarse.safetensors", "regressors.safetensors"]
-    if meta["approach"] == "direct":
+    if meta.get("direct") == "multitask":  # the age head of the multitask network itself
+        names = []
+    elif meta["approach"] == "direct":
         names += ["direct.json", "direct.safetensors"]
     else:
         meta["direct"] = False  # the two-stage model is the default: leave the direct head out

@@ -183,7 +183,7 @@ def main(argv=None) -> int:
 
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(
-        {"settings": a.settings, "preset": a.preset, "age_weight": a.age_weight,
+        {"data": str(Path(a.data).resolve()), "settings": a.settings, "preset": a.preset, "age_weight": a.age_weight,
          "age_l1": a.age_l1, "age_smoothing": a.age_smoothing, "ema": a.ema, "mix": a.mix,
          "mix_alpha": a.mix_alpha, "mix_prob": a.mix_prob, "edges": edges.tolist(),
          "bf16": bf16}, indent=2))  # fmt: skip
