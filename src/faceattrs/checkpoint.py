@@ -20,7 +20,7 @@ from . import config as cfgmod
 from .exceptions import FaceattrsError
 from .inputs import IMAGE_SIZE, NORMALISATION, class_names
 from .io import write_json_atomic, write_with
-from .model import FaceResNet, ModelConfig
+from .model import FaceResNet, ModelConfig, build_model
 
 
 class CheckpointError(FaceattrsError):
@@ -112,7 +112,7 @@ def load_model(path: str | Path, name: str = "best", device: str | torch.device 
     except (KeyError, TypeError, cfgmod.ConfigError) as e:
         raise CheckpointError(f"{meta_path}: bad or missing model settings: {e}") from None
     try:
-        model = FaceResNet(mcfg)
+        model = build_model(mcfg)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{meta_path}: bad model settings: {e}") from None
     state = load_weights(weights)

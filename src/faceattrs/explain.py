@@ -42,19 +42,23 @@ def layer_cam(
     """Raw Grad-CAM ``(B, h, w)`` (ReLU'd, unscaled) of ``head``'s logit ``target`` at the CAM layer.
 
     The map explains the face as given: a model's flip TTA is off while the map is taken
-    (its second, mirrored pass would otherwise be the one the layer hook records).
+    (its second, mirrored pass would otherwise be the one the layer hook records). For an
+    ensemble (``model.cam_layers``) it is the sum of the maps at each member's layer, all
+    of the ensemble's logit.
     """
     try:
         from captum.attr import LayerGradCam  # optional dependency: faceattrs[explain]
     except ImportError:
         raise FaceattrsError("Grad-CAM needs captum: pip install 'faceattrs[explain]'") from None
-    layer = model.get_submodule(model.cam_layer)
-    cam = LayerGradCam(lambda inp: model(inp)[head], layer)
+    names = getattr(model, "cam_layers", [model.cam_layer])  # an ensemble: every member's
     flip = getattr(model, "flip_tta", False)
     model.flip_tta = False
     try:
-        with torch.enable_grad():
-            attr = cam.attribute(x, target=target, relu_attributions=True)
+        attr = 0
+        for name in names:
+            cam = LayerGradCam(lambda inp: model(inp)[head], model.get_submodule(name))
+            with torch.enable_grad():
+                attr = attr + cam.attribute(x, target=target, relu_attributions=True)
     finally:
         model.flip_tta = flip
     return attr.detach()[:, 0]

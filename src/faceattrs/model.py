@@ -3,6 +3,8 @@
 Input ``(B, 1, 48, 48)`` float, standardised to [-1, 1]. ``forward`` returns a dict of
 logits per head; ``embed`` returns the shared embedding ``(B, 512 * width)``.
 ``cam_layer`` names the module Grad-CAM should hook (the last residual stage).
+:class:`FaceEnsemble` averages the logits of several such networks (``members`` in
+:class:`ModelConfig`); :func:`build_model` makes either from its settings.
 
 >>> import torch
 >>> m = FaceResNet(ModelConfig(width=0.125)).eval()
@@ -15,7 +17,7 @@ logits per head; ``embed`` returns the shared embedding ``(B, 512 * width)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -34,6 +36,7 @@ class ModelConfig:
     heads: dict[str, int] = field(
         default_factory=lambda: {h: len(c) for h, c in DEFAULT_HEADS.items()}
     )
+    members: int = 1  # > 1: an ensemble of that many networks of these settings
 
 
 class StridedPointwise(nn.Conv2d):
@@ -170,6 +173,65 @@ class FaceResNet(nn.Module):
         z, z_mirror = both.chunk(2)
         out, mirrored = self.forward_head(z), self.forward_head(z_mirror)
         return {k: (v + mirrored[k]) / 2 for k, v in out.items()}, z
+
+
+class FaceEnsemble(nn.Module):
+    """``cfg.members`` networks of one design (:class:`FaceResNet`, same heads) whose
+    logits are averaged per head; trained apart, joined by ``faceattrs ensemble``.
+
+    It answers as one network: ``forward`` (logits per head), ``logits_and_embedding``
+    (the embedding is the members' embeddings side by side), ``flip_tta`` (face and
+    mirror in one batch through every member), ``cam_layers`` (each member's last stage:
+    Grad-CAM sums the maps of the ensemble's logit over them).
+
+    >>> e = FaceEnsemble(ModelConfig(width=0.125, members=2)).eval()
+    >>> x = torch.randn(3, 1, 48, 48)
+    >>> mean = (e.members[0](x)["gender"] + e.members[1](x)["gender"]) / 2
+    >>> bool(torch.allclose(e(x)["gender"], mean, atol=1e-6)), e.embed_dim
+    (True, 128)
+    """
+
+    flip_tta = False
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.members < 2:
+            raise ValueError(f"an ensemble needs 2 or more members, got {cfg.members}")
+        self.cfg = cfg
+        one = replace(cfg, members=1)
+        self.members = nn.ModuleList(FaceResNet(one) for _ in range(cfg.members))
+        self.embed_dim = sum(m.embed_dim for m in self.members)
+        self.cam_layers = [f"members.{i}.{FaceResNet.cam_layer}" for i in range(cfg.members)]
+        self.cam_layer = f"members.*.{FaceResNet.cam_layer}"
+
+    @property
+    def heads(self) -> nn.ModuleDict:
+        return self.members[0].heads
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.logits_and_embedding(x)[0]
+
+    def logits_and_embedding(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        flip = self.flip_tta and not self.training
+        inp = torch.cat([x, torch.flip(x, dims=(-1,))]) if flip else x
+        outs, zs = [], []
+        for m in self.members:
+            z = m.embed(inp)
+            outs.append(m.forward_head(z))
+            zs.append(z)
+        logits = {h: torch.stack([o[h] for o in outs]).mean(0) for h in outs[0]}
+        z = torch.cat(zs, 1)
+        if flip:
+            n = len(x)
+            logits = {h: (v[:n] + v[n:]) / 2 for h, v in logits.items()}
+            z = z[:n]
+        return logits, z
+
+
+def build_model(cfg: ModelConfig) -> FaceResNet | FaceEnsemble:
+    """The network a checkpoint's settings describe: one :class:`FaceResNet`, or an
+    ensemble of ``cfg.members``."""
+    return FaceEnsemble(cfg) if cfg.members > 1 else FaceResNet(cfg)
 
 
 def fuse_batchnorm(model: nn.Module) -> nn.Module:

@@ -22,6 +22,7 @@ COMMANDS = [
     ("prepare", "prepare", "read, validate, de-duplicate and split a face CSV or photo folder"),
     ("train", "train", "train the multitask (gender + ethnicity) model"),
     ("evaluate", "evaluate", "metrics and figures of a trained model on a split or a file"),
+    ("ensemble", "ensemble", "join trained runs of one design into one model"),
     ("calibrate", "calibrate", "fit temperature scaling on the validation split"),
     ("explain", "explain", "Grad-CAM overlays for a photo or misclassified test faces"),
     ("errors", "errors", "cluster the misclassified test faces"),

@@ -1,0 +1,86 @@
+"""Join trained networks of one design into one model: their logits averaged per head.
+
+``faceattrs ensemble RUN1 RUN2 ... --out RUN`` loads each run's best network (same width,
+depth, heads and class names; a network with its own age head keeps it, and the ages
+are averaged too), and writes ``RUN/best.{safetensors,json}`` (a
+:class:`~faceattrs.model.FaceEnsemble`; its members' epochs, scores and weight hashes in
+``best.json["members"]``) and ``RUN/config.json`` (the members' data). The result is a
+run folder like any other: ``faceattrs calibrate --model RUN`` next (temperatures, flip
+TTA, the age head's interval), then evaluate, predict, explain, export.
+
+Ensembling costs one network's compute per member: two width-0.25 networks cost what
+one width-0.25 multitask network plus the two-stage age model's network cost.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from .bundle import RUN_CONFIG, resolve, weights_id
+from .checkpoint import save_checkpoint
+from .exceptions import FaceattrsError
+from .io import write_json_atomic
+from .model import FaceEnsemble
+
+log = logging.getLogger(__name__)
+
+# checkpoint facts that must agree between members
+SAME = ("class_names", "image_size", "normalisation", "age_edges")
+
+
+def build_ensemble(runs: list, out: str | Path) -> Path:
+    """Write the ensemble of ``runs`` (run folders or checkpoints) to the new folder ``out``;
+    returns its ``best.json``."""
+    if len(runs) < 2:
+        raise FaceattrsError(f"an ensemble needs 2 or more runs, got {len(runs)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FaceattrsError(f"{out} exists and is not empty; choose a new --out folder")
+    bundles = [resolve(r) for r in runs]
+    for b in bundles:
+        if b.kind == "onnx":
+            raise FaceattrsError(f"{b.path} is an ONNX export: pass its run folder")
+    nets = [b.load_multitask()[0] for b in bundles]
+    first, cfg = bundles[0], nets[0].cfg
+    for b, net in zip(bundles[1:], nets[1:], strict=True):
+        if net.cfg.members != 1 or cfg.members != 1:
+            raise FaceattrsError(f"{b.path}: already an ensemble; pass its member runs")
+        if net.cfg != cfg:
+            raise FaceattrsError(
+                f"{b.path}: another design than {first.path} ({net.cfg} vs {cfg}); "
+                "members need the same width, depth and heads"
+            )
+        for key in SAME:
+            if b.meta.get(key) != first.meta.get(key):
+                raise FaceattrsError(f"{b.path}: its {key} differ from {first.path}'s")
+    model = FaceEnsemble(replace(cfg, members=len(nets))).eval()
+    for member, net in zip(model.members, nets, strict=True):
+        member.load_state_dict(net.state_dict())
+    members = [
+        {
+            "run": str(b.source.resolve()),
+            "epoch": b.meta.get("epoch"),
+            "score": b.meta.get("score"),
+            "weights_sha256": weights_id(b.source) if b.run_dir else None,
+        }
+        for b in bundles
+    ]
+    data = []
+    for b in bundles:
+        try:
+            data.append(str(b.recorded_data()))
+        except FaceattrsError:
+            data.append(None)
+    if len(set(data)) > 1:
+        raise FaceattrsError(
+            f"the runs were trained on different data: {sorted(map(str, set(data)))}"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"data": data[0], "ensemble_of": members}
+    write_json_atomic(out / RUN_CONFIG, config)
+    extra = {k: first.meta[k] for k in SAME if k in first.meta}
+    path = save_checkpoint(out, "best", model, {**extra, "members": members})
+    log.info("ensemble of %d runs -> %s; next: faceattrs calibrate --model %s", len(nets), out, out)
+    return path

@@ -1,0 +1,113 @@
+"""faceattrs ensemble: trained runs of one design joined into one model averaging their
+logits; the result is a run folder every command takes (calibrate, predict, explain, ONNX)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from conftest import synthetic_faceset
+
+from faceattrs import bundle as B
+from faceattrs.checkpoint import load_model, save_checkpoint
+from faceattrs.cli import main
+from faceattrs.ensemble import build_ensemble
+from faceattrs.model import FaceEnsemble, FaceResNet, ModelConfig
+
+CFG = ModelConfig(width=0.125, heads={"gender": 2, "ethnicity": 5, "age": 117})
+
+
+def make_member(path, seed, cfg=CFG, **meta):
+    torch.manual_seed(seed)
+    net = FaceResNet(cfg).eval()
+    path.mkdir(parents=True)
+    save_checkpoint(path, "best", net, {"epoch": seed, "score": 0.5, **meta})
+    (path / "config.json").write_text(json.dumps({"data": "prepared"}))
+    return net
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ens")
+    nets = [make_member(root / f"m{i}", i, age_edges=[17, 26, 30, 38, 54]) for i in range(3)]
+    return root, nets
+
+
+def test_ensemble_averages_its_members(members, tmp_path):
+    root, nets = members
+    path = build_ensemble([root / "m0", root / "m1", root / "m2"], tmp_path / "ens")
+    model, meta = load_model(path.parent)
+    assert isinstance(model, FaceEnsemble) and model.cfg.members == 3
+    assert [m["epoch"] for m in meta["members"]] == [0, 1, 2] and meta["age_edges"][0] == 17
+    x = torch.randn(4, 1, 48, 48)
+    with torch.no_grad():
+        want = {h: torch.stack([n(x)[h] for n in nets]).mean(0) for h in CFG.heads}
+        got = model(x)
+        for h in CFG.heads:
+            torch.testing.assert_close(got[h], want[h], atol=1e-5, rtol=0)
+        # flip TTA: the mean over face and mirror of the ensemble's logits
+        model.flip_tta = True
+        both = {
+            h: (want[h] + torch.stack([n(x.flip(-1))[h] for n in nets]).mean(0)) / 2
+            for h in CFG.heads
+        }
+        torch.testing.assert_close(model(x)["gender"], both["gender"], atol=1e-5, rtol=0)
+    assert json.loads((path.parent / "config.json").read_text())["data"].endswith("prepared")
+
+
+def test_ensemble_is_a_bundle_for_every_command(members, tmp_path):
+    pytest.importorskip("captum")
+    from faceattrs.backends import TorchBackend
+    from faceattrs.calibrate import calibrate_run
+    from faceattrs.explain import explain_faces
+
+    root, _ = members
+    run = build_ensemble([root / "m0", root / "m1"], tmp_path / "ens").parent
+    faces = synthetic_faceset(80, seed=1)
+    calibrate_run(run, faces, flip_tta="on")
+    b = B.resolve(run)
+    assert b.shared_age and list(b.heads) == ["gender", "ethnicity"]
+    logits, age = TorchBackend(b).outputs(faces.images[:5])  # BatchNorm fused in members
+    net, _ = b.load_multitask()
+    with torch.no_grad():
+        ref = net(torch.from_numpy(faces.images[:5]).float().div(127.5).sub(1)[:, None])
+    np.testing.assert_allclose(logits["gender"], ref["gender"].numpy(), atol=1e-4)
+    assert age["value"].shape == (5,) and "interval" in age
+    ex = explain_faces(net, faces.images[:2], b.temperatures)  # Grad-CAM over both members
+    assert ex["cams"]["gender"].shape == (2, 48, 48) and ex["cams"]["gender"].max() == 1.0
+
+
+def test_ensemble_onnx_agrees(members, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from faceattrs.export import export_onnx
+
+    root, _ = members
+    run = build_ensemble([root / "m0", root / "m1"], tmp_path / "ens").parent
+    check = json.loads(export_onnx(run, tmp_path / "onnx").read_text())["check"]
+    assert check["gender_probabilities"] < 1e-4
+
+
+def test_bad_ensembles_are_one_line(members, tmp_path, capsys):
+    root, _ = members
+    make_member(tmp_path / "other", 5, replace(CFG, width=0.25), age_edges=[17, 26, 30, 38, 54])
+    make_member(tmp_path / "edges", 6, age_edges=[16, 26, 29, 37, 53])
+    cases = {
+        "2 or more": [str(root / "m0")],
+        "another design": [str(root / "m0"), str(tmp_path / "other")],
+        "age_edges differ": [str(root / "m0"), str(tmp_path / "edges")],
+        "does not exist": [str(root / "m0"), str(tmp_path / "absent")],
+    }
+    for message, runs in cases.items():
+        assert main(["ensemble", *runs, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out" / "best.json").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert (
+        main(["ensemble", str(root / "m0"), str(root / "m1"), "--out", str(tmp_path / "full")]) == 2
+    )
+    assert "not empty" in capsys.readouterr().err
