@@ -82,12 +82,22 @@ def test_ensemble_is_a_bundle_for_every_command(members, tmp_path):
 
 def test_ensemble_onnx_agrees(members, tmp_path):
     pytest.importorskip("onnxruntime")
+    from faceattrs.backends import OnnxBackend, TorchBackend
+    from faceattrs.calibrate import calibrate_run
     from faceattrs.export import export_onnx
 
     root, _ = members
     run = build_ensemble([root / "m0", root / "m1"], tmp_path / "ens").parent
+    faces = synthetic_faceset(80, seed=2)
+    calibrate_run(run, faces, flip_tta="on")  # the mirror pass goes into the graph
     check = json.loads(export_onnx(run, tmp_path / "onnx").read_text())["check"]
-    assert check["gender_probabilities"] < 1e-4
+    assert check["gender_probabilities"] < 1e-4 and check["age_years"] < 0.05
+    for n in (1, 7):  # batch sizes other than the trace's
+        (lo, ao), (lt, at) = (
+            b.outputs(faces.images[:n]) for b in (OnnxBackend(tmp_path / "onnx"), TorchBackend(run))
+        )
+        np.testing.assert_allclose(lo["ethnicity"], lt["ethnicity"], atol=1e-3)
+        np.testing.assert_allclose(ao["value"], at["value"], atol=0.05)
 
 
 def test_bad_ensembles_are_one_line(members, tmp_path, capsys):

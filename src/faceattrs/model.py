@@ -221,10 +221,9 @@ class FaceEnsemble(nn.Module):
             zs.append(z)
         logits = {h: torch.stack([o[h] for o in outs]).mean(0) for h in outs[0]}
         z = torch.cat(zs, 1)
-        if flip:
-            n = len(x)
-            logits = {h: (v[:n] + v[n:]) / 2 for h, v in logits.items()}
-            z = z[:n]
+        if flip:  # chunk, not a slice at len(x): an ONNX trace keeps the batch dynamic
+            logits = {h: sum(v.chunk(2)) / 2 for h, v in logits.items()}
+            z = z.chunk(2)[0]
         return logits, z
 
 
