@@ -72,8 +72,7 @@ def make_folder(photos: list[Path], n: int, out: Path) -> list[Path]:
 
 
 def bare(models, faces: np.ndarray) -> None:
-    models.logits(faces)
-    models.age(faces)
+    models.outputs(faces)  # what the analyzer runs: one pass for a network with an age head
 
 
 def median_ms(fn, reps: int, budget: float) -> tuple[float, int]:
