@@ -60,7 +60,7 @@ def build_ensemble(runs: list, out: str | Path) -> Path:
         member.load_state_dict(net.state_dict())
     members = [
         {
-            "run": str(b.source.resolve()),
+            "run": str(b.source),  # as given: no path of this machine in a shipped model
             "epoch": b.meta.get("epoch"),
             "score": b.meta.get("score"),
             "weights_sha256": weights_id(b.source) if b.run_dir else None,
