@@ -1,0 +1,54 @@
+"""Validation curves of three-head runs side by side (``history.csv`` of
+``scripts/trial_three_heads.py``): score (mean macro-F1 of gender and ethnicity), gender
+accuracy and age MAE per epoch, the best-score epoch marked.
+
+    python scripts/plot_histories.py runs/three_heads_ema45 runs/th_seed1 \\
+        --out docs/results/default/history.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PANELS = [("val_score", "score (mean macro-F1)"), ("val_gender_accuracy", "gender accuracy"),
+          ("val_age_mae", "age MAE (years)")]  # fmt: skip
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="folders holding history.csv")
+    ap.add_argument("--out", type=Path, required=True, help="PNG to write")
+    a = ap.parse_args(argv)
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
+    for run in a.runs:
+        path = run / "history.csv"
+        if not path.exists():
+            raise SystemExit(f"plot_histories: {path} is missing")
+        rows = list(csv.DictReader(path.open()))
+        epochs = [int(r["epoch"]) for r in rows]
+        best = max(range(len(rows)), key=lambda i: float(rows[i]["val_score"]))
+        for ax, (key, label) in zip(axes, PANELS, strict=True):
+            ys = [float(r[key]) for r in rows]
+            (line,) = ax.plot(epochs, ys, label=run.name, lw=1.2)
+            ax.plot(epochs[best], ys[best], "o", color=line.get_color())
+            ax.set(xlabel="epoch", title=label)
+    axes[0].set_ylim(0.6, None)
+    axes[2].set_ylim(None, 10)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("validation per epoch (dot: the epoch kept, best score)", fontsize=10)
+    fig.tight_layout()
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(a.out, dpi=90)
+    print(a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
