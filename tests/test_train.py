@@ -163,10 +163,12 @@ def test_fit_writes_the_run_folder(tmp_path):
         T.fit(faces, run, tiny_cfg(epochs=2))
 
 
-@pytest.mark.parametrize("ema", [0.0, 0.9], ids=["plain", "ema"])
-def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, ema):
+@pytest.mark.parametrize(
+    "ema,age_head", [(0.0, False), (0.9, False), (0.0, True)], ids=["plain", "ema", "age_head"]
+)
+def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, ema, age_head):
     faces = synthetic_faceset(80)
-    cfg = tiny_cfg(epochs=3, patience=10, ema=ema)
+    cfg = tiny_cfg(epochs=3, patience=10, ema=ema, age_head=age_head)
     T.fit(faces, tmp_path / "full", cfg)
 
     saves = []
@@ -197,6 +199,42 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, ema):
              _history(tmp_path / "full" / "history.csv")]  # fmt: skip
     assert strip == [{k: v for k, v in r.items() if k not in timing}
                      for r in _history(tmp_path / "cut" / "history.csv")]  # fmt: skip
+
+
+def test_age_head_run_is_a_bundle_with_its_age_model(tmp_path):
+    from faceattrs.age.bins import quantile_edges
+    from faceattrs.backends import TorchBackend
+    from faceattrs.calibrate import calibrate_run
+
+    faces = synthetic_faceset(80)
+    run = tmp_path / "run"
+    T.fit(faces, run, tiny_cfg(epochs=2, age_head=True), data_ref="synthetic")
+    best = json.loads((run / "best.json").read_text())
+    assert best["model"]["heads"] == {"gender": 2, "ethnicity": 5, "age": T.AGE_YEARS}
+    train_ages = faces.age[faces.indices("train")]
+    assert best["age_edges"] == [float(e) for e in quantile_edges(train_ages, 6)]
+    # the age term is in the loss: the age head's weights moved from their initial values
+    model, _ = load_model(run, "best")
+    torch.manual_seed(tiny_cfg().seed)
+    init = T.FaceResNet(T.model_config(tiny_cfg(age_head=True)))
+    assert not torch.equal(model.heads["age"].fc.weight, init.heads["age"].fc.weight)
+    calibrate_run(run, faces)
+    age = json.loads((run / "age" / "age.json").read_text())
+    assert age["direct"] == "multitask" and age["edges"] == best["age_edges"]
+    logits, pred = TorchBackend(run).outputs(faces.images[:3])
+    assert set(logits) == {"gender", "ethnicity"} and pred["value"].shape == (3,)
+    # the loss: the two heads' loss plus weight x (smoothed CE + l1 x |E[age] - age|)
+    cfg = tiny_cfg(age_head=True, age_weight=2.0, age_l1=0.5, age_smoothing=0.0)
+    out = {"gender": torch.zeros(2, 2), "ethnicity": torch.zeros(2, 5),
+           "age": torch.full((2, T.AGE_YEARS), -30.0)}  # fmt: skip
+    out["age"][:, 30] = 0.0  # all mass on 30 years
+    batch = {"gender": torch.tensor([0, 1]), "ethnicity": torch.tensor([0, 1]),
+             "age": torch.tensor([30, 40])}  # fmt: skip
+    loss, parts = T.with_age_head(T.multitask_loss(cfg), cfg)(out, batch)
+    ce = torch.nn.functional.cross_entropy(out["age"], batch["age"])
+    assert parts["age"].item() == pytest.approx(ce.item() + 0.5 * 5.0, rel=1e-4)  # L1 = (0+10)/2
+    base = T.multitask_loss(cfg)(out, batch)[0]
+    assert loss.item() == pytest.approx(base.item() + 2.0 * parts["age"].item(), rel=1e-5)
 
 
 def test_ema_run_evaluates_and_saves_the_average(tmp_path):

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import config as cfgmod
+from .age.direct import HEAD as AGE_HEAD
 from .augment import AugmentConfig, Augmenter, minority_classes
 from .checkpoint import CheckpointError, read_meta, save_checkpoint
 from .dataset import FaceSet
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 
 # head -> number of classes, from the input contract; a checkpoint records its own
 HEADS = {h: len(names) for h, names in DEFAULT_HEADS.items()}
+AGE_YEARS = 117  # the age head's classes: whole years 0..116 (UTKFace's range)
 BF16_WORDS = ("auto", "on", "off", "true", "false", "1", "0", "yes", "no")
 
 
@@ -101,6 +103,11 @@ class TrainConfig:
     # predictions (face + mirror) on the training faces are soft targets; "" = off
     distill_weight: float = 0.5  # share of the soft-target term in each head's loss
     distill_temperature: float = 2.0
+    age_head: bool = False  # [ours] a third head, age over whole years 0..116 (the bundle's
+    # age model, one pass with the others: docs/age.md); off = the reference's two heads
+    age_weight: float = 1.0  # its loss: weight x (CE with smoothing + l1 x |E[age] - age|)
+    age_smoothing: float = 0.1
+    age_l1: float = 0.1
     limit: int = 0  # use at most this many faces per split (0 = all; smoke tests)
     max_batches: int = 0  # stop each epoch after this many batches (0 = full; smoke tests)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # override as augment.KEY
@@ -208,7 +215,24 @@ def make_ema(model: torch.nn.Module, decay: float):
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
-    return ModelConfig(width=cfg.width, dropout=cfg.dropout, heads=dict(HEADS))
+    heads = {**HEADS, AGE_HEAD: AGE_YEARS} if cfg.age_head else dict(HEADS)
+    return ModelConfig(width=cfg.width, dropout=cfg.dropout, heads=heads)
+
+
+def with_age_head(loss_fn, cfg: TrainConfig):
+    """``loss_fn`` plus ``cfg.age_weight`` x (cross-entropy over the years, smoothed by
+    ``cfg.age_smoothing``, + ``cfg.age_l1`` x the L1 error of the expected age), with
+    ``"age"`` among the returned parts."""
+    from .age.direct import expected_age
+
+    def fn(outputs, batch):
+        loss, parts = loss_fn(outputs, batch)
+        logits, age = outputs[AGE_HEAD], batch[AGE_HEAD]
+        ce = F.cross_entropy(logits, age, label_smoothing=cfg.age_smoothing)
+        age_loss = ce + cfg.age_l1 * (expected_age(logits) - age.float()).abs().mean()
+        return loss + cfg.age_weight * age_loss, {**parts, AGE_HEAD: age_loss}
+
+    return fn
 
 
 # --------------------------------------------------------------------------- devices
@@ -450,13 +474,18 @@ HISTORY_FIELDS = history_fields()
 # --------------------------------------------------------------------------- fit
 
 
-def _split_tensors(faces: FaceSet, split: str, limit: int, seed: int, device) -> dict:
-    """Images and one label tensor per head (the FaceSet attribute of that name)."""
+def _split_tensors(
+    faces: FaceSet, split: str, limit: int, seed: int, device, age: bool = False
+) -> dict:
+    """Images and one label tensor per head (the FaceSet attribute of that name), and the
+    ages in whole years (clipped to the age head's range) when ``age``."""
     idx = faces.indices(split)
     if limit and len(idx) > limit:
         rng = np.random.default_rng(mix_seed(seed, 3))
         idx = np.sort(rng.choice(idx, limit, replace=False))
     labels = {h: getattr(faces, h)[idx].astype(np.int64) for h in HEADS}
+    if age:
+        labels[AGE_HEAD] = np.clip(faces.age[idx].astype(np.int64), 0, AGE_YEARS - 1)
     return {
         "image": torch.from_numpy(np.ascontiguousarray(faces.images[idx])).to(device),
         **{h: torch.from_numpy(v).to(device) for h, v in labels.items()},
@@ -501,8 +530,8 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
     bf16 = use_bf16(cfg.bf16, device)
     main = rank == 0
 
-    train = _split_tensors(faces, "train", cfg.limit, cfg.seed, device)
-    val = _split_tensors(faces, "val", cfg.limit, cfg.seed + 1, device)
+    train = _split_tensors(faces, "train", cfg.limit, cfg.seed, device, cfg.age_head)
+    val = _split_tensors(faces, "val", cfg.limit, cfg.seed + 1, device, cfg.age_head)
     n_train, n_val = len(train["image"]), len(val["image"])
     if n_train < world or n_val == 0:
         raise TrainError(
@@ -532,6 +561,8 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
     )
     stopper = EarlyStopping("val_score", "max", cfg.patience, cfg.min_delta)
     loss_fn = multitask_loss(cfg)
+    if cfg.age_head:
+        loss_fn = with_age_head(loss_fn, cfg)
     ema = make_ema(model, cfg.ema)
     served = ema.module if ema is not None else model  # evaluated, saved as best/last
 
@@ -563,6 +594,12 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
 
     def prepare(batch):
         return augmenter(batch["image"], batch["ethnicity"])
+
+    age_edges = None
+    if cfg.age_head:
+        from .age.bins import quantile_edges
+
+        age_edges = [float(e) for e in quantile_edges(train[AGE_HEAD].cpu().numpy(), 6)]
 
     t0 = time.perf_counter()
     evals: dict[int, dict] = {}  # this session's validation results, by epoch
@@ -612,6 +649,8 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
                     "val": {h: {k: ev[h][k] for k in ("accuracy", "macro_f1", "confusion")}
                             for h in HEADS},
                     "data": data_ref, "config": cfgmod.to_dict(cfg)}  # fmt: skip
+            if cfg.age_head:  # the bins calibrate gives the age head: training-age sextiles
+                meta["age_edges"] = age_edges
             _save_epoch(out_dir, epoch, model, optimizer, scheduler, stopper, meta, history,
                         improved, ema)  # fmt: skip
             if row["seconds"] >= 30:  # keep history.png current when it costs little
