@@ -10,7 +10,7 @@ import numpy as np
 from faceattrs.cli import main
 
 
-def test_run_every_stage_writes_report(tmp_path):
+def tiny_csv(tmp_path):
     rng = np.random.default_rng(0)
     n = 120
     lines = ["age,ethnicity,gender,img_name,pixels"]
@@ -19,6 +19,11 @@ def test_run_every_stage_writes_report(tmp_path):
         lines.append(f"{int(rng.integers(1, 90))},{i % 5},{(i // 5) % 2},f{i}.jpg,{pix}")
     csv = tmp_path / "faces.csv"
     csv.write_text("\n".join(lines) + "\n")
+    return csv
+
+
+def test_run_every_stage_writes_report(tmp_path):
+    csv = tiny_csv(tmp_path)
     out = tmp_path / "run"
     args = ["run", "--data", str(csv), "--out", str(out), "--preset", "cpu", "--no-progress"]
     args += ["epochs=1", "width=0.125", "batch_size=16", "max_batches=2"]
@@ -38,3 +43,18 @@ def test_run_every_stage_writes_report(tmp_path):
     for href in re.findall(r'href="([^"#][^"]*)"', html):
         if not href.startswith(("data:", "http")):
             assert (out / href).exists(), href
+
+
+def test_run_with_the_age_head_skips_the_two_stage_model(tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    args = ["run", "--data", str(tiny_csv(tmp_path)), "--out", str(out), "--preset", "cpu",
+            "--no-progress", "epochs=1", "width=0.125", "batch_size=16", "max_batches=2",
+            "age_head=true"]  # fmt: skip
+    assert main(args) == 0
+    age = json.loads((out / "age" / "age.json").read_text())
+    assert age["direct"] == "multitask" and not (out / "age" / "coarse.json").exists()
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["age"]["approach"] == "direct" and metrics["age"]["mae"] > 0
+    assert (out / "report.html").exists()

@@ -61,7 +61,9 @@ def run_all(
           progress=progress)  # fmt: skip
     # the reference has no test-time flip: the paper preset keeps it off
     stage("calibrate", calibrate_run, out, faces, flip_tta="off" if preset == "paper" else "auto")
-    if age:
+    if age and cfg.age_head:  # the network's own age head is the age model (calibrate wrote it)
+        log.info("age: the network's own age head (age_head=true); no two-stage age model")
+    elif age:
         from .age import PRESETS as AGE_PRESETS
         from .age import AgeConfig, train_age
         from .config import resolve
