@@ -27,13 +27,14 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from faceattrs.age.bins import assign_bins, quantile_edges
+from faceattrs.age.config import AgeConfig
 from faceattrs.age.direct import expected_age
 from faceattrs.augment import Augmenter, minority_classes
 from faceattrs.checkpoint import save_checkpoint
@@ -49,20 +50,21 @@ from faceattrs.loop import (
     use_bf16,
 )
 from faceattrs.metrics import scores_from_confusion
-from faceattrs.model import FaceResNet, ModelConfig
+from faceattrs.model import FaceResNet
 from faceattrs.prepare import load_prepared
-from faceattrs.train import HEADS, make_ema, multitask_loss, resolve_config
+from faceattrs.train import (
+    AGE_YEARS,
+    HEADS,
+    _split_tensors,
+    make_ema,
+    model_config,
+    multitask_loss,
+    resolve_config,
+    with_age_head,
+)
 
-N_AGE = 117  # whole years 0..116
-CLIP = (1.0, 100.0)
-
-
-def tensors(faces, split: str, device) -> dict[str, torch.Tensor]:
-    idx = faces.indices(split)
-    out = {"image": torch.from_numpy(np.ascontiguousarray(faces.images[idx])).to(device)}
-    for h in (*HEADS, "age"):
-        out[h] = torch.from_numpy(getattr(faces, h)[idx].astype(np.int64)).clip(0, N_AGE - 1)
-    return out
+N_AGE = AGE_YEARS  # whole years 0..116
+CLIP = (AgeConfig.min_age, AgeConfig.max_age)  # the age models' range
 
 
 @torch.no_grad()
@@ -85,8 +87,8 @@ def validate(model, val, edges, bf16, device) -> dict[str, float]:
         sc = scores_from_confusion(cm.tolist())
         row[f"val_{h}_accuracy"], row[f"val_{h}_macro_f1"] = sc["accuracy"], sc["macro_f1"]
     row["val_score"] = sum(row[f"val_{h}_macro_f1"] for h in HEADS) / len(HEADS)
-    age = torch.cat(ages).numpy()
-    true = val["age"].numpy().astype(np.float64)
+    age = torch.cat(ages).cpu().numpy()
+    true = val["age"].cpu().numpy().astype(np.float64)
     err = np.abs(age - true)
     row["val_age_mae"] = float(err.mean())
     row["val_age_cs5"] = float((err <= 5).mean())
@@ -127,7 +129,10 @@ def main(argv=None) -> int:
     ap.add_argument("--mix-prob", type=float, default=0.5, help="share of batches mixed")
     ap.add_argument("settings", nargs="*", help="faceattrs train overrides, KEY=VALUE")
     a = ap.parse_args(argv)
-    cfg = resolve_config(a.preset, a.settings)
+    cfg = replace(
+        resolve_config(a.preset, a.settings), age_head=True, age_weight=a.age_weight,
+        age_l1=a.age_l1, age_smoothing=a.age_smoothing,
+    )  # fmt: skip
     out = Path(a.out)
     if out.exists():
         print(f"trial_three_heads: {out} exists; choose another --out", file=sys.stderr)
@@ -137,15 +142,14 @@ def main(argv=None) -> int:
     device = select_device(cfg.device)
     bf16 = use_bf16(cfg.bf16, device)
     faces = load_prepared(a.data)
-    train, val = tensors(faces, "train", device), tensors(faces, "val", device)
-    edges = quantile_edges(train["age"].numpy(), 6)
-    eth = train["ethnicity"].numpy()
+    train, val = (_split_tensors(faces, s, 0, cfg.seed, device, age=True) for s in ("train", "val"))
+    edges = quantile_edges(train["age"].cpu().numpy(), 6)
+    eth = train["ethnicity"].cpu().numpy()
     augmenter = Augmenter(cfg.augment, minority_classes(eth, cfg.augment.minority_ratio))
     weights = sampler_weights(eth) if cfg.balanced else None
 
     torch.manual_seed(cfg.seed)
-    heads = {**HEADS, "age": N_AGE}
-    model = FaceResNet(ModelConfig(width=cfg.width, dropout=cfg.dropout, heads=heads))
+    model = FaceResNet(model_config(cfg))  # gender, ethnicity and age
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
     steps = math.ceil(len(train["image"]) / cfg.batch_size)
@@ -154,15 +158,7 @@ def main(argv=None) -> int:
     )
     ema = make_ema(model, a.ema)
     served = ema.module if ema is not None else model
-    base = multitask_loss(cfg)
-
-    def one_loss(outputs, batch):
-        loss, parts = base(outputs, batch)
-        logits = outputs["age"]
-        ce = F.cross_entropy(logits, batch["age"], label_smoothing=a.age_smoothing)
-        l1 = (expected_age(logits) - batch["age"].float()).abs().mean()
-        age_loss = ce + a.age_l1 * l1
-        return loss + a.age_weight * age_loss, {**parts, "age": age_loss}
+    one_loss = with_age_head(multitask_loss(cfg), cfg)  # the loss of `train age_head=true`
 
     mix_rng = np.random.default_rng(cfg.seed)
 

@@ -113,7 +113,7 @@ class TorchBackend:
         if self.age_model is None:
             return None
         if self.shared_age:
-            return _head_age(self.bundle.age, self._forward(faces)[AGE_HEAD])
+            return self.outputs(faces)[1]
         with self._autocast():
             return self.age_model.predict(faces)
 
@@ -158,7 +158,7 @@ class OnnxBackend:
         self.multitask = session("multitask")
         self.age_meta = self.bundle.age if age else None
         self.bin_labels = self.age_meta["bin_labels"] if self.age_meta else None
-        self.shared_age = bool(self.age_meta) and self.age_meta.get("direct") == "multitask"
+        self.shared_age = age and self.bundle.shared_age
         two_stage = self.age_meta and not self.shared_age
         self.two_stage = session("age_two_stage") if two_stage else None
         has_direct = self.age_meta and "age_direct" in m["graphs"]
@@ -184,7 +184,7 @@ class OnnxBackend:
         if self.age_meta is None:
             return None
         if self.shared_age:
-            return _head_age(self.age_meta, self._run(faces, [AGE_HEAD])[AGE_HEAD])
+            return self.outputs(faces)[1]
         meta, faces = self.age_meta, np.ascontiguousarray(faces, np.uint8)
         kw = {"edges": meta["edges"], "clip": meta["clip"], "routing": meta["routing"]}
         kw["interval"] = meta.get("interval")

@@ -90,9 +90,7 @@ class Bundle:
     @property
     def age_head(self) -> bool:
         """The multitask network has the ``age`` head (three heads in one pass)."""
-        return AGE_HEAD in (self.meta.get("model") or {}).get("heads", {}) or (
-            self.kind == "onnx" and bool(self.age) and self.age.get("direct") == "multitask"
-        )
+        return _has_age_head(self.meta) or (self.kind == "onnx" and self.shared_age)
 
     @property
     def shared_age(self) -> bool:
@@ -146,7 +144,7 @@ class Bundle:
             return None
         if self.shared_age:
             net = multitask if multitask is not None else self.load_multitask(device)[0]
-            return _head_age(self.age_dir, self.age, net, self.flip_tta)
+            return _shared_age_model(self.age_dir, self.age, net, self.flip_tta)
         return _load_age(self.age_dir, self.age, device)
 
     def recorded_data(self) -> Path:
@@ -279,7 +277,7 @@ def _run(run_dir: Path, path: Path, age_dir: Path | None = None) -> Bundle:
     temperatures, flip_tta = read_calibration(run_dir)
     age = _read_age_json(age_dir) if age_dir is not None else None
     if age is not None and age.get("direct") == "multitask":
-        if AGE_HEAD not in meta.get("model", {}).get("heads", {}):
+        if not _has_age_head(meta):
             raise CheckpointError(
                 f"{age_dir / AGE_JSON} names the multitask network's age head, but {ckpt} has none"
             )
@@ -356,7 +354,11 @@ def _read_age_json(age_dir: Path) -> dict:
     return meta
 
 
-def _head_age(age_dir: Path, meta: dict, net: FaceResNet, flip_tta: bool) -> AgeModel:
+def _has_age_head(meta: dict) -> bool:
+    return AGE_HEAD in (meta.get("model") or {}).get("heads", {})
+
+
+def _shared_age_model(age_dir: Path, meta: dict, net: FaceResNet, flip_tta: bool) -> AgeModel:
     try:
         return AgeModel(
             coarse=None,

@@ -40,8 +40,6 @@ from .postprocess import softmax
 
 log = logging.getLogger(__name__)
 
-HEAD_AGE_CLIP = (1.0, 100.0)  # ages a network's own age head may give (as train-age's)
-
 N_BINS = 15  # equal-width bins on the max probability, as in Guo et al. (2017)
 T_BOUNDS = (0.05, 20.0)  # search range of the temperature
 
@@ -261,19 +259,20 @@ def calibrate_run(
 
 def calibrate_age_head(bundle, faces: FaceSet, val_year_logits: np.ndarray, flip: bool) -> dict:
     """A network with its own age head: write ``RUN/age/age.json`` (bins from the
-    checkpoint's ``age_edges``, else training-age sextiles; clip 1..100; the 90 %
+    checkpoint's ``age_edges``, else training-age sextiles; clip to ``AgeConfig``'s 1..100; the 90 %
     split-conformal interval fitted on the validation ages the network now predicts, with
     the flip choice of the other heads, since one pass serves all three)."""
     from .age import conformal
     from .age.bins import quantile_edges
     from .age.bundle import save_head_age_model
+    from .age.config import AgeConfig
     from .postprocess import age_prediction
 
     val = faces.subset("val")
     edges = bundle.meta.get("age_edges")
     if edges is None:
         edges = quantile_edges(faces.subset("train").age, 6).tolist()
-    clip = HEAD_AGE_CLIP
+    clip = (AgeConfig.min_age, AgeConfig.max_age)  # the age models' range, as train-age's
     pred = age_prediction("direct", year_logits=val_year_logits, edges=edges, clip=clip)
     interval = conformal.fit(val.age, pred["value"], pred["bin"], len(edges) + 1)
     val_mae = round(float(np.abs(pred["value"] - val.age).mean()), 4)

@@ -43,10 +43,11 @@ def build_ensemble(runs: list, out: str | Path) -> Path:
         if b.kind == "onnx":
             raise FaceattrsError(f"{b.path} is an ONNX export: pass its run folder")
     nets = [b.load_multitask()[0] for b in bundles]
+    for b, net in zip(bundles, nets, strict=True):
+        if net.cfg.members != 1:
+            raise FaceattrsError(f"{b.path}: already an ensemble; pass its member runs")
     first, cfg = bundles[0], nets[0].cfg
     for b, net in zip(bundles[1:], nets[1:], strict=True):
-        if net.cfg.members != 1 or cfg.members != 1:
-            raise FaceattrsError(f"{b.path}: already an ensemble; pass its member runs")
         if net.cfg != cfg:
             raise FaceattrsError(
                 f"{b.path}: another design than {first.path} ({net.cfg} vs {cfg}); "
