@@ -7,7 +7,9 @@ For each backend (PyTorch fp32, PyTorch bf16, onnxruntime) it prints, from one r
 - throughput: faces/s on a folder of N one-face photos against the bare models' batched
   rate on the same faces, twice: through an already loaded ``FaceAnalyzer`` (the steady
   state), and as ``faceattrs predict`` does it (``predict_files``: loading the models and
-  their first-call warm-up included, records written to a file).
+  their first-call warm-up included, records written to a file). The bare rate is timed
+  two ways, each batch on every core and each batch split over the analyzer's streams
+  (two halves at once, one thread each, on a 2-core CPU), and the ratios are taken against the faster.
 
 "Every model" is the multitask model plus the age model (coarse classifier + per-bin
 regressors). Without ``--model`` the models are random-init at full width (speed does not
@@ -28,6 +30,7 @@ import os
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +38,7 @@ import torch
 from PIL import Image
 
 from faceattrs.photo import extract_faces, load_image
-from faceattrs.predict import FaceAnalyzer
+from faceattrs.predict import FaceAnalyzer, cpu_cores
 from faceattrs.predict_files import predict_files
 
 
@@ -85,25 +88,46 @@ def median_ms(fn, reps: int, budget: float) -> tuple[float, int]:
     return statistics.median(times) * 1e3, len(times)
 
 
+def batched_rate(models, faces: np.ndarray, batch_size: int, streams: int) -> float:
+    """Faces/s of the bare models on ``faces`` in batches, each split over ``streams``
+    threads as the analyzer does (``FaceAnalyzer._predict``)."""
+    size = -(-batch_size // streams)
+    with ThreadPoolExecutor(streams) as pool:
+
+        def run(batch):
+            parts = [batch[s : s + size] for s in range(0, len(batch), size)]
+            list(pool.map(lambda part: bare(models, part), parts))
+
+        run(faces[:batch_size])  # warm-up
+        t = time.perf_counter()
+        for s in range(0, len(faces), batch_size):
+            run(faces[s : s + batch_size])
+    return len(faces) / (time.perf_counter() - t)
+
+
 def bench(name, model, backend, dtype, paths, crops, args) -> dict:
     """One backend's latency and throughput figures."""
-    an = FaceAnalyzer(model, backend=backend, dtype=dtype, batch_size=args.batch_size)
+    kw = {"backend": backend, "dtype": dtype, "batch_size": args.batch_size}
+    # the bare models two ways: one call at a time on every core, and as the analyzer runs
+    # them (its streams); the ratios are taken against the faster. torch's thread count is
+    # process-wide, so the one-stream analyzer is timed before the default one is made.
+    single = FaceAnalyzer(model, **kw, streams=1, threads=cpu_cores())
+    t = time.perf_counter()
+    bare(single.models, crops[:8])
+    per_face = (time.perf_counter() - t) / 8
+    n = int(min(len(paths), max(16, args.budget / 2.5 / per_face)))
+    faces = np.stack([f.crop for p in paths[:n] for f in extract_faces(load_image(p))])
+    one_stream_rate = batched_rate(single.models, faces, args.batch_size, 1)
+    del single
+    an = FaceAnalyzer(model, **kw)
     m = an.models
+    streams_rate = batched_rate(m, faces, args.batch_size, an.streams)
+    bare_rate = max(one_stream_rate, streams_rate)
     one_ms, _ = median_ms(lambda: bare(m, crops[:1]), args.repeats, min(30, args.budget / 4))
     it = iter(range(10**9))
     e2e_ms, reps = median_ms(
         lambda: an.analyze(paths[next(it) % 24]), args.repeats, min(30, args.budget / 4)
     )
-    # how many photos fit the budget at this backend's speed (all of them unless very slow)
-    t = time.perf_counter()
-    bare(m, crops[:8])
-    per_face = (time.perf_counter() - t) / 8
-    n = int(min(len(paths), max(16, args.budget / 2.5 / per_face)))
-    faces = np.stack([f.crop for p in paths[:n] for f in extract_faces(load_image(p))])
-    t = time.perf_counter()
-    for s in range(0, len(faces), args.batch_size):
-        bare(m, faces[s : s + args.batch_size])
-    bare_rate = len(faces) / (time.perf_counter() - t)
     t = time.perf_counter()  # the same folder through the loaded (warm) analyzer
     records = an.analyze([str(p) for p in paths[:n]], on_error="record")
     warm_rate = sum("error" not in r for r in records) / (time.perf_counter() - t)
@@ -124,6 +148,10 @@ def bench(name, model, backend, dtype, paths, crops, args) -> dict:
         "photo_ms": e2e_ms,
         "photo_reps": reps,
         "bare_rate": bare_rate,
+        "one_stream_rate": one_stream_rate,
+        "streams_rate": streams_rate,
+        "streams": an.streams,
+        "threads": torch.get_num_threads() if backend == "torch" else None,
         "folder_rate": counts["faces"] / folder_s,
         "warm_rate": warm_rate,
         "n": n,
@@ -241,8 +269,11 @@ def main() -> None:
             print(
                 f"{r['name']:10s} latency: photo end to end {r['photo_ms']:6.1f} ms (median of "
                 f"{r['photo_reps']}) vs bare models, one face {r['one_face_ms']:6.1f} ms\n"
-                f"{'':10s} throughput ({r['faces']} faces from {r['n']} photos, batch "
-                f"{args.batch_size}): bare batched {r['bare_rate']:6.1f} faces/s; loaded "
+                f"{'':10s} bare batched (batch {args.batch_size}, {r['faces']} faces): one call per "
+                f"batch on {cpu_cores()} threads {r['one_stream_rate']:6.1f} faces/s, "
+                f"{r['streams']} streams (as the analyzer) {r['streams_rate']:6.1f}\n"
+                f"{'':10s} throughput ({r['faces']} faces from {r['n']} photos) against the "
+                f"faster, {r['bare_rate']:6.1f} faces/s: loaded "
                 f"analyzer {r['warm_rate']:6.1f} = {r['warm_rate'] / r['bare_rate']:.2f}; "
                 f"predict command (loads the models, writes records) {r['folder_rate']:6.1f} = "
                 f"{r['folder_rate'] / r['bare_rate']:.2f}",

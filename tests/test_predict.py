@@ -138,6 +138,43 @@ def test_batching_does_not_change_results(run_dir, photos):
             assert max(abs(pa[k] - pb[k]) for k in pa) <= 1e-4
 
 
+def test_streams_give_the_same_records_in_order(run_dir, monkeypatch):
+    """Two model streams (the CPU default) and one give the same records, in input order,
+    errors included, over several batches; a model failure in a stream is raised."""
+    from faceattrs import predict as predict_mod
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (60 + i, 50, 3), dtype=np.uint8) for i in range(11)]
+    images[4] = b"not an image"
+    one = FaceAnalyzer(run_dir, batch_size=2, streams=1)
+    two = FaceAnalyzer(run_dir, batch_size=2, streams=2, threads=1)
+    a = one.analyze(images, detect=False, on_error="record")
+    b = two.analyze(images, detect=False, on_error="record")
+    assert [r.get("image") for r in b] == list(range(11)) and "error" in b[4]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.keys() == rb.keys()
+        for head in ("gender", "ethnicity"):
+            if head in ra:
+                pa, pb = ra[head]["probabilities"], rb[head]["probabilities"]
+                assert max(abs(pa[k] - pb[k]) for k in pa) <= 1e-4
+    calls = []
+
+    def broken(faces):
+        calls.append(len(faces))
+        raise RuntimeError("model failed")
+
+    monkeypatch.setattr(two.models, "outputs", broken)
+    with pytest.raises(RuntimeError, match="model failed"):
+        two.analyze(images[:4], detect=False)
+    assert calls  # the failure came from a stream
+    assert predict_mod.model_streams("cuda", None, None) == (1, None)
+    assert predict_mod.model_streams("cpu", 3, None) == (1, 3)  # threads given: one stream
+    assert predict_mod.model_streams("cpu", None, 4)[0] == 4
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(FaceattrsError, match="streams must be"):
+            FaceAnalyzer(run_dir, streams=bad)
+
+
 def test_multi_face_image(analyzer, photos):
     recs = analyzer.analyze(compose(photos[:4]))
     assert [r["face"] for r in recs] == [0, 1, 2, 3]

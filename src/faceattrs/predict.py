@@ -71,6 +71,25 @@ def load_models(
     return TorchBackend(bundle, device, dtype, age)
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def model_streams(device: str, threads: int | None, streams: int | None) -> tuple[int, int | None]:
+    """``(streams, threads per call)`` of an analyzer: given values are kept; by default a
+    CPU with two or more cores runs two streams, each on half the cores."""
+    cores = cpu_cores()
+    if streams is None:
+        streams = 2 if str(device) == "cpu" and cores >= 2 and threads is None else 1
+    if threads is None and streams > 1 and str(device) == "cpu":
+        threads = max(1, cores // streams)
+    return streams, threads
+
+
 # ---------------------------------------------------------------- records
 
 
@@ -134,7 +153,11 @@ class FaceAnalyzer:
     run, a checkpoint file, an ONNX export with ``backend="onnx"``, a resolved
     :class:`~faceattrs.bundle.Bundle`); None = the default model bundled in the package. ``dtype``: "fp32" or "bf16" (torch).
     ``photo``: detection and crop settings (:class:`faceattrs.photo.PhotoConfig`).
-    ``threads``: CPU threads for the models (default: the library's own choice).
+    ``threads``: CPU threads of each model call; ``streams``: model calls run at once, each
+    on a part of a batch (default on a CPU with two or more cores: two streams of half the
+    cores each, set process-wide with ``torch.set_num_threads``; one stream elsewhere).
+    Small networks use two cores better as two one-thread calls than as one two-thread
+    call (``scripts/bench_predict.py`` measures both).
     """
 
     def __init__(
@@ -148,20 +171,35 @@ class FaceAnalyzer:
         photo: PhotoConfig | None = None,
         age: bool = True,
         threads: int | None = None,
+        streams: int | None = None,
     ):
         if batch_size < 1:
             raise FaceattrsError(f"batch size must be at least 1, got {batch_size}")
+        for name, value in (("threads", threads), ("streams", streams)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):  # fmt: skip
+                raise FaceattrsError(f"{name} must be a whole number of at least 1, got {value!r}")
+        self.streams, threads = model_streams(device, threads, streams)
         self.models = load_models(model, backend, device, dtype, age, threads)
         self.backend, self.batch_size = backend, batch_size
         self.photo = photo or PhotoConfig()
-        self.workers = min(2, os.cpu_count() or 1)  # threads decoding and detecting
+        self.workers = min(2, cpu_cores())  # threads decoding and detecting
         self._pool: ThreadPoolExecutor | None = None  # kept: each thread keeps its cascades
+        self._model_pool: ThreadPoolExecutor | None = None  # the model streams
 
     def _photo_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="faceattrs-photo")
             weakref.finalize(self, self._pool.shutdown, wait=False)
         return self._pool
+
+    def _streams_pool(self) -> ThreadPoolExecutor:
+        if self._model_pool is None:
+            self._model_pool = ThreadPoolExecutor(
+                self.streams, thread_name_prefix="faceattrs-model"
+            )
+            weakref.finalize(self, self._model_pool.shutdown, wait=False)
+        return self._model_pool
 
     def analyze(self, images, *, detect: bool = True, on_error: str = "raise") -> list[dict]:
         """Records of every face of ``images`` (one image or a list), in input order.
@@ -193,7 +231,7 @@ class FaceAnalyzer:
         Images are decoded and their faces found in ``workers`` threads (Pillow and
         OpenCV release the GIL), up to ``batch_size`` images ahead, while the models run;
         the faces of consecutive images are gathered until ``batch_size`` and go through
-        the models together.
+        the models together, split over the ``streams``.
         """
 
         sources = list(sources)
@@ -241,12 +279,21 @@ class FaceAnalyzer:
             item.error, item.faces = str(e), []
         return item
 
+    def _predict(self, faces: np.ndarray) -> list[dict]:
+        """:func:`face_predictions` of ``faces``, split into one part per stream, the parts
+        run at once."""
+        size = -(-len(faces) // self.streams)
+        if self.streams == 1 or len(faces) < 2:
+            return face_predictions(self.models, faces)
+        parts = [faces[s : s + size] for s in range(0, len(faces), size)]
+        done = self._streams_pool().map(lambda part: face_predictions(self.models, part), parts)
+        return [rec for part in done for rec in part]
+
     def _flush(self, items: list[Item]) -> Iterator[Item]:
         faces = [f.crop for item in items for f in item.faces]
         preds = []
         for start in range(0, len(faces), self.batch_size):
-            batch = np.stack(faces[start : start + self.batch_size])
-            preds.extend(face_predictions(self.models, batch))
+            preds.extend(self._predict(np.stack(faces[start : start + self.batch_size])))
         k = 0
         for item in items:
             if item.error is not None:

@@ -74,7 +74,7 @@ class ServeConfig:
     retry_after: int = 1  # seconds, sent with a 503
     device: str = "cpu"
     dtype: str = "fp32"
-    threads: int | None = None  # CPU threads of the models (default: the library's choice)
+    threads: int | None = None  # CPU threads of the models (default: FaceAnalyzer's streams)
     photo: dict = field(default_factory=dict)  # other PhotoConfig fields
 
     def check(self) -> None:

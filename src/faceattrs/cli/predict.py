@@ -40,7 +40,12 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="torch precision")
-    p.add_argument("--threads", type=int, help="CPU threads for the models (default: all)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads of the models, in one stream (default: two streams of half the "
+        "cores each)",
+    )
     p.add_argument(
         "--max-pixels",
         type=int,
