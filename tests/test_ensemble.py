@@ -121,3 +121,44 @@ def test_bad_ensembles_are_one_line(members, tmp_path, capsys):
         main(["ensemble", str(root / "m0"), str(root / "m1"), "--out", str(tmp_path / "full")]) == 2
     )
     assert "not empty" in capsys.readouterr().err
+
+
+def test_members_run_at_once_for_one_face(members, tmp_path):
+    """One face through an analyzer with two model streams: the ensemble's members run in
+    the streams' threads (under inference and bf16 autocast there too), same records."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from faceattrs.backends import TorchBackend
+    from faceattrs.predict import FaceAnalyzer
+
+    root, _ = members
+    run = build_ensemble([root / "m0", root / "m1", root / "m2"], tmp_path / "ens").parent
+    calibrate_faces = synthetic_faceset(60, seed=2)
+    from faceattrs.calibrate import calibrate_run
+
+    calibrate_run(run, calibrate_faces, flip_tta="on")
+    face = calibrate_faces.images[:1]
+    for dtype in ("fp32", "bf16"):
+        backend = TorchBackend(run, dtype=dtype)
+        plain = backend.outputs(face)
+        seen = []
+
+        class Pool(ThreadPoolExecutor):
+            def map(self, fn, *its, seen=seen):
+                def watched(*a):
+                    logits, z = fn(*a)  # one member's logits and embedding, in a pool thread
+                    seen.append((z.is_inference(), z.dtype))
+                    return logits, z
+
+                return super().map(watched, *its)
+
+        with Pool(2) as pool:
+            both = backend.outputs(face, pool=pool)
+        want = (True, torch.float32 if dtype == "fp32" else torch.bfloat16)
+        assert seen == [want] * 3  # every member, in the backend's modes in its thread
+        for h in ("gender", "ethnicity"):
+            np.testing.assert_allclose(both[0][h], plain[0][h], atol=1e-5 if dtype == "fp32" else 0)
+        np.testing.assert_allclose(both[1]["value"], plain[1]["value"], atol=1e-4)
+    one = FaceAnalyzer(run, streams=1).analyze(face[0], detect=False)
+    two = FaceAnalyzer(run, streams=2, threads=1).analyze(face[0], detect=False)
+    assert one[0]["gender"] == two[0]["gender"] and one[0]["age"] == two[0]["age"]

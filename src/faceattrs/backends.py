@@ -23,7 +23,7 @@ from .bundle import Bundle, resolve
 from .checkpoint import CheckpointError
 from .exceptions import FaceattrsError
 from .inputs import normalise
-from .model import fuse_batchnorm
+from .model import FaceEnsemble, fuse_batchnorm
 from .postprocess import age_prediction
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -46,8 +46,9 @@ class Backend(Protocol):
         """``{"value": (N,), "bin": (N,), "bin_probabilities": (N, K)}`` or None."""
         ...
 
-    def outputs(self, faces: np.ndarray) -> tuple[dict[str, np.ndarray], dict | None]:
-        """``(logits(faces), age(faces))``."""
+    def outputs(self, faces: np.ndarray, pool=None) -> tuple[dict[str, np.ndarray], dict | None]:
+        """``(logits(faces), age(faces))``. ``pool`` (a thread pool, optional): where the
+        backend may run parts of one call at once (torch: an ensemble's members)."""
         ...
 
 
@@ -98,11 +99,23 @@ class TorchBackend:
         )
 
     @torch.inference_mode()
-    def _forward(self, faces: np.ndarray) -> dict[str, np.ndarray]:
+    def _forward(self, faces: np.ndarray, pool=None) -> dict[str, np.ndarray]:
         x = normalise(torch.from_numpy(faces).to(self.device))
         with self._autocast():
-            out = self.model(x)
+            if pool is not None and isinstance(self.model, FaceEnsemble):
+                out = self.model(x, member_map=lambda fn, ms: pool.map(self._in_mode(fn), ms))
+            else:
+                out = self.model(x)
         return {h: v.float().cpu().numpy() for h, v in out.items()}
+
+    def _in_mode(self, fn):
+        """``fn`` run under this backend's inference and autocast modes (both per thread)."""
+
+        def run(*args):
+            with torch.inference_mode(), self._autocast():
+                return fn(*args)
+
+        return run
 
     def logits(self, faces: np.ndarray) -> dict[str, np.ndarray]:
         out = self._forward(faces)
@@ -117,10 +130,11 @@ class TorchBackend:
         with self._autocast():
             return self.age_model.predict(faces)
 
-    def outputs(self, faces: np.ndarray) -> tuple[dict[str, np.ndarray], dict | None]:
+    def outputs(self, faces: np.ndarray, pool=None) -> tuple[dict[str, np.ndarray], dict | None]:
         if not self.shared_age:
-            return self.logits(faces), self.age(faces)
-        out = self._forward(faces)
+            out = self._forward(faces, pool)
+            return {h: out[h] for h in self.class_names}, self.age(faces)
+        out = self._forward(faces, pool)
         age = _head_age(self.bundle.age, out[AGE_HEAD])
         return {h: out[h] for h in self.class_names}, age
 
@@ -172,7 +186,8 @@ class OnnxBackend:
     def logits(self, faces: np.ndarray) -> dict[str, np.ndarray]:
         return self._run(faces, list(self.class_names))
 
-    def outputs(self, faces: np.ndarray) -> tuple[dict[str, np.ndarray], dict | None]:
+    def outputs(self, faces: np.ndarray, pool=None) -> tuple[dict[str, np.ndarray], dict | None]:
+        # pool: unused, one graph (its threads are the session's)
         if not self.shared_age:
             return self.logits(faces), self.age(faces)
         out = self._run(faces, [*self.class_names, AGE_HEAD])

@@ -208,17 +208,22 @@ class FaceEnsemble(nn.Module):
     def heads(self) -> nn.ModuleDict:
         return self.members[0].heads
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.logits_and_embedding(x)[0]
+    def forward(self, x: torch.Tensor, member_map=map) -> dict[str, torch.Tensor]:
+        return self.logits_and_embedding(x, member_map)[0]
 
-    def logits_and_embedding(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def logits_and_embedding(
+        self, x: torch.Tensor, member_map=map
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``member_map(fn, members)`` runs the members (builtin ``map``: one after the
+        other; a thread pool's ``map`` runs them at once, as the analyzer does for one face)."""
         flip = self.flip_tta and not self.training
         inp = torch.cat([x, torch.flip(x, dims=(-1,))]) if flip else x
-        outs, zs = [], []
-        for m in self.members:
+
+        def run(m):
             z = m.embed(inp)
-            outs.append(m.forward_head(z))
-            zs.append(z)
+            return m.forward_head(z), z
+
+        outs, zs = zip(*member_map(run, self.members), strict=True)
         logits = {h: torch.stack([o[h] for o in outs]).mean(0) for h in outs[0]}
         z = torch.cat(zs, 1)
         if flip:  # chunk, not a slice at len(x): an ONNX trace keeps the batch dynamic

@@ -97,12 +97,12 @@ def _dist(names, p) -> dict[str, float]:
     return {n: round(float(v), 4) for n, v in zip(names, p, strict=True)}
 
 
-def face_predictions(models: Backend, faces: np.ndarray) -> list[dict]:
+def face_predictions(models: Backend, faces: np.ndarray, pool=None) -> list[dict]:
     """Per face ``{head: {"label", "probabilities"}, ..., "age": ...}`` for uint8 (N, 48, 48),
     one entry per head of the bundle (gender and ethnicity for the multitask model)."""
     if len(faces) == 0:
         return []
-    logits, age = models.outputs(faces)
+    logits, age = models.outputs(faces, pool=pool)
     heads = models.class_names
     probs = {h: softmax(logits[h], models.temperatures.get(h, 1.0)) for h in heads}
     out = []
@@ -281,10 +281,12 @@ class FaceAnalyzer:
 
     def _predict(self, faces: np.ndarray) -> list[dict]:
         """:func:`face_predictions` of ``faces``, split into one part per stream, the parts
-        run at once."""
+        run at once; fewer faces than streams (one photo) run an ensemble's members at once."""
         size = -(-len(faces) // self.streams)
-        if self.streams == 1 or len(faces) < 2:
+        if self.streams == 1:
             return face_predictions(self.models, faces)
+        if len(faces) < self.streams:
+            return face_predictions(self.models, faces, pool=self._streams_pool())
         parts = [faces[s : s + size] for s in range(0, len(faces), size)]
         done = self._streams_pool().map(lambda part: face_predictions(self.models, part), parts)
         return [rec for part in done for rec in part]
