@@ -159,7 +159,7 @@ def test_streams_give_the_same_records_in_order(run_dir, monkeypatch):
                 assert max(abs(pa[k] - pb[k]) for k in pa) <= 1e-4
     calls = []
 
-    def broken(faces):
+    def broken(faces, pool=None):
         calls.append(len(faces))
         raise RuntimeError("model failed")
 
