@@ -162,3 +162,30 @@ def test_members_run_at_once_for_one_face(members, tmp_path):
     one = FaceAnalyzer(run, streams=1).analyze(face[0], detect=False)
     two = FaceAnalyzer(run, streams=2, threads=1).analyze(face[0], detect=False)
     assert one[0]["gender"] == two[0]["gender"] and one[0]["age"] == two[0]["age"]
+
+
+def test_fp16_ensemble_is_half_the_file_and_runs_in_fp32(members, tmp_path):
+    from safetensors.torch import load_file
+
+    root, _ = members
+    full = build_ensemble([root / "m0", root / "m1"], tmp_path / "full")
+    assert main(["ensemble", str(root / "m0"), str(root / "m1"), "--out", str(tmp_path / "h"),
+                 "--fp16"]) == 0  # fmt: skip
+    half = tmp_path / "h" / "best.json"
+    stored = load_file(str(half.with_suffix(".safetensors")))
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
+    ratio = (
+        half.with_suffix(".safetensors").stat().st_size
+        / full.with_suffix(".safetensors").stat().st_size
+    )
+    assert 0.45 < ratio < 0.55
+    assert json.loads(half.read_text())["weights_dtype"] == "float16"
+    a, _ = load_model(full.parent)
+    b, _ = load_model(half.parent)
+    assert next(b.parameters()).dtype == torch.float32
+    x = torch.randn(6, 1, 48, 48)
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    for h in CFG.heads:
+        torch.testing.assert_close(yb[h], ya[h], atol=2e-2, rtol=2e-2)
+        assert not torch.equal(yb[h], ya[h])  # the weights were rounded

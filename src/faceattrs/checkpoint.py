@@ -39,12 +39,23 @@ def base_meta(model: FaceResNet) -> dict[str, Any]:
     }
 
 
-def save_checkpoint(run_dir: str | Path, name: str, model: torch.nn.Module, meta: dict) -> Path:
-    """Write ``NAME.safetensors`` then ``NAME.json`` (the JSON last: it marks completeness)."""
+def save_checkpoint(
+    run_dir: str | Path,
+    name: str,
+    model: torch.nn.Module,
+    meta: dict,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``NAME.safetensors`` then ``NAME.json`` (the JSON last: it marks completeness).
+    ``dtype`` (e.g. ``torch.float16``): the floating tensors are stored in it (loading
+    casts them back to the model's own dtype)."""
     run_dir = Path(run_dir)
     inner = getattr(model, "module", model)  # unwrap DDP / compiled models
     inner = getattr(inner, "_orig_mod", inner)
     state = {k: v.detach().to("cpu").contiguous() for k, v in inner.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        meta = {**meta, "weights_dtype": str(dtype).removeprefix("torch.")}
     write_with(run_dir / f"{name}.safetensors", lambda p: save_file(state, str(p)))
     full = {**base_meta(inner), **meta}
     write_json_atomic(run_dir / f"{name}.json", full)

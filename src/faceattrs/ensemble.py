@@ -18,6 +18,8 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from .bundle import RUN_CONFIG, resolve, weights_id
 from .checkpoint import save_checkpoint
 from .exceptions import FaceattrsError
@@ -30,9 +32,10 @@ log = logging.getLogger(__name__)
 SAME = ("class_names", "image_size", "normalisation", "age_edges")
 
 
-def build_ensemble(runs: list, out: str | Path) -> Path:
+def build_ensemble(runs: list, out: str | Path, fp16: bool = False) -> Path:
     """Write the ensemble of ``runs`` (run folders or checkpoints) to the new folder ``out``;
-    returns its ``best.json``."""
+    returns its ``best.json``. ``fp16``: store the weights in half precision (half the
+    file; they run in fp32 once loaded)."""
     if len(runs) < 2:
         raise FaceattrsError(f"an ensemble needs 2 or more runs, got {len(runs)}")
     out = Path(out)
@@ -82,6 +85,7 @@ def build_ensemble(runs: list, out: str | Path) -> Path:
     config = {"data": data[0], "ensemble_of": members}
     write_json_atomic(out / RUN_CONFIG, config)
     extra = {k: first.meta[k] for k in SAME if k in first.meta}
-    path = save_checkpoint(out, "best", model, {**extra, "members": members})
+    dtype = torch.float16 if fp16 else None
+    path = save_checkpoint(out, "best", model, {**extra, "members": members}, dtype=dtype)
     log.info("ensemble of %d runs -> %s; next: faceattrs calibrate --model %s", len(nets), out, out)
     return path
