@@ -210,3 +210,22 @@ def test_cli_split_all_evaluates_every_row_of_an_external_csv(tmp_path, capsys):
 def test_cli_reports_a_missing_model_in_one_line(tmp_path, capsys):
     rc = main(["evaluate", "--model", str(tmp_path / "nope"), "--data", str(tmp_path)])
     assert rc == 2 and "error" in capsys.readouterr().err
+
+
+def test_calibration_never_reads_the_test_split(evaluated, monkeypatch):
+    """calibrate selects and fits on validation only: the test rows are not even predicted."""
+    from faceattrs import calibrate as cal_mod
+
+    run, faces, _, _ = evaluated
+    test_rows = {faces.images[i].tobytes() for i in faces.indices("test")}
+    seen = []
+    real = cal_mod.predict
+
+    def watched(model, images, *a, **k):
+        seen.extend(im.tobytes() for im in images)
+        return real(model, images, *a, **k)
+
+    monkeypatch.setattr(cal_mod, "predict", watched)
+    saved = cal_mod.calibrate_run(run, faces)
+    assert seen and not test_rows & set(seen)
+    assert set(saved["heads"]["gender"]) == {"val"}

@@ -193,16 +193,16 @@ def calibrate_run(
     validation rows of ``faces``; save and plot.
 
     Writes ``RUN/calibration.json`` (flip-TTA choice, temperatures, and ECE / NLL /
-    reliability bins before and after on validation, and on test when the data has a test
-    split: the held-out check that the fit generalises) and
-    ``RUN/calibration/reliability_HEAD.png``.
+    reliability bins before and after on validation) and
+    ``RUN/calibration/reliability_HEAD.png``. The test split is not read: ``faceattrs
+    evaluate --split test`` reports the held-out ECE before and after.
     """
     from .plots import evaluate as plots
 
     bundle = resolve(model_dir)  # an age run's temperatures live with its multitask run
     model_dir = bundle.source
     model, _ = bundle.load_multitask(device)
-    parts = {s: faces.subset(s) for s in ("val", "test")}
+    parts = {"val": faces.subset("val")}
     if len(parts["val"]) == 0:
         raise FaceattrsError(
             "the data has no validation rows: calibrate needs a prepared (split) data set"
@@ -216,8 +216,6 @@ def calibrate_run(
         selection["val_score"]["flip"],
     )
     logits = {"val": val_logits}
-    if len(parts["test"]):
-        logits["test"] = predict(model, parts["test"].images)
     result = {"flip_tta": flip, "flip_tta_selection": selection}
     result.update({"temperatures": {}, "fitted_on": "val", "n_bins": n_bins, "heads": {}})
     result["weights_sha256"] = weights_id(model_dir)
@@ -232,20 +230,18 @@ def calibrate_run(
             s: calibration_summary(z[head], getattr(parts[s], head), t, n_bins)
             for s, z in logits.items()
         }
-        shown = "test" if "test" in logits else "val"
-        summary = result["heads"][head][shown]
+        summary = result["heads"][head]["val"]
         plots.reliability(
             summary["bins_before"],
             summary["bins_after"],
             model_dir / "calibration" / f"reliability_{head}.png",
-            title=f"{head} ({shown}, n={summary['n']}), T = {t:.2f}",
+            title=f"{head} (validation, n={summary['n']}), T = {t:.2f}",
             ece=(summary["ece_before"], summary["ece_after"]),
         )
         log.info(
-            "%s: T = %.3f, ECE %s %.4f -> %.4f",
+            "%s: T = %.3f, ECE on validation %.4f -> %.4f",
             head,
             t,
-            shown,
             summary["ece_before"],
             summary["ece_after"],
         )
