@@ -79,9 +79,43 @@ def test_one_pass_serves_every_head(run, faces):
     with torch.no_grad():
         years = net(torch.from_numpy(faces.images[:7]).float().div(255).sub(0.5).div(0.5)[:, None])
     direct = age_prediction(
-        "direct", year_logits=years["age"].numpy(), edges=alone.edges, clip=alone.clip
+        "direct",
+        year_logits=years["age"].numpy(),
+        edges=alone.edges,
+        clip=alone.clip,
+        point=alone.point,
     )
     np.testing.assert_allclose(age["value"], direct["value"], atol=1e-3)
+
+
+def test_calibrate_chooses_the_point_estimate_on_validation(run, faces, tmp_path):
+    """Mean or median of the head's year distribution: the lower validation MAE wins, is
+    recorded, and every backend answers with it; an unknown point is one clear error."""
+    meta = json.loads((run / "age" / "age.json").read_text())
+    maes = meta["point_selection"]["val_mae"]
+    assert meta["point"] == min(maes, key=maes.get) and set(maes) == {"mean", "median"}
+    val = faces.subset("val")
+    for point in ("mean", "median"):  # each MAE as recorded, from the age model alone
+        model = B.resolve(run).load_age()
+        model.point = point
+        got = np.abs(model.predict(val.images)["value"] - val.age).mean()
+        assert got == pytest.approx(maes[point], abs=1e-3)
+    # a distribution by hand: mass 0.6 on year 20, 0.1 on 30, 0.3 spread over 117 years
+    probs = np.full(117, 0.3 / 117)
+    probs[20] += 0.6
+    probs[30] += 0.1
+    logits = np.log(probs)[None]
+    kw = {"edges": [17, 26, 30, 38, 54], "clip": (1, 100)}
+    mean = age_prediction("direct", year_logits=logits, **kw)["value"][0]
+    median = age_prediction("direct", year_logits=logits, point="median", **kw)["value"][0]
+    assert mean == pytest.approx((probs * np.arange(117)).sum()) and mean > 30
+    assert median == 20.0  # P(age <= 19) = 0.05, P(age <= 20) = 0.66; the mean is 32.4
+    bad = tmp_path / "bad"
+    shutil.copytree(run, bad)
+    meta["point"] = "mode"
+    (bad / "age" / "age.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="age point 'mode'"):
+        B.resolve(bad).load_age()
 
 
 def test_records_and_onnx_agree(run, faces, tmp_path):

@@ -60,6 +60,7 @@ def _head_age(meta: dict, year_logits: np.ndarray) -> dict[str, np.ndarray]:
         edges=meta["edges"],
         clip=meta["clip"],
         interval=meta.get("interval"),
+        point=meta.get("point", "mean"),
     )
 
 
@@ -209,6 +210,7 @@ class OnnxBackend:
                     f"{self.dir}: age approach is 'direct' but its graph is missing"
                 )
             year_logits = self.direct.run(None, {"faces": faces})[0]
-            return age_prediction("direct", year_logits=year_logits, **kw)
+            point = meta.get("point", "mean")
+            return age_prediction("direct", year_logits=year_logits, point=point, **kw)
         bin_logits, per_bin = self.two_stage.run(None, {"faces": faces})
         return age_prediction("two_stage", bin_logits=bin_logits, per_bin=per_bin, **kw)

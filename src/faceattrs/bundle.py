@@ -45,6 +45,7 @@ from .age.regress import BinRegressors
 from .checkpoint import CheckpointError, load_model, load_weights, read_meta
 from .exceptions import FaceattrsError
 from .model import FaceResNet
+from .postprocess import AGE_POINTS
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +359,13 @@ def _has_age_head(meta: dict) -> bool:
     return AGE_HEAD in (meta.get("model") or {}).get("heads", {})
 
 
+def _age_point(age_dir: Path, meta: dict) -> str:
+    point = meta.get("point", "mean")  # age.json files written before the choice: the mean
+    if point not in AGE_POINTS:
+        raise CheckpointError(f"{age_dir}: age point {point!r} is not one of {AGE_POINTS}")
+    return point
+
+
 def _shared_age_model(age_dir: Path, meta: dict, net: FaceResNet, flip_tta: bool) -> AgeModel:
     try:
         return AgeModel(
@@ -370,6 +378,7 @@ def _shared_age_model(age_dir: Path, meta: dict, net: FaceResNet, flip_tta: bool
             interval=meta.get("interval"),
             flip_tta=flip_tta,
             shared=True,
+            point=_age_point(age_dir, meta),
         )
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{age_dir}: inconsistent age model: {e!r}") from None
@@ -395,6 +404,7 @@ def _load_age(age_dir: Path, meta: dict, device) -> AgeModel:
             clip=tuple(meta["clip"]),
             interval=meta.get("interval"),
             flip_tta=meta.get("flip_tta", False),
+            point=_age_point(age_dir, meta),
         )
         if not isinstance(model.flip_tta, bool):
             raise TypeError(f"flip_tta must be true or false, got {model.flip_tta!r}")

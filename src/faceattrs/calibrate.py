@@ -255,28 +255,42 @@ def calibrate_run(
 
 def calibrate_age_head(bundle, faces: FaceSet, val_year_logits: np.ndarray, flip: bool) -> dict:
     """A network with its own age head: write ``RUN/age/age.json`` (bins from the
-    checkpoint's ``age_edges``, else training-age sextiles; clip to ``AgeConfig``'s 1..100; the 90 %
-    split-conformal interval fitted on the validation ages the network now predicts, with
-    the flip choice of the other heads, since one pass serves all three)."""
+    checkpoint's ``age_edges``, else training-age sextiles; clip to ``AgeConfig``'s 1..100;
+    the point estimate, mean or median of the head's year distribution, whichever has the
+    lower validation MAE; the 90 % split-conformal interval fitted on the validation ages
+    the network now predicts, with the flip choice of the other heads, since one pass
+    serves all three)."""
     from .age import conformal
     from .age.bins import quantile_edges
     from .age.bundle import save_head_age_model
     from .age.config import AgeConfig
-    from .postprocess import age_prediction
+    from .postprocess import AGE_POINTS, age_prediction
 
     val = faces.subset("val")
     edges = bundle.meta.get("age_edges")
     if edges is None:
         edges = quantile_edges(faces.subset("train").age, 6).tolist()
     clip = (AgeConfig.min_age, AgeConfig.max_age)  # the age models' range, as train-age's
-    pred = age_prediction("direct", year_logits=val_year_logits, edges=edges, clip=clip)
+    preds = {
+        point: age_prediction(
+            "direct", year_logits=val_year_logits, edges=edges, clip=clip, point=point
+        )
+        for point in AGE_POINTS
+    }
+    maes = {k: round(float(np.abs(v["value"] - val.age).mean()), 4) for k, v in preds.items()}
+    point = min(AGE_POINTS, key=lambda k: (maes[k], k != "mean"))  # a tie keeps the mean
+    pred = preds[point]
     interval = conformal.fit(val.age, pred["value"], pred["bin"], len(edges) + 1)
-    val_mae = round(float(np.abs(pred["value"] - val.age).mean()), 4)
-    save_head_age_model(
-        bundle.run_dir / "age", edges, clip, interval, flip, {"selection": {"val_mae": val_mae}}
+    info = {"selection": {"val_mae": maes[point]}, "point_selection": {"val_mae": maes}}
+    save_head_age_model(bundle.run_dir / "age", edges, clip, interval, flip, info, point)
+    log.info(
+        "age head: the %s of its year distribution (validation MAE mean %.3f, median %.3f); "
+        "90 %% interval refitted",
+        point,
+        maes["mean"],
+        maes["median"],
     )
-    log.info("age head: validation MAE %.3f, 90 %% interval refitted", val_mae)
-    return {"flip_tta": flip, "head": True, "val_mae": val_mae}
+    return {"flip_tta": flip, "head": True, "point": point, "val_mae": maes[point]}
 
 
 def calibrate_age_flip(bundle, val: FaceSet, mode: str = "auto", device: str = "cpu") -> dict:

@@ -140,6 +140,7 @@ def export_onnx(
         age_meta = {k: tm.bundle.age[k] for k in ("edges", "bin_labels", "clip", "interval")}
         age_meta.update(approach="direct", routing="soft", direct="multitask")
         age_meta["flip_tta"] = tm.bundle.flip_tta  # inside the multitask graph
+        age_meta["point"] = am.point
     elif am is not None:
         graphs["age_two_stage"] = "age_two_stage.onnx"
         _export_graph(
@@ -164,6 +165,7 @@ def export_onnx(
             "clip": [float(c) for c in am.clip],
             "interval": am.interval,
             "flip_tta": am.flip_tta,  # inside the age graphs
+            "point": am.point,
         }
     manifest = {
         "format": FORMAT,

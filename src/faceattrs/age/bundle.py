@@ -63,6 +63,7 @@ class AgeModel:
     interval: dict | None = None  # split-conformal half-widths (age.conformal), fitted on val
     flip_tta: bool = False  # average face and mirror image (chosen on val: choose_flip_tta)
     shared: bool = False  # direct is the multitask network's age head
+    point: str = "mean"  # the direct head's age: "mean" or "median" (chosen on val: calibrate)
 
     @property
     def two_stage_ok(self) -> bool:
@@ -146,7 +147,9 @@ class AgeModel:
     def direct_predict(self, images) -> dict[str, np.ndarray]:
         """Expected age ``(N,)`` and bin probabilities ``(N, K)`` (per-year mass summed per bin)."""
         logits = self._direct_logits(images)
-        out = age_prediction("direct", edges=self.edges, clip=self.clip, year_logits=logits)
+        out = age_prediction(
+            "direct", edges=self.edges, clip=self.clip, year_logits=logits, point=self.point
+        )
         return {"value": out["value"], "bin_probabilities": out["bin_probabilities"]}
 
     def predict_all(self, images) -> dict[str, np.ndarray]:
@@ -167,7 +170,8 @@ class AgeModel:
         if approach == self.approach and routing in (None, self.routing):
             kw["interval"] = self.interval  # fitted for the default approach and routing only
         if approach == "direct":
-            return age_prediction("direct", year_logits=self._direct_logits(images), **kw)
+            logits = self._direct_logits(images)
+            return age_prediction("direct", year_logits=logits, point=self.point, **kw)
         if approach != "two_stage":
             raise CheckpointError(f"unknown age approach {approach!r}; use one of {APPROACHES}")
         bin_logits, per_bin = self.two_stage_outputs(images)
@@ -175,7 +179,13 @@ class AgeModel:
 
 
 def save_head_age_model(
-    age_dir: str | Path, edges, clip, interval: dict | None, flip_tta: bool, info: dict
+    age_dir: str | Path,
+    edges,
+    clip,
+    interval: dict | None,
+    flip_tta: bool,
+    info: dict,
+    point: str = "mean",
 ) -> Path:
     """``age.json`` alone, for a multitask network with its own ``age`` head (one atomic
     write: the weights are the multitask run's)."""
@@ -191,6 +201,7 @@ def save_head_age_model(
         "direct": "multitask",
         "interval": interval,
         "flip_tta": bool(flip_tta),
+        "point": point,
         **info,
     }
     Path(age_dir).mkdir(parents=True, exist_ok=True)
