@@ -274,7 +274,7 @@ def main() -> None:
             r = rows[-1]
             print(
                 f"{r['name']:10s} latency: photo end to end {r['photo_ms']:6.1f} ms (median of "
-                f"{r['photo_reps']}) vs bare models, one face {r['one_face_ms']:6.1f} ms\n"
+                f"{r['photo_reps']}) vs bare models, one face on one stream {r['one_face_ms']:6.1f} ms\n"
                 f"{'':10s} bare batched (batch {args.batch_size}, {r['faces']} faces): one call per "
                 f"batch on {cpu_cores()} threads {r['one_stream_rate']:6.1f} faces/s, "
                 f"{r['streams']} streams (as the analyzer) {r['streams_rate']:6.1f}\n"
