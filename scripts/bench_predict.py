@@ -157,7 +157,6 @@ def bench(name, model, backend, dtype, paths, crops, args) -> dict:
         "streams_rate": streams_rate,
         "streams": an.streams,
         "one_stream_folder": one_stream_folder,
-        "threads": torch.get_num_threads() if backend == "torch" else None,
         "folder_rate": counts["faces"] / folder_s,
         "warm_rate": warm_rate,
         "n": n,

@@ -132,11 +132,8 @@ class TorchBackend:
             return self.age_model.predict(faces)
 
     def outputs(self, faces: np.ndarray, pool=None) -> tuple[dict[str, np.ndarray], dict | None]:
-        if not self.shared_age:
-            out = self._forward(faces, pool)
-            return {h: out[h] for h in self.class_names}, self.age(faces)
         out = self._forward(faces, pool)
-        age = _head_age(self.bundle.age, out[AGE_HEAD])
+        age = _head_age(self.bundle.age, out[AGE_HEAD]) if self.shared_age else self.age(faces)
         return {h: out[h] for h in self.class_names}, age
 
 

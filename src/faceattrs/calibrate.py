@@ -202,35 +202,31 @@ def calibrate_run(
     bundle = resolve(model_dir)  # an age run's temperatures live with its multitask run
     model_dir = bundle.source
     model, _ = bundle.load_multitask(device)
-    parts = {"val": faces.subset("val")}
-    if len(parts["val"]) == 0:
+    val = faces.subset("val")
+    if len(val) == 0:
         raise FaceattrsError(
             "the data has no validation rows: calibrate needs a prepared (split) data set"
         )
     heads = [h for h in bundle.heads if hasattr(faces, h)]  # not a network's age head
-    flip, selection, val_logits = _flip_choice(model, parts["val"], heads, flip_tta)
+    flip, selection, val_logits = _flip_choice(model, val, heads, flip_tta)
     log.info(
         "flip TTA %s (validation score plain %.4f, flip %.4f)",
         "on" if flip else "off",
         selection["val_score"]["plain"],
         selection["val_score"]["flip"],
     )
-    logits = {"val": val_logits}
     result = {"flip_tta": flip, "flip_tta_selection": selection}
     result.update({"temperatures": {}, "fitted_on": "val", "n_bins": n_bins, "heads": {}})
     result["weights_sha256"] = weights_id(model_dir)
     for head in heads:
-        t = fit_temperature(logits["val"][head], getattr(parts["val"], head))
+        t = fit_temperature(val_logits[head], getattr(val, head))
         result["temperatures"][head] = t
         if not T_BOUNDS[0] * 1.01 < t < T_BOUNDS[1] * 0.99:
             log.warning(
                 "%s: T = %.3f is at the search bound %s: is the model trained?", head, t, T_BOUNDS
             )
-        result["heads"][head] = {
-            s: calibration_summary(z[head], getattr(parts[s], head), t, n_bins)
-            for s, z in logits.items()
-        }
-        summary = result["heads"][head]["val"]
+        summary = calibration_summary(val_logits[head], getattr(val, head), t, n_bins)
+        result["heads"][head] = {"val": summary}
         plots.reliability(
             summary["bins_before"],
             summary["bins_after"],
@@ -249,7 +245,7 @@ def calibrate_run(
     if bundle.age_head and bundle.run_dir is not None and (bundle.age is None or bundle.shared_age):
         result["age"] = calibrate_age_head(bundle, faces, val_logits[AGE_HEAD], flip)
     elif bundle.age_dir is not None and bundle.age is not None:
-        result["age"] = calibrate_age_flip(bundle, parts["val"], flip_tta, device)
+        result["age"] = calibrate_age_flip(bundle, val, flip_tta, device)
     return result
 
 

@@ -85,10 +85,10 @@ def year_point(year_logits: np.ndarray, point: str = "mean") -> tuple[np.ndarray
     """
     if point not in AGE_POINTS:
         raise FaceattrsError(f"unknown age point estimate {point!r}; use one of {AGE_POINTS}")
-    value, probs = expected_years(year_logits)
-    if point == "median":
-        value = (probs.cumsum(1) < 0.5 - 1e-9).sum(1).astype(np.float64)
-    return value, probs
+    if point == "mean":
+        return expected_years(year_logits)
+    probs = softmax(year_logits)
+    return (probs.cumsum(1) < 0.5 - 1e-9).sum(1).astype(np.float64), probs
 
 
 def age_prediction(

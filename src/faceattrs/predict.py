@@ -282,11 +282,11 @@ class FaceAnalyzer:
     def _predict(self, faces: np.ndarray) -> list[dict]:
         """:func:`face_predictions` of ``faces``, split into one part per stream, the parts
         run at once; fewer faces than streams (one photo) run an ensemble's members at once."""
-        size = -(-len(faces) // self.streams)
         if self.streams == 1:
             return face_predictions(self.models, faces)
         if len(faces) < self.streams:
             return face_predictions(self.models, faces, pool=self._streams_pool())
+        size = -(-len(faces) // self.streams)
         parts = [faces[s : s + size] for s in range(0, len(faces), size)]
         done = self._streams_pool().map(lambda part: face_predictions(self.models, part), parts)
         return [rec for part in done for rec in part]

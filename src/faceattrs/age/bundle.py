@@ -145,7 +145,8 @@ class AgeModel:
         return (logits[: len(images)] + logits[len(images) :]) / 2
 
     def direct_predict(self, images) -> dict[str, np.ndarray]:
-        """Expected age ``(N,)`` and bin probabilities ``(N, K)`` (per-year mass summed per bin)."""
+        """The direct head's age ``(N,)`` (its ``point``: mean or median of the years) and bin
+        probabilities ``(N, K)`` (per-year mass summed per bin)."""
         logits = self._direct_logits(images)
         out = age_prediction(
             "direct", edges=self.edges, clip=self.clip, year_logits=logits, point=self.point
