@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The GPU runs of docs/training.md, in one call on a lent GPU machine (the `device` tool):
+#   - the reference exactly: `faceattrs run --preset paper` (every stage, age model too);
+#   - the three-head EMA recipe of the shipped model at widths 1.0, 0.75 and 0.5.
+# All start at once and share the GPU; every run stops at DEADLINE seconds after the start.
+# Weights come back as fp16 safetensors (the device tool returns at most 8 files of
+# 16 MiB), everything else (configs, histories, logs, the paper run's metrics, figures
+# and report) in small.tar.gz.
+#
+#   run (device tool), carry [".whl", "gpu_data"]:
+#     DEADLINE=450 bash scripts/gpu_runs.sh gpu_data/utkface48.csv.gz
+#
+# .whl holds kornia, kornia_rs and captum wheels for the machine's Python (3.12); gpu_data
+# a copy of the CSV (both git-ignored through .git/info/exclude, never committed).
+set -u
+CSV=${1:?usage: gpu_runs.sh CSV}
+DEADLINE=${DEADLINE:-450}
+OUT=${OUT:-/tmp/gpu_out}
+W=${W:-/tmp/w}
+mkdir -p "$OUT" "$W"
+start=$(date +%s)
+# SMOKE=1: a tiny local rehearsal on the CPU (no wheels; one short epoch per run)
+if [ -z "${SMOKE:-}" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    EXTRA="" AGE_EXTRA=()
+else
+    EXTRA="epochs=1 limit=256 max_batches=2 device=cpu"
+    AGE_EXTRA=(--age-set max_batches=2 --age-set finetune_epochs=1 --age-set head_epochs=1
+               --age-set reg_epochs=2)
+fi
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
+python3 -c "import torch, kornia, captum; print('torch', torch.__version__, 'kornia',
+kornia.__version__, 'cuda', torch.cuda.is_available())" || exit 1
+
+python3 -m faceattrs prepare --data "$CSV" --out $W/prep > $W/prepare.log 2>&1 || {
+    cat $W/prepare.log; exit 1; }
+# the split must be the one the runs are calibrated and evaluated on at home
+python3 - <<'EOF'
+import hashlib, numpy as np
+d = np.load("/tmp/w/prep/faces.npz")
+m = hashlib.sha256()
+m.update(d["split"].tobytes()); m.update("\n".join(d["names"]).encode())
+m.update(d["images"].tobytes())
+print("prepared", len(d["split"]), "faces, hash", m.hexdigest()[:16], "(home: d6f6ca8bc6f25d9e)")
+EOF
+
+RECIPE="--preset paper ema=0.998 age_head=true epochs=45 lr=1.5e-3 warmup_epochs=2 patience=50"
+RUNS="w100_s0:1.0:0 w75_s0:0.75:0 w75_s1:0.75:1 w50_s0:0.5:0 w50_s1:0.5:1"
+pids=()
+for spec in $RUNS; do
+    IFS=: read -r name width seed <<< "$spec"
+    python3 -m faceattrs train --data $W/prep --out $W/$name --no-progress $RECIPE \
+        width="$width" seed="$seed" $EXTRA > $W/$name.log 2>&1 &
+    pids+=($!)
+done
+mkdir -p $W/paper && cp -r $W/prep $W/paper/data  # the same prepared data (cache hit)
+python3 -m faceattrs run --data "$CSV" --out $W/paper --preset paper --no-progress \
+    "${AGE_EXTRA[@]}" $EXTRA > $W/paper.log 2>&1 &
+pids+=($!)
+
+last=0
+while :; do
+    alive=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    now=$(( $(date +%s) - start ))
+    if (( now - last >= 30 || alive == 0 )); then
+        last=$now
+        line="t=${now}s"
+        for spec in $RUNS; do
+            name=${spec%%:*}
+            n=$(( $(wc -l < $W/$name/history.csv 2>/dev/null || echo 1) - 1 ))
+            line+=" $name:$n"
+        done
+        line+=" paper:$(grep -o '== [a-z]*' $W/paper.log | tail -1 | cut -c4-)"
+        echo "$line"
+    fi
+    (( alive == 0 )) && break
+    if (( now >= DEADLINE )); then
+        echo "deadline ${DEADLINE}s: stopping what still runs"
+        kill "${pids[@]}" 2>/dev/null; sleep 5; break
+    fi
+    sleep 5
+done
+
+# weights as fp16 (loading casts them back), then small files
+python3 - <<'EOF'
+import json, pathlib, torch
+from safetensors.torch import load_file, save_file
+for run in sorted(p for p in pathlib.Path("/tmp/w").glob("w*_s*") if p.is_dir()):
+    st, meta = run / "best.safetensors", run / "best.json"
+    if not (st.exists() and meta.exists()):
+        print(run.name, "has no best checkpoint"); continue
+    state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(st)).items()}
+    save_file(state, str(st))
+    m = json.loads(meta.read_text()); m["weights_dtype"] = "float16"
+    meta.write_text(json.dumps(m, indent=1))
+    print(run.name, "epoch", m.get("epoch"), "val", {k: m[k] for k in m if "score" in k})
+EOF
+cd $W
+tar czf "$OUT/small.tar.gz" --exclude='*.safetensors' --exclude='faces.npz' --exclude='*.pt' \
+    ./*.log w*_s* paper prep/*.json 2>/dev/null
+cp w75_s0/best.safetensors "$OUT/w75_s0.safetensors" 2>/dev/null
+cp w75_s1/best.safetensors "$OUT/w75_s1.safetensors" 2>/dev/null
+tar cf "$OUT/w50.tar" w50_s0/best.safetensors w50_s1/best.safetensors 2>/dev/null
+[ -f w100_s0/best.safetensors ] && split -b 15m w100_s0/best.safetensors "$OUT/w100_s0.st."
+ls -la "$OUT"
+for n in paper w100_s0; do echo "--- $n.log"; tail -5 $n.log; done
+cat paper/metrics.json 2>/dev/null | head -c 1500
+echo "done in $(( $(date +%s) - start ))s"
