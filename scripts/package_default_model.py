@@ -77,6 +77,11 @@ def main() -> int:
     ap.add_argument("--csv", type=Path, default=REPO.parent / "shared/data/utkface48.csv.gz")
     ap.add_argument("--check-n", type=int, default=512)
     ap.add_argument("--command", default="", help="the training commands, for the record")
+    ap.add_argument(
+        "--machine",
+        default="",
+        help="where the networks were trained, for the record (default: this machine)",
+    )
     args = ap.parse_args()
     from faceattrs.prepare import file_sha256
 
@@ -129,7 +134,8 @@ def main() -> int:
             "name": args.csv.name,
             "sha256": file_sha256(args.csv) if args.csv.exists() else None,
         },
-        "machine": {"processor": platform.processor() or platform.machine(), "cores": 2},
+        "machine": args.machine
+        or {"processor": platform.processor() or platform.machine(), "cores": 2},
         "age_model_fine_tuned_from": Path(age_from).name if age_from else None,
         "check": check_figures(tmp, args.data, args.check_n),
     }

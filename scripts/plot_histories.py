@@ -1,6 +1,7 @@
 """Validation curves of three-head runs side by side (``history.csv`` of
-``scripts/trial_three_heads.py``): score (mean macro-F1 of gender and ethnicity), gender
-accuracy and age MAE per epoch, the best-score epoch marked.
+``scripts/trial_three_heads.py`` or ``faceattrs train``): score (mean macro-F1 of gender and
+ethnicity), gender accuracy and age MAE per epoch, the best-score epoch marked. A column no
+run has (``faceattrs train`` logs no age MAE per epoch) gets no panel.
 
     python scripts/plot_histories.py runs/three_heads_ema45 runs/th_seed1 \\
         --out docs/results/default/history.png
@@ -26,21 +27,28 @@ def main(argv=None) -> int:
     ap.add_argument("runs", nargs="+", type=Path, help="folders holding history.csv")
     ap.add_argument("--out", type=Path, required=True, help="PNG to write")
     a = ap.parse_args(argv)
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
+    histories = {}
     for run in a.runs:
         path = run / "history.csv"
         if not path.exists():
             raise SystemExit(f"plot_histories: {path} is missing")
-        rows = list(csv.DictReader(path.open()))
+        histories[run] = list(csv.DictReader(path.open()))
+    panels = [(k, t) for k, t in PANELS if any(k in rows[0] for rows in histories.values())]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    axes = axes[0]
+    for run, rows in histories.items():
         epochs = [int(r["epoch"]) for r in rows]
         best = max(range(len(rows)), key=lambda i: float(rows[i]["val_score"]))
-        for ax, (key, label) in zip(axes, PANELS, strict=True):
+        for ax, (key, label) in zip(axes, panels, strict=True):
+            if key not in rows[0]:
+                continue
             ys = [float(r[key]) for r in rows]
             (line,) = ax.plot(epochs, ys, label=run.name, lw=1.2)
             ax.plot(epochs[best], ys[best], "o", color=line.get_color())
             ax.set(xlabel="epoch", title=label)
     axes[0].set_ylim(0.6, None)
-    axes[2].set_ylim(None, 10)
+    if len(panels) > 2:
+        axes[2].set_ylim(None, 10)
     axes[0].legend(fontsize=8)
     fig.suptitle("validation per epoch (dot: the epoch kept, best score)", fontsize=10)
     fig.tight_layout()
