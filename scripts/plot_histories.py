@@ -1,7 +1,7 @@
 """Validation curves of three-head runs side by side (``history.csv`` of
 ``scripts/trial_three_heads.py`` or ``faceattrs train``): score (mean macro-F1 of gender and
 ethnicity), gender accuracy and age MAE per epoch, the best-score epoch marked. A column no
-run has (``faceattrs train`` logs no age MAE per epoch) gets no panel.
+run has (``faceattrs train`` logged no age MAE per epoch before 2026-11-29) gets no panel.
 
     python scripts/plot_histories.py runs/three_heads_ema45 runs/th_seed1 \\
         --out docs/results/default/history.png

@@ -201,6 +201,27 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, ema, age_head):
                      for r in _history(tmp_path / "cut" / "history.csv")]  # fmt: skip
 
 
+def test_evaluate_heads_age_mae_and_cs5_of_the_median_year():
+    from faceattrs.postprocess import year_point
+
+    class Fixed(torch.nn.Module):  # the same year distribution for every face: median 30
+        def forward(self, x):
+            p = torch.full((len(x), T.AGE_YEARS), 0.1 / (T.AGE_YEARS - 2))
+            p[:, 30], p[:, 31] = 0.55, 0.35
+            zeros = torch.zeros(len(x), 5)
+            return {"gender": zeros[:, :2], "ethnicity": zeros, "age": p.log()}
+
+    ages = torch.tensor([30, 36, 20, 31, 35])  # errors 0, 6, 10, 1, 5
+    data = {"image": torch.zeros(5, 48, 48, dtype=torch.uint8),
+            "gender": torch.zeros(5, dtype=torch.long),
+            "ethnicity": torch.zeros(5, dtype=torch.long), "age": ages}  # fmt: skip
+    ev = evaluate_heads(Fixed(), data, T.HEADS, batch_size=2, years="age")  # three batches
+    assert ev["age"]["mae"] == pytest.approx(22 / 5) and ev["age"]["cs5"] == pytest.approx(3 / 5)
+    logits = Fixed()(torch.zeros(1, 1, 48, 48))["age"].numpy()
+    assert year_point(logits, "median")[0].tolist() == [30.0]  # the bundle's median agrees
+    assert "age" not in evaluate_heads(Fixed(), data, T.HEADS)  # only when asked
+
+
 def test_age_head_run_is_a_bundle_with_its_age_model(tmp_path):
     from faceattrs.age.bins import quantile_edges
     from faceattrs.backends import TorchBackend
@@ -210,6 +231,9 @@ def test_age_head_run_is_a_bundle_with_its_age_model(tmp_path):
     run = tmp_path / "run"
     T.fit(faces, run, tiny_cfg(epochs=2, age_head=True), data_ref="synthetic")
     best = json.loads((run / "best.json").read_text())
+    rows = _history(run / "history.csv")  # the age head's validation figures, per epoch
+    assert len(rows) == 2 and all(0 <= float(r["val_age_mae"]) <= T.AGE_YEARS for r in rows)
+    assert all(0 <= float(r["val_age_cs5"]) <= 1 for r in rows)
     assert best["model"]["heads"] == {"gender": 2, "ethnicity": 5, "age": T.AGE_YEARS}
     train_ages = faces.age[faces.indices("train")]
     assert best["age_edges"] == [float(e) for e in quantile_edges(train_ages, 6)]

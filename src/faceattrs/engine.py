@@ -146,6 +146,7 @@ def evaluate_heads(
     bf16: bool = False,
     channels_last: bool = False,
     indices: torch.Tensor | None = None,
+    years: str | None = None,
 ) -> dict:
     """Accuracy, macro-F1 and confusion matrix per classification head; no augmentation.
 
@@ -153,7 +154,9 @@ def evaluate_heads(
     (name -> number of classes). ``indices`` restricts to this rank's share; confusion
     matrices and loss sums are added over ranks, so the figures are those of the whole
     set. Returns ``{head: {"accuracy", "macro_f1", "confusion"}, "loss": float | None,
-    "images": int}``.
+    "images": int}``. ``years``: the name of a head of logits over whole years 0..Y-1
+    (the age head), whose label is the age; adds ``{years: {"mae", "cs5"}}`` of the median
+    of its softmax (the age point `faceattrs calibrate` usually picks), unclipped.
     """
     model.eval()
     device = data["image"].device
@@ -161,6 +164,7 @@ def evaluate_heads(
         indices = torch.arange(len(data["image"]), device=device)
     cms = {h: torch.zeros(k, k, dtype=torch.long, device=device) for h, k in heads.items()}
     loss_sum = torch.zeros((), device=device)
+    age_sums = torch.zeros(2, device=device)  # |median - age| and count within 5 years
     for start in range(0, len(indices), batch_size):
         batch = gather(data, indices[start : start + batch_size])
         x = normalise(batch["image"])
@@ -175,9 +179,14 @@ def evaluate_heads(
             loss_sum += loss * len(x)
         for h, k in heads.items():
             cms[h] += confusion(outputs[h].argmax(1), batch[h], k)
+        if years is not None:
+            cdf = outputs[years].softmax(1).cumsum(1)
+            err = ((cdf < 0.5 - 1e-6).sum(1).float() - batch[years].float()).abs()
+            age_sums += torch.stack([err.sum(), (err <= 5).sum().float()])
     count = torch.tensor(float(len(indices)), device=device)
     # float32 holds counts exactly up to 2**24; sums over ranks in one all-reduce
     parts = [loss_sum.reshape(1), count.reshape(1)] + [c.flatten().float() for c in cms.values()]
+    parts.append(age_sums)
     packed = _all_reduce_sum(torch.cat(parts))
     loss_total, n = float(packed[0]), int(packed[1].item())
     out: dict = {"images": n, "loss": loss_total / max(n, 1) if loss_fn is not None else None}
@@ -186,4 +195,7 @@ def evaluate_heads(
         cm = packed[offset : offset + k * k].round().long().reshape(k, k).cpu().numpy()
         offset += k * k
         out[h] = {**scores_from_confusion(cm), "confusion": cm.tolist()}
+    if years is not None:
+        err_sum, within = packed[offset : offset + 2].tolist()
+        out[years] = {"mae": err_sum / max(n, 1), "cs5": within / max(n, 1)}
     return out

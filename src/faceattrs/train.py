@@ -459,16 +459,26 @@ def load_train_state(run_dir: Path, resume: dict[str, Any], optimizer, scheduler
 # --------------------------------------------------------------------------- history
 
 
-def history_fields(heads=HEADS) -> list[str]:
-    """Columns of ``history.csv``: per epoch, losses and validation scores of every head."""
+AGE_COLUMNS = (f"val_{AGE_HEAD}_mae", f"val_{AGE_HEAD}_cs5")  # three-head runs only
+
+
+def history_fields(heads=HEADS, age: bool = False) -> list[str]:
+    """Columns of ``history.csv``: per epoch, losses and validation scores of every head;
+    ``age``: also the age head's validation MAE and CS@5 (median of its years, unclipped)."""
     return [
         "epoch", "lr", "seconds", "images_per_s", "train_loss",
         *(f"train_loss_{h}" for h in heads), "val_loss",
         *(f"val_{h}_{m}" for h in heads for m in ("accuracy", "macro_f1")), "val_score",
+        *(AGE_COLUMNS if age else ()),
     ]  # fmt: skip
 
 
 HISTORY_FIELDS = history_fields()
+
+
+def _fields(rows: list[dict]) -> list[str]:
+    """The columns for these history rows (with the age columns when any row has them)."""
+    return history_fields(HEADS, age=any(AGE_COLUMNS[0] in r for r in rows))
 
 
 # --------------------------------------------------------------------------- fit
@@ -623,6 +633,7 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
         ev = evaluate_heads(
             served, val, HEADS, batch_size=cfg.eval_batch_size, loss_fn=loss_fn, bf16=bf16,
             channels_last=cfg.channels_last, indices=shard,
+            years=AGE_HEAD if cfg.age_head else None,
         )  # fmt: skip
         evals[epoch] = ev
         seconds = time.perf_counter() - t_epoch
@@ -632,15 +643,18 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
             "train_loss": tr["loss"], **{f"train_loss_{h}": tr[f"loss_{h}"] for h in HEADS},
             "val_loss": ev["loss"], "val_score": score,
             **{f"val_{h}_{m}": ev[h][m] for h in HEADS for m in ("accuracy", "macro_f1")},
+            **({AGE_COLUMNS[0]: ev[AGE_HEAD]["mae"], AGE_COLUMNS[1]: ev[AGE_HEAD]["cs5"]}
+               if cfg.age_head else {}),
         }  # fmt: skip
 
     def on_epoch(row: dict[str, Any], improved: bool) -> None:
         epoch, score, ev = row["epoch"], row["val_score"], evals[row["epoch"]]
         history.append(row)
+        age = f"  age MAE {ev[AGE_HEAD]['mae']:.2f}" if cfg.age_head else ""
         log.info(
-            "epoch %d/%d  loss %.4f  val %s  score %.4f%s  %.0f img/s  %.0f s",
+            "epoch %d/%d  loss %.4f  val %s%s  score %.4f%s  %.0f img/s  %.0f s",
             epoch, cfg.epochs, row["train_loss"],
-            "  ".join(f"{h} F1 {ev[h]['macro_f1']:.4f}" for h in HEADS), score,
+            "  ".join(f"{h} F1 {ev[h]['macro_f1']:.4f}" for h in HEADS), age, score,
             "  *best*" if improved else "", row["images_per_s"], row["seconds"],
         )  # fmt: skip
         if main:
@@ -691,7 +705,7 @@ def _save_epoch(
     """
     record = {"history": history, "meta": meta}
     resume = save_train_state(out_dir, epoch, optimizer, scheduler, stopper, model, record, ema)
-    write_history(out_dir / "history.csv", history, HISTORY_FIELDS)
+    write_history(out_dir / "history.csv", history, _fields(history))
     served = ema.module if ema is not None else model
     if improved:
         _save_pair(out_dir, "best", served, {**meta, "kind": "best"})
@@ -749,7 +763,7 @@ def _resume(
             served = ema.module
         epoch, rows, meta = snap["epoch"], snap["record"]["history"], snap["record"]["meta"]
         if main:
-            write_history(out_dir / "history.csv", rows, HISTORY_FIELDS)
+            write_history(out_dir / "history.csv", rows, _fields(rows))
             if stopper.best_epoch == epoch and _json_epoch(out_dir / "best.json") != epoch:
                 log.info("rebuilding best (epoch %d) from the saved state", epoch)
                 _save_pair(out_dir, "best", served, {**meta, "kind": "best"})

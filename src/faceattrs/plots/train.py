@@ -11,7 +11,8 @@ from .common import save
 
 
 def plot_history(csv_path: str | Path, out_path: str | Path) -> Path:
-    """Three panels: losses, validation accuracy and macro-F1 per task, learning rate."""
+    """Three panels: losses, validation accuracy and macro-F1 per task, learning rate; a
+    fourth, the age head's validation MAE and CS@5, for a three-head run."""
     with Path(csv_path).open(newline="") as f:
         rows = list(csv.DictReader(f))
 
@@ -19,7 +20,8 @@ def plot_history(csv_path: str | Path, out_path: str | Path) -> Path:
         return [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]
 
     ep = col("epoch")
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    age = bool(rows) and "val_age_mae" in rows[0]
+    fig, axes = plt.subplots(1, 4 if age else 3, figsize=(18.5 if age else 14, 4))
     ax = axes[0]
     ax.plot(ep, col("train_loss"), "o-", label="train (augmented)")
     ax.plot(ep, col("val_loss"), "o-", label="validation")
@@ -42,5 +44,14 @@ def plot_history(csv_path: str | Path, out_path: str | Path) -> Path:
     ax = axes[2]
     ax.plot(ep, col("lr"), "o-")
     ax.set(title="learning rate (end of epoch)", xlabel="epoch")
+    if age:
+        ax = axes[3]
+        ax.plot(ep, col("val_age_mae"), "o-", color="C3", label="MAE (years)")
+        ax.set(title="age head, validation (median year)", xlabel="epoch", ylabel="MAE (years)")
+        twin = ax.twinx()
+        twin.plot(ep, col("val_age_cs5"), "--", color="C4", label="CS@5")
+        twin.set(ylabel="CS@5 (share within 5 years)")
+        ax.legend(loc="upper left", fontsize=8)
+        twin.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     return save(fig, out_path)
