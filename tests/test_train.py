@@ -233,7 +233,7 @@ def test_age_head_run_is_a_bundle_with_its_age_model(tmp_path):
     best = json.loads((run / "best.json").read_text())
     rows = _history(run / "history.csv")  # the age head's validation figures, per epoch
     assert len(rows) == 2 and all(0 <= float(r["val_age_mae"]) <= T.AGE_YEARS for r in rows)
-    assert all(0 <= float(r["val_age_cs5"]) <= 1 for r in rows)
+    assert all(0 <= float(r["val_age_cs5"]) <= 1 and float(r["train_loss_age"]) > 0 for r in rows)
     assert best["model"]["heads"] == {"gender": 2, "ethnicity": 5, "age": T.AGE_YEARS}
     train_ages = faces.age[faces.indices("train")]
     assert best["age_edges"] == [float(e) for e in quantile_edges(train_ages, 6)]

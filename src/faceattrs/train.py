@@ -459,12 +459,14 @@ def load_train_state(run_dir: Path, resume: dict[str, Any], optimizer, scheduler
 # --------------------------------------------------------------------------- history
 
 
-AGE_COLUMNS = (f"val_{AGE_HEAD}_mae", f"val_{AGE_HEAD}_cs5")  # three-head runs only
+# three-head runs only: the age head's training loss, validation MAE and CS@5
+AGE_COLUMNS = (f"train_loss_{AGE_HEAD}", f"val_{AGE_HEAD}_mae", f"val_{AGE_HEAD}_cs5")
 
 
 def history_fields(heads=HEADS, age: bool = False) -> list[str]:
     """Columns of ``history.csv``: per epoch, losses and validation scores of every head;
-    ``age``: also the age head's validation MAE and CS@5 (median of its years, unclipped)."""
+    ``age``: also the age head's training loss and its validation MAE and CS@5 (median of
+    its years, unclipped)."""
     return [
         "epoch", "lr", "seconds", "images_per_s", "train_loss",
         *(f"train_loss_{h}" for h in heads), "val_loss",
@@ -478,7 +480,7 @@ HISTORY_FIELDS = history_fields()
 
 def _fields(rows: list[dict]) -> list[str]:
     """The columns for these history rows (with the age columns when any row has them)."""
-    return history_fields(HEADS, age=any(AGE_COLUMNS[0] in r for r in rows))
+    return history_fields(HEADS, age=any(AGE_COLUMNS[1] in r for r in rows))
 
 
 # --------------------------------------------------------------------------- fit
@@ -643,8 +645,8 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
             "train_loss": tr["loss"], **{f"train_loss_{h}": tr[f"loss_{h}"] for h in HEADS},
             "val_loss": ev["loss"], "val_score": score,
             **{f"val_{h}_{m}": ev[h][m] for h in HEADS for m in ("accuracy", "macro_f1")},
-            **({AGE_COLUMNS[0]: ev[AGE_HEAD]["mae"], AGE_COLUMNS[1]: ev[AGE_HEAD]["cs5"]}
-               if cfg.age_head else {}),
+            **(dict(zip(AGE_COLUMNS, (tr[f"loss_{AGE_HEAD}"], ev[AGE_HEAD]["mae"],
+                                      ev[AGE_HEAD]["cs5"]), strict=True)) if cfg.age_head else {}),
         }  # fmt: skip
 
     def on_epoch(row: dict[str, Any], improved: bool) -> None:
