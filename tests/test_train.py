@@ -396,3 +396,31 @@ def test_fit_distils_from_a_teacher_run(tmp_path):
     assert saved["teachers"] == str(tmp_path / "teacher") and saved["distill_weight"] == 0.5
     with pytest.raises(T.TrainError, match="teacher"):
         T.fit(faces, tmp_path / "s2", tiny_cfg(epochs=1, teachers=str(tmp_path / "none")))
+
+
+def test_teacher_targets_are_kept_for_a_resume(tmp_path, monkeypatch):
+    faces = synthetic_faceset(80)
+    T.fit(faces, tmp_path / "teacher", tiny_cfg(epochs=1))
+    cfg = tiny_cfg(epochs=1, teachers=str(tmp_path / "teacher"))
+    T.fit(faces, tmp_path / "student", cfg)
+    images = torch.from_numpy(faces.images[faces.indices("train")])
+    saved = load_file(str(tmp_path / "student" / T.TEACHERS_FILE))
+    want = T.teacher_targets(cfg.teachers, images, cfg.distill_temperature)
+    assert saved.keys() == want.keys()
+    assert all(torch.allclose(saved[k], want[k], atol=1e-6) for k in want)
+
+    calls = []
+    real = T.teacher_targets
+    monkeypatch.setattr(T, "teacher_targets", lambda *a: calls.append(a) or real(*a))
+    soft, _, cached = T._teacher_targets_cached(tmp_path / "student", cfg, images)
+    assert cached and not calls and all(torch.equal(soft[k], saved[k]) for k in saved)
+    # another temperature, other images or retrained teachers: computed again
+    hot = tiny_cfg(epochs=1, teachers=cfg.teachers, distill_temperature=3.0)
+    assert not T._teacher_targets_cached(tmp_path / "student", hot, images)[2]
+    assert not T._teacher_targets_cached(tmp_path / "student", cfg, images[:-1])[2]
+    T.fit(faces, tmp_path / "teacher2", tiny_cfg(epochs=1, seed=1))
+    (tmp_path / "teacher" / "best.safetensors").write_bytes(
+        (tmp_path / "teacher2" / "best.safetensors").read_bytes()
+    )
+    assert not T._teacher_targets_cached(tmp_path / "student", cfg, images)[2]
+    assert len(calls) == 3

@@ -333,6 +333,54 @@ def teacher_targets(
     return {f"teacher_{h}": (v / n).to(images.device) for h, v in sums.items()}
 
 
+TEACHERS_FILE = "teachers.safetensors"
+
+
+def _teachers_key(cfg: TrainConfig, images: torch.Tensor) -> str | None:
+    """What the teachers' targets depend on: the teachers' weights (file hashes), the
+    temperature and the training images; None when a teacher's weights cannot be read."""
+    import hashlib
+
+    from .prepare import file_sha256
+
+    h = hashlib.sha256(f"faceattrs-teachers-1 T={cfg.distill_temperature!r}".encode())
+    try:
+        for folder in [r.strip() for r in cfg.teachers.split(",") if r.strip()]:
+            h.update(file_sha256(Path(folder) / "best.safetensors").encode())
+    except OSError:
+        return None  # teacher_targets names the problem
+    h.update(np.ascontiguousarray(images.cpu().numpy()).tobytes())
+    return h.hexdigest()
+
+
+def _teacher_targets_cached(
+    out_dir: Path, cfg: TrainConfig, images: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], str | None, bool]:
+    """``(targets, key, cached)``: the run folder's ``teachers.safetensors`` when it was
+    made from these teachers, temperature and images (a resume), else :func:`teacher_targets`
+    (minutes for wide teachers on a CPU)."""
+    from safetensors import safe_open
+
+    key = _teachers_key(cfg, images)
+    path = out_dir / TEACHERS_FILE
+    if key is not None and path.exists():
+        try:
+            with safe_open(str(path), "pt") as f:
+                if (f.metadata() or {}).get("key") == key:
+                    log.info("teachers' targets read from %s", path)
+                    return {k: f.get_tensor(k).to(images.device) for k in f.keys()}, key, True
+        except Exception:  # unreadable or foreign: computed again and rewritten
+            pass
+    return teacher_targets(cfg.teachers, images, cfg.distill_temperature), key, False
+
+
+def _save_teacher_targets(out_dir: Path, soft: dict[str, torch.Tensor], key: str | None) -> None:
+    if key is None:
+        return
+    state = {k: v.detach().cpu().contiguous() for k, v in soft.items()}
+    write_with(out_dir / TEACHERS_FILE, lambda p: save_file(state, str(p), {"key": key}))
+
+
 # --------------------------------------------------------------------------- resume state
 
 STATE_FILE = "last_state.safetensors"
@@ -553,7 +601,8 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
     if cfg.teachers:
         log.info("distilling from %s (T=%s, weight %s)", cfg.teachers, cfg.distill_temperature,
                  cfg.distill_weight)  # fmt: skip
-        train.update(teacher_targets(cfg.teachers, train["image"], cfg.distill_temperature))
+        soft, teachers_key, cached = _teacher_targets_cached(out_dir, cfg, train["image"])
+        train.update(soft)
     eth_train = train["ethnicity"].cpu().numpy()
     minority = minority_classes(eth_train, cfg.augment.minority_ratio)
     augmenter = Augmenter(cfg.augment, minority).to(device)
@@ -591,6 +640,8 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / "config.json", run_config)
+        if cfg.teachers and not cached:  # a resume reads them back instead of recomputing
+            _save_teacher_targets(out_dir, soft, teachers_key)
     log.info(
         "training %d faces (val %d) on %s x%d, bf16=%s, width=%s, epochs %d-%d, minority=%s",
         n_train, n_val, device, world, bf16, cfg.width, start_epoch, cfg.epochs, minority,
