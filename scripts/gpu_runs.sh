@@ -7,8 +7,13 @@
 # 16 MiB), everything else (configs, histories, logs, the paper run's metrics, figures
 # and report) in small.tar.gz.
 #
-#   run (device tool), carry [".whl", "gpu_data"]:
-#     DEADLINE=450 bash scripts/gpu_runs.sh gpu_data/utkface48.csv.gz
+#   run (device tool), carry [".whl", "gpu_data"], timeout_s 590:
+#     DEADLINE=520 bash scripts/gpu_runs.sh gpu_data/utkface48.csv.gz
+#
+# Measured on one H200, 2026-11-29 (that command): the five trainings took 326-345 s; the
+# paper pipeline reached its age stage at about 500 s and was stopped there (a second call
+# on the warm machine ran `faceattrs run ... --resume --no-age` for the remaining stages).
+# The age stage needs its own call, or the paper run alone.
 #
 # .whl holds kornia, kornia_rs and captum wheels for the machine's Python (3.12); gpu_data
 # a copy of the CSV (both git-ignored through .git/info/exclude, never committed).
