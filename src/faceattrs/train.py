@@ -349,7 +349,7 @@ def _teachers_key(cfg: TrainConfig, images: torch.Tensor) -> str | None:
             h.update(file_sha256(Path(folder) / "best.safetensors").encode())
     except OSError:
         return None  # teacher_targets names the problem
-    h.update(np.ascontiguousarray(images.cpu().numpy()).tobytes())
+    h.update(np.ascontiguousarray(images.cpu().numpy()))  # hashed in place, no byte copy
     return h.hexdigest()
 
 
