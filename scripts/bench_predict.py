@@ -5,9 +5,11 @@ For each backend (PyTorch fp32, PyTorch bf16, onnxruntime) it prints, from one r
 - latency: median time of one 200x200 photo end to end (decode, detect, crop, every
   model, records) against the bare models' forward time for one face;
 - throughput: faces/s on a folder of N one-face photos against the bare models' batched
-  rate on the same faces, twice: through an already loaded ``FaceAnalyzer`` (the steady
-  state), and as ``faceattrs predict`` does it (``predict_files``: loading the models and
-  their first-call warm-up included, records written to a file). The bare rate is timed
+  rate on the same faces, three times: through an already loaded ``FaceAnalyzer`` (the
+  steady state) with its photos decoded and detected in threads (the API's default) and
+  in worker processes, and as ``faceattrs predict`` does it (``predict_files``: loading
+  the models, starting its photo worker processes and their first-call warm-up
+  included, records written to a file). The bare rate is timed
   two ways, each batch on every core and each batch split over the analyzer's streams
   (two halves at once, one thread each, on a 2-core CPU), and the ratios are taken against the faster.
 
@@ -111,7 +113,7 @@ def bench(name, model, backend, dtype, paths, crops, args) -> dict:
     # the bare models two ways: one call at a time on every core, and as the analyzer runs
     # them (its streams); the ratios are taken against the faster. torch's thread count is
     # process-wide, so the one-stream analyzer is timed before the default one is made.
-    single = FaceAnalyzer(model, **kw, streams=1, threads=cpu_cores())
+    single = FaceAnalyzer(model, **kw, streams=1, threads=cpu_cores(), photo_workers="threads")
     t = time.perf_counter()
     bare(single.models, crops[:8])
     per_face = (time.perf_counter() - t) / 8
@@ -123,7 +125,7 @@ def bench(name, model, backend, dtype, paths, crops, args) -> dict:
     records = single.analyze([str(p) for p in paths[:n]], on_error="record")
     one_stream_folder = sum("error" not in r for r in records) / (time.perf_counter() - t)
     del single
-    an = FaceAnalyzer(model, **kw)
+    an = FaceAnalyzer(model, **kw, photo_workers="threads")
     m = an.models
     streams_rate = batched_rate(m, faces, args.batch_size, an.streams)
     bare_rate = max(one_stream_rate, streams_rate)
@@ -136,6 +138,13 @@ def bench(name, model, backend, dtype, paths, crops, args) -> dict:
     t = time.perf_counter()  # the same folder through the loaded (warm) analyzer
     records = an.analyze([str(p) for p in paths[:n]], on_error="record")
     warm_rate = sum("error" not in r for r in records) / (time.perf_counter() - t)
+    streams, an = an.streams, None
+    procs = FaceAnalyzer(model, **kw, photo_workers="processes")
+    procs.analyze([str(p) for p in paths[:4]])  # its workers have started
+    t = time.perf_counter()  # the same, photos decoded and detected in worker processes
+    records = procs.analyze([str(p) for p in paths[:n]], on_error="record")
+    procs_rate = sum("error" not in r for r in records) / (time.perf_counter() - t)
+    procs = None
     with tempfile.TemporaryDirectory() as tmp:  # the command: loads the models, writes records
         t = time.perf_counter()
         counts = predict_files(
@@ -155,10 +164,11 @@ def bench(name, model, backend, dtype, paths, crops, args) -> dict:
         "bare_rate": bare_rate,
         "one_stream_rate": one_stream_rate,
         "streams_rate": streams_rate,
-        "streams": an.streams,
+        "streams": streams,
         "one_stream_folder": one_stream_folder,
         "folder_rate": counts["faces"] / folder_s,
         "warm_rate": warm_rate,
+        "procs_rate": procs_rate,
         "n": n,
         "faces": counts["faces"],
         "failed": counts["failed"],
@@ -278,10 +288,11 @@ def main() -> None:
                 f"batch on {cpu_cores()} threads {r['one_stream_rate']:6.1f} faces/s, "
                 f"{r['streams']} streams (as the analyzer) {r['streams_rate']:6.1f}\n"
                 f"{'':10s} throughput ({r['faces']} faces from {r['n']} photos) against the "
-                f"faster, {r['bare_rate']:6.1f} faces/s: loaded "
-                f"analyzer {r['warm_rate']:6.1f} = {r['warm_rate'] / r['bare_rate']:.2f}; "
-                f"predict command (loads the models, writes records) {r['folder_rate']:6.1f} = "
-                f"{r['folder_rate'] / r['bare_rate']:.2f}\n"
+                f"faster, {r['bare_rate']:6.1f} faces/s: loaded analyzer, photo threads "
+                f"{r['warm_rate']:6.1f} = {r['warm_rate'] / r['bare_rate']:.2f}, photo "
+                f"processes {r['procs_rate']:6.1f} = {r['procs_rate'] / r['bare_rate']:.2f}; "
+                f"predict command (loads the models, writes records; processes) "
+                f"{r['folder_rate']:6.1f} = {r['folder_rate'] / r['bare_rate']:.2f}\n"
                 f"{'':10s} the folder through a one-stream analyzer ({cpu_cores()} threads): "
                 f"{r['one_stream_folder']:6.1f} faces/s; with {r['streams']} streams "
                 f"{r['warm_rate'] / r['one_stream_folder']:.2f}x that",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +177,80 @@ def test_streams_give_the_same_records_in_order(run_dir, monkeypatch):
             FaceAnalyzer(run_dir, streams=bad)
 
 
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory) -> list:
+    """Ten random images as files, one bad file, and two in-memory arrays (CI has no photos)."""
+    d = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(1)
+    files = []
+    for i in range(10):
+        f = d / f"img{i:02d}.png"
+        Image.fromarray(rng.integers(0, 256, (50 + 3 * i, 48, 3), dtype=np.uint8)).save(f)
+        files.append(f)
+    (d / "bad.jpg").write_text("not an image")
+    arrays = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    return [*files[:4], arrays[0], d / "bad.jpg", str(files[4]), *files[5:], arrays[1]]
+
+
+def test_photo_worker_processes_give_the_same_records(run_dir, image_files, caplog):
+    """Worker processes (paths) and threads (arrays) together give the records of threads
+    alone, in order, errors included; a worker process that dies leaves the rest to
+    threads, with a warning, and loses nothing."""
+    threads = FaceAnalyzer(run_dir, batch_size=3, photo_workers="threads")
+    procs = FaceAnalyzer(run_dir, batch_size=3, photo_workers="processes")
+    want = threads.analyze(image_files, detect=False, on_error="record")
+    assert len(want) == 13 and "error" in want[5] and want[4]["image"] == 4
+    assert procs.analyze(image_files, detect=False, on_error="record") == want
+    items = list(procs.run(image_files[:3], detect=False, keep_images=True))
+    assert all(i.image is not None and i.image.shape[2] == 3 for i in items)
+    with pytest.raises(PhotoError, match="not an image"):
+        procs.analyze(image_files, detect=False)
+    pid = next(iter(procs._procs._processes))
+    os.kill(pid, signal.SIGKILL)
+    got = procs.analyze(image_files, detect=False, on_error="record")
+    assert got == want
+    assert "a photo worker process stopped" in caplog.text
+    assert procs.photo_workers == "threads" and procs._procs is None
+    with pytest.raises(FaceattrsError, match="photo_workers must be one of"):
+        FaceAnalyzer(run_dir, photo_workers="fork")
+
+
+def test_photo_workers_auto_takes_processes_for_many_paths(run_dir, image_files, monkeypatch):
+    from faceattrs import predict as predict_mod
+
+    auto = FaceAnalyzer(run_dir)  # "auto"
+    auto.workers = 2  # as on a two-core CPU
+    want = FaceAnalyzer(run_dir, photo_workers="threads").analyze(
+        image_files, detect=False, on_error="record"
+    )
+    monkeypatch.setattr(predict_mod, "PROCESSES_FROM", 12)  # 11 paths: threads
+    assert auto.analyze(image_files, detect=False, on_error="record") == want
+    assert auto._procs is None
+    monkeypatch.setattr(predict_mod, "PROCESSES_FROM", 11)
+    assert auto.analyze(image_files, detect=False, on_error="record") == want
+    assert auto._procs is not None and auto.photo_workers == "auto"
+
+
+def test_photo_worker_processes_do_not_run_the_calling_script(run_dir, image_files, tmp_path):
+    """A script without an ``if __name__ == "__main__"`` guard: its worker processes do not
+    run its top level again (spawn would), and its records are those of threads."""
+    marker, out = tmp_path / "ran.txt", tmp_path / "out.json"
+    files = [str(f) for f in image_files if isinstance(f, str | Path)]
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import json, sys\n"
+        "from faceattrs.predict import FaceAnalyzer\n"
+        f"open({str(marker)!r}, 'a').write('ran\\n')\n"
+        f"an = FaceAnalyzer({str(run_dir)!r}, photo_workers='processes')\n"
+        f"recs = an.analyze({files!r}, detect=False, on_error='record')\n"
+        f"json.dump(recs, open({str(out)!r}, 'w'))\n"
+    )
+    subprocess.run([sys.executable, str(script)], check=True, timeout=120)
+    assert marker.read_text() == "ran\n"
+    want = FaceAnalyzer(run_dir).analyze(files, detect=False, on_error="record")
+    assert json.loads(out.read_text()) == json.loads(json.dumps(want))
+
+
 def test_multi_face_image(analyzer, photos):
     recs = analyzer.analyze(compose(photos[:4]))
     assert [r["face"] for r in recs] == [0, 1, 2, 3]
@@ -289,9 +365,13 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_cli_processes_good_files_and_reports_bad_ones(run_dir, bad_folder, tmp_path, capsys):
+@pytest.mark.parametrize("workers", ["threads", "processes"])
+def test_cli_processes_good_files_and_reports_bad_ones(
+    run_dir, bad_folder, tmp_path, capsys, workers
+):
     out = tmp_path / "r.jsonl"
     args = ["predict", str(bad_folder), str(bad_folder / "missing.jpg"), "--model", str(run_dir)]
+    args += ["--photo-workers", workers]
     rc = main([*args, "--out", str(out), "--max-pixels", "5000000", "--batch-size", "2"])
     assert rc == 1  # some files failed
     recs = read_jsonl(out)
@@ -307,6 +387,39 @@ def test_cli_processes_good_files_and_reports_bad_ones(run_dir, bad_folder, tmp_
     files = [r["file"] for r in recs]
     api = FaceAnalyzer(run_dir, photo=PhotoConfig(max_pixels=5_000_000))
     assert api.analyze(list(dict.fromkeys(files)), on_error="record") == recs
+
+
+def test_cli_photo_workers_auto(run_dir, image_files, tmp_path, monkeypatch, capsys):
+    """``faceattrs predict`` decodes in processes from PROCESSES_FROM files (on two or more
+    cores), in threads below; the records are the same."""
+    from faceattrs import predict_files as pf
+
+    chosen = []
+
+    class Spy(FaceAnalyzer):
+        def __init__(self, *a, **kw):
+            chosen.append(kw["photo_workers"])
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(pf, "FaceAnalyzer", Spy)
+    monkeypatch.setattr(pf, "cpu_cores", lambda: 2)
+    files = [str(f) for f in image_files if isinstance(f, str | Path)]
+    outs = []
+    for n in (len(files), len(files) - 1):
+        monkeypatch.setattr(pf, "PROCESSES_FROM", n)
+        outs.append(tmp_path / f"r{n}.jsonl")
+        args = ["predict", *files, "--model", str(run_dir), "--no-detect", "--out", str(outs[-1])]
+        assert main(args) == 1  # bad.jpg
+    monkeypatch.setattr(pf, "cpu_cores", lambda: 1)
+    assert main([*args[:-1], str(tmp_path / "one.jsonl")]) == 1
+    assert chosen == ["processes", "processes", "threads"]
+    monkeypatch.setattr(pf, "PROCESSES_FROM", len(files) + 1)
+    assert main([*args[:-1], str(tmp_path / "few.jsonl")]) == 1
+    assert chosen[-1] == "threads"
+    assert read_jsonl(outs[0]) == read_jsonl(tmp_path / "few.jsonl")
+    with pytest.raises(SystemExit) as e:  # argparse's choices
+        main([*args, "--photo-workers", "fork"])
+    assert e.value.code == 2 and "--photo-workers" in capsys.readouterr().err
 
 
 def test_cli_csv_annotate_explain(run_dir, photos, tmp_path):

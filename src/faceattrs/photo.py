@@ -40,7 +40,7 @@ import logging
 import os
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -702,3 +702,59 @@ def extract_faces(image, detect: bool = True, cfg: PhotoConfig | None = None) ->
             Face(clip_box(d.box, gray.shape), crop, round(d.score, 3), d.kind, d.landmarks)
         )
     return faces
+
+
+# ---------------------------------------------------------------- one photo, whole
+
+
+@dataclass
+class Item:
+    """One input image on its way through :class:`faceattrs.predict.FaceAnalyzer`."""
+
+    index: int  # position in the input
+    file: str | None  # the path, None for in-memory images
+    image: np.ndarray | None = None  # decoded pixels (kept for annotation)
+    faces: list[Face] = field(default_factory=list)
+    error: str | None = None
+    records: list[dict] = field(default_factory=list)
+
+    def head(self) -> dict:
+        return {"file": self.file} if self.file is not None else {"file": None, "image": self.index}
+
+
+def prepare(
+    index: int,
+    src,
+    detect: bool = True,
+    cfg: PhotoConfig | None = None,
+    raise_errors: bool = False,
+    keep_image: bool = True,
+) -> Item:
+    """Decode ``src`` and find its faces: the :class:`Item` at ``index``. An unusable image
+    (or one without a face) raises :class:`PhotoError` with ``raise_errors``, else its
+    message is kept in ``item.error``. ``keep_image=False`` drops the decoded pixels."""
+    cfg = cfg or PhotoConfig()
+    is_path = isinstance(src, str | os.PathLike)
+    item = Item(index, str(src) if is_path else None)
+    try:
+        item.image = load_image(src, cfg.max_pixels)
+        item.faces = extract_faces(item.image, detect=detect, cfg=cfg)
+        if not item.faces:
+            raise PhotoError(f"{src if is_path else 'image'}: no face found")
+    except PhotoError as e:
+        if raise_errors:
+            raise
+        item.error, item.faces = str(e), []
+    if not keep_image:
+        item.image = None
+    return item
+
+
+def worker_start() -> None:
+    """Start of a photo worker process (:class:`faceattrs.predict.FaceAnalyzer` with
+    ``photo_workers="processes"``): one OpenCV thread (the process is one of a core's
+    workers), and the detector's models loaded before the first photo."""
+    cv2.setNumThreads(1)
+    if dlib_missing() is None:
+        _dlib("hog")
+        _dlib("shape")

@@ -47,6 +47,13 @@ def add_arguments(p) -> None:
         "cores each)",
     )
     p.add_argument(
+        "--photo-workers",
+        choices=("auto", "threads", "processes"),
+        default="auto",
+        help="decode and detect in threads or in worker processes (default auto: processes "
+        "for 16 files or more, on two or more cores)",
+    )
+    p.add_argument(
         "--max-pixels",
         type=int,
         default=MAX_PIXELS,
@@ -137,6 +144,7 @@ def run(args) -> int:
         detect=not args.no_detect,
         photo=photo,
         threads=args.threads,
+        photo_workers=args.photo_workers,
     )
     log.info(
         "%d file(s), %d face(s), %d failed%s",
