@@ -84,3 +84,21 @@ def test_class_offsets_undo_a_known_shift_and_cross_validate(tmp_path, capsys, m
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 600 and len(out["cross_validated"]) == 1
     assert out["cross_validated"][0]["macro_f1"] > out["plain"]["macro_f1"]
+
+
+def test_class_offsets_on_age_bins(tmp_path, capsys, monkeypatch):
+    """``--age`` reads the age head's bin probabilities and tunes accuracy."""
+    import numpy as np
+
+    vco = load_script("val_class_offsets")
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 6, 300)
+    probs = rng.dirichlet(np.ones(6), 300) + 1.5 * np.eye(6)[y]
+    probs[:, 5] += 0.8  # the last bin over-predicted
+    probs /= probs.sum(1, keepdims=True)
+    np.savez(tmp_path / "a.npz", direct_bin_probabilities=probs, true_bin=y)
+    monkeypatch.setattr("sys.argv", ["x", str(tmp_path / "a.npz"), "--age", "--shuffles", "1"])
+    vco.main()
+    out = json.loads(capsys.readouterr().out)
+    assert out["in_sample"]["offsets"][5] < 0  # pushed the over-predicted bin down
+    assert out["in_sample"]["accuracy"] > out["plain"]["accuracy"]
