@@ -209,8 +209,18 @@ def test_photo_worker_processes_give_the_same_records(run_dir, image_files, capl
     os.kill(pid, signal.SIGKILL)
     got = procs.analyze(image_files, detect=False, on_error="record")
     assert got == want
-    assert "a photo worker process stopped" in caplog.text
+    assert "photo worker processes stopped or could not start" in caplog.text
     assert procs.photo_workers == "threads" and procs._procs is None
+    caplog.clear()
+
+    def no_processes(*a, **k):  # a platform without process support
+        raise OSError(38, "Function not implemented")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("faceattrs.predict.ProcessPoolExecutor", no_processes)
+        none = FaceAnalyzer(run_dir, batch_size=3, photo_workers="processes")
+        assert "could not start" in caplog.text and none.photo_workers == "threads"
+        assert none.analyze(image_files, detect=False, on_error="record") == want
     with pytest.raises(FaceattrsError, match="photo_workers must be one of"):
         FaceAnalyzer(run_dir, photo_workers="fork")
 

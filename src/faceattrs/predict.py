@@ -204,16 +204,21 @@ class FaceAnalyzer:
             weakref.finalize(self, self._pool.shutdown, wait=False)
         return self._pool
 
-    def _process_pool(self) -> ProcessPoolExecutor:
-        if self._procs is None:
-            self._procs = ProcessPoolExecutor(
-                self.workers,
-                mp_context=multiprocessing.get_context("spawn"),  # no fork of a threaded process
-                initializer=photomod.worker_start,
-            )
-            for _ in range(self.workers):  # spawn them all now (a pool starts them on demand)
-                self._submit_to_processes(int)
-            weakref.finalize(self, self._procs.shutdown, wait=False, cancel_futures=True)
+    def _process_pool(self) -> ProcessPoolExecutor | None:
+        """The photo worker processes, started on first use; None when they cannot be
+        (a platform without process support: the work then stays in threads)."""
+        if self._procs is None and self.photo_workers != "threads":
+            try:
+                self._procs = ProcessPoolExecutor(
+                    self.workers,
+                    mp_context=multiprocessing.get_context("spawn"),  # no fork of threads
+                    initializer=photomod.worker_start,
+                )
+                weakref.finalize(self, self._procs.shutdown, wait=False, cancel_futures=True)
+                for _ in range(self.workers):  # spawn them now (a pool starts them on demand)
+                    self._submit_to_processes(int)
+            except (OSError, BrokenProcessPool) as e:
+                self._no_processes(e)
         return self._procs
 
     def _submit_to_processes(self, fn, *args):
@@ -234,13 +239,15 @@ class FaceAnalyzer:
                 main.__dict__.update(saved)
 
     def _no_processes(self, why: BaseException) -> None:
-        """A worker process died (killed, out of memory, a crash in a native library):
-        the rest of the work goes to threads."""
+        """A worker process died (killed, out of memory, a crash in a native library) or
+        none could start: the rest of the work goes to threads."""
+        if self.photo_workers != "threads":
+            log.warning("photo worker processes stopped or could not start (%s): going on "
+                        "in threads", why)  # fmt: skip
+            self.photo_workers = "threads"
         if self._procs is not None:
-            log.warning("a photo worker process stopped (%s): going on in threads", why)
             self._procs.shutdown(wait=False, cancel_futures=True)
             self._procs = None
-        self.photo_workers = "threads"
 
     def _streams_pool(self) -> ThreadPoolExecutor:
         if self._model_pool is None:
@@ -292,8 +299,8 @@ class FaceAnalyzer:
         def submit(index: int, src):
             if use and self.photo_workers != "threads" and isinstance(src, str | os.PathLike):
                 try:
-                    self._process_pool()
-                    return self._submit_to_processes(photomod.prepare, index, src, *args)
+                    if self._process_pool() is not None:
+                        return self._submit_to_processes(photomod.prepare, index, src, *args)
                 except BrokenProcessPool as e:
                     self._no_processes(e)
             return self._photo_pool().submit(photomod.prepare, index, src, *args)
