@@ -402,6 +402,7 @@ def test_cli_processes_good_files_and_reports_bad_ones(
 def test_cli_photo_workers_auto(run_dir, image_files, tmp_path, monkeypatch, capsys):
     """``faceattrs predict`` decodes in processes from PROCESSES_FROM files (on two or more
     cores), in threads below; the records are the same."""
+    from faceattrs import predict as predict_mod
     from faceattrs import predict_files as pf
 
     chosen = []
@@ -416,14 +417,14 @@ def test_cli_photo_workers_auto(run_dir, image_files, tmp_path, monkeypatch, cap
     files = [str(f) for f in image_files if isinstance(f, str | Path)]
     outs = []
     for n in (len(files), len(files) - 1):
-        monkeypatch.setattr(pf, "PROCESSES_FROM", n)
+        monkeypatch.setattr(predict_mod, "PROCESSES_FROM", n)
         outs.append(tmp_path / f"r{n}.jsonl")
         args = ["predict", *files, "--model", str(run_dir), "--no-detect", "--out", str(outs[-1])]
         assert main(args) == 1  # bad.jpg
     monkeypatch.setattr(pf, "cpu_cores", lambda: 1)
     assert main([*args[:-1], str(tmp_path / "one.jsonl")]) == 1
     assert chosen == ["processes", "processes", "threads"]
-    monkeypatch.setattr(pf, "PROCESSES_FROM", len(files) + 1)
+    monkeypatch.setattr(predict_mod, "PROCESSES_FROM", len(files) + 1)
     assert main([*args[:-1], str(tmp_path / "few.jsonl")]) == 1
     assert chosen[-1] == "threads"
     assert read_jsonl(outs[0]) == read_jsonl(tmp_path / "few.jsonl")

@@ -86,6 +86,12 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def photo_processes(paths: int, workers: int) -> bool:
+    """The "auto" rule of ``photo_workers``: processes for a run of ``paths`` photo paths
+    with ``workers`` photo workers (two on a CPU with two or more cores)."""
+    return workers >= 2 and paths >= PROCESSES_FROM
+
+
 def model_streams(device: str, threads: int | None, streams: int | None) -> tuple[int, int | None]:
     """``(streams, threads per call)`` of an analyzer: given values are kept; by default a
     CPU with two or more cores runs two streams, each on half the cores."""
@@ -292,9 +298,12 @@ class FaceAnalyzer:
 
         sources = list(sources)
         args = (detect, self.photo, raise_errors, keep_images)
-        use = self.photo_workers == "processes"
-        if self.photo_workers == "auto" and self.workers >= 2:
-            use = sum(isinstance(s, str | os.PathLike) for s in sources) >= PROCESSES_FROM
+        use = self.photo_workers == "processes" or (
+            self.photo_workers == "auto"
+            and photo_processes(
+                sum(isinstance(s, str | os.PathLike) for s in sources), self.workers
+            )
+        )
 
         def submit(index: int, src):
             if use and self.photo_workers != "threads" and isinstance(src, str | os.PathLike):

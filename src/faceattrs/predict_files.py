@@ -30,7 +30,7 @@ import numpy as np
 from .exceptions import FaceattrsError
 from .io import atomic_path, clean_stale_temps, write_with
 from .photo import PhotoConfig
-from .predict import PROCESSES_FROM, FaceAnalyzer, cpu_cores
+from .predict import FaceAnalyzer, cpu_cores, photo_processes
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ def predict_files(
     """Records of every face of ``inputs`` to ``out`` (stdout when None), annotated copies
     and Grad-CAM overlays on request. ``analyzer_options``: ``batch_size``, ``backend``,
     ``device``, ``dtype``, ``threads`` (see :class:`FaceAnalyzer`). ``photo_workers``:
-    "threads", "processes" or "auto" (processes for :data:`PROCESSES_FROM` files or more
+    "threads", "processes" or "auto" (processes for :data:`faceattrs.predict.PROCESSES_FROM` files or more
     on a CPU with two or more cores: they start in about half a second).
 
     Returns ``{"files", "faces", "failed"}`` counts.
@@ -339,7 +339,7 @@ def predict_files(
     stems = output_stems(files)
     check_outputs(files, stems, annotate_dir, explain_dir)
     if photo_workers == "auto":  # decided here, so that the workers start while the models load
-        many = len(files) >= PROCESSES_FROM and cpu_cores() >= 2
+        many = photo_processes(len(files), min(2, cpu_cores()))
         photo_workers = "processes" if many else "threads"
     analyzer = FaceAnalyzer(model, photo=photo, photo_workers=photo_workers, **analyzer_options)
     explainer = Explainer(analyzer.models) if explain_dir else None
