@@ -51,7 +51,7 @@ from faceattrs.loop import (
 )
 from faceattrs.metrics import scores_from_confusion
 from faceattrs.model import FaceResNet
-from faceattrs.prepare import load_prepared
+from faceattrs.prepare import data_key, load_prepared
 from faceattrs.train import (
     AGE_YEARS,
     HEADS,
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
 
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(
-        {"data": str(Path(a.data).resolve()), "settings": a.settings, "preset": a.preset, "age_weight": a.age_weight,
+        {"data": str(Path(a.data).resolve()), "data_key": data_key(a.data), "settings": a.settings, "preset": a.preset, "age_weight": a.age_weight,
          "age_l1": a.age_l1, "age_smoothing": a.age_smoothing, "ema": a.ema, "mix": a.mix,
          "mix_alpha": a.mix_alpha, "mix_prob": a.mix_prob, "edges": edges.tolist(),
          "bf16": bf16}, indent=2))  # fmt: skip

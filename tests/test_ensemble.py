@@ -189,3 +189,33 @@ def test_fp16_ensemble_is_half_the_file_and_runs_in_fp32(members, tmp_path):
     for h in CFG.heads:
         torch.testing.assert_close(yb[h], ya[h], atol=2e-2, rtol=2e-2)
         assert not torch.equal(yb[h], ya[h])  # the weights were rounded
+
+
+def test_same_data_is_judged_by_content_not_by_path(members, tmp_path, capsys):
+    """Runs trained on other machines record other folders: the prepared data's content key
+    decides (recorded by training, or read from the folder's manifest when it is here)."""
+    root, _ = members
+    here = tmp_path / "prepared"
+    here.mkdir()
+    (here / "manifest.json").write_text(json.dumps({"key": "k1", "state": "complete"}))
+    (here / "faces.npz").write_bytes(b"")  # only its manifest is read
+
+    def member(name, seed, config):
+        make_member(tmp_path / name, seed, age_edges=[17, 26, 30, 38, 54])
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        return str(tmp_path / name)
+
+    gpu = member("gpu", 7, {"data": "/elsewhere/prep", "data_key": "k1"})
+    cpu = member("cpu", 8, {"data": str(here)})  # no key recorded: read from the folder
+    other = member("other", 9, {"data": "/elsewhere/prep2", "data_key": "k2"})
+    unknown = member("unknown", 10, {"data": "/elsewhere/prep"})  # no key, not here
+
+    path = build_ensemble([gpu, cpu], tmp_path / "ens")
+    config = json.loads((path.parent / "config.json").read_text())
+    assert config["data_key"] == "k1" and config["data"] == str(here)  # the path that is here
+    assert B.resolve(path.parent).recorded_data_key() == "k1"
+    for runs in ([gpu, other], [cpu, unknown]):
+        assert main(["ensemble", *runs, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "different data" in err[0], err
+    assert not (tmp_path / "bad" / "best.json").exists()

@@ -20,6 +20,7 @@ from faceattrs import config as cfgmod
 from faceattrs import train as T
 from faceattrs.checkpoint import load_model
 from faceattrs.engine import evaluate_heads, scores_from_confusion
+from faceattrs.prepare import data_key
 
 # one thread: tiny tensors gain nothing from two, and two OpenMP threads crawl when other
 # processes share the cores
@@ -303,6 +304,8 @@ def test_cli_one_epoch_on_real_data(tmp_path, shared_csv, monkeypatch):
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["width"] == T.PRESETS["cpu"]["width"]
     assert config["data"] == str(small.resolve())
+    cached = next((tmp_path / "cache").rglob("small.csv-*"))  # prepared copy: the same key
+    assert config["data_key"] == data_key(small) == data_key(cached) == cached.name[-20:]
     # extend the finished run by one epoch through --resume
     assert main(["train", "--resume", str(run), "--no-progress", "epochs=2"]) == 0
     assert [r["epoch"] for r in _history(run / "history.csv")] == ["1", "2"]

@@ -161,6 +161,21 @@ class Bundle:
             path = run / path
         return path
 
+    def recorded_data_key(self) -> str | None:
+        """The content key of the prepared data the run was trained on: as recorded in its
+        ``config.json``, else read from the recorded folder when it is on this machine."""
+        from .prepare import data_key
+
+        run = self.torch_bundle().run_dir
+        cfg = (run or self.source) / RUN_CONFIG
+        key = _read_json(cfg).get("data_key") if cfg.exists() else None
+        if isinstance(key, str) and key:
+            return key
+        try:
+            return data_key(self.recorded_data())
+        except FaceattrsError:
+            return None
+
 
 def resolve(model: str | os.PathLike | Bundle | None) -> Bundle:
     """``--model`` (a folder, a checkpoint file, an export, or None) -> a :class:`Bundle`."""

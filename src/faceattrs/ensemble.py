@@ -71,18 +71,23 @@ def build_ensemble(runs: list, out: str | Path, fp16: bool = False) -> Path:
         }
         for b in bundles
     ]
-    data = []
+    data, keys = [], []
     for b in bundles:
         try:
             data.append(str(b.recorded_data()))
         except FaceattrsError:
             data.append(None)
-    if len(set(data)) > 1:
+        keys.append(b.recorded_data_key())
+    # the same data: the same content key where the runs know it, else the same path
+    same = [k if k else f"path {d}" for k, d in zip(keys, data, strict=True)]
+    if len(set(same)) > 1:
         raise FaceattrsError(
-            f"the runs were trained on different data: {sorted(map(str, set(data)))}"
+            "the runs were trained on different data: "
+            + "; ".join(f"{b.path}: {s}" for b, s in zip(bundles, same, strict=True))
         )
+    here = [d for d in data if d and Path(d).exists()]  # a path of this machine, if any
     out.mkdir(parents=True, exist_ok=True)
-    config = {"data": data[0], "ensemble_of": members}
+    config = {"data": (here or data)[0], "data_key": keys[0], "ensemble_of": members}
     write_json_atomic(out / RUN_CONFIG, config)
     extra = {k: first.meta[k] for k in SAME if k in first.meta}
     dtype = torch.float16 if fp16 else None

@@ -85,6 +85,21 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def data_key(path: str | Path) -> str | None:
+    """The content key of the prepared data ``path`` stands for (its input's bytes and the
+    settings: the same on every machine that prepared the same CSV the same way): a
+    prepared folder's recorded key, or for a CSV or photo folder the key under which
+    :func:`load_faces` prepares it; None when there is nothing to read."""
+    path = Path(path)
+    if path.is_dir() and (path / "faces.npz").exists():
+        try:
+            key = json.loads((path / "manifest.json").read_text()).get("key")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return key if isinstance(key, str) and key else None
+    return _key(path, PrepareConfig()) if path.exists() else None
+
+
 def _verified_manifest(out: Path) -> dict | None:
     """The manifest of a complete prepared folder whose files match their hashes, or None."""
     try:

@@ -58,6 +58,7 @@ from .loop import (  # noqa: F401  (re-exported: the training toolbox's old home
     write_history,
 )
 from .model import FaceResNet, ModelConfig
+from .prepare import data_key
 
 log = logging.getLogger(__name__)
 
@@ -634,7 +635,8 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
         start_epoch, history = _resume(out_dir, model, optimizer, scheduler, stopper, main, ema)
     else:
         _check_fresh(out_dir)
-    run_config = {"data": data_ref, "world_size": world, "bf16": bf16, "device": str(device),
+    run_config = {"data": data_ref, "data_key": data_key(data_ref) if data_ref else None,
+                  "world_size": world, "bf16": bf16, "device": str(device),
                   "minority_classes": list(minority), "train_faces": n_train, "val_faces": n_val,
                   "config": cfgmod.to_dict(cfg)}  # fmt: skip
     if main:
