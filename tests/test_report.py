@@ -158,3 +158,13 @@ def test_data_report_of_a_csv_is_found_in_the_prepare_cache(tmp_path, monkeypatc
     (run / "config.json").write_text(json.dumps({"data": str(source)}))
     text = build_report(run).read_text()
     assert "label_distribution_aaa.png" in text and "label_distribution_bbb.png" not in text
+    # a run that recorded its data's content key gets that folder, not the newest one
+    folder = cache_dir() / "faces.csv-ccc"
+    folder.mkdir()
+    (folder / "faces.npz").write_bytes(b"")
+    (folder / "manifest.json").write_text(json.dumps({"source": str(source.resolve())}))
+    tiny_png(folder / "label_distribution_ccc.png")
+    assert "label_distribution_ccc.png" in build_report(run).read_text()  # the newest
+    (run / "config.json").write_text(json.dumps({"data": str(source), "data_key": "aaa"}))
+    text = build_report(run).read_text()
+    assert "label_distribution_aaa.png" in text and "label_distribution_ccc.png" not in text

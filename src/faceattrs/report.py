@@ -108,9 +108,11 @@ def discover(run_dir: Path) -> dict[str, list[Path]]:
 
 def _data_folder(run_dir: Path) -> Path | None:
     """The prepared folder of the data recorded in ``config.json`` (``"data"``): that folder
-    itself, or for a CSV the newest cache folder prepared from it (``prepare.cache_dir``)."""
+    itself, or for a CSV its cache folder (``prepare.cache_dir``): the one of the recorded
+    content key (``"data_key"``) when it is there, else the newest prepared from it."""
     try:
-        data = json.loads((run_dir / "config.json").read_text()).get("data")
+        config = json.loads((run_dir / "config.json").read_text())
+        data, key = config.get("data"), config.get("data_key")
     except (OSError, json.JSONDecodeError, AttributeError):
         return None
     if not isinstance(data, str):
@@ -119,12 +121,15 @@ def _data_folder(run_dir: Path) -> Path | None:
     if path.is_dir() and (path / "faces.npz").exists():
         inside = path.resolve() == run_dir.resolve() or run_dir.resolve() in path.resolve().parents
         return None if inside else path  # files inside the run folder are found anyway
-    return _cached_prepared(path) if path.is_file() else None
+    return _cached_prepared(path, key) if path.is_file() else None
 
 
-def _cached_prepared(source: Path) -> Path | None:
+def _cached_prepared(source: Path, key: object = None) -> Path | None:
     from .prepare import cache_dir
 
+    exact = cache_dir() / f"{source.name}-{key}"
+    if isinstance(key, str) and key and (exact / "faces.npz").exists():
+        return exact  # the data the run was trained on, even if the CSV was prepared since
     hits = []
     for manifest in cache_dir().glob(f"{source.name}-*/manifest.json"):
         try:
