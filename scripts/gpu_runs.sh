@@ -3,9 +3,14 @@
 #   - the reference exactly: `faceattrs run --preset paper` (every stage, age model too);
 #   - the three-head EMA recipe of the shipped model at widths 1.0, 0.75 and 0.5.
 # All start at once and share the GPU; every run stops at DEADLINE seconds after the start.
-# Weights come back as fp16 safetensors (the device tool returns at most 8 files of
-# 16 MiB), everything else (configs, histories, logs, the paper run's metrics, figures
-# and report) in small.tar.gz.
+# Weights come back as fp16 safetensors, all runs' in one tar cut into 15 MiB pieces
+# (`weights.tar.*`: the device tool returns at most 8 files of 16 MiB), everything else
+# (configs, histories, logs, the paper run's metrics, figures and report) in small.tar.gz.
+# RUNS (name:width:seed words, names w*_sN) and RECIPE choose the trainings, PAPER=0 skips
+# the paper pipeline (already recorded in docs/results/paper-gpu), e.g.
+#   PAPER=0 RUNS="w50_s2:0.5:2 w50_s3:0.5:3 w75_s2:0.75:2" DEADLINE=520 bash scripts/gpu_runs.sh CSV
+# Every training records the prepared data's content key, so `faceattrs ensemble` joins
+# these runs with runs trained at home on the same CSV.
 #
 #   run (device tool), carry [".whl", "gpu_data"], timeout_s 590:
 #     DEADLINE=520 bash scripts/gpu_runs.sh gpu_data/utkface48.csv.gz
@@ -35,7 +40,7 @@ else
     AGE_EXTRA=(--age-set max_batches=2 --age-set finetune_epochs=1 --age-set head_epochs=1
                --age-set reg_epochs=2)
 fi
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 W
 python3 -c "import torch, kornia, captum; print('torch', torch.__version__, 'kornia',
 kornia.__version__, 'cuda', torch.cuda.is_available())" || exit 1
 
@@ -43,16 +48,18 @@ python3 -m faceattrs prepare --data "$CSV" --out $W/prep > $W/prepare.log 2>&1 |
     cat $W/prepare.log; exit 1; }
 # the split must be the one the runs are calibrated and evaluated on at home
 python3 - <<'EOF'
-import hashlib, numpy as np
-d = np.load("/tmp/w/prep/faces.npz")
+import hashlib, os, numpy as np
+d = np.load(os.environ["W"] + "/prep/faces.npz")
 m = hashlib.sha256()
 m.update(d["split"].tobytes()); m.update("\n".join(d["names"]).encode())
 m.update(d["images"].tobytes())
 print("prepared", len(d["split"]), "faces, hash", m.hexdigest()[:16], "(home: d6f6ca8bc6f25d9e)")
 EOF
 
-RECIPE="--preset paper ema=0.998 age_head=true epochs=45 lr=1.5e-3 warmup_epochs=2 patience=50"
-RUNS="w100_s0:1.0:0 w75_s0:0.75:0 w75_s1:0.75:1 w50_s0:0.5:0 w50_s1:0.5:1"
+RECIPE=${RECIPE:-"--preset paper ema=0.998 age_head=true epochs=45 lr=1.5e-3 warmup_epochs=2 patience=50"}
+# RUNS: name:width:seed words (names start with w and end in _sN); PAPER=0 skips the paper run
+RUNS=${RUNS:-"w100_s0:1.0:0 w75_s0:0.75:0 w75_s1:0.75:1 w50_s0:0.5:0 w50_s1:0.5:1"}
+PAPER=${PAPER:-1}
 pids=()
 for spec in $RUNS; do
     IFS=: read -r name width seed <<< "$spec"
@@ -60,10 +67,12 @@ for spec in $RUNS; do
         width="$width" seed="$seed" $EXTRA > $W/$name.log 2>&1 &
     pids+=($!)
 done
-mkdir -p $W/paper && cp -r $W/prep $W/paper/data  # the same prepared data (cache hit)
-python3 -m faceattrs run --data "$CSV" --out $W/paper --preset paper --no-progress \
-    "${AGE_EXTRA[@]}" $EXTRA > $W/paper.log 2>&1 &
-pids+=($!)
+if [ "$PAPER" = 1 ]; then
+    mkdir -p $W/paper && cp -r $W/prep $W/paper/data  # the same prepared data (cache hit)
+    python3 -m faceattrs run --data "$CSV" --out $W/paper --preset paper --no-progress \
+        "${AGE_EXTRA[@]}" $EXTRA > $W/paper.log 2>&1 &
+    pids+=($!)
+fi
 
 last=0
 while :; do
@@ -78,7 +87,7 @@ while :; do
             n=$(( $(wc -l < $W/$name/history.csv 2>/dev/null || echo 1) - 1 ))
             line+=" $name:$n"
         done
-        line+=" paper:$(grep -o '== [a-z]*' $W/paper.log | tail -1 | cut -c4-)"
+        [ "$PAPER" = 1 ] && line+=" paper:$(grep -o '== [a-z]*' $W/paper.log | tail -1 | cut -c4-)"
         echo "$line"
     fi
     (( alive == 0 )) && break
@@ -93,7 +102,8 @@ done
 python3 - <<'EOF'
 import json, pathlib, torch
 from safetensors.torch import load_file, save_file
-for run in sorted(p for p in pathlib.Path("/tmp/w").glob("w*_s*") if p.is_dir()):
+import os
+for run in sorted(p for p in pathlib.Path(os.environ["W"]).glob("w*_s*") if p.is_dir()):
     st, meta = run / "best.safetensors", run / "best.json"
     if not (st.exists() and meta.exists()):
         print(run.name, "has no best checkpoint"); continue
@@ -106,11 +116,10 @@ EOF
 cd $W
 tar czf "$OUT/small.tar.gz" --exclude='*.safetensors' --exclude='faces.npz' --exclude='*.pt' \
     ./*.log w*_s* paper prep/*.json 2>/dev/null
-cp w75_s0/best.safetensors "$OUT/w75_s0.safetensors" 2>/dev/null
-cp w75_s1/best.safetensors "$OUT/w75_s1.safetensors" 2>/dev/null
-tar cf "$OUT/w50.tar" w50_s0/best.safetensors w50_s1/best.safetensors 2>/dev/null
-[ -f w100_s0/best.safetensors ] && split -b 15m w100_s0/best.safetensors "$OUT/w100_s0.st."
+# every run's fp16 weights in one tar, cut into 15 MiB pieces (the tool returns files of at
+# most 16 MiB); at home: cat weights.tar.* | tar xf - -C runs/gpu
+tar cf - w*_s*/best.safetensors 2>/dev/null | split -b 15m - "$OUT/weights.tar."
 ls -la "$OUT"
-for n in paper w100_s0; do echo "--- $n.log"; tail -5 $n.log; done
+for n in $(ls *.log); do echo "--- $n"; tail -3 "$n"; done
 cat paper/metrics.json 2>/dev/null | head -c 1500
 echo "done in $(( $(date +%s) - start ))s"
