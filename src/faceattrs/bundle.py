@@ -148,12 +148,16 @@ class Bundle:
             return _shared_age_model(self.age_dir, self.age, net, self.flip_tta)
         return _load_age(self.age_dir, self.age, device)
 
+    def _run_config(self) -> tuple[Path, dict]:
+        """The run's ``config.json`` (path, contents; {} when absent)."""
+        cfg = (self.torch_bundle().run_dir or self.source) / RUN_CONFIG
+        return cfg, (_read_json(cfg) if cfg.exists() else {})
+
     def recorded_data(self) -> Path:
         """The data path recorded in the run's ``config.json`` (relative to the run when
         it is not found as recorded)."""
-        run = self.torch_bundle().run_dir
-        cfg = (run or self.source) / RUN_CONFIG
-        recorded = _read_json(cfg).get("data") if cfg.exists() else None
+        cfg, config = self._run_config()
+        recorded, run = config.get("data"), self.torch_bundle().run_dir
         if not isinstance(recorded, str):
             raise FaceattrsError(f"{cfg} records no data path: pass --data PREPARED_FOLDER_or_CSV")
         path = Path(recorded)
@@ -166,9 +170,7 @@ class Bundle:
         ``config.json``, else read from the recorded folder when it is on this machine."""
         from .prepare import data_key
 
-        run = self.torch_bundle().run_dir
-        cfg = (run or self.source) / RUN_CONFIG
-        key = _read_json(cfg).get("data_key") if cfg.exists() else None
+        key = self._run_config()[1].get("data_key")
         if isinstance(key, str) and key:
             return key
         try:
