@@ -427,3 +427,28 @@ def test_teacher_targets_are_kept_for_a_resume(tmp_path, monkeypatch):
     )
     assert not T._teacher_targets_cached(tmp_path / "student", cfg, images)[2]
     assert len(calls) == 3
+
+
+def test_age_bin_loss_adds_the_bins_cross_entropy(tmp_path):
+    """age_bin: + weight x -log(the year probabilities summed over the true age bin)."""
+    cfg = tiny_cfg(age_head=True, age_l1=0.0, age_smoothing=0.0, age_bin=0.5)
+    edges = [18.0, 30.0]  # bins 0-17, 18-29, 30+
+    logits = torch.randn(3, T.AGE_YEARS)
+    out = {"gender": torch.zeros(3, 2), "ethnicity": torch.zeros(3, 5), "age": logits}
+    batch = {"gender": torch.tensor([0, 1, 0]), "ethnicity": torch.tensor([0, 1, 2]),
+             "age": torch.tensor([5, 18, 70])}  # fmt: skip
+    _, parts = T.with_age_head(T.multitask_loss(cfg), cfg, edges)(out, batch)
+    p = logits.softmax(1)
+    bins = [p[0, :18].sum(), p[1, 18:30].sum(), p[2, 30:].sum()]
+    want = (
+        torch.nn.functional.cross_entropy(logits, batch["age"])
+        - 0.5 * torch.log(torch.stack(bins)).mean()
+    )
+    assert parts["age"].item() == pytest.approx(want.item(), rel=1e-5)
+    with pytest.raises(T.FaceattrsError, match="edges"):
+        T.with_age_head(T.multitask_loss(cfg), cfg)
+    with pytest.raises(cfgmod.ConfigError, match="age_head"):
+        T.resolve_config("cpu", ["age_bin=0.5"])
+    # a short run with it trains and records its setting
+    T.fit(synthetic_faceset(60), tmp_path / "run", tiny_cfg(epochs=1, age_head=True, age_bin=0.5))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["age_bin"] == 0.5

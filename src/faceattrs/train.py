@@ -109,6 +109,8 @@ class TrainConfig:
     age_weight: float = 1.0  # its loss: weight x (CE with smoothing + l1 x |E[age] - age|)
     age_smoothing: float = 0.1
     age_l1: float = 0.1
+    age_bin: float = 0.0  # [ours] + this x the age head's cross-entropy over the six
+    # training-age bins (its year probabilities summed per bin); 0 = off
     limit: int = 0  # use at most this many faces per split (0 = all; smoke tests)
     max_batches: int = 0  # stop each epoch after this many batches (0 = full; smoke tests)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # override as augment.KEY
@@ -119,8 +121,10 @@ class TrainConfig:
             c(self, key, 1)
         for key in ("threads", "limit", "max_batches", "warmup_epochs", "min_lr", "min_delta"):
             c(self, key, 0)
-        for key in ("weight_decay", "gender_weight", "ethnicity_weight"):
+        for key in ("weight_decay", "gender_weight", "ethnicity_weight", "age_bin"):
             c(self, key, 0)
+        if self.age_bin > 0 and not self.age_head:
+            raise cfgmod.ConfigError("setting 'age_bin' needs age_head=true")
         c(self, "lr", 0, low_open=True)
         c(self, "width", 0, 16, low_open=True)
         c(self, "distill_temperature", 0, low_open=True)
@@ -220,17 +224,32 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
     return ModelConfig(width=cfg.width, dropout=cfg.dropout, heads=heads)
 
 
-def with_age_head(loss_fn, cfg: TrainConfig):
+def with_age_head(loss_fn, cfg: TrainConfig, edges=None):
     """``loss_fn`` plus ``cfg.age_weight`` x (cross-entropy over the years, smoothed by
-    ``cfg.age_smoothing``, + ``cfg.age_l1`` x the L1 error of the expected age), with
-    ``"age"`` among the returned parts."""
+    ``cfg.age_smoothing``, + ``cfg.age_l1`` x the L1 error of the expected age, +
+    ``cfg.age_bin`` x the cross-entropy over the age bins of inner ``edges``: minus the log
+    of the year probabilities summed over the true bin), with ``"age"`` among the parts."""
     from .age.direct import expected_age
+
+    year_bin = None
+    if cfg.age_bin > 0:
+        if edges is None:
+            raise FaceattrsError("age_bin needs the age bins' edges")
+        year_bin = torch.searchsorted(
+            torch.as_tensor(edges, dtype=torch.float32), torch.arange(AGE_YEARS).float(),
+            right=True,
+        )  # fmt: skip
 
     def fn(outputs, batch):
         loss, parts = loss_fn(outputs, batch)
         logits, age = outputs[AGE_HEAD], batch[AGE_HEAD]
         ce = F.cross_entropy(logits, age, label_smoothing=cfg.age_smoothing)
         age_loss = ce + cfg.age_l1 * (expected_age(logits) - age.float()).abs().mean()
+        if year_bin is not None:
+            yb = year_bin.to(logits.device)
+            in_bin = yb[None, :] == yb[age][:, None]  # the years of each face's true bin
+            logp = F.log_softmax(logits.float(), dim=1).masked_fill(~in_bin, float("-inf"))
+            age_loss = age_loss - cfg.age_bin * torch.logsumexp(logp, dim=1).mean()
         return loss + cfg.age_weight * age_loss, {**parts, AGE_HEAD: age_loss}
 
     return fn
@@ -623,8 +642,12 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
     )
     stopper = EarlyStopping("val_score", "max", cfg.patience, cfg.min_delta)
     loss_fn = multitask_loss(cfg)
-    if cfg.age_head:
-        loss_fn = with_age_head(loss_fn, cfg)
+    age_edges = None
+    if cfg.age_head:  # the bins calibrate gives the age head: training-age sextiles
+        from .age.bins import quantile_edges
+
+        age_edges = [float(e) for e in quantile_edges(train[AGE_HEAD].cpu().numpy(), 6)]
+        loss_fn = with_age_head(loss_fn, cfg, age_edges)
     ema = make_ema(model, cfg.ema)
     served = ema.module if ema is not None else model  # evaluated, saved as best/last
 
@@ -659,12 +682,6 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
 
     def prepare(batch):
         return augmenter(batch["image"], batch["ethnicity"])
-
-    age_edges = None
-    if cfg.age_head:
-        from .age.bins import quantile_edges
-
-        age_edges = [float(e) for e in quantile_edges(train[AGE_HEAD].cpu().numpy(), 6)]
 
     t0 = time.perf_counter()
     evals: dict[int, dict] = {}  # this session's validation results, by epoch
