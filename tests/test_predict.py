@@ -413,7 +413,7 @@ def test_cli_photo_workers_auto(run_dir, image_files, tmp_path, monkeypatch, cap
             super().__init__(*a, **kw)
 
     monkeypatch.setattr(pf, "FaceAnalyzer", Spy)
-    monkeypatch.setattr(pf, "cpu_cores", lambda: 2)
+    monkeypatch.setattr(predict_mod, "cpu_cores", lambda: 2)
     files = [str(f) for f in image_files if isinstance(f, str | Path)]
     outs = []
     for n in (len(files), len(files) - 1):
@@ -421,7 +421,7 @@ def test_cli_photo_workers_auto(run_dir, image_files, tmp_path, monkeypatch, cap
         outs.append(tmp_path / f"r{n}.jsonl")
         args = ["predict", *files, "--model", str(run_dir), "--no-detect", "--out", str(outs[-1])]
         assert main(args) == 1  # bad.jpg
-    monkeypatch.setattr(pf, "cpu_cores", lambda: 1)
+    monkeypatch.setattr(predict_mod, "cpu_cores", lambda: 1)
     assert main([*args[:-1], str(tmp_path / "one.jsonl")]) == 1
     assert chosen == ["processes", "processes", "threads"]
     monkeypatch.setattr(predict_mod, "PROCESSES_FROM", len(files) + 1)

@@ -86,6 +86,11 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def photo_worker_count() -> int:
+    """Threads (or processes) decoding and detecting photos: two, or one on one core."""
+    return min(2, cpu_cores())
+
+
 def photo_processes(paths: int, workers: int) -> bool:
     """The "auto" rule of ``photo_workers``: processes for a run of ``paths`` photo paths
     with ``workers`` photo workers (two on a CPU with two or more cores)."""
@@ -193,7 +198,7 @@ class FaceAnalyzer:
                                       or value < 1):  # fmt: skip
                 raise FaceattrsError(f"{name} must be a whole number of at least 1, got {value!r}")
         self.streams, threads = model_streams(device, threads, streams)
-        self.workers = min(2, cpu_cores())  # threads (or processes) decoding and detecting
+        self.workers = photo_worker_count()
         self.photo_workers = photo_workers
         self._pool: ThreadPoolExecutor | None = None  # kept: each thread keeps its cascades
         self._procs: ProcessPoolExecutor | None = None  # photo worker processes
@@ -306,7 +311,7 @@ class FaceAnalyzer:
         )
 
         def submit(index: int, src):
-            if use and self.photo_workers != "threads" and isinstance(src, str | os.PathLike):
+            if use and isinstance(src, str | os.PathLike):  # the pool is None after a failure
                 try:
                     if self._process_pool() is not None:
                         return self._submit_to_processes(photomod.prepare, index, src, *args)

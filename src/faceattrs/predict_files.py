@@ -30,7 +30,7 @@ import numpy as np
 from .exceptions import FaceattrsError
 from .io import atomic_path, clean_stale_temps, write_with
 from .photo import PhotoConfig
-from .predict import FaceAnalyzer, cpu_cores, photo_processes
+from .predict import FaceAnalyzer, photo_processes, photo_worker_count
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,7 @@ def predict_files(
     stems = output_stems(files)
     check_outputs(files, stems, annotate_dir, explain_dir)
     if photo_workers == "auto":  # decided here, so that the workers start while the models load
-        many = photo_processes(len(files), min(2, cpu_cores()))
+        many = photo_processes(len(files), photo_worker_count())
         photo_workers = "processes" if many else "threads"
     analyzer = FaceAnalyzer(model, photo=photo, photo_workers=photo_workers, **analyzer_options)
     explainer = Explainer(analyzer.models) if explain_dir else None

@@ -235,10 +235,9 @@ def with_age_head(loss_fn, cfg: TrainConfig, edges=None):
     if cfg.age_bin > 0:
         if edges is None:
             raise FaceattrsError("age_bin needs the age bins' edges")
-        year_bin = torch.searchsorted(
-            torch.as_tensor(edges, dtype=torch.float32), torch.arange(AGE_YEARS).float(),
-            right=True,
-        )  # fmt: skip
+        from .age.bins import assign_bins
+
+        year_bin = torch.from_numpy(assign_bins(np.arange(AGE_YEARS), edges))
 
     def fn(outputs, batch):
         loss, parts = loss_fn(outputs, batch)
