@@ -121,3 +121,41 @@ def test_copied_age_run_uses_its_relative_multitask_run_or_fails(run, tmp_path, 
     assert b.run_dir == both.resolve() and b.checkpoint == both.resolve() / "best.json"
     recs = FaceAnalyzer(both / "age").analyze(str(face), detect=False)
     assert recs[0]["age"] is not None
+
+
+def test_damaged_weights_with_a_fitted_calibration_are_one_line(run, tmp_path, face, capsys):
+    """The calibration's weights check must not warn about "other weights" first."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    cal = {"temperatures": {"gender": 2.0}, "weights_sha256": B.weights_id(copy)}
+    (copy / "calibration.json").write_text(json.dumps(cal))
+    data = (copy / "best.safetensors").read_bytes()
+    (copy / "best.safetensors").write_bytes(data[: len(data) // 2])
+    err = _cli_error(capsys, ["predict", str(face), "--model", str(copy), "--no-detect"])
+    assert "best.safetensors: not a readable safetensors file" in err
+
+
+@pytest.mark.parametrize("t", [-1.0, 0.0, float("nan"), float("inf")])
+def test_temperatures_must_be_positive_numbers(run, tmp_path, face, capsys, t):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "calibration.json").write_text(json.dumps({"temperatures": {"gender": t}}))
+    with pytest.raises(FaceattrsError, match="temperatures must be positive numbers"):
+        B.resolve(copy)
+    err = _cli_error(capsys, ["predict", str(face), "--model", str(copy), "--no-detect"])
+    assert "calibration.json is not a calibration file" in err
+
+
+@pytest.mark.parametrize(
+    "change", [{"edges": [30, 17]}, {"clip": [100, 1]}, {"edges": []}, {"clip": "x"}]
+)
+def test_age_settings_out_of_order_are_one_line(run, tmp_path, face, capsys, change):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    meta = json.loads((copy / "age" / "age.json").read_text())
+    (copy / "age" / "age.json").write_text(json.dumps({**meta, **change}))
+    with pytest.raises(CheckpointError, match="age"):
+        B.resolve(copy)
+    assert "age.json" in _cli_error(
+        capsys, ["predict", str(face), "--model", str(copy), "--no-detect"]
+    )

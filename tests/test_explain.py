@@ -108,7 +108,7 @@ def test_photo_path_through_the_photo_stage_api(run, tmp_path, monkeypatch):
     """The photo stage's contract (load_image, extract_faces -> .box, .crop), faked here."""
     crops = synthetic_faceset(2).images
     fake = types.ModuleType("faceattrs.photo")
-    fake.load_image = lambda path: np.full((120, 160, 3), 128, np.uint8)
+    fake.load_image = lambda path, max_pixels=None: np.full((120, 160, 3), 128, np.uint8)
     fake.extract_faces = lambda image: [
         FakeFace((10, 20, 40, 40), crops[0]),
         FakeFace((90, 30, 50, 50), crops[1]),

@@ -127,3 +127,47 @@ def test_export_errors(tmp_path, export_dir):
     (tmp_path / "broken" / MANIFEST).write_text("{")
     with pytest.raises(CheckpointError, match="unreadable ONNX manifest"):
         OnnxModels(tmp_path / "broken")
+
+
+def test_export_replaces_a_former_export_whole_and_never_a_run(tmp_path, run_dir, monkeypatch):
+    import faceattrs.export as E
+
+    out = tmp_path / "onnx"
+    export_onnx(run_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*a, **k):
+        raise Killed
+
+    # killed after the new graphs and manifest are written, before the swap: the old
+    # export stays whole and no staging folder is left
+    monkeypatch.setattr(E, "agreement", killed)
+    with pytest.raises(Killed):
+        export_onnx(run_dir, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
+    monkeypatch.undo()
+    # a staging folder of a killed process is removed by the next export
+    (tmp_path / ".onnx.999999999.tmpabcdefgh").mkdir()
+    export_onnx(run_dir, out, opset=18)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
+    assert json.loads((out / MANIFEST).read_text())["opset"] == 18
+    # a run folder (or any folder with other files) is never replaced by an export
+    with pytest.raises(FaceattrsError, match="holds other files than a former export"):
+        export_onnx(run_dir, run_dir)
+    assert (run_dir / "best.safetensors").exists()
+    with pytest.raises(FaceattrsError, match="--opset must be in"):
+        export_onnx(run_dir, tmp_path / "x", opset=9)
+
+
+def test_damaged_graph_is_one_clear_error(tmp_path, export_dir):
+    import shutil
+
+    copy = tmp_path / "onnx"
+    shutil.copytree(export_dir, copy)
+    (copy / "multitask.onnx").write_bytes((export_dir / "multitask.onnx").read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="not a loadable ONNX graph"):
+        OnnxModels(copy)

@@ -631,3 +631,87 @@ def test_a_changed_prepared_file_is_refused_and_prepared_again(tmp_path):
         load_prepared(out)
     prepare(data, out)  # no cache hit: the hash does not match
     assert faces_equal(load_prepared(out), good)
+
+
+def exactly_one_line(capsys, argv, words: str) -> str:
+    """Exit 2 and exactly one line on stderr (no warning before it), naming ``words``."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert words in err and err.startswith(f"faceattrs {argv[0]}: error: "), err
+    return err
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--annotate", ""], "--annotate needs a folder name"),
+        (["--backend", "onnx", "--dtype", "bf16"], "the onnx backend runs on the CPU in fp32"),
+        (["--photo-set", "target_nose=nan,nan"], "target_nose must be two numbers"),
+        (["--photo-set", "target_nose=inf,0"], "target_nose must be two numbers"),
+        (["--photo-set", "rotations=400"], "rotations must be angles"),
+        (["--photo-set", "tight_pad=1e9"], "'tight_pad' must be in [0, 4]"),
+        (["--photo-set", "margin_scale=inf"], "'margin_scale' must be in (0, 10]"),
+        (["--photo-set", "cascade=../../x.xml"], "must be a file name ending .xml"),
+        (["--photo-set", "cascade=nope.xml"], "no cascade 'nope.xml' in"),
+        (["--photo-set", "max_pixels=-1"], "with --max-pixels, not --photo-set"),
+    ],
+)
+def test_predict_bad_settings_are_exactly_one_line(tmp_path, tiny_run, capsys, extra, words):
+    face_png(tmp_path / "a.png")
+    argv = ["predict", str(tmp_path / "a.png"), "--model", str(tiny_run), *extra]
+    exactly_one_line(capsys, argv, words)
+
+
+def test_predict_empty_folder_is_one_line_and_twice_named_files_are_read_once(
+    tmp_path, tiny_run, capsys
+):
+    (tmp_path / "empty").mkdir()
+    exactly_one_line(
+        capsys, ["predict", str(tmp_path / "empty"), "--model", str(tiny_run)], "no image files"
+    )
+    d = tmp_path / "in"
+    face_png(d / "a" / "x.png")
+    face_png(d / "y.png", 1)
+    out = tmp_path / "r.jsonl"
+    argv = ["predict", str(d), str(d / "a" / "x.png"), str(d / "*" / "x.png"), "--no-detect"]
+    assert main([*argv, "--model", str(tiny_run), "--out", str(out)]) == 0
+    files = [json.loads(line)["file"] for line in out.read_text().splitlines()]
+    assert sorted(files) == sorted({str(d / "a" / "x.png"), str(d / "y.png")})
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["explain", "--misclassified", "Other", "--device", "foo"], "'foo' is not a device"),
+        (["explain", "--misclassified", ",,"], "no ethnicity given"),
+        (["explain", "--misclassified", "Other", "--max-faces", "0"], "--max-faces must be"),
+        (["errors", "--k", "0"], "--k must be at least 1"),
+        (["errors", "--device", "foo"], "'foo' is not a device"),
+        (["calibrate", "--device", "foo"], "'foo' is not a device"),
+        (["export", "--out", "OUT", "--opset", "9"], "--opset must be in 10..23"),
+        (["export", "--out", "OUT", "--opset", "99"], "--opset must be in 10..23"),
+    ],
+)
+def test_stage_options_are_exactly_one_line(tmp_path, tiny_run, capsys, argv, words):
+    csv = csv_of(tmp_path / "f.csv", 40)
+    argv = [a.replace("OUT", str(tmp_path / "x")) for a in argv]
+    if argv[0] != "export":
+        argv += ["--data", str(csv)]
+    exactly_one_line(capsys, [*argv, "--model", str(tiny_run)], words)
+    assert not (tmp_path / "x").exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--max-upload-mb", "nan"], "--max-upload-mb must be a positive number"),
+        (["--max-upload-mb", "inf"], "--max-upload-mb must be a positive number"),
+        (["--device", "foo"], "'foo' is not a device"),
+        (["--photo-set", "target_nose=nan,nan"], "target_nose must be two numbers"),
+        (["--photo-set", "tight_pad=1e9"], "'tight_pad' must be in [0, 4]"),
+    ],
+)
+def test_serve_options_are_exactly_one_line(tiny_run, capsys, argv, words):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    exactly_one_line(capsys, ["serve", "--model", str(tiny_run), "--port", "0", *argv], words)

@@ -162,7 +162,13 @@ class OnnxBackend:
             path = self.dir / m["graphs"][key]
             if not path.exists():
                 raise CheckpointError(f"ONNX graph missing: {path}")
-            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            try:
+                return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            except Exception as e:  # onnxruntime's own error types (bad protobuf, no graph)
+                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CheckpointError(
+                    f"{path}: not a loadable ONNX graph ({why}); export it again"
+                ) from None
 
         self.class_names = {h: list(v) for h, v in self.bundle.heads.items()}
         self.temperatures = dict(self.bundle.temperatures)

@@ -42,7 +42,7 @@ from .age.bundle import AGE_JSON, AgeModel
 from .age.bundle import FORMAT as AGE_FORMAT
 from .age.direct import HEAD as AGE_HEAD
 from .age.regress import BinRegressors
-from .checkpoint import CheckpointError, load_model, load_weights, read_meta
+from .checkpoint import CheckpointError, check_weights, load_model, load_weights, read_meta
 from .exceptions import FaceattrsError
 from .model import FaceResNet
 from .postprocess import AGE_POINTS
@@ -254,6 +254,9 @@ def read_calibration(run_dir: str | Path) -> tuple[dict[str, float], bool]:
     try:
         saved = json.loads(path.read_text())
         temps = {str(k): float(v) for k, v in saved["temperatures"].items()}
+        bad = {k: v for k, v in temps.items() if not 0 < v < float("inf")}  # NaN too
+        if bad:
+            raise ValueError(f"temperatures must be positive numbers, got {bad}")
         flip = saved.get("flip_tta", False)
         if not isinstance(flip, bool):
             raise ValueError(f"flip_tta must be true or false, got {flip!r}")
@@ -261,7 +264,10 @@ def read_calibration(run_dir: str | Path) -> tuple[dict[str, float], bool]:
         raise FaceattrsError(
             f"{path} is not a calibration file ({e}); delete it or rerun `faceattrs calibrate`"
         ) from None
-    if saved.get("weights_sha256") not in (None, weights_id(run_dir)):
+    fitted = saved.get("weights_sha256")
+    if fitted is not None and (Path(run_dir) / f"{BEST}.safetensors").exists():
+        check_weights(Path(run_dir) / f"{BEST}.safetensors")  # damaged weights: that error
+    if fitted not in (None, weights_id(run_dir)):
         log.warning(
             "%s was fitted for other weights (retrained?): ignored; rerun `faceattrs calibrate`",
             path,
@@ -367,8 +373,18 @@ def _read_json(path: Path) -> dict:
 
 def _read_age_json(age_dir: Path) -> dict:
     meta = read_meta(age_dir / AGE_JSON)
+    where = age_dir / AGE_JSON
     if meta.get("format") != AGE_FORMAT:
-        raise CheckpointError(f"{age_dir / AGE_JSON}: not an age model ({meta.get('format')!r})")
+        raise CheckpointError(f"{where}: not an age model ({meta.get('format')!r})")
+    try:
+        edges = [float(e) for e in meta["edges"]]
+        lo, hi = (float(c) for c in meta["clip"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: bad or missing age edges / clip ({e!r})") from None
+    if not edges or any(np.diff(edges) <= 0) or not lo < hi:
+        raise CheckpointError(
+            f"{where}: age edges must increase and clip be (low, high), got {edges} / {[lo, hi]}"
+        )
     return meta
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import config as cfgmod
@@ -80,11 +81,20 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors (on the CPU); a missing, truncated or foreign file is a
     :class:`CheckpointError` naming it."""
+    return _read_weights(path, lambda p: load_file(p, device="cpu"))
+
+
+def check_weights(path: str | Path) -> None:
+    """The same errors as :func:`load_weights`, from the file's header alone (cheap)."""
+    _read_weights(path, lambda p: safe_open(p, framework="pt").keys())
+
+
+def _read_weights(path: str | Path, read):
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"weights missing: {path}")
     try:
-        return load_file(str(path), device="cpu")
+        return read(str(path))
     except Exception as e:  # safetensors raises its own error type for every bad file
         raise CheckpointError(
             f"{path}: not a readable safetensors file ({e}); it may be truncated or damaged: "

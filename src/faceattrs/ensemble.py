@@ -23,7 +23,7 @@ import torch
 from .bundle import RUN_CONFIG, resolve, weights_id
 from .checkpoint import save_checkpoint
 from .exceptions import FaceattrsError
-from .io import write_json_atomic
+from .io import atomic_folder, write_json_atomic
 from .model import FaceEnsemble
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,11 @@ def build_ensemble(runs: list, out: str | Path, fp16: bool = False) -> Path:
             + "; ".join(f"{b.path}: {s}" for b, s in zip(bundles, same, strict=True))
         )
     here = [d for d in data if d and Path(d).exists()]  # a path of this machine, if any
-    out.mkdir(parents=True, exist_ok=True)
     config = {"data": (here or data)[0], "data_key": keys[0], "ensemble_of": members}
-    write_json_atomic(out / RUN_CONFIG, config)
     extra = {k: first.meta[k] for k in SAME if k in first.meta}
     dtype = torch.float16 if fp16 else None
-    path = save_checkpoint(out, "best", model, {**extra, "members": members}, dtype=dtype)
+    with atomic_folder(out) as stage:  # a kill leaves no folder, never a half-written one
+        write_json_atomic(stage / RUN_CONFIG, config)
+        save_checkpoint(stage, "best", model, {**extra, "members": members}, dtype=dtype)
     log.info("ensemble of %d runs -> %s; next: faceattrs calibrate --model %s", len(nets), out, out)
-    return path
+    return out / "best.json"

@@ -41,7 +41,14 @@ MIN_GROUP = 20  # groups smaller than this are shown but left out of the fairnes
 
 
 def resolve_device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """``device`` checked (one-line ConfigError for a bad or absent one); None or
+    ``auto``: cuda when available, else cpu."""
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    from .devices import check_device
+
+    check_device(device)
+    return device
 
 
 def default_out(model_dir: str | Path | None, stage: str, split: str = "test") -> Path:

@@ -202,7 +202,11 @@ def _detector(face) -> dict:
 
 
 def explain_photo(
-    model_dir: str | Path, photo: str | Path, out_dir: str | Path, device: str = "cpu"
+    model_dir: str | Path,
+    photo: str | Path,
+    out_dir: str | Path,
+    device: str = "cpu",
+    max_pixels: int | None = None,
 ) -> dict:
     """Find the faces in an ordinary photo, crop them as the model expects and explain them.
 
@@ -214,7 +218,7 @@ def explain_photo(
     from .plots import evaluate as plots
 
     photo, out_dir = Path(photo), Path(out_dir)
-    image = load_image(photo)
+    image = load_image(photo, max_pixels)  # None: the default limit
     found = extract_faces(image)
     if not found:
         raise FaceattrsError(f"no face found in {photo}")
@@ -258,6 +262,8 @@ def parse_classes(text: str | list[str]) -> list[str]:
                 f"unknown ethnicity {item!r}; use some of {', '.join(ETHNICITIES)}"
             )
         out.append(lookup[item.lower()])
+    if not out:
+        raise FaceattrsError(f"no ethnicity given; use some of {', '.join(ETHNICITIES)}")
     return out
 
 
@@ -311,7 +317,7 @@ def explain_misclassified(
         (np.isin(sub.ethnicity, ids) & (probs.argmax(1) != sub.ethnicity)).sum()
     )
     if len(pick) == 0:
-        log.warning("no misclassified %s faces of %s in %s", split, classes, model_dir)
+        log.warning("no misclassified faces of %s in split %r (%s)", classes, split, bundle.path)
         write_json_atomic(out_dir / f"{tag}.json", result)
         return result
     shown = sub.take(pick)

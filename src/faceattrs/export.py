@@ -18,6 +18,7 @@ Command: ``faceattrs export --model runs/cpu --out runs/cpu/onnx``, then
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import warnings
@@ -35,12 +36,13 @@ from .bundle import ONNX_MANIFEST as MANIFEST
 from .bundle import Bundle, resolve
 from .exceptions import FaceattrsError
 from .inputs import IMAGE_SIZE, NORMALISATION, normalise
-from .io import write_json_atomic, write_with
+from .io import atomic_folder, write_json_atomic, write_with
 from .postprocess import softmax
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
+MIN_OPSET, MAX_OPSET = 10, 23  # measured with torch 2.13: 9 lacks strided slices (the shortcuts)
 
 
 class _Multitask(nn.Module):
@@ -128,10 +130,40 @@ def export_onnx(
     bundle = resolve(model)
     if bundle.kind == "onnx":
         raise FaceattrsError(f"{bundle.path} is already an ONNX export; pass the run folder")
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise FaceattrsError(f"--opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opset}")
+    out = Path(out_dir)
+    _check_out(out)
     tm = TorchBackend(bundle)
+    with atomic_folder(out) as stage:  # the old export or the new one, never a mix
+        graphs = _export_all(tm, stage, opset, check_faces)
+    log.info("exported %s -> %s (%s)", bundle.path, out, ", ".join(graphs.values()))
+    return out / MANIFEST
+
+
+def _check_out(out: Path) -> None:
+    """``out`` new, empty, or a former export holding only its own files (it is replaced
+    whole, so nothing else may be lost with it)."""
+    if out.exists() and not out.is_dir():
+        raise FaceattrsError(f"--out {out} is a file; give a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    own = {MANIFEST}
+    if (out / MANIFEST).is_file():
+        try:
+            own |= set(json.loads((out / MANIFEST).read_text()).get("graphs", {}).values())
+        except (OSError, ValueError, AttributeError):
+            pass
+    other = sorted(p.name for p in out.iterdir() if p.name not in own)
+    if other:
+        raise FaceattrsError(
+            f"--out {out} holds other files than a former export ({', '.join(other[:3])}"
+            f"{', ...' if len(other) > 3 else ''}); choose a new or empty folder"
+        )
+
+
+def _export_all(tm, out_dir: Path, opset: int, check_faces) -> dict[str, str]:
     heads = list(tm.class_names) + ([DIRECT_HEAD] if tm.shared_age else [])
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     graphs = {"multitask": "multitask.onnx"}
     _export_graph(_Multitask(tm.model, heads), out_dir / graphs["multitask"], heads, opset)
     age_meta = None
@@ -193,9 +225,8 @@ def export_onnx(
     write_json_atomic(out_dir / MANIFEST, manifest)
     worst = max(v for k, v in diffs.items() if k.endswith("probabilities"))
     if worst > 1e-3:
-        log.warning("onnxruntime and PyTorch differ by up to %.2g (check %s)", worst, out_dir)
-    log.info("exported %s -> %s (%s)", bundle.path, out_dir, ", ".join(graphs.values()))
-    return out_dir / MANIFEST
+        log.warning("onnxruntime and PyTorch differ by up to %.2g", worst)
+    return graphs
 
 
 def agreement(a, b, faces: np.ndarray) -> dict[str, float]:

@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -64,6 +66,68 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
     """Call ``writer(tmp_path)`` and rename the result onto ``path``."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    ok = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    return ok
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike):
+    """Yield an empty staging folder next to ``path``; on success it takes ``path``'s place
+    in one step (a folder already there is swapped out and removed), so a reader, or a run
+    killed at any instant, sees the old folder or the new one, never a mix. On failure the
+    staging folder is removed. Staging folders of killed writers are removed first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_folders(path)
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.tmp", dir=path.parent))
+    try:
+        yield stage
+        os.chmod(stage, 0o777 & ~_UMASK)  # mkdtemp makes 0700
+        if not path.exists():
+            os.rename(stage, path)
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+            os.rename(stage, path)
+        elif path.is_dir() and _exchange(stage, path):
+            shutil.rmtree(stage, ignore_errors=True)  # now holds the old folder
+        elif path.is_dir():  # no atomic swap here: the old folder is moved aside first
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.tmp", dir=path.parent))
+            os.rename(path, old / "old")
+            os.rename(stage, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            raise FileExistsError(f"{path} exists and is not a folder")
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _clean_stale_folders(path: Path) -> None:
+    prefix = f".{path.name}."
+    try:
+        entries = [e for e in os.scandir(path.parent) if e.name.startswith(prefix)]
+    except OSError:
+        return
+    for e in entries:
+        m = re.fullmatch(r"(\d+)\.tmp[a-z0-9_]{8}", e.name[len(prefix) :])
+        if m and e.is_dir(follow_symlinks=False) and not _pid_alive(int(m[1])):
+            shutil.rmtree(e.path, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:

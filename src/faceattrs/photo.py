@@ -109,14 +109,26 @@ class PhotoConfig:
         if self.detector not in ("dlib", "haar"):
             raise PhotoError(f"unknown detector {self.detector!r}: choose dlib or haar")
         for key in ("target_right_eye", "target_left_eye", "target_nose"):
-            if len(getattr(self, key)) != 2:
-                raise PhotoError(f"{key} must be two numbers x,y, got {getattr(self, key)}")
+            v = getattr(self, key)
+            if len(v) != 2 or not all(0.0 <= x <= 1.0 for x in v):  # NaN fails too
+                raise PhotoError(
+                    f"{key} must be two numbers x,y in [0, 1] (shares of the crop), got {v}"
+                )
+        if not all(-180.0 <= a <= 180.0 for a in self.rotations):
+            raise PhotoError(f"rotations must be angles in [-180, 180], got {self.rotations}")
 
     def classifier(self, name: str) -> cv2.CascadeClassifier:
         """The cascade ``name``, loaded once per thread (a cascade is not thread-safe)."""
         cache = _CASCADES.__dict__
         if name not in cache:
-            path = os.path.join(cv2.data.haarcascades, name)
+            folder = cv2.data.haarcascades
+            path = os.path.join(folder, name)
+            if os.path.basename(name) != name or not name.endswith(".xml"):
+                raise PhotoError(f"cascade {name!r} must be a file name ending .xml in {folder}")
+            if os.path.isdir(folder) and not os.path.isfile(path):
+                known = sorted(f for f in os.listdir(folder) if f.endswith(".xml"))
+                if known:
+                    raise PhotoError(f"no cascade {name!r} in {folder}; known: {', '.join(known)}")
             clf = cv2.CascadeClassifier(path)
             if clf.empty():
                 raise PhotoError(

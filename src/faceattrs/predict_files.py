@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
-def expand_inputs(args: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
+def expand_inputs(
+    args: Iterable[str | os.PathLike], empty: list[str] | None = None
+) -> list[tuple[str, str]]:
     """Files, folders (recursively, image extensions only) and globs -> ``(path, name)``.
 
     ``name`` is the path relative to the folder it was found in (or the file name), used
@@ -46,6 +48,8 @@ def expand_inputs(args: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
 
     Broken or looping symbolic links with an image extension are kept (they become error
     records); symbolic links to folders are not followed (a link may loop), with a warning.
+    A file reached twice (named and inside a named folder, say) is kept once, where first
+    reached. Folders without images are appended to ``empty`` when given, else warned of.
     """
     out: list[tuple[str, str]] = []
     for arg in args:
@@ -58,15 +62,29 @@ def expand_inputs(args: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
                     "include them", path, len(linked),
                     ", ".join(str(d.relative_to(path)) for d in linked[:3]),
                 )  # fmt: skip
-            if not found:
-                log.warning("%s: no image files (%s) in it", path, " ".join(IMAGE_EXTENSIONS))
+            if not found and empty is not None:
+                empty.append(str(path))
+            elif not found:
+                log.warning(no_images(path))
             out += [(str(p), str(p.relative_to(path))) for p in found]
         elif path.exists() or not glob.has_magic(str(arg)):
             out.append((str(path), path.name))
         else:
             matches = sorted(m for m in glob.glob(str(arg), recursive=True) if Path(m).is_file())
             out += [(m, Path(m).name) for m in matches] or [(str(arg), path.name)]
-    return out
+    seen, unique = set(), []
+    for p, name in out:
+        key = os.path.realpath(p) if os.path.exists(p) else p
+        if key not in seen:
+            seen.add(key)
+            unique.append((p, name))
+    if len(unique) < len(out):
+        log.info("%d file(s) named twice: each is read once", len(out) - len(unique))
+    return unique
+
+
+def no_images(folder) -> str:
+    return f"{folder}: no image files ({' '.join(IMAGE_EXTENSIONS)}) in it"
 
 
 def _walk_images(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -332,9 +350,12 @@ def predict_files(
     """
     from tqdm import tqdm
 
-    files = expand_inputs(inputs)
+    empty: list[str] = []
+    files = expand_inputs(inputs, empty)
     if not files:
-        raise FaceattrsError("no input files")
+        raise FaceattrsError(no_images(empty[0]) if empty else "no input files")
+    for folder in empty:
+        log.warning(no_images(folder))
     check_out_file(out)
     stems = output_stems(files)
     check_outputs(files, stems, annotate_dir, explain_dir)

@@ -597,10 +597,10 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: 
         raise FaceattrsError(f"--workers must be at least 1, got {workers}")
     if not 0 <= port < 65536:
         raise FaceattrsError(f"--port must be in 0..65535, got {port}")
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s: reachable from other machines", host)
     cfg.check()
     check_port(host, port)
+    if host not in ("127.0.0.1", "localhost", "::1"):  # said once the address is known good
+        log.warning("listening on %s: reachable from other machines", host)
     shown = f"[{host}]" if ":" in host else host
     if workers == 1:
         app = create_app(cfg)

@@ -25,17 +25,15 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..errors import cluster_errors
     from ..evaluate import default_out, load_data, resolve_device
+    from ..exceptions import FaceattrsError
 
+    if args.k < 1:
+        raise FaceattrsError(f"--k must be at least 1, got {args.k}")
+    device = resolve_device(args.device)  # a bad device: one line, before any work
     faces = load_data(args.model, args.data, args.split)
     out = Path(args.out) if args.out else default_out(args.model, "errors", args.split)
     result = cluster_errors(
-        args.model,
-        faces,
-        out,
-        k=args.k,
-        seed=args.seed,
-        split=args.split,
-        device=resolve_device(args.device),
+        args.model, faces, out, k=args.k, seed=args.seed, split=args.split, device=device
     )
     for cl in result["clusters"]:
         print(f"cluster {cl['cluster']} (n={cl['size']}): {cl['description']}")

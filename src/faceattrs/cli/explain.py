@@ -27,16 +27,29 @@ def add_arguments(p) -> None:
         "--max-faces", type=int, default=16, help="faces in the misclassified grid (default 16)"
     )
     p.add_argument("--out", metavar="DIR", help="output folder (default RUN/explain)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="with --image: refuse larger photos (decompression-bomb guard; 0 = no limit)",
+    )
 
 
 def run(args) -> int:
     from ..evaluate import load_data, resolve_device
+    from ..exceptions import FaceattrsError
     from ..explain import explain_misclassified, explain_photo, parse_classes
 
     out = Path(args.out) if args.out else Path(args.model or ".") / "explain"
     device = resolve_device(args.device)
+    if args.max_faces < 1:
+        raise FaceattrsError(f"--max-faces must be at least 1, got {args.max_faces}")
+    if args.max_pixels is not None and args.max_pixels < 0:
+        raise FaceattrsError(
+            f"--max-pixels must be at least 0 (0 = no limit), got {args.max_pixels}"
+        )
     if args.image:
-        result = explain_photo(args.model, args.image, out, device=device)
+        result = explain_photo(args.model, args.image, out, device, args.max_pixels)
         for i, face in enumerate(result["faces"]):
             g, e = face["gender"], face["ethnicity"]
             print(

@@ -81,10 +81,18 @@ def check_options(args) -> None:
         raise cfgmod.ConfigError(
             f"--max-pixels must be at least 0 (0 = no limit), got {args.max_pixels}"
         )
+    for flag, value in (("--annotate", args.annotate), ("--explain", args.explain)):
+        if value is not None and not str(value).strip():
+            raise cfgmod.ConfigError(f"{flag} needs a folder name, got an empty one")
     if args.backend == "torch":
         from ..devices import check_device
 
         check_device(args.device)
+    elif args.device != "cpu" or args.dtype != "fp32":
+        raise cfgmod.ConfigError(
+            "--device and --dtype choose the torch backend's device and precision; "
+            "the onnx backend runs on the CPU in fp32"
+        )
 
 
 # --photo-set ranges: (low, high, low_open, high_open); None = unbounded. Only the fields
@@ -98,19 +106,27 @@ PHOTO_RANGES = {
     "overlap": (0, 1, False, False),
     "tight_max_side": (0, None, False, False),
     "tight_max_aspect": (1, None, False, False),
-    "tight_pad": (0, None, False, False),
+    "tight_pad": (0, 4, False, False),
     "tight_min_face": (0, 1, True, False),
-    "whole_pad": (0, None, False, False),
+    "whole_pad": (0, 4, False, False),
     "whole_min_face": (0, 1, False, False),
-    "margin_scale": (0, None, True, False),
+    "margin_scale": (0, 10, True, False),
     "max_pixels": (0, None, False, False),
     "hog_min_face": (1, None, False, False),
     "quick_side": (0, None, False, False),
-    "hog_pad": (0, None, False, False),
+    "hog_pad": (0, 4, False, False),
     "cnn_max_side": (0, None, False, False),
     "cnn_min_score": (0, 1, False, False),
     "relative_min_score": (0, 1, False, False),
+    "margin_shift_x": (-1, 1, False, False),
+    "margin_shift_y": (-1, 1, False, False),
 }
+
+
+def check_photo_overrides(overrides) -> None:
+    """``--photo-set`` must not carry what has its own option (it would be overwritten)."""
+    if "max_pixels" in overrides:
+        raise cfgmod.ConfigError("set the pixel limit with --max-pixels, not --photo-set")
 
 
 def check_photo_config(photo) -> None:
@@ -128,6 +144,7 @@ def run(args) -> int:
     from ..predict_files import predict_files
 
     check_options(args)
+    check_photo_overrides(cfgmod.parse_overrides(args.photo_set))
     photo = cfgmod.resolve(PhotoConfig, {}, None, args.photo_set)
     photo = cfgmod.replace(photo, {"max_pixels": args.max_pixels})
     check_photo_config(photo)

@@ -70,10 +70,17 @@ def run(args) -> int:
             f"serving needs FastAPI and uvicorn ({e.name} is missing): "
             "pip install 'faceattrs[serve]'"
         ) from None
+    from ..devices import check_device
+    from .predict import check_photo_config, check_photo_overrides
+
     photo = cfgmod.parse_overrides(args.photo_set)
-    cfgmod.replace(PhotoConfig(), photo)  # unknown keys: one line, exit 2
-    if args.max_upload_mb <= 0:
-        raise FaceattrsError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    check_photo_overrides(photo)
+    check_photo_config(cfgmod.replace(PhotoConfig(), photo))  # one line, exit 2
+    if not 0 < args.max_upload_mb < 1e6:  # NaN fails too
+        raise FaceattrsError(
+            f"--max-upload-mb must be a positive number of megabytes, got {args.max_upload_mb}"
+        )
+    check_device(args.device)
     cfg = ServeConfig(
         model=args.model,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
