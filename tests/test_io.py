@@ -35,3 +35,26 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path):
         io.write_with(target, boom)
     assert target.read_text().strip().startswith("{") and '"v": 1' in target.read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_write_errors_name_the_file_not_the_temporary_one(tmp_path, monkeypatch):
+    from faceattrs import io as fio
+
+    target = tmp_path / "r.json"
+
+    def refused(*a, **k):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".r.json.1.tmpabcdefgh.json"))
+
+    monkeypatch.setattr(fio.tempfile, "mkstemp", refused)
+    with pytest.raises(PermissionError) as e:
+        fio.write_json_atomic(target, {})
+    assert e.value.filename == str(target)
+    monkeypatch.undo()
+
+    def failing_writer(tmp):
+        raise OSError(28, "No space left on device", str(tmp))
+
+    with pytest.raises(OSError) as e:
+        fio.write_with(target, failing_writer)
+    assert e.value.filename == str(target) and e.value.errno == 28
+    assert list(tmp_path.iterdir()) == []
