@@ -710,8 +710,17 @@ def test_stage_options_are_exactly_one_line(tmp_path, tiny_run, capsys, argv, wo
         (["--device", "foo"], "'foo' is not a device"),
         (["--photo-set", "target_nose=nan,nan"], "target_nose must be two numbers"),
         (["--photo-set", "tight_pad=1e9"], "'tight_pad' must be in [0, 4]"),
+        (["--queue", "0"], "--queue must be at least 1"),
+        (["--max-pixels", "-1"], "--max-pixels must not be negative"),
     ],
 )
 def test_serve_options_are_exactly_one_line(tiny_run, capsys, argv, words):
     pytest.importorskip("fastapi", reason="the serve extra is not installed")
     exactly_one_line(capsys, ["serve", "--model", str(tiny_run), "--port", "0", *argv], words)
+
+
+def test_report_on_a_file_says_so(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    exactly_one_line(
+        capsys, ["report", "--run", str(tmp_path / "f")], "is a file, not a run folder"
+    )

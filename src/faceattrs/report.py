@@ -446,7 +446,8 @@ def build_report(run_dir: str | Path) -> Path:
     """Write ``RUN/report.html`` from every file found in the run folder; return its path."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FaceattrsError(f"run folder not found: {run_dir}")
+        what = "is a file, not a run folder" if run_dir.exists() else "run folder not found"
+        raise FaceattrsError(f"{run_dir}: {what}" if run_dir.exists() else f"{what}: {run_dir}")
     found = discover(run_dir)
     # fairness lives inside eval*/metrics.json: show its table in the Fairness section too
     found["Fairness"] += [p for p in found["Evaluation"] if p.name == "metrics.json"]

@@ -78,17 +78,19 @@ class ServeConfig:
     photo: dict = field(default_factory=dict)  # other PhotoConfig fields
 
     def check(self) -> None:
-        for name in (
-            "max_upload_bytes",
-            "max_images",
-            "queue_size",
-            "batch_images",
-            "batch_pixels",
+        """One line naming the command-line option (the setting's name for the API)."""
+        for name, flag in (
+            ("max_upload_bytes", "--max-upload-mb"),
+            ("max_images", "--max-images"),
+            ("queue_size", "--queue"),
+            ("batch_images", "--batch-images"),
+            ("batch_pixels", "batch_pixels"),
         ):
             if getattr(self, name) < 1:
-                raise FaceattrsError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_pixels < 0 or self.retry_after < 0:
-            raise FaceattrsError("max_pixels and retry_after must not be negative")
+                raise FaceattrsError(f"{flag} must be at least 1, got {getattr(self, name)}")
+        for name, flag in (("max_pixels", "--max-pixels"), ("retry_after", "retry_after")):
+            if getattr(self, name) < 0:
+                raise FaceattrsError(f"{flag} must not be negative, got {getattr(self, name)}")
 
 
 class ApiError(Exception):
