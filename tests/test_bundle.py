@@ -159,3 +159,21 @@ def test_age_settings_out_of_order_are_one_line(run, tmp_path, face, capsys, cha
     assert "age.json" in _cli_error(
         capsys, ["predict", str(face), "--model", str(copy), "--no-detect"]
     )
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"format": "faceattrs-checkpoint-99"}, "checkpoint format"),
+        ({"image_size": 64}, "64-pixel faces"),
+        ({"normalisation": {"mean": 0.5, "std": 0}}, "input normalisation"),
+    ],
+)
+def test_checkpoint_settings_this_code_cannot_honour_are_one_line(
+    run, tmp_path, face, capsys, change, words
+):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    meta = json.loads((copy / "best.json").read_text())
+    (copy / "best.json").write_text(json.dumps({**meta, **change}))
+    assert words in _cli_error(capsys, ["predict", str(face), "--model", str(copy), "--no-detect"])

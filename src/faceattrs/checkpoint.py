@@ -28,10 +28,33 @@ class CheckpointError(FaceattrsError):
     """A model folder or checkpoint that is missing or inconsistent."""
 
 
+FORMAT = "faceattrs-checkpoint-1"
+
+
+def check_meta(meta: dict[str, Any], where: Path) -> None:
+    """The settings this code cannot honour: another checkpoint format, input size or
+    normalisation (every checkpoint written so far carries these three)."""
+    fmt = meta.get("format", FORMAT)
+    if fmt != FORMAT:
+        raise CheckpointError(
+            f"{where}: checkpoint format {fmt!r}, but this faceattrs reads {FORMAT!r} "
+            "(written by another version?)"
+        )
+    if meta.get("image_size", IMAGE_SIZE) != IMAGE_SIZE:
+        raise CheckpointError(
+            f"{where}: made for {meta['image_size']}-pixel faces; faceattrs uses {IMAGE_SIZE}"
+        )
+    norm = meta.get("normalisation", NORMALISATION)
+    if not isinstance(norm, dict) or any(norm.get(k) != v for k, v in NORMALISATION.items()):
+        raise CheckpointError(
+            f"{where}: input normalisation {norm!r}, but faceattrs feeds {dict(NORMALISATION)}"
+        )
+
+
 def base_meta(model: FaceResNet) -> dict[str, Any]:
     """The settings every checkpoint of ``model`` carries."""
     return {
-        "format": "faceattrs-checkpoint-1",
+        "format": FORMAT,
         "model": cfgmod.to_dict(model.cfg),
         "image_size": IMAGE_SIZE,
         "normalisation": dict(NORMALISATION),
@@ -125,6 +148,7 @@ def load_model(path: str | Path, name: str = "best", device: str | torch.device 
     """
     meta_path = resolve_checkpoint(path, name)
     meta = read_meta(meta_path)
+    check_meta(meta, meta_path)
     weights = meta_path.with_suffix(".safetensors")
     if not weights.exists():
         raise CheckpointError(f"weights missing next to {meta_path}: {weights}")
