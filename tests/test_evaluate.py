@@ -153,7 +153,8 @@ def test_age_hook_is_called_when_the_run_has_an_age_model(evaluated, tmp_path, m
     (age_run / "age").mkdir()  # an empty folder is not an age model
     assert _evaluate_age(resolve(age_run), faces, "test", tmp_path / "out") is None and not calls
     # what `train-age` writes, in short
-    (age_run / "age" / "age.json").write_text(json.dumps({"format": "faceattrs-age-1"}))
+    short = {"format": "faceattrs-age-1", "edges": [16, 26, 29, 37, 53], "clip": [1, 116]}
+    (age_run / "age" / "age.json").write_text(json.dumps(short))
     m = evaluate_run(age_run, faces, "test", tmp_path / "out", n_grid=2)
     assert m["age"] == {"mae": 1.23} and calls[0][1:] == ("test", tmp_path / "out" / "age")
     assert calls[0][0] == age_run / "age"

@@ -120,11 +120,13 @@ def test_fit_temperature_recovers_a_planted_temperature():
 
 def test_load_temperatures_absent_saved_and_stale(tmp_path):
     assert B.read_temperatures(tmp_path) == {}
-    (tmp_path / "best.safetensors").write_bytes(b"weights v1")
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / "best.safetensors"))  # weights v1
     saved = {"temperatures": {"gender": 1.5}, "weights_sha256": B.weights_id(tmp_path)}
     (tmp_path / "calibration.json").write_text(json.dumps(saved))
     assert B.read_temperatures(tmp_path) == {"gender": 1.5}
-    (tmp_path / "best.safetensors").write_bytes(b"weights v2 (retrained)")
+    save_file({"w": np.ones(2, np.float32)}, str(tmp_path / "best.safetensors"))  # retrained
     assert B.read_temperatures(tmp_path) == {}
     probs = C.apply_temperatures({"gender": np.array([[0.0, 3.0]])}, {"gender": 1.5})
     np.testing.assert_allclose(probs["gender"], M.softmax(np.array([[0.0, 2.0]])))

@@ -264,10 +264,8 @@ def read_calibration(run_dir: str | Path) -> tuple[dict[str, float], bool]:
         raise FaceattrsError(
             f"{path} is not a calibration file ({e}); delete it or rerun `faceattrs calibrate`"
         ) from None
-    fitted = saved.get("weights_sha256")
-    if fitted is not None and (Path(run_dir) / f"{BEST}.safetensors").exists():
-        check_weights(Path(run_dir) / f"{BEST}.safetensors")  # damaged weights: that error
-    if fitted not in (None, weights_id(run_dir)):
+    if saved.get("weights_sha256") not in (None, weights_id(run_dir)):
+        check_weights(Path(run_dir) / f"{BEST}.safetensors")  # damaged, not retrained: say that
         log.warning(
             "%s was fitted for other weights (retrained?): ignored; rerun `faceattrs calibrate`",
             path,
