@@ -2,6 +2,7 @@
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,35 @@ def test_write_errors_name_the_file_not_the_temporary_one(tmp_path, monkeypatch)
         fio.write_with(target, failing_writer)
     assert e.value.filename == str(target) and e.value.errno == 28
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_atomic_folder_replaces_whole_or_keeps_the_old(tmp_path, monkeypatch, exchange):
+    from faceattrs import io as fio
+
+    if not exchange:  # the fallback of systems without an atomic swap
+        monkeypatch.setattr(fio, "_exchange", lambda a, b: False)
+    target = tmp_path / "out"
+    with fio.atomic_folder(target) as stage:
+        (stage / "a").write_text("1")
+    with pytest.raises(RuntimeError), fio.atomic_folder(target) as stage:
+        (stage / "b").write_text("2")
+        raise RuntimeError("killed mid-write")
+    assert [p.name for p in target.iterdir()] == ["a"]
+    if not exchange:  # the new folder cannot be moved in: the old one is put back
+        real = os.rename
+
+        def second_fails(src, dst):
+            if Path(dst) == target and Path(src).name.startswith(".out."):
+                raise OSError(5, "I/O error")
+            return real(src, dst)
+
+        monkeypatch.setattr(fio.os, "rename", second_fails)
+        with pytest.raises(OSError), fio.atomic_folder(target) as stage:
+            (stage / "c").write_text("3")
+        monkeypatch.setattr(fio.os, "rename", real)
+        assert [p.name for p in target.iterdir()] == ["a"]
+    with fio.atomic_folder(target) as stage:
+        (stage / "d").write_text("4")
+    assert [p.name for p in target.iterdir()] == ["d"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left

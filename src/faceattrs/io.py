@@ -117,7 +117,12 @@ def atomic_folder(path: str | os.PathLike):
         elif path.is_dir():  # no atomic swap here: the old folder is moved aside first
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.tmp", dir=path.parent))
             os.rename(path, old / "old")
-            os.rename(stage, path)
+            try:
+                os.rename(stage, path)
+            except BaseException:
+                os.rename(old / "old", path)  # the former folder back in place
+                old.rmdir()
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             raise FileExistsError(f"{path} exists and is not a folder")
