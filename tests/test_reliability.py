@@ -646,6 +646,7 @@ def exactly_one_line(capsys, argv, words: str) -> str:
     "extra, words",
     [
         (["--annotate", ""], "--annotate needs a folder name"),
+        (["--out", "TMP/r.jsonl", "--annotate", "TMP/r.jsonl"], "the same path as --out"),
         (["--backend", "onnx", "--dtype", "bf16"], "the onnx backend runs on the CPU in fp32"),
         (["--photo-set", "target_nose=nan,nan"], "target_nose must be two numbers"),
         (["--photo-set", "target_nose=inf,0"], "target_nose must be two numbers"),
@@ -659,8 +660,10 @@ def exactly_one_line(capsys, argv, words: str) -> str:
 )
 def test_predict_bad_settings_are_exactly_one_line(tmp_path, tiny_run, capsys, extra, words):
     face_png(tmp_path / "a.png")
+    extra = [a.replace("TMP", str(tmp_path)) for a in extra]
     argv = ["predict", str(tmp_path / "a.png"), "--model", str(tiny_run), *extra]
     exactly_one_line(capsys, argv, words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]  # nothing written
 
 
 def test_predict_empty_folder_is_one_line_and_twice_named_files_are_read_once(

@@ -357,6 +357,9 @@ def predict_files(
     for folder in empty:
         log.warning(no_images(folder))
     check_out_file(out)
+    for option, folder in (("--annotate", annotate_dir), ("--explain", explain_dir)):
+        if out is not None and folder and Path(folder).resolve() == Path(out).resolve():
+            raise FaceattrsError(f"{option} {folder}: the same path as --out; choose a folder")
     stems = output_stems(files)
     check_outputs(files, stems, annotate_dir, explain_dir)
     if photo_workers == "auto":  # decided here, so that the workers start while the models load
