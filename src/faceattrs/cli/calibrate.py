@@ -27,12 +27,13 @@ def run(args) -> int:
     from ..calibrate import calibrate_run
     from ..evaluate import load_data, resolve_device
 
+    device = resolve_device(args.device)  # checked: one line before any work
     faces = load_data(args.model, args.data, "val")
     result = calibrate_run(
         args.model,
         faces,
         n_bins=args.bins,
-        device=resolve_device(args.device),
+        device=device,
         flip_tta=args.flip_tta,
     )
     scores = result["flip_tta_selection"]["val_score"]

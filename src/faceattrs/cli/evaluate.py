@@ -51,17 +51,13 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..devices import check_device
     from ..evaluate import default_out, evaluate_run, load_data, resolve_device
 
-    if args.device:
-        check_device(args.device)
+    device = resolve_device(args.device)  # checked: one line before any work
     if args.grid < 0:
         raise FaceattrsError(f"--grid must be at least 0, got {args.grid}")
     faces = load_data(args.model, args.data, args.split)
     out = Path(args.out) if args.out else default_out(args.model, "eval", args.split)
-    evaluate_run(
-        args.model, faces, args.split, out, device=resolve_device(args.device), n_grid=args.grid
-    )
+    evaluate_run(args.model, faces, args.split, out, device=device, n_grid=args.grid)
     print(out / "metrics.json")
     return 0
