@@ -9,6 +9,8 @@
 # RUNS (name:width:seed words, names w*_sN) and RECIPE choose the trainings, PAPER=0 skips
 # the paper pipeline (already recorded in docs/results/paper-gpu), e.g.
 #   PAPER=0 RUNS="w50_s2:0.5:2 w50_s3:0.5:3 w75_s2:0.75:2" DEADLINE=520 bash scripts/gpu_runs.sh CSV
+# and a fourth field adds settings to one run, e.g. the age-bin loss beside plain seeds:
+#   PAPER=0 RUNS="w50_s0:0.5:0 w50ab_s0:0.5:0:age_bin=1.0 w50ab_s1:0.5:1:age_bin=1.0" ...
 # Every training records the prepared data's content key, so `faceattrs ensemble` joins
 # these runs with runs trained at home on the same CSV.
 #
@@ -57,14 +59,16 @@ print("prepared", len(d["split"]), "faces, hash", m.hexdigest()[:16], "(home: d6
 EOF
 
 RECIPE=${RECIPE:-"--preset paper ema=0.998 age_head=true epochs=45 lr=1.5e-3 warmup_epochs=2 patience=50"}
-# RUNS: name:width:seed words (names start with w and end in _sN); PAPER=0 skips the paper run
+# RUNS: name:width:seed[:key=value,...] words (names start with w and end in _sN; the
+# optional fourth field adds settings to RECIPE for that run); PAPER=0 skips the paper run
 RUNS=${RUNS:-"w100_s0:1.0:0 w75_s0:0.75:0 w75_s1:0.75:1 w50_s0:0.5:0 w50_s1:0.5:1"}
 PAPER=${PAPER:-1}
 pids=()
 for spec in $RUNS; do
-    IFS=: read -r name width seed <<< "$spec"
+    IFS=: read -r name width seed extra <<< "$spec"
+    # shellcheck disable=SC2086  # RECIPE, the run's own settings and EXTRA are word lists
     python3 -m faceattrs train --data $W/prep --out $W/$name --no-progress $RECIPE \
-        width="$width" seed="$seed" $EXTRA > $W/$name.log 2>&1 &
+        width="$width" seed="$seed" ${extra//,/ } $EXTRA > $W/$name.log 2>&1 &
     pids+=($!)
 done
 if [ "$PAPER" = 1 ]; then
