@@ -128,8 +128,10 @@ def output_stems(files: list[tuple[str, str]]) -> dict[str, Path]:
     return stems
 
 
-def check_outputs(files: list[tuple[str, str]], stems: dict[str, Path], annotate_dir, explain_dir):
-    """FaceattrsError before any work when an output could overwrite an input photo."""
+def check_outputs(
+    files: list[tuple[str, str]], stems: dict[str, Path], annotate_dir, explain_dir, out=None
+):
+    """FaceattrsError before any work when an output could overwrite an input photo or --out."""
     inputs = set()
     for path, _ in files:
         try:
@@ -146,6 +148,8 @@ def check_outputs(files: list[tuple[str, str]], stems: dict[str, Path], annotate
         if not folder:
             continue
         folder = Path(folder)
+        if out is not None and folder.resolve() == Path(out).resolve():
+            raise FaceattrsError(f"{option} {folder}: the same path as --out; choose a folder")
         if folder.exists() and not folder.is_dir():
             raise FaceattrsError(f"{option} {folder}: is a file, not a folder")
         for path, stem in stems.items():
@@ -357,11 +361,8 @@ def predict_files(
     for folder in empty:
         log.warning(no_images(folder))
     check_out_file(out)
-    for option, folder in (("--annotate", annotate_dir), ("--explain", explain_dir)):
-        if out is not None and folder and Path(folder).resolve() == Path(out).resolve():
-            raise FaceattrsError(f"{option} {folder}: the same path as --out; choose a folder")
     stems = output_stems(files)
-    check_outputs(files, stems, annotate_dir, explain_dir)
+    check_outputs(files, stems, annotate_dir, explain_dir, out)
     if photo_workers == "auto":  # decided here, so that the workers start while the models load
         many = photo_processes(len(files), photo_worker_count())
         photo_workers = "processes" if many else "threads"
