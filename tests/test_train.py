@@ -284,7 +284,7 @@ def test_ema_run_evaluates_and_saves_the_average(tmp_path):
         T.fit(faces, run, tiny_cfg(epochs=3, patience=10, ema=0.0), resume=True)
 
 
-def test_cli_one_epoch_on_real_data(tmp_path, shared_csv, monkeypatch):
+def test_cli_one_epoch_on_real_data(tmp_path, shared_csv, monkeypatch, capsys):
     from faceattrs.cli import main
 
     small = tmp_path / "small.csv"
@@ -310,6 +310,14 @@ def test_cli_one_epoch_on_real_data(tmp_path, shared_csv, monkeypatch):
     assert main(["train", "--resume", str(run), "--no-progress", "epochs=2"]) == 0
     assert [r["epoch"] for r in _history(run / "history.csv")] == ["1", "2"]
     assert main(["train", "--data", str(small), "--out", str(run), "bogus=1"]) == 2
+    # a run that starts from this one's weights (init=); a missing one: one line, exit 2
+    warm = argv[:4] + [str(tmp_path / "warm")] + argv[5:] + [f"init={run}"]
+    assert main(warm) == 0
+    assert json.loads((tmp_path / "warm" / "config.json").read_text())["init"]["source"] == str(run)
+    capsys.readouterr()
+    assert main(argv[:4] + [str(tmp_path / "cold")] + argv[5:] + [f"init={tmp_path}/no"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not exist" in err, err
 
 
 # ------------------------------------------------------------------ DDP
@@ -452,3 +460,70 @@ def test_age_bin_loss_adds_the_bins_cross_entropy(tmp_path):
     # a short run with it trains and records its setting
     T.fit(synthetic_faceset(60), tmp_path / "run", tiny_cfg(epochs=1, age_head=True, age_bin=0.5))
     assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["age_bin"] == 0.5
+
+
+def test_init_starts_from_another_models_weights(tmp_path, monkeypatch):
+    """init=RUN (or an ensemble's member, or "default"): the first weights are that
+    network's, recorded with its file hash, kept through a resume; a network of another
+    design, a missing folder or a member out of range is one clear error."""
+    from faceattrs.ensemble import build_ensemble
+
+    faces = synthetic_faceset(80)
+    for seed in (0, 1):
+        T.fit(faces, tmp_path / f"a{seed}", tiny_cfg(epochs=1, seed=seed))
+    build_ensemble([tmp_path / "a0", tmp_path / "a1"], tmp_path / "pair")
+
+    def fresh(**kw):
+        torch.manual_seed(7)
+        return T.FaceResNet(T.model_config(tiny_cfg(**kw)))
+
+    for source, member, want in (("a1", 0, "a1"), ("pair", 1, "a1"), ("pair", 0, "a0")):
+        model = fresh()
+        rec = T.load_init(model, str(tmp_path / source), member)
+        ref = load_file(str(tmp_path / want / "best.safetensors"))
+        got = model.state_dict()
+        assert all(torch.equal(got[k], ref[k]) for k in ref), (source, member)
+        assert rec["member"] == member and len(rec["weights_sha256"]) == 64
+    # the bundled model's members: width 0.5, three heads
+    model = fresh(width=0.5, age_head=True)
+    T.load_init(model, "default", 1)
+    from faceattrs.bundle import resolve
+
+    bundled = resolve(None).load_multitask()[0].members[1].state_dict()
+    assert all(torch.equal(model.state_dict()[k], bundled[k].float()) for k in bundled)
+
+    for kw, match in (
+        (
+            {"width": 0.25},
+            "width 0.125 with heads gender, ethnicity; these settings give width 0.25",
+        ),
+        ({"age_head": True}, "set width= and age_head= to match"),
+    ):
+        with pytest.raises(T.TrainError, match=match):
+            T.load_init(fresh(**kw), str(tmp_path / "a0"))
+    with pytest.raises(T.TrainError, match="holds 2 network"):
+        T.load_init(fresh(), str(tmp_path / "pair"), 2)
+    with pytest.raises(T.TrainError, match="init .*does not exist"):
+        T.load_init(fresh(), str(tmp_path / "none"))
+    with pytest.raises(cfgmod.ConfigError, match="init_member"):
+        tiny_cfg(init_member=-1)
+
+    # a run started from a0 records it, and a resume keeps the record
+    cfg = tiny_cfg(epochs=2, patience=10, init=str(tmp_path / "a0"))
+    saves = []
+    real_save = T.save_checkpoint
+
+    def crash_after_epoch_1(run_dir, name, model, meta):
+        real_save(run_dir, name, model, meta)
+        saves.append(name)
+        if name == "last":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "save_checkpoint", crash_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        T.fit(faces, tmp_path / "b", cfg)
+    monkeypatch.undo()
+    first = json.loads((tmp_path / "b" / "config.json").read_text())["init"]
+    assert first["source"] == str(tmp_path / "a0") and first["member"] == 0
+    T.fit(faces, tmp_path / "b", cfg, resume=True)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["init"] == first

@@ -57,7 +57,7 @@ from .loop import (  # noqa: F401  (re-exported: the training toolbox's old home
     use_bf16,
     write_history,
 )
-from .model import FaceResNet, ModelConfig
+from .model import FaceEnsemble, FaceResNet, ModelConfig
 from .prepare import data_key
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,9 @@ class TrainConfig:
     age_l1: float = 0.1
     age_bin: float = 0.0  # [ours] + this x the age head's cross-entropy over the six
     # training-age bins (its year probabilities summed per bin); 0 = off
+    init: str = ""  # [ours] start from these weights instead of random ones: a run folder,
+    # an ensemble or "default" (the model bundled with the package); "" = random (the reference)
+    init_member: int = 0  # which network of an ensemble ``init`` starts from
     limit: int = 0  # use at most this many faces per split (0 = all; smoke tests)
     max_batches: int = 0  # stop each epoch after this many batches (0 = full; smoke tests)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # override as augment.KEY
@@ -119,7 +122,8 @@ class TrainConfig:
         c = cfgmod.check_range
         for key in ("epochs", "batch_size", "eval_batch_size", "patience"):
             c(self, key, 1)
-        for key in ("threads", "limit", "max_batches", "warmup_epochs", "min_lr", "min_delta"):
+        for key in ("threads", "limit", "max_batches", "warmup_epochs", "min_lr", "min_delta",
+                    "init_member"):  # fmt: skip
             c(self, key, 0)
         for key in ("weight_decay", "gender_weight", "ethnicity_weight", "age_bin"):
             c(self, key, 0)
@@ -325,6 +329,39 @@ def distill_loss(weights, smoothing, alpha: float, temperature: float):
         return sum(weights[h] * parts[h] for h in weights), parts
 
     return loss_fn
+
+
+def load_init(model: FaceResNet, source: str, member: int = 0) -> dict[str, Any]:
+    """Copy the weights of ``source`` (``init``: a run folder, an ensemble, "default") into
+    ``model``, which must have the same design; returns what ``config.json`` records of it."""
+    from .bundle import resolve
+    from .prepare import file_sha256
+
+    try:
+        bundle = resolve(None if source == "default" else source)
+        net, _ = bundle.load_multitask()
+    except (FaceattrsError, OSError) as e:
+        raise TrainError(f"init {source}: {e}") from None
+    nets = list(net.members) if isinstance(net, FaceEnsemble) else [net]
+    if member >= len(nets):
+        raise TrainError(
+            f"init_member={member}, but {source} holds {len(nets)} network(s) (0-{len(nets) - 1})"
+        )
+    net = nets[member]
+    if net.cfg.width != model.cfg.width or dict(net.cfg.heads) != dict(model.cfg.heads):
+        raise TrainError(
+            f"init {source} is a network of width {net.cfg.width} with heads "
+            f"{', '.join(net.cfg.heads)}; these settings give width {model.cfg.width} with heads "
+            f"{', '.join(model.cfg.heads)} (set width= and age_head= to match)"
+        )
+    try:
+        model.load_state_dict(net.state_dict())
+    except RuntimeError as e:  # same width and heads, other blocks
+        raise TrainError(
+            f"init {source} does not fit these settings: {str(e).splitlines()[0]}"
+        ) from None
+    weights = bundle.checkpoint.with_suffix(".safetensors")
+    return {"source": str(bundle.path), "member": member, "weights_sha256": file_sha256(weights)}
 
 
 def teacher_targets(
@@ -629,6 +666,9 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
 
     torch.manual_seed(cfg.seed)  # the initial weights
     model = FaceResNet(model_config(cfg)).to(device)
+    init = None
+    if cfg.init and not resume:  # a resume reads its own weights back
+        init = load_init(model, cfg.init, cfg.init_member)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
@@ -661,6 +701,10 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
                   "world_size": world, "bf16": bf16, "device": str(device),
                   "minority_classes": list(minority), "train_faces": n_train, "val_faces": n_val,
                   "config": cfgmod.to_dict(cfg)}  # fmt: skip
+    if resume:  # where the first weights came from, as the fresh run recorded it
+        init = json.loads((out_dir / "config.json").read_text()).get("init")
+    if init:
+        run_config["init"] = init
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / "config.json", run_config)
