@@ -508,14 +508,21 @@ def test_init_starts_from_another_models_weights(tmp_path, monkeypatch):
     with pytest.raises(cfgmod.ConfigError, match="init_member"):
         tiny_cfg(init_member=-1)
 
+    # a run trains from those weights: with a learning rate of ~0 it ends where a1 was
+    T.fit(faces, tmp_path / "still", tiny_cfg(epochs=1, lr=1e-12, weight_decay=0.0,
+                                              init=str(tmp_path / "a1")))  # fmt: skip
+    still = load_file(str(tmp_path / "still" / "best.safetensors"))
+    a0, a1 = (load_file(str(tmp_path / f"a{i}" / "best.safetensors")) for i in (0, 1))
+    learned = [k for k in a1 if "running" not in k and "num_batches" not in k]
+    assert all(torch.allclose(still[k], a1[k], atol=1e-6) for k in learned)
+    assert not all(torch.allclose(still[k], a0[k], atol=1e-3) for k in learned)
+
     # a run started from a0 records it, and a resume keeps the record
     cfg = tiny_cfg(epochs=2, patience=10, init=str(tmp_path / "a0"))
-    saves = []
     real_save = T.save_checkpoint
 
     def crash_after_epoch_1(run_dir, name, model, meta):
         real_save(run_dir, name, model, meta)
-        saves.append(name)
         if name == "last":
             raise KeyboardInterrupt
 
