@@ -67,3 +67,16 @@ def load_script(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def tiny_csv(tmp_path) -> Path:
+    """A 120-row CSV in the public layout (random pixels, every class present)."""
+    rng = np.random.default_rng(0)
+    n = 120
+    lines = ["age,ethnicity,gender,img_name,pixels"]
+    for i in range(n):
+        pix = " ".join(map(str, rng.integers(0, 256, 2304).tolist()))
+        lines.append(f"{int(rng.integers(1, 90))},{i % 5},{(i // 5) % 2},f{i}.jpg,{pix}")
+    csv = tmp_path / "faces.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    return csv

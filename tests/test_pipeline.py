@@ -5,21 +5,9 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
+from conftest import tiny_csv
 
 from faceattrs.cli import main
-
-
-def tiny_csv(tmp_path):
-    rng = np.random.default_rng(0)
-    n = 120
-    lines = ["age,ethnicity,gender,img_name,pixels"]
-    for i in range(n):
-        pix = " ".join(map(str, rng.integers(0, 256, 2304).tolist()))
-        lines.append(f"{int(rng.integers(1, 90))},{i % 5},{(i // 5) % 2},f{i}.jpg,{pix}")
-    csv = tmp_path / "faces.csv"
-    csv.write_text("\n".join(lines) + "\n")
-    return csv
 
 
 def test_run_every_stage_writes_report(tmp_path):

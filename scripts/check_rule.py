@@ -1,0 +1,220 @@
+"""Judge a candidate model by a rule written down before its data (validation only, never test).
+
+    python scripts/check_rule.py --rule docs/results/rules/age-bin-seeds-2-3.json \\
+        --data local/prepared --out local/cand/agebin23 RUN [RUN ...]
+
+The rule file (JSON) names the incumbent and the bars the candidate must clear. The script
+1. joins the runs into the candidate (``faceattrs ensemble``; a single run is copied),
+2. calibrates it (``faceattrs calibrate``: flip-TTA choice, temperatures, age interval),
+3. evaluates it and the incumbent on the validation split (``faceattrs evaluate --split
+   val``; the test split is never read),
+4. times one photo end to end (``FaceAnalyzer.analyze``, fp32) for both, interleaved, the
+   median of ``--repeats`` calls each,
+5. checks every bar, prints a table and writes ``OUT/verdict.json`` (each value, each bar,
+   the verdict).
+
+Exit status: 0 every bar met (the candidate may replace the incumbent), 1 a bar missed,
+2 bad input. A bar is ``{"measure": M, "op": ">=" | "<=", "value": V}``; with
+``"or_within_incumbent": R`` it is also met when the incumbent misses the same bar in the
+same run and the candidate is within R times the incumbent (a latency bar on a slower CPU
+than the one it was set on). Measures: see :data:`MEASURES`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "examples" / "astronaut.jpg"
+
+# measure -> (where in the validation metrics.json, label)
+MEASURES = {
+    "score": (None, "score (mean macro-F1, gender + eth.)"),
+    "gender_accuracy": (("gender", "accuracy"), "gender accuracy"),
+    "gender_auc": (("gender", "auc"), "gender AUC"),
+    "ethnicity_accuracy": (("ethnicity", "accuracy"), "ethnicity accuracy"),
+    "ethnicity_macro_f1": (("ethnicity", "macro_f1"), "ethnicity macro-F1"),
+    "age_mae": (("age", "mae"), "age MAE, years"),
+    "age_cs5": (("age", "cs5"), "age CS@5"),
+    "age_bin_accuracy": (("age", "bin_accuracy"), "6-bin accuracy"),
+    "gender_gap": (
+        ("fairness", "gender_accuracy", "by_ethnicity", "max_gap"),
+        "gender gap across ethnicities",
+    ),
+    "latency_ms": (None, "one photo end to end, fp32, ms"),
+}
+OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b}
+
+
+class RuleError(Exception):
+    """Bad input: one line, exit 2."""
+
+
+def read_rule(path: Path) -> dict:
+    try:
+        rule = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RuleError(f"{path}: not a readable JSON rule ({e})") from None
+    bars = rule.get("bars") if isinstance(rule, dict) else None
+    if not isinstance(bars, list) or not bars:
+        raise RuleError(f"{path}: needs a non-empty list 'bars'")
+    for bar in bars:
+        if not isinstance(bar, dict) or bar.get("measure") not in MEASURES:
+            raise RuleError(f"{path}: bar {bar!r}: measure must be one of {', '.join(MEASURES)}")
+        if bar.get("op") not in OPS or not isinstance(bar.get("value"), int | float):
+            raise RuleError(f"{path}: bar {bar!r}: needs op '>=' or '<=' and a number 'value'")
+    return rule
+
+
+def cli(*argv: str) -> None:
+    """One ``faceattrs`` command, in this process; a failure stops the check."""
+    from faceattrs.cli import main
+
+    status = main(list(argv))
+    if status != 0:
+        raise RuleError(f"faceattrs {' '.join(argv)}: exit {status}")
+
+
+def measures(val_dir: Path, calibrated_here: Path | None = None) -> dict[str, float]:
+    """The rule's measures (all but latency) from ``faceattrs evaluate --split val``'s files.
+
+    The score is the mean macro-F1 of gender and ethnicity with the model's flip-TTA
+    setting; for ``calibrated_here`` (a model just calibrated on these faces) it is the
+    value its ``calibration.json`` recorded for that setting (unrounded F1s), else the
+    same mean from the metrics (a model calibrated before, perhaps on other faces).
+    """
+    metrics = json.loads((val_dir / "metrics.json").read_text())
+    out = {}
+    for name, (keys, _) in MEASURES.items():
+        if keys is None:
+            continue
+        value = metrics
+        for k in keys:
+            value = value.get(k) if isinstance(value, dict) else None
+        if isinstance(value, int | float):
+            out[name] = float(value)
+    if calibrated_here is not None:
+        calib = json.loads((calibrated_here / "calibration.json").read_text())
+        choice = "flip" if calib.get("flip_tta") else "plain"
+        out["score"] = float(calib["flip_tta_selection"]["val_score"][choice])
+    else:
+        f1 = [metrics[h]["macro_f1"] for h in ("gender", "ethnicity")]
+        out["score"] = round(sum(f1) / len(f1), 4)
+    return out
+
+
+def latencies(models: dict[str, str | None], photo: Path, repeats: int) -> dict[str, float]:
+    """Median ms of ``analyze(photo)`` per model, calls interleaved (the VM's speed drifts)."""
+    from faceattrs.photo import load_image
+    from faceattrs.predict import FaceAnalyzer
+
+    image = load_image(photo)
+    analyzers = {name: FaceAnalyzer(m) for name, m in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for i in range(repeats + 5):  # the first 5 rounds warm up
+        for name, a in analyzers.items():
+            t = time.perf_counter()
+            a.analyze(image)
+            if i >= 5:
+                times[name].append((time.perf_counter() - t) * 1e3)
+    return {name: round(statistics.median(t), 2) for name, t in times.items()}
+
+
+def judge(bars: list[dict], cand: dict, inc: dict) -> list[dict]:
+    """Each bar with the candidate's and incumbent's values and whether it is met."""
+    rows = []
+    for bar in bars:
+        m, op, v = bar["measure"], bar["op"], bar["value"]
+        c, i = cand.get(m), inc.get(m)
+        met = c is not None and OPS[op](c, v)
+        how = "bar"
+        r = bar.get("or_within_incumbent")
+        if not met and r and c is not None and i is not None and not OPS[op](i, v):
+            met = OPS[op](c, i * r if op == "<=" else i / r)
+            how = f"within {r}x the incumbent, which misses the bar too"
+        rows.append({**bar, "candidate": c, "incumbent": i, "met": met, "judged_by": how})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="the candidate's run folders (joined when several)")
+    ap.add_argument("--rule", required=True, type=Path, help="the rule (JSON), written before")
+    ap.add_argument("--data", required=True, help="prepared folder (faceattrs prepare)")
+    ap.add_argument("--out", required=True, type=Path, help="new folder for the candidate")
+    ap.add_argument("--incumbent", help="model to beat (default: the rule's, else the bundled)")
+    ap.add_argument("--photo", type=Path, default=SAMPLE, help="photo timed end to end")
+    ap.add_argument("--repeats", type=int, default=40, help="timed calls per model")
+    ap.add_argument("--fp16", action="store_true", help="join in half precision, as shipped")
+    args = ap.parse_args(argv)
+    try:
+        return check(args)
+    except RuleError as e:
+        print(f"check_rule: error: {e}", file=sys.stderr)
+        return 2
+
+
+def check(args) -> int:
+    rule = read_rule(args.rule)
+    if args.repeats < 1:
+        raise RuleError(f"--repeats must be at least 1, got {args.repeats}")
+    if not args.photo.is_file():
+        raise RuleError(f"{args.photo}: no such photo")
+    if args.out.exists():
+        raise RuleError(f"{args.out} exists; choose a new --out folder (a check never reuses one)")
+    incumbent = args.incumbent or rule.get("incumbent", "default")
+    inc_model = None if incumbent == "default" else incumbent
+    model = args.out / "model"
+    if len(args.runs) == 1:
+        shutil.copytree(args.runs[0], model)
+    else:
+        cli("ensemble", *args.runs, "--out", str(model), *(["--fp16"] if args.fp16 else []))
+    cli("calibrate", "--model", str(model), "--data", args.data)
+    cli("evaluate", "--model", str(model), "--data", args.data, "--split", "val",
+        "--out", str(args.out / "val"), "--grid", "0")  # fmt: skip
+    inc_args = ["--model", inc_model] if inc_model else []
+    cli("evaluate", *inc_args, "--data", args.data, "--split", "val",
+        "--out", str(args.out / "incumbent_val"), "--grid", "0")  # fmt: skip
+    cand = measures(args.out / "val", calibrated_here=model)
+    inc = measures(args.out / "incumbent_val")
+    if any(b["measure"] == "latency_ms" for b in rule["bars"]):
+        lat = latencies({"candidate": str(model), "incumbent": inc_model}, args.photo,
+                        args.repeats)  # fmt: skip
+        cand["latency_ms"], inc["latency_ms"] = lat["candidate"], lat["incumbent"]
+    rows = judge(rule["bars"], cand, inc)
+    adopted = all(r["met"] for r in rows)
+    print(f"rule: {rule.get('name', args.rule)} (written {rule.get('written', '?')})")
+    w = max(len(label) for _, label in MEASURES.values())
+    print(f"{'measure':<{w}} {'candidate':>10} {'incumbent':>10}   bar")
+    for r in rows:
+        label = MEASURES[r["measure"]][1]
+        c = "-" if r["candidate"] is None else f"{r['candidate']:.4g}"
+        i = "-" if r["incumbent"] is None else f"{r['incumbent']:.4g}"
+        mark = "met" if r["met"] else "MISSED"
+        extra = "" if r["judged_by"] == "bar" else f" ({r['judged_by']})"
+        print(f"{label:<{w}} {c:>10} {i:>10}   {r['op']} {r['value']}: {mark}{extra}")
+    others = sorted(set(cand) - {r["measure"] for r in rows})
+    for m in others:
+        c, i = cand[m], inc.get(m)
+        print(f"{MEASURES[m][1]:<{w}} {c:>10.4g} {'-' if i is None else f'{i:.4g}':>10}")
+    verdict = "adopt" if adopted else "not adopted"
+    print(f"verdict: {verdict}")
+    record = {
+        "rule": str(args.rule), "rule_text": rule, "runs": [str(r) for r in args.runs],
+        "candidate": str(model), "incumbent": incumbent, "split": "val",
+        "measures": {"candidate": cand, "incumbent": inc}, "bars": rows, "verdict": verdict,
+    }  # fmt: skip
+    from faceattrs.io import write_json_atomic
+
+    write_json_atomic(args.out / "verdict.json", record)
+    return 0 if adopted else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
