@@ -13,6 +13,10 @@ The rule file (JSON) names the incumbent and the bars the candidate must clear. 
 5. checks every bar, prints a table and writes ``OUT/verdict.json`` (each value, each bar,
    the verdict).
 
+Run it with nothing else busy on the CPU: the latency bar compares times. Checked on v5
+itself as the candidate (twelfth session): its recorded validation figures come back
+(score 0.8384, 6-bin accuracy 0.585, MAE 5.392, gender gap 0.073).
+
 Exit status: 0 every bar met (the candidate may replace the incumbent), 1 a bar missed,
 2 bad input. A bar is ``{"measure": M, "op": ">=" | "<=", "value": V}``; with
 ``"or_within_incumbent": R`` it is also met when the incumbent misses the same bar in the
