@@ -172,6 +172,17 @@ def check(args) -> int:
         raise RuleError(f"{args.photo}: no such photo")
     if args.out.exists():
         raise RuleError(f"{args.out} exists; choose a new --out folder (a check never reuses one)")
+    for run in args.runs:
+        if not Path(run).is_dir():
+            raise RuleError(f"{run}: no such run folder")
+    try:
+        return judge_candidate(args, rule)
+    except BaseException:  # nothing half-made stays (verdict.json, written last, marks done)
+        shutil.rmtree(args.out, ignore_errors=True)
+        raise
+
+
+def judge_candidate(args, rule: dict) -> int:
     incumbent = args.incumbent or rule.get("incumbent", "default")
     inc_model = None if incumbent == "default" else incumbent
     model = args.out / "model"

@@ -119,6 +119,18 @@ def test_a_bad_rule_is_one_line_and_exit_2(cr, tmp_path, capsys, text, why):
     assert not (tmp_path / "c").exists()
 
 
+def test_a_failed_check_leaves_no_folder(cr, runs, tmp_path, capsys):
+    prep, (a, _) = runs
+    rule = rule_file(tmp_path / "rule.json", [{"measure": "score", "op": ">=", "value": 0}])
+    out = tmp_path / "cand"
+    base = ["--rule", str(rule), "--data", str(prep), "--out", str(out)]
+    assert cr.main([*base, str(tmp_path / "nothing")]) == 2  # a missing run: before any work
+    assert "no such run folder" in capsys.readouterr().err and not out.exists()
+    # an incumbent that cannot be evaluated: the candidate made so far is removed
+    assert cr.main([*base, "--incumbent", str(tmp_path / "nothing"), str(a)]) == 2
+    assert "exit 2" in capsys.readouterr().err and not out.exists()
+
+
 def test_the_pending_rule_parses(cr):
     rule = cr.read_rule(cr.REPO / "docs" / "results" / "rules" / "age-bin-seeds-2-3.json")
     assert {b["measure"] for b in rule["bars"]} == {
