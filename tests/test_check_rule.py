@@ -61,6 +61,10 @@ def test_a_met_rule_adopts_and_records_what_it_measured(cr, runs, tmp_path, caps
     # the incumbent (the bundled model) was evaluated on the same validation faces
     inc_metrics = json.loads((out / "incumbent_val" / "metrics.json").read_text())
     assert inc["age_mae"] == inc_metrics["age"]["mae"] and inc_metrics["n"] == metrics["n"]
+    # its score is this run's (mean macro-F1 on these faces), not its calibration.json's
+    # (0.8384, from the real validation split)
+    f1 = (inc_metrics["gender"]["macro_f1"] + inc_metrics["ethnicity"]["macro_f1"]) / 2
+    assert inc["score"] == pytest.approx(f1, abs=1e-4) and inc["score"] != 0.8384
     assert cand["latency_ms"] > 0 and inc["latency_ms"] > 0
     assert "verdict: adopt" in capsys.readouterr().out
     assert cr.main([*args, str(a), str(b)]) == 2  # never reuses a candidate folder
