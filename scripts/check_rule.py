@@ -207,17 +207,17 @@ def judge_candidate(args, rule: dict) -> int:
     print(f"rule: {rule.get('name', args.rule)} (written {rule.get('written', '?')})")
     w = max(len(label) for _, label in MEASURES.values())
     print(f"{'measure':<{w}} {'candidate':>10} {'incumbent':>10}   bar")
+
+    def line(m: str) -> str:
+        c, i = (f"{x:.4g}" if x is not None else "-" for x in (cand.get(m), inc.get(m)))
+        return f"{MEASURES[m][1]:<{w}} {c:>10} {i:>10}"
+
     for r in rows:
-        label = MEASURES[r["measure"]][1]
-        c = "-" if r["candidate"] is None else f"{r['candidate']:.4g}"
-        i = "-" if r["incumbent"] is None else f"{r['incumbent']:.4g}"
         mark = "met" if r["met"] else "MISSED"
         extra = "" if r["judged_by"] == "bar" else f" ({r['judged_by']})"
-        print(f"{label:<{w}} {c:>10} {i:>10}   {r['op']} {r['value']}: {mark}{extra}")
-    others = sorted(set(cand) - {r["measure"] for r in rows})
-    for m in others:
-        c, i = cand[m], inc.get(m)
-        print(f"{MEASURES[m][1]:<{w}} {c:>10.4g} {'-' if i is None else f'{i:.4g}':>10}")
+        print(f"{line(r['measure'])}   {r['op']} {r['value']}: {mark}{extra}")
+    for m in sorted(set(cand) - {r["measure"] for r in rows}):  # measured, not judged
+        print(line(m))
     verdict = "adopt" if adopted else "not adopted"
     print(f"verdict: {verdict}")
     record = {
