@@ -12,6 +12,10 @@ For each backend (PyTorch fp32, PyTorch bf16, onnxruntime) it prints, from one r
   included, records written to a file). The bare rate is timed
   two ways, each batch on every core and each batch split over the analyzer's streams
   (two halves at once, one thread each, on a 2-core CPU), and the ratios are taken against the faster.
+  The streams' bare rate and the loaded analyzer's two folder runs are repeated in
+  ``--rounds`` interleaved rounds (a VM's speed drifts by 10 % or more from one minute to
+  the next): each round's ratios are against that round's bare rate, and the median is
+  printed with the range.
 
 "Every model" is the multitask model plus the age model (coarse classifier + per-bin
 regressors). Without ``--model`` the models are random-init at full width (speed does not
@@ -117,7 +121,7 @@ def bench(name, model, backend, dtype, paths, crops, args) -> dict:
     t = time.perf_counter()
     bare(single.models, crops[:8])
     per_face = (time.perf_counter() - t) / 8
-    n = int(min(len(paths), max(16, args.budget / 2.5 / per_face)))
+    n = int(min(len(paths), max(16, args.budget / (1 + args.rounds / 2) / per_face)))
     faces = np.stack([f.crop for p in paths[:n] for f in extract_faces(load_image(p))])
     one_stream_rate = batched_rate(single.models, faces, args.batch_size, 1)
     single.analyze([str(p) for p in paths[:4]])  # its photo threads load their detectors
@@ -127,24 +131,31 @@ def bench(name, model, backend, dtype, paths, crops, args) -> dict:
     del single
     an = FaceAnalyzer(model, **kw, photo_workers="threads")
     m = an.models
-    streams_rate = batched_rate(m, faces, args.batch_size, an.streams)
-    bare_rate = max(one_stream_rate, streams_rate)
     one_ms, _ = median_ms(lambda: bare(m, crops[:1]), args.repeats, min(30, args.budget / 4))
     it = iter(range(10**9))
     e2e_ms, reps = median_ms(
         lambda: an.analyze(paths[next(it) % 24]), args.repeats, min(30, args.budget / 4)
     )
-    an.analyze([str(p) for p in paths[:4]])  # its photo threads load their detectors
-    t = time.perf_counter()  # the same folder through the loaded (warm) analyzer
-    records = an.analyze([str(p) for p in paths[:n]], on_error="record")
-    warm_rate = sum("error" not in r for r in records) / (time.perf_counter() - t)
-    streams, an = an.streams, None
     procs = FaceAnalyzer(model, **kw, photo_workers="processes")
-    procs.analyze([str(p) for p in paths[:4]])  # its workers have started
-    t = time.perf_counter()  # the same, photos decoded and detected in worker processes
-    records = procs.analyze([str(p) for p in paths[:n]], on_error="record")
-    procs_rate = sum("error" not in r for r in records) / (time.perf_counter() - t)
-    procs = None
+    for a in (an, procs):
+        a.analyze([str(p) for p in paths[:4]])  # photo threads / workers are ready
+
+    def folder(a) -> float:
+        t = time.perf_counter()
+        records = a.analyze([str(p) for p in paths[:n]], on_error="record")
+        return sum("error" not in r for r in records) / (time.perf_counter() - t)
+
+    # the bare rate and the folder through the loaded (warm) analyzer, photos in threads
+    # and in worker processes, interleaved round by round: the VM's speed drifts by 10 %
+    # or more between minutes, so each round's ratios are taken against that round's bare
+    # rate and the medians reported with their spread
+    rounds = []
+    for _ in range(args.rounds):
+        streams_rate = batched_rate(m, faces, args.batch_size, an.streams)
+        bare_rate = max(one_stream_rate, streams_rate)
+        warm, procs_rate = folder(an), folder(procs)
+        rounds.append((streams_rate, bare_rate, warm, procs_rate))
+    streams, an, procs = an.streams, None, None
     with tempfile.TemporaryDirectory() as tmp:  # the command: loads the models, writes records
         t = time.perf_counter()
         counts = predict_files(
@@ -156,23 +167,36 @@ def bench(name, model, backend, dtype, paths, crops, args) -> dict:
             batch_size=args.batch_size,
         )
         folder_s = time.perf_counter() - t
+    med = [statistics.median(col) for col in zip(*rounds, strict=True)]
     return {
         "name": name,
         "one_face_ms": one_ms,
         "photo_ms": e2e_ms,
         "photo_reps": reps,
-        "bare_rate": bare_rate,
+        "streams_rate": med[0],
+        "bare_rate": med[1],
+        "warm_rate": med[2],
+        "procs_rate": med[3],
+        "warm_ratios": [r[2] / r[1] for r in rounds],
+        "procs_ratios": [r[3] / r[1] for r in rounds],
         "one_stream_rate": one_stream_rate,
-        "streams_rate": streams_rate,
         "streams": streams,
         "one_stream_folder": one_stream_folder,
         "folder_rate": counts["faces"] / folder_s,
-        "warm_rate": warm_rate,
-        "procs_rate": procs_rate,
         "n": n,
         "faces": counts["faces"],
         "failed": counts["failed"],
     }
+
+
+def spread(ratios: list[float]) -> str:
+    """``median (min-max of R rounds)`` of per-round ratios."""
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}"
+    return (
+        f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}, "
+        f"{len(ratios)} rounds)"
+    )
 
 
 def bn_folding(model: str, crops: np.ndarray, batch_size: int, reps: int = 3) -> tuple:
@@ -247,10 +271,15 @@ def main() -> None:
     ap.add_argument("--faces", type=int, default=1024, help="photos in the folder run")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=50, help="photos timed for the latency")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds of bare rate and folder runs"
+    )
     ap.add_argument("--budget", type=float, default=300.0, help="seconds per backend, roughly")
     ap.add_argument("--backends", default="torch-fp32,onnx,torch-bf16")
     ap.add_argument("--photo-only", action="store_true", help="only the photo path's speed")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     photos = sorted(args.photos.glob("*.jpg"))
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
@@ -288,10 +317,9 @@ def main() -> None:
                 f"batch on {cpu_cores()} threads {r['one_stream_rate']:6.1f} faces/s, "
                 f"{r['streams']} streams (as the analyzer) {r['streams_rate']:6.1f}\n"
                 f"{'':10s} throughput ({r['faces']} faces from {r['n']} photos) against the "
-                f"faster, {r['bare_rate']:6.1f} faces/s: loaded analyzer, photo threads "
-                f"{r['warm_rate']:6.1f} = {r['warm_rate'] / r['bare_rate']:.2f}, photo "
-                f"processes {r['procs_rate']:6.1f} = {r['procs_rate'] / r['bare_rate']:.2f}; "
-                f"predict command (loads the models, writes records; processes) "
+                f"faster, {r['bare_rate']:6.1f} faces/s (medians): loaded analyzer, photo "
+                f"threads {r['warm_rate']:6.1f} = {spread(r['warm_ratios'])}, photo processes "
+                f"{r['procs_rate']:6.1f} = {spread(r['procs_ratios'])}; predict command (loads the models, writes records; processes) "
                 f"{r['folder_rate']:6.1f} = {r['folder_rate'] / r['bare_rate']:.2f}\n"
                 f"{'':10s} the folder through a one-stream analyzer ({cpu_cores()} threads): "
                 f"{r['one_stream_folder']:6.1f} faces/s; with {r['streams']} streams "
