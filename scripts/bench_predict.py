@@ -124,10 +124,15 @@ def bench(name, model, backend, dtype, paths, crops, args) -> dict:
     n = int(min(len(paths), max(16, args.budget / (1 + args.rounds / 2) / per_face)))
     faces = np.stack([f.crop for p in paths[:n] for f in extract_faces(load_image(p))])
     one_stream_rate = batched_rate(single.models, faces, args.batch_size, 1)
+
+    def folder(a) -> float:
+        """Faces/s of the folder's ``n`` photos through analyzer ``a``."""
+        t = time.perf_counter()
+        records = a.analyze([str(p) for p in paths[:n]], on_error="record")
+        return sum("error" not in r for r in records) / (time.perf_counter() - t)
+
     single.analyze([str(p) for p in paths[:4]])  # its photo threads load their detectors
-    t = time.perf_counter()  # the folder through a one-stream analyzer, for comparison
-    records = single.analyze([str(p) for p in paths[:n]], on_error="record")
-    one_stream_folder = sum("error" not in r for r in records) / (time.perf_counter() - t)
+    one_stream_folder = folder(single)  # through a one-stream analyzer, for comparison
     del single
     an = FaceAnalyzer(model, **kw, photo_workers="threads")
     m = an.models
@@ -139,11 +144,6 @@ def bench(name, model, backend, dtype, paths, crops, args) -> dict:
     procs = FaceAnalyzer(model, **kw, photo_workers="processes")
     for a in (an, procs):
         a.analyze([str(p) for p in paths[:4]])  # photo threads / workers are ready
-
-    def folder(a) -> float:
-        t = time.perf_counter()
-        records = a.analyze([str(p) for p in paths[:n]], on_error="record")
-        return sum("error" not in r for r in records) / (time.perf_counter() - t)
 
     # the bare rate and the folder through the loaded (warm) analyzer, photos in threads
     # and in worker processes, interleaved round by round: the VM's speed drifts by 10 %
