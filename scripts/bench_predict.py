@@ -1,6 +1,8 @@
 """Speed of the photo path against the bare models (figures in docs/photos.md).
 
-For each backend (PyTorch fp32, PyTorch bf16, onnxruntime) it prints, from one run:
+For each backend (PyTorch fp32, PyTorch bf16, onnxruntime fp32, and onnxruntime int8 on
+an export from ``faceattrs export --int8``: ``--backends torch-fp32,onnx-int8 --onnx-int8
+DIR``) it prints, from one run:
 
 - latency: median time of one 200x200 photo end to end (decode, detect, crop, every
   model, records) against the bare models' forward time for one face;
@@ -279,7 +281,18 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=300.0, help="seconds per backend, roughly")
     ap.add_argument("--backends", default="torch-fp32,onnx,torch-bf16")
     ap.add_argument("--photo-only", action="store_true", help="only the photo path's speed")
+    ap.add_argument(
+        "--onnx-int8",
+        help="the int8 export that backend onnx-int8 runs (faceattrs export --int8; "
+        "src/faceattrs/assets/default_model_int8 is the bundled model's)",
+    )
     args = ap.parse_args()
+    specs = args.backends.split(",")
+    known = {"torch-fp32", "torch-bf16", "torch", "onnx", "onnx-fp32", "onnx-int8"}
+    if set(specs) - known:
+        ap.error(f"--backends: unknown {sorted(set(specs) - known)}; use some of {sorted(known)}")
+    if "onnx-int8" in specs and not args.onnx_int8:
+        ap.error("backend onnx-int8 needs --onnx-int8 DIR (an export from faceattrs export --int8)")
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
     photos = sorted(args.photos.glob("*.jpg"))
@@ -302,14 +315,16 @@ def main() -> None:
             f"{prep_ms:.2f} ms per photo (1 process)"
         )
         onnx_dir = None
-        if "onnx" in args.backends:
+        if {"onnx", "onnx-fp32"} & set(specs):
             from faceattrs.export import export_onnx
 
             onnx_dir = str(export_onnx(model, Path(tmp) / "onnx").parent)
         rows = []
-        for spec in args.backends.split(","):
+        for spec in specs:
             backend, _, dtype = spec.partition("-")
-            src = onnx_dir if backend == "onnx" else model
+            src = {"torch": model, "onnx": onnx_dir}[backend]
+            if spec == "onnx-int8":
+                src = args.onnx_int8
             rows.append(bench(spec, src, backend, dtype or "fp32", paths, crops, args))
             r = rows[-1]
             print(

@@ -38,8 +38,9 @@ LICENCE = (
 )
 
 
-def check_figures(model_dir: Path, data: Path, n: int) -> dict:
-    """Accuracy of both heads and the age MAE on the first ``n`` validation faces."""
+def check_figures(model_dir: Path, data: Path, n: int, **analyzer) -> dict:
+    """Accuracy of both heads and the age MAE on the first ``n`` validation faces
+    (``analyzer``: more settings of :class:`faceattrs.FaceAnalyzer`, e.g. ``dtype``)."""
     import numpy as np
 
     import faceattrs
@@ -47,7 +48,7 @@ def check_figures(model_dir: Path, data: Path, n: int) -> dict:
 
     faces = load_faces(data)
     val = faces.take(faces.indices("val")[:n])
-    analyzer = faceattrs.FaceAnalyzer(model=model_dir)
+    analyzer = faceattrs.FaceAnalyzer(model=model_dir, **analyzer)
     records = analyzer.analyze(list(val.images), detect=False)  # the chips are the faces
     gender = [r["gender"]["label"] for r in records]
     eth = [r["ethnicity"]["label"] for r in records]

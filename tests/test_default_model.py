@@ -104,3 +104,59 @@ def test_commands_without_model_use_the_default(tmp_path):
     with pytest.raises(SystemExit):
         main(["calibrate", "--data", str(csv)])
     assert not any(p.name.startswith(".") for p in DEFAULT.rglob("*"))
+
+
+INT8 = bundle.DEFAULT_INT8_DIR
+
+
+def test_int8_default_is_shipped_small_and_points_at_the_default():
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    b = bundle.default_int8()
+    assert b.kind == "onnx" and b.precision == "int8"
+    assert b.source.resolve() == DEFAULT.resolve()  # relative: works wherever it is installed
+    assert b.torch_bundle().path.resolve() == DEFAULT.resolve()  # Grad-CAM runs in PyTorch
+    calib = b.meta["quantization"]["calibration"]
+    assert calib["split"] == "train" and calib["faces"] >= 256
+    assert b.temperatures == bundle.resolve(None).temperatures
+    assert b.age["interval"] == bundle.resolve(None).age["interval"]
+    both = [p for d in (DEFAULT, INT8) for p in d.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in both) < 50e6
+    prov = json.loads((INT8 / "provenance.json").read_text())
+    assert "non-commercial" in prov["licence"]
+
+
+def test_predict_sample_photo_int8_without_model(tmp_path):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    from faceattrs.cli import main
+
+    out = tmp_path / "res.jsonl"
+    assert main(["predict", str(SAMPLE), "--dtype", "int8", "--out", str(out)]) == 0
+    (int8,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert main(["predict", str(SAMPLE), "--out", str(out)]) == 0
+    (fp32,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert int8["box"] == fp32["box"]
+    assert int8["gender"]["label"] == fp32["gender"]["label"]
+    assert int8["ethnicity"]["label"] == fp32["ethnicity"]["label"]
+    assert abs(int8["age"]["value"] - fp32["age"]["value"]) <= 5
+
+
+def test_int8_default_reproduces_its_recorded_check(shared_csv):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    import faceattrs
+    from faceattrs.labels import ETHNICITIES, GENDERS
+    from faceattrs.prepare import load_faces
+
+    check = json.loads((INT8 / "provenance.json").read_text())["check"]
+    faces = load_faces(shared_csv)
+    val = faces.take(faces.indices(check["split"])[: check["first_n"]])
+    an = faceattrs.FaceAnalyzer(backend="onnx", dtype="int8")
+    records = an.analyze(list(val.images), detect=False)
+    gender = np.mean(np.array(GENDERS)[val.gender] == [r["gender"]["label"] for r in records])
+    eth = np.mean(
+        np.array(ETHNICITIES)[val.ethnicity] == [r["ethnicity"]["label"] for r in records]
+    )
+    mae = np.mean(np.abs(np.array([r["age"]["value"] for r in records]) - val.age))
+    # int8 kernels differ more between CPUs (VNNI or not) than fp32 ones: a few faces more
+    assert gender == pytest.approx(check["gender_accuracy"], abs=6 / len(val))
+    assert eth == pytest.approx(check["ethnicity_accuracy"], abs=6 / len(val))
+    assert mae == pytest.approx(check["age_mae"], abs=0.15)

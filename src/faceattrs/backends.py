@@ -152,23 +152,10 @@ class OnnxBackend:
             raise CheckpointError(f"{self.bundle.path}: not a faceattrs ONNX export")
         self.dir = self.bundle.path
         m = self.manifest = self.bundle.meta
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        # idle model threads must not spin: decoding and detection need the cores between calls
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-
-        def session(key):
-            path = self.dir / m["graphs"][key]
-            if not path.exists():
-                raise CheckpointError(f"ONNX graph missing: {path}")
-            try:
-                return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            except Exception as e:  # onnxruntime's own error types (bad protobuf, no graph)
-                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise CheckpointError(
-                    f"{path}: not a loadable ONNX graph ({why}); export it again"
-                ) from None
+        self._ort, self.threads = ort, threads
+        self.precision = self.bundle.precision
+        session = self._open
+        self._wide = None  # the multitask graph on every core, for a lone small call
 
         self.class_names = {h: list(v) for h, v in self.bundle.heads.items()}
         self.temperatures = dict(self.bundle.temperatures)
@@ -183,18 +170,49 @@ class OnnxBackend:
         self.direct = session("age_direct") if has_direct else None
         self._tmp = None  # a temporary export this backend owns (export.open_onnx)
 
-    def _run(self, faces: np.ndarray, heads: list[str]) -> dict[str, np.ndarray]:
-        out = self.multitask.run(heads, {"faces": np.ascontiguousarray(faces, np.uint8)})
+    def _open(self, key: str, threads: int | None = None):
+        """An onnxruntime session of graph ``key`` on ``threads`` (default: the backend's)."""
+        ort, path = self._ort, self.dir / self.manifest["graphs"][key]
+        opts = ort.SessionOptions()
+        if threads or self.threads:
+            opts.intra_op_num_threads = threads or self.threads
+        # idle model threads must not spin: decoding and detection need the cores between calls
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if not path.exists():
+            raise CheckpointError(f"ONNX graph missing: {path}")
+        try:
+            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own error types (bad protobuf, no graph)
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"{path}: not a loadable ONNX graph ({why}); export it again"
+            ) from None
+
+    def _run(self, faces: np.ndarray, heads: list[str], session=None) -> dict[str, np.ndarray]:
+        session = session or self.multitask
+        out = session.run(heads, {"faces": np.ascontiguousarray(faces, np.uint8)})
         return dict(zip(heads, out, strict=True))
+
+    def _wide_session(self):
+        """The multitask graph on every core the process may use (made on first need)."""
+        from .predict import cpu_cores  # the analyzer's module; imported late (it imports this)
+
+        if self._wide is None:
+            self._wide = self._open("multitask", cpu_cores())
+        return self._wide
 
     def logits(self, faces: np.ndarray) -> dict[str, np.ndarray]:
         return self._run(faces, list(self.class_names))
 
     def outputs(self, faces: np.ndarray, pool=None) -> tuple[dict[str, np.ndarray], dict | None]:
-        # pool: unused, one graph (its threads are the session's)
+        """``pool`` given (the analyzer has fewer faces than streams: one photo): the other
+        streams are idle, so the multitask graph runs on every core instead of the
+        stream's share (a session of its own; torch runs an ensemble's members at once)."""
+        wide = pool is not None and self.threads is not None
+        session = self._wide_session() if wide else self.multitask
         if not self.shared_age:
-            return self.logits(faces), self.age(faces)
-        out = self._run(faces, [*self.class_names, AGE_HEAD])
+            return self._run(faces, list(self.class_names), session), self.age(faces)
+        out = self._run(faces, [*self.class_names, AGE_HEAD], session)
         age = _head_age(self.age_meta, out.pop(AGE_HEAD))
         return out, age
 

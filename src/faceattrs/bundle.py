@@ -13,7 +13,8 @@ Every command and the Python API hand their ``--model`` value (or ``model=``) to
 - a **checkpoint** file (``NAME.json`` or ``NAME.safetensors``): that network alone;
 - an **onnx** export folder (``faceattrs-onnx.json``, from ``faceattrs export``);
 - ``None``: the default model shipped in the package, :data:`DEFAULT_MODEL_DIR` (a run
-  folder as above).
+  folder as above); its int8 ONNX export, :data:`DEFAULT_INT8_DIR`, is what
+  :func:`default_int8` returns (``--backend onnx --dtype int8`` without ``--model``).
 
 A multitask network may have a third head, ``age`` (per-year logits): it is then the
 bundle's age model (``age/age.json`` with ``"direct": "multitask"``, written by
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 
 # The default model shipped in the package: used when no --model is given (``model=None``).
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
+# Its int8 ONNX export (scripts/package_int8_model.py): the fast path on CPUs.
+DEFAULT_INT8_DIR = Path(__file__).parent / "assets" / "default_model_int8"
 
 BEST = "best"  # the multitask checkpoint of a run folder
 CALIBRATION_FILE = "calibration.json"  # temperatures, written by `faceattrs calibrate`
@@ -83,10 +86,22 @@ class Bundle:
 
     @property
     def source(self) -> Path:
-        """The folder the multitask model comes from (for an export: the folder exported)."""
+        """The folder the multitask model comes from (for an export: the folder exported;
+        a relative ``source`` in the manifest is relative to the export folder)."""
         if self.kind == "onnx":
-            return Path(self.meta.get("source") or self.path)
+            src = self.meta.get("source")
+            return (
+                self.path / src if src and not Path(src).is_absolute() else Path(src or self.path)
+            )
         return self.run_dir or self.checkpoint.parent
+
+    @property
+    def precision(self) -> str:
+        """The precision of an export's graphs: ``int8`` (``faceattrs export --int8``) or
+        ``fp32`` (every other bundle)."""
+        if self.kind != "onnx":
+            return "fp32"
+        return str((self.meta.get("quantization") or {}).get("precision", "fp32"))
 
     @property
     def age_head(self) -> bool:
@@ -120,7 +135,7 @@ class Bundle:
         """The PyTorch bundle: this one, or for an export the run folder it came from."""
         if self.kind != "onnx":
             return self
-        src = self.meta.get("source")
+        src = self.meta.get("source") and self.source
         if not src or not Path(src).exists():
             raise CheckpointError(
                 f"{self.path} is an ONNX export and its run folder ({src}) is not here: "
@@ -208,6 +223,16 @@ def resolve(model: str | os.PathLike | Bundle | None) -> Bundle:
         f"{path}: not a model folder (expected best.json from `faceattrs train`, age.json "
         f"from `faceattrs train-age` or {ONNX_MANIFEST} from `faceattrs export`)"
     )
+
+
+def default_int8() -> Bundle:
+    """The int8 ONNX export of the default model, shipped in the package."""
+    if not (DEFAULT_INT8_DIR / ONNX_MANIFEST).exists():
+        raise FaceattrsError(
+            "no int8 default model is bundled with this installation: make one with "
+            "`faceattrs export --int8 --data CSV --out DIR` and pass `--model DIR`"
+        )
+    return resolve(DEFAULT_INT8_DIR)
 
 
 def resolve_bundle(path: str | os.PathLike) -> tuple[Path, Path | None]:

@@ -66,6 +66,10 @@ def load_models(
     """
     if backend not in BACKENDS:
         raise FaceattrsError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if dtype == "int8":
+        return _load_int8(model, backend, age, threads)
+    if backend == "onnx" and dtype != "fp32":
+        raise FaceattrsError(f"the onnx backend runs fp32 or int8 graphs, not {dtype!r}")
     bundle = resolve(model)
     if backend == "onnx":
         from .export import open_onnx  # exports a run folder on the fly (needs onnx)
@@ -76,6 +80,22 @@ def load_models(
     if threads:
         torch.set_num_threads(threads)
     return TorchBackend(bundle, device, dtype, age)
+
+
+def _load_int8(model, backend: str, age: bool, threads: int | None) -> Backend:
+    """``dtype="int8"``: an int8 ONNX export on onnxruntime (the bundled one for None)."""
+    from .bundle import default_int8
+    from .export import open_onnx
+
+    if backend != "onnx":
+        raise FaceattrsError("int8 runs on the onnx backend (backend='onnx', --backend onnx)")
+    bundle = default_int8() if model is None else resolve(model)
+    if bundle.precision != "int8":
+        raise FaceattrsError(
+            f"{bundle.path} is not an int8 export: make one with `faceattrs export --int8 "
+            f"--model {bundle.path} --data CSV --out DIR` and pass --model DIR"
+        )
+    return open_onnx(bundle, age=age, threads=threads)
 
 
 def cpu_cores() -> int:
@@ -154,7 +174,9 @@ class FaceAnalyzer:
 
     ``model``: anything :func:`faceattrs.bundle.resolve` accepts: a run folder (or an age
     run, a checkpoint file, an ONNX export with ``backend="onnx"``, a resolved
-    :class:`~faceattrs.bundle.Bundle`); None = the default model bundled in the package. ``dtype``: "fp32" or "bf16" (torch).
+    :class:`~faceattrs.bundle.Bundle`); None = the default model bundled in the package.
+    ``dtype``: "fp32" or "bf16" (torch); "int8" with ``backend="onnx"``: an int8 export
+    (``faceattrs export --int8``; with ``model=None`` the one bundled in the package).
     ``photo``: detection and crop settings (:class:`faceattrs.photo.PhotoConfig`).
     ``threads``: CPU threads of each model call; ``streams``: model calls run at once, each
     on a part of a batch (default on a CPU with two or more cores: two streams of half the

@@ -37,9 +37,19 @@ def add_arguments(p) -> None:
         action="store_true",
         help="each image is one already-cropped face (no detection)",
     )
-    p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        help="torch (default) or onnx (onnxruntime; the default with --dtype int8)",
+    )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="torch precision")
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "int8"),
+        default="fp32",
+        help="fp32 (default); bf16: torch autocast; int8: an int8 ONNX export on "
+        "onnxruntime, about 2x faster on CPUs (without --model: the one bundled)",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -84,14 +94,20 @@ def check_options(args) -> None:
     for flag, value in (("--annotate", args.annotate), ("--explain", args.explain)):
         if value is not None and not str(value).strip():
             raise cfgmod.ConfigError(f"{flag} needs a folder name, got an empty one")
+    if args.backend is None:
+        args.backend = "onnx" if args.dtype == "int8" else "torch"
     if args.backend == "torch":
         from ..devices import check_device
 
+        if args.dtype == "int8":
+            raise cfgmod.ConfigError(
+                "--dtype int8 runs on the onnx backend: leave out --backend torch"
+            )
         check_device(args.device)
-    elif args.device != "cpu" or args.dtype != "fp32":
+    elif args.device != "cpu" or args.dtype == "bf16":
         raise cfgmod.ConfigError(
-            "--device and --dtype choose the torch backend's device and precision; "
-            "the onnx backend runs on the CPU in fp32"
+            "the onnx backend runs on the CPU, in fp32 or int8 (--dtype int8); "
+            "--device and --dtype bf16 are the torch backend's"
         )
 
 
