@@ -130,8 +130,11 @@ def test_predict_sample_photo_int8_without_model(tmp_path):
     from faceattrs.cli import main
 
     out = tmp_path / "res.jsonl"
-    assert main(["predict", str(SAMPLE), "--dtype", "int8", "--out", str(out)]) == 0
+    cams = tmp_path / "cams"  # Grad-CAM comes from the fp32 network the export points at
+    argv = ["predict", str(SAMPLE), "--dtype", "int8", "--out", str(out), "--explain", str(cams)]
+    assert main(argv) == 0
     (int8,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(list(cams.glob("*.png"))) == 1
     assert main(["predict", str(SAMPLE), "--out", str(out)]) == 0
     (fp32,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert int8["box"] == fp32["box"]

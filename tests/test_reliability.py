@@ -647,7 +647,7 @@ def exactly_one_line(capsys, argv, words: str) -> str:
     [
         (["--annotate", ""], "--annotate needs a folder name"),
         (["--out", "TMP/r.jsonl", "--annotate", "TMP/r.jsonl"], "the same path as --out"),
-        (["--backend", "onnx", "--dtype", "bf16"], "the onnx backend runs on the CPU in fp32"),
+        (["--backend", "onnx", "--dtype", "bf16"], "the onnx backend runs on the CPU"),
         (["--photo-set", "target_nose=nan,nan"], "target_nose must be two numbers"),
         (["--photo-set", "target_nose=inf,0"], "target_nose must be two numbers"),
         (["--photo-set", "rotations=400"], "rotations must be angles"),

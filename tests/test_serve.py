@@ -154,6 +154,28 @@ def test_health_model_and_docs(client):
     assert client.get("/docs").status_code == 200
 
 
+def test_int8_serves_the_bundled_int8_model():
+    """--dtype int8: the default model's int8 export through onnxruntime, the same answers'
+    form, and /model says so; on another device it is one clear error."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    sample = Path(__file__).resolve().parents[1] / "examples" / "astronaut.jpg"
+    with TestClient(create_app(ServeConfig(dtype="int8"))) as c:
+        m = c.get("/model").json()
+        assert m["backend"] == "onnx" and m["dtype"] == "int8"
+        r = post(c, ("a.jpg", sample.read_bytes(), "image/jpeg"))
+        assert r.status_code == 200, r.text
+        (face,) = r.json()["images"][0]["faces"]
+        assert face["gender"]["label"] in ("Male", "Female") and "interval" in face["age"]
+        r = post(c, ("a.jpg", sample.read_bytes(), "image/jpeg"), query="?explain=1")
+        assert_error(r, 501, "explanations need the PyTorch model")  # Grad-CAM: torch
+    from faceattrs.exceptions import FaceattrsError
+
+    with pytest.raises(FaceattrsError, match="runs on the CPU"):
+        ServeConfig(dtype="int8", device="cuda").check()
+    with pytest.raises(FaceattrsError, match="fp32, bf16 or int8"):
+        ServeConfig(dtype="fp16").check()
+
+
 def test_page_is_served_and_needs_no_internet(client):
     page = client.get("/")
     assert page.status_code == 200 and "/static/app.js" in page.text

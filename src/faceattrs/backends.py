@@ -21,6 +21,7 @@ from torch import nn
 from .age.direct import HEAD as AGE_HEAD
 from .bundle import Bundle, resolve
 from .checkpoint import CheckpointError
+from .devices import cpu_cores
 from .exceptions import FaceattrsError
 from .inputs import normalise
 from .model import FaceEnsemble, fuse_batchnorm
@@ -195,8 +196,6 @@ class OnnxBackend:
 
     def _wide_session(self):
         """The multitask graph on every core the process may use (made on first need)."""
-        from .predict import cpu_cores  # the analyzer's module; imported late (it imports this)
-
         if self._wide is None:
             self._wide = self._open("multitask", cpu_cores())
         return self._wide

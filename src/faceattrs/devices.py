@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 from .config import ConfigError
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def check_device_name(name: str) -> None:

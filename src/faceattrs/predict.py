@@ -40,6 +40,7 @@ import torch
 from . import photo as photomod
 from .backends import Backend, TorchBackend
 from .bundle import Bundle, resolve
+from .devices import cpu_cores
 from .exceptions import FaceattrsError
 from .photo import Item, PhotoConfig
 from .postprocess import softmax
@@ -96,14 +97,6 @@ def _load_int8(model, backend: str, age: bool, threads: int | None) -> Backend:
             f"--model {bundle.path} --data CSV --out DIR` and pass --model DIR"
         )
     return open_onnx(bundle, age=age, threads=threads)
-
-
-def cpu_cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def photo_worker_count() -> int:

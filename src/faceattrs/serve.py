@@ -73,7 +73,7 @@ class ServeConfig:
     batch_pixels: int = 16_000_000  # images decoded together hold at most this (or one image)
     retry_after: int = 1  # seconds, sent with a 503
     device: str = "cpu"
-    dtype: str = "fp32"
+    dtype: str = "fp32"  # or bf16 (torch autocast), int8 (an int8 ONNX export, onnxruntime)
     threads: int | None = None  # CPU threads of the models (default: FaceAnalyzer's streams)
     photo: dict = field(default_factory=dict)  # other PhotoConfig fields
 
@@ -91,6 +91,15 @@ class ServeConfig:
         for name, flag in (("max_pixels", "--max-pixels"), ("retry_after", "retry_after")):
             if getattr(self, name) < 0:
                 raise FaceattrsError(f"{flag} must not be negative, got {getattr(self, name)}")
+        if self.dtype not in ("fp32", "bf16", "int8"):
+            raise FaceattrsError(f"--dtype must be fp32, bf16 or int8, got {self.dtype!r}")
+        if self.dtype == "int8" and str(self.device) != "cpu":
+            raise FaceattrsError("--dtype int8 runs on the CPU (onnxruntime): leave out --device")
+
+    @property
+    def backend(self) -> str:
+        """int8 runs on onnxruntime, the rest on PyTorch."""
+        return "onnx" if self.dtype == "int8" else "torch"
 
 
 class ApiError(Exception):
@@ -423,6 +432,7 @@ def model_info(analyzer, cfg: ServeConfig) -> dict:
         "faceattrs": __version__,
         "source": str(source) if source is not None else cfg.model,
         "backend": analyzer.backend,
+        "dtype": getattr(analyzer.models, "precision", None) or cfg.dtype,
         "heads": {h: list(n) for h, n in models.class_names.items()},
         "temperatures": dict(getattr(models, "temperatures", {}) or {}),
         "age": {"bins": list(models.bin_labels)} if models.bin_labels else None,
@@ -477,7 +487,12 @@ def create_app(cfg: ServeConfig | None = None, analyzer=None) -> FastAPI:
 
         photo = cfgmod.replace(PhotoConfig(), {**cfg.photo, "max_pixels": cfg.max_pixels})
         analyzer = FaceAnalyzer(
-            cfg.model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads, photo=photo
+            cfg.model,
+            backend=cfg.backend,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            threads=cfg.threads,
+            photo=photo,
         )
     worker = ModelWorker(analyzer, cfg)
     info = model_info(analyzer, cfg)
@@ -548,7 +563,10 @@ def create_app(cfg: ServeConfig | None = None, analyzer=None) -> FastAPI:
         for up in uploads:
             check_upload(up, cfg.max_pixels)  # header only: fast
         if explain and getattr(analyzer.models, "model", None) is None:
-            raise ApiError(501, "explanations need the PyTorch model (run folder)")
+            raise ApiError(
+                501,
+                "explanations need the PyTorch model: serve a run folder without --dtype int8",
+            )
         images = await worker.submit(uploads, explain)
         failed = next((im for im in images if "error" in im), None)
         if failed is not None:

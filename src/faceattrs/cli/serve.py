@@ -42,7 +42,13 @@ def add_arguments(p) -> None:
         help="images of waiting requests analysed together (default 8)",
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="torch precision")
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "int8"),
+        default="fp32",
+        help="fp32 (default); bf16: torch autocast; int8: an int8 ONNX export on onnxruntime, "
+        "about 2x faster on CPUs (without --model: the one bundled)",
+    )
     p.add_argument(
         "--threads",
         type=int,
