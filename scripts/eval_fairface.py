@@ -47,14 +47,17 @@ def central(records: list[dict], shape) -> dict:
     return min(records, key=dist)
 
 
-def run(model: str, data: Path, photo_set: list[str], detect: bool, batch_size: int) -> list[dict]:
+def run(
+    model: str, data: Path, photo_set: list[str], detect: bool, batch_size: int, dtype="fp32"
+) -> list[dict]:
     from faceattrs import config as cfgmod
     from faceattrs.photo import PhotoConfig, load_image
     from faceattrs.predict import FaceAnalyzer
 
     truth = json.loads((data / "ground_truth.json").read_text())
     photo = cfgmod.resolve(PhotoConfig, {}, None, photo_set)
-    an = FaceAnalyzer(model, photo=photo, batch_size=batch_size)
+    backend = "onnx" if dtype == "int8" else "torch"
+    an = FaceAnalyzer(model, backend=backend, dtype=dtype, photo=photo, batch_size=batch_size)
     paths = [str(data / t["filename"]) for t in truth]
     records = an.analyze(paths, detect=detect, on_error="record")
     by_file: dict[str, list[dict]] = {}
@@ -204,6 +207,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--no-detect", action="store_true", help="the whole photo is the face")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument(
+        "--dtype",
+        choices=("fp32", "int8"),
+        default="fp32",
+        help="int8: --model is an int8 export (faceattrs export --int8), run on onnxruntime",
+    )
     args = ap.parse_args(argv)
     from faceattrs.exceptions import FaceattrsError
     from faceattrs.io import write_json_atomic, write_text_atomic
@@ -211,7 +220,9 @@ def main(argv=None) -> int:
     try:
         if not (args.data / "ground_truth.json").is_file():
             raise FaceattrsError(f"{args.data}: no ground_truth.json (not a fairface_dev folder)")
-        rows = run(args.model, args.data, args.photo_set, not args.no_detect, args.batch_size)
+        rows = run(
+            args.model, args.data, args.photo_set, not args.no_detect, args.batch_size, args.dtype
+        )
     except FaceattrsError as e:
         print(f"eval_fairface: error: {e}", file=sys.stderr)
         return 2
@@ -220,6 +231,7 @@ def main(argv=None) -> int:
         "model": args.model,
         "photo_set": args.photo_set,
         "detect": not args.no_detect,
+        "dtype": args.dtype,
     }
     out = args.out or Path(args.model) / "fairface"
     out.mkdir(parents=True, exist_ok=True)
