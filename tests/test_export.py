@@ -258,3 +258,22 @@ def test_int8_options_are_one_clear_error(run_dir, export_dir, int8_dir, tmp_pat
     )
     rec = json.loads(capsys.readouterr().out.splitlines()[0])
     assert rec["gender"]["label"] in ("Male", "Female")
+
+
+def test_a_lone_call_runs_on_every_core_with_the_same_answers(export_dir, monkeypatch):
+    """With a pool (one photo: the analyzer's other streams idle) the graph runs on a session
+    with every core; the answers are the stream session's."""
+    import faceattrs.backends as B
+
+    monkeypatch.setattr(B, "cpu_cores", lambda: 2)
+    b = OnnxModels(export_dir, threads=1)
+    faces = np.random.default_rng(4).integers(0, 256, (1, 48, 48), dtype=np.uint8)
+    (lo, ao), (lw, aw) = b.outputs(faces), b.outputs(faces, pool=object())
+    assert b._wide is not None and b._wide is not b.multitask
+    for h in lo:
+        np.testing.assert_allclose(lo[h], lw[h], atol=1e-5)
+    np.testing.assert_allclose(ao["value"], aw["value"], atol=1e-4)
+    monkeypatch.setattr(B, "cpu_cores", lambda: 1)  # one core: nothing to widen
+    one = OnnxModels(export_dir, threads=1)
+    one.outputs(faces, pool=object())
+    assert one._wide is None

@@ -207,7 +207,7 @@ class OnnxBackend:
         """``pool`` given (the analyzer has fewer faces than streams: one photo): the other
         streams are idle, so the multitask graph runs on every core instead of the
         stream's share (a session of its own; torch runs an ensemble's members at once)."""
-        wide = pool is not None and self.threads is not None
+        wide = pool is not None and self.threads is not None and self.threads < cpu_cores()
         session = self._wide_session() if wide else self.multitask
         if not self.shared_age:
             return self._run(faces, list(self.class_names), session), self.age(faces)

@@ -92,9 +92,10 @@ def _load_int8(model, backend: str, age: bool, threads: int | None) -> Backend:
         raise FaceattrsError("int8 runs on the onnx backend (backend='onnx', --backend onnx)")
     bundle = default_int8() if model is None else resolve(model)
     if bundle.precision != "int8":
+        run = bundle.source if bundle.kind == "onnx" else bundle.path
         raise FaceattrsError(
             f"{bundle.path} is not an int8 export: make one with `faceattrs export --int8 "
-            f"--model {bundle.path} --data CSV --out DIR` and pass --model DIR"
+            f"--model {run} --data CSV --out DIR` and pass --model DIR"
         )
     return open_onnx(bundle, age=age, threads=threads)
 
