@@ -180,10 +180,14 @@ def test_damaged_graph_is_one_clear_error(tmp_path, export_dir):
 
 
 @pytest.fixture(scope="module")
-def int8_dir(run_dir, tmp_path_factory) -> Path:
+def csv(tmp_path_factory) -> Path:
     from conftest import tiny_csv
 
-    csv = tiny_csv(tmp_path_factory.mktemp("csv"))
+    return tiny_csv(tmp_path_factory.mktemp("csv"))
+
+
+@pytest.fixture(scope="module")
+def int8_dir(run_dir, csv, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("int8") / "x"
     args = ["export", "--model", str(run_dir), "--out", str(out), "--int8", "--data", str(csv)]
     assert main([*args, "--calib-faces", "32"]) == 0
@@ -277,3 +281,50 @@ def test_a_lone_call_runs_on_every_core_with_the_same_answers(export_dir, monkey
     one = OnnxModels(export_dir, threads=1)
     one.outputs(faces, pool=object())
     assert one._wide is None
+
+
+def test_an_exports_age_model_evaluates_as_the_pytorch_one(run_dir, export_dir):
+    """OnnxAgeModel (what `evaluate --dtype int8` reads) gives predict_all's outputs."""
+    from faceattrs.backends import OnnxAgeModel
+
+    faces = np.random.default_rng(6).integers(0, 256, (9, 48, 48), dtype=np.uint8)
+    torch_age = TorchModels(run_dir).age_model
+    onnx_age = OnnxAgeModel(OnnxModels(export_dir), batch_size=4)  # several batches
+    a, b = torch_age.predict_all(faces), onnx_age.predict_all(faces)
+    assert set(b) == set(a) - {"embedding"}
+    for k in b:
+        np.testing.assert_allclose(a[k], b[k], atol=2e-3, err_msg=k)
+    for k in ("edges", "clip"):
+        np.testing.assert_allclose(getattr(onnx_age, k), getattr(torch_age, k), err_msg=k)
+    for k in ("bin_labels", "routing", "approach", "interval"):
+        assert getattr(onnx_age, k) == getattr(torch_age, k), k
+
+
+def test_evaluate_int8_writes_the_metrics_of_the_export(int8_dir, csv, tmp_path, capsys):
+    out = tmp_path / "ev"
+    argv = ["evaluate", "--model", str(int8_dir), "--dtype", "int8", "--data", str(csv)]
+    assert main([*argv, "--split", "val", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["precision"] == "int8" and m["model"] == str(int8_dir) and m["n"] > 0
+    assert m["age"]["mae_hard"] is not None and m["age"]["direct"] is not None  # both kinds
+    assert (out / "age" / "age_metrics.json").exists() and (out / "confusion_gender.png").exists()
+    capsys.readouterr()
+    for extra, message in (
+        (["--device", "cuda"], "runs on the CPU"),
+        (["--model", str(tmp_path)], "not a model folder"),
+    ):
+        bad = ["evaluate", "--dtype", "int8", "--data", str(csv), "--model", str(int8_dir)]
+        assert main([*bad, *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["evaluate", "--dtype", "int8", "--model", str(int8_dir)]) == 2
+    assert "needs --data" in capsys.readouterr().err
+
+
+def test_evaluate_a_run_calibrated_on_one_head_only(run_dir, csv, tmp_path):
+    """The tiny run has a temperature for ethnicity alone: each head's reliability figure
+    shows the calibrated curve only where there is one (this crashed before)."""
+    out = tmp_path / "ev"
+    argv = ["evaluate", "--model", str(run_dir), "--data", str(csv), "--split", "val"]
+    assert main([*argv, "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert "ece_calibrated" in m["ethnicity"] and "ece_calibrated" not in m["gender"]

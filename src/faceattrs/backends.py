@@ -25,7 +25,7 @@ from .devices import cpu_cores
 from .exceptions import FaceattrsError
 from .inputs import normalise
 from .model import FaceEnsemble, fuse_batchnorm
-from .postprocess import age_prediction
+from .postprocess import age_prediction, route, softmax
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -234,3 +234,55 @@ class OnnxBackend:
             return age_prediction("direct", year_logits=year_logits, point=point, **kw)
         bin_logits, per_bin = self.two_stage.run(None, {"faces": faces})
         return age_prediction("two_stage", bin_logits=bin_logits, per_bin=per_bin, **kw)
+
+
+class OnnxAgeModel:
+    """The age model of an :class:`OnnxBackend` as :func:`faceattrs.age.evaluate_age` reads
+    one (``predict_all`` and the settings), so that an export (int8 included) is evaluated
+    by the same code as a PyTorch age model."""
+
+    def __init__(self, backend: OnnxBackend, batch_size: int = 256):
+        meta = backend.age_meta
+        if meta is None:
+            raise CheckpointError(f"{backend.dir}: this export has no age model")
+        self.backend, self.batch_size, self.meta = backend, batch_size, meta
+        self.edges = [float(e) for e in meta["edges"]]
+        self.bin_labels = list(meta["bin_labels"])
+        self.approach = meta["approach"]
+        self.routing = meta.get("routing") or "soft"
+        self.clip = tuple(float(c) for c in meta["clip"])
+        self.interval = meta.get("interval")
+
+    def predict_all(self, images) -> dict[str, np.ndarray]:
+        """As :meth:`faceattrs.age.AgeModel.predict_all` (without the embedding)."""
+        images = np.ascontiguousarray(images, np.uint8)
+        parts = [
+            self._part(images[i : i + self.batch_size])
+            for i in range(0, len(images), self.batch_size)
+        ]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _part(self, faces: np.ndarray) -> dict[str, np.ndarray]:
+        b, out = self.backend, {}
+        if b.two_stage is not None:
+            bin_logits, per_bin = b.two_stage.run(None, {"faces": faces})
+            probs = softmax(bin_logits)
+            per_bin = np.asarray(per_bin, np.float64)
+            out = {"bin_probabilities": probs, "per_bin": per_bin}
+            for routing in ("hard", "soft"):
+                out[routing] = np.clip(route(probs, per_bin, routing), *self.clip)
+        year_logits = None
+        if b.shared_age:
+            year_logits = b._run(faces, [AGE_HEAD])[AGE_HEAD]
+        elif b.direct is not None:
+            year_logits = b.direct.run(None, {"faces": faces})[0]
+        if year_logits is not None:
+            d = age_prediction(
+                "direct",
+                year_logits=year_logits,
+                edges=self.edges,
+                clip=self.clip,
+                point=self.meta.get("point", "mean"),
+            )
+            out["direct"], out["direct_bin_probabilities"] = d["value"], d["bin_probabilities"]
+        return out

@@ -144,25 +144,33 @@ def evaluate_run(
     n_grid: int = 24,
     seed: int = 0,
     min_group: int = MIN_GROUP,
+    dtype: str = "fp32",
 ) -> dict:
     """Evaluate the run's ``best`` checkpoint on ``faces.subset(split)``; write files to ``out_dir``.
 
     Returns the ``metrics.json`` dict. Probabilities in captions are temperature-scaled
     when the run is calibrated (as prediction will show them); labels, accuracy, F1 and
-    AUC do not depend on the temperature.
+    AUC do not depend on the temperature. ``dtype="int8"``: ``model_dir`` is an int8 ONNX
+    export (None: the one bundled), run on onnxruntime as prediction runs it.
     """
     from .plots import evaluate as plots
 
-    bundle = resolve(model_dir)
-    model_dir, out_dir = bundle.source, Path(out_dir)
-    model, meta = bundle.load_multitask(device)
     sub = faces.subset(split)
     if len(sub) == 0:
         raise FaceattrsError(f"no rows in split {split!r} to evaluate")
-    logits = predict(model, sub.images)
+    age_model = None
+    if dtype == "int8":
+        bundle, logits, age_model = _int8_outputs(model_dir, sub.images)
+        model_dir, names = bundle.path, bundle.heads
+    else:
+        bundle = resolve(model_dir)
+        model, meta = bundle.load_multitask(device)
+        model_dir, names = bundle.source, meta["class_names"]
+        logits = predict(model, sub.images)
+    out_dir = Path(out_dir)
     temps = bundle.temperatures
-    names = meta["class_names"]
     result = {"model": str(model_dir), "split": split, "n": len(sub), "calibrated": bool(temps)}
+    result["precision"] = dtype
     heads = [h for h in bundle.heads if hasattr(sub, h)]  # the heads the data has labels for
     if not heads:
         raise FaceattrsError(f"the data has labels for none of the heads {list(bundle.heads)}")
@@ -172,7 +180,7 @@ def evaluate_run(
     if {"gender", "ethnicity"} <= set(heads):
         result["fairness"] = fairness_report(sub, pred, min_group)
     result["figures"] = _figures(plots, result, sub, logits, temps, names, out_dir, n_grid, seed)
-    age = _evaluate_age(bundle, faces, split, out_dir)
+    age = _evaluate_age(bundle, faces, split, out_dir, age_model)
     if age is not None:
         result["age"] = age
     write_npz(
@@ -206,7 +214,7 @@ def _figures(plots, result, sub, logits, temps, names, out_dir, n_grid, seed) ->
             r.get("reliability_calibrated"),
             out_dir / f"reliability_{head}.png",
             f"{head} reliability (n={r['n']})",
-            (r["ece"], r["ece_calibrated"]) if temps else (r["ece"],),
+            (r["ece"], r["ece_calibrated"]) if "ece_calibrated" in r else (r["ece"],),
         )
     for head in heads:
         if result[head].get("roc") is not None:
@@ -227,15 +235,30 @@ def _figures(plots, result, sub, logits, temps, names, out_dir, n_grid, seed) ->
     return {k: Path(v).name for k, v in figs.items()}
 
 
-def _evaluate_age(bundle, faces: FaceSet, split: str, out_dir: Path):
+def _evaluate_age(bundle, faces: FaceSet, split: str, out_dir: Path, age_model=None):
     """The age model's metrics (``faceattrs.age.evaluate_age``) when the bundle holds one,
     for ``metrics.json["age"]``; its figures land in ``out_dir/age`` where the report
-    finds them. None without an age model."""
+    finds them. None without an age model. ``age_model``: an export's
+    (:class:`faceattrs.backends.OnnxAgeModel`) instead of the bundle's folder."""
     from .age import evaluate_age  # the age stage sits above this one
 
+    if age_model is not None:
+        return evaluate_age(age_model, faces, split, out_dir / "age")
     if bundle.age_dir is None:
         return None
     return evaluate_age(bundle.age_dir, faces, split, out_dir / "age")
+
+
+def _int8_outputs(model, images: np.ndarray, batch: int = 256):
+    """``(bundle, logits per head, age model or None)`` of an int8 export on ``images``."""
+    from .backends import OnnxAgeModel
+    from .predict import load_models
+
+    backend = load_models(model, "onnx", dtype="int8")
+    parts = [backend.logits(images[i : i + batch]) for i in range(0, len(images), batch)]
+    logits = {h: np.concatenate([p[h] for p in parts]) for h in backend.class_names}
+    age = OnnxAgeModel(backend) if backend.age_meta is not None else None
+    return backend.bundle, logits, age
 
 
 def write_npz(path: Path, **arrays) -> None:

@@ -24,7 +24,6 @@ from ..labels import ETHNICITIES, GENDERS
 from ..metrics import classification_report, per_group
 from . import conformal
 from .bins import assign_bins
-from .bundle import AgeModel
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +142,14 @@ def evaluate_age(
 ) -> dict:
     """Evaluate an age model on one split of ``faces``; the dict for ``metrics.json["age"]``.
 
-    ``model``: an :class:`~faceattrs.age.bundle.AgeModel` or a model folder (age run, or a
-    multitask run holding ``age/``). ``split``: 'train', 'val', 'test' or 'all'. With
+    ``model``: an :class:`~faceattrs.age.bundle.AgeModel` (or an object with its
+    ``predict_all`` and settings: :class:`faceattrs.backends.OnnxAgeModel`) or a model
+    folder (age run, or a multitask run holding ``age/``). ``split``: 'train', 'val', 'test' or 'all'. With
     ``out_dir`` it writes ``age_predictions_<split>.npz`` there and, with ``figures``, the
     PNGs (scatter, MAE per bin and per group, bin confusion, captioned grid) plus
     ``age_metrics.json`` next to them.
     """
-    if not isinstance(model, AgeModel):
+    if not hasattr(model, "predict_all"):  # a folder (or a bundle): load its age model
         loaded = load_age_model(model)
         if loaded is None:
             raise CheckpointError(f"{model}: no age model in this bundle")

@@ -48,16 +48,34 @@ def add_arguments(p) -> None:
         help="output folder (default RUN/eval, RUN/eval_SPLIT; ./eval... for the bundled model)",
     )
     p.add_argument("--grid", type=int, default=24, help="faces in the captioned grid (default 24)")
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "int8"),
+        default="fp32",
+        help="int8: evaluate an int8 ONNX export on onnxruntime (without --model: the "
+        "bundled one; --data is then required)",
+    )
 
 
 def run(args) -> int:
     from ..evaluate import default_out, evaluate_run, load_data, resolve_device
 
-    device = resolve_device(args.device)  # checked: one line before any work
+    if args.dtype == "int8":
+        if args.device not in (None, "cpu"):
+            raise FaceattrsError("--dtype int8 runs on the CPU (onnxruntime): leave out --device")
+        device = "cpu"
+        if args.data is None:
+            raise FaceattrsError("--dtype int8 needs --data (an export records no data path)")
+    else:
+        device = resolve_device(args.device)  # checked: one line before any work
     if args.grid < 0:
         raise FaceattrsError(f"--grid must be at least 0, got {args.grid}")
     faces = load_data(args.model, args.data, args.split)
     out = Path(args.out) if args.out else default_out(args.model, "eval", args.split)
-    evaluate_run(args.model, faces, args.split, out, device=device, n_grid=args.grid)
+    if args.dtype == "int8" and not args.out:  # never inside an export folder
+        out = default_out(None, "eval", args.split).with_name(f"{out.name}_int8")
+    evaluate_run(
+        args.model, faces, args.split, out, device=device, n_grid=args.grid, dtype=args.dtype
+    )
     print(out / "metrics.json")
     return 0
