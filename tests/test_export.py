@@ -240,6 +240,8 @@ def test_int8_options_are_one_clear_error(run_dir, export_dir, int8_dir, tmp_pat
          "belong to --int8"),
         (["export", "--model", str(run_dir), "--out", str(tmp_path / "c"), "--int8",
           "--data", "x.csv", "--calib-faces", "3"], "at least 16"),
+        (["export", "--model", str(run_dir), "--out", str(tmp_path / "d"), "--int8",
+          "--data", "x.csv", "--seed", "-1"], "--seed must be at least 0"),
         (["predict", str(face), "--no-detect", "--dtype", "int8", "--backend", "torch"],
          "leave out --backend torch"),
         (["predict", str(face), "--no-detect", "--dtype", "int8", "--model", str(export_dir)],

@@ -70,6 +70,8 @@ def calibration_faces(args) -> dict:
 
     if args.calib_faces < 16:
         raise FaceattrsError(f"--calib-faces must be at least 16, got {args.calib_faces}")
+    if args.seed < 0:
+        raise FaceattrsError(f"--seed must be at least 0, got {args.seed}")
     path = data_path(args.model, args.data)
     if not path.exists():
         hint = "" if args.data is not None else " (the path recorded with the model): pass --data"
@@ -79,6 +81,10 @@ def calibration_faces(args) -> dict:
     if len(idx) == 0:
         raise FaceattrsError(f"{path} has no training rows to calibrate on")
     pick = np.random.default_rng(args.seed).permutation(idx)
+    if len(pick) <= args.calib_faces:
+        log.info(
+            "calibrating on all %d training faces (--calib-faces %d)", len(pick), args.calib_faces
+        )
     calib, check = pick[: args.calib_faces], pick[args.calib_faces : args.calib_faces + 256]
     if len(check) == 0:  # a tiny data set: check on the calibration faces themselves
         check = calib
