@@ -4,7 +4,8 @@ default model, with a provenance file that the tests check.
     python scripts/package_default_model.py --run runs/default --data local/prepared
 
 What it writes (``src/faceattrs/assets/default_model/``, replaced as a whole: the new
-folder is built beside it and renamed into place, so a kill leaves the old or the new one):
+folder is built beside it and swapped into place by ``faceattrs.io.atomic_folder``, so a
+kill, or a failure while building, leaves the old folder or the new one):
 
 - the multitask run's ``best.*``, ``config.json`` and ``calibration.json``;
 - the age run's ``age.json``, ``coarse.*``, ``regressors.safetensors`` (and ``direct.*``
@@ -64,7 +65,7 @@ def check_figures(model_dir: Path, data: Path, n: int, **analyzer) -> dict:
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="multitask run folder with age/")
     ap.add_argument("--data", type=Path, required=True, help="the prepared data it was trained on")
@@ -83,8 +84,8 @@ def main() -> int:
         default="",
         help="where the networks were trained, for the record (default: this machine)",
     )
-    args = ap.parse_args()
-    from faceattrs.prepare import file_sha256
+    args = ap.parse_args(argv)
+    from faceattrs.io import atomic_folder
 
     run, age = args.run, args.age or args.run / "age"
     for f in ("best.json", "best.safetensors", "config.json", "calibration.json"):
@@ -96,8 +97,18 @@ def main() -> int:
             "calibrate a network with its own age head)"
         )
 
-    tmp = DEST.with_name(".default_model.new")
-    shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(DEST) as tmp:  # the old model or the new one, never a mix
+        build(args, run, age, tmp)
+    size = sum(p.stat().st_size for p in DEST.rglob("*") if p.is_file())
+    check = json.loads((DEST / "provenance.json").read_text())["check"]
+    print(f"default model: {DEST} ({size / 1e6:.1f} MB); check {check}")
+    return 0
+
+
+def build(args, run: Path, age: Path, tmp: Path) -> None:
+    """Write the default model's files into the staging folder ``tmp``."""
+    from faceattrs.prepare import file_sha256
+
     (tmp / "age").mkdir(parents=True)
     for f in ("best.json", "best.safetensors", "calibration.json"):
         shutil.copy2(run / f, tmp / f)
@@ -141,16 +152,6 @@ def main() -> int:
         "check": check_figures(tmp, args.data, args.check_n),
     }
     (tmp / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
-
-    old = DEST.with_name(".default_model.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if DEST.exists():
-        DEST.rename(old)
-    tmp.rename(DEST)
-    shutil.rmtree(old, ignore_errors=True)
-    size = sum(p.stat().st_size for p in DEST.rglob("*") if p.is_file())
-    print(f"default model: {DEST} ({size / 1e6:.1f} MB); check {prov['check']}")
-    return 0
 
 
 if __name__ == "__main__":

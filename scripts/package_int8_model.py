@@ -34,13 +34,13 @@ from package_default_model import LICENCE, REPO, check_figures  # noqa: E402
 COMMAND = "python scripts/package_int8_model.py --data PREPARED"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, required=True, help="the default model's training data")
     ap.add_argument("--calib-faces", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check-n", type=int, default=512)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from faceattrs.bundle import DEFAULT_INT8_DIR, DEFAULT_MODEL_DIR, ONNX_MANIFEST
     from faceattrs.export import export_onnx
     from faceattrs.io import atomic_folder
@@ -83,8 +83,10 @@ def main() -> int:
             for f in out.iterdir():
                 shutil.copy2(f, stage / f.name)
     size = sum(p.stat().st_size for p in DEFAULT_INT8_DIR.rglob("*") if p.is_file())
-    rel = DEFAULT_INT8_DIR.relative_to(REPO)
-    print(f"int8 default model: {rel} ({size / 1e6:.1f} MB); check {prov['check']}")
+    shown = DEFAULT_INT8_DIR
+    if shown.is_relative_to(REPO):
+        shown = shown.relative_to(REPO)
+    print(f"int8 default model: {shown} ({size / 1e6:.1f} MB); check {prov['check']}")
     print(f"against PyTorch on 256 other training faces: {manifest['check']}")
     return 0
 
