@@ -26,8 +26,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from package_default_model import LICENCE, REPO, check_figures  # noqa: E402
 
@@ -42,15 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-n", type=int, default=512)
     args = ap.parse_args(argv)
     from faceattrs.bundle import DEFAULT_INT8_DIR, DEFAULT_MODEL_DIR, ONNX_MANIFEST
-    from faceattrs.export import export_onnx
+    from faceattrs.export import calibration_draw, export_onnx
     from faceattrs.io import atomic_folder
     from faceattrs.prepare import load_faces
 
     if not args.data.exists():
         sys.exit(f"package_int8_model: {args.data} does not exist")
     faces = load_faces(args.data)
-    train = np.random.default_rng(args.seed).permutation(faces.indices("train"))
-    calib, check = np.sort(train[: args.calib_faces]), np.sort(train[args.calib_faces :][:256])
+    calib, check = calibration_draw(faces.indices("train"), args.calib_faces, args.seed)
     default_cfg = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
     record = {
         "split": "train",

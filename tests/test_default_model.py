@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from faceattrs import bundle
@@ -58,26 +57,25 @@ def test_python_api_uses_the_default_model():
     assert records and set(records[0]) >= {"gender", "ethnicity", "age", "box"}
 
 
-def test_default_model_reproduces_its_recorded_check(shared_csv):
-    import faceattrs
-    from faceattrs.labels import ETHNICITIES, GENDERS
-    from faceattrs.prepare import load_faces
+def recorded_and_now(folder: Path, shared_csv: Path, **analyzer) -> tuple[dict, dict]:
+    """The check recorded in ``folder/provenance.json`` and the same check computed now
+    (``check_figures`` of the packaging script, on the same first validation faces)."""
+    from conftest import load_script
 
-    check = json.loads((DEFAULT / "provenance.json").read_text())["check"]
-    faces = load_faces(shared_csv)
-    val = faces.take(faces.indices(check["split"])[: check["first_n"]])
-    assert len(val) == check["first_n"]
-    records = faceattrs.FaceAnalyzer().analyze(list(val.images), detect=False)
-    assert len(records) == len(val)
-    gender = np.mean(np.array(GENDERS)[val.gender] == [r["gender"]["label"] for r in records])
-    eth = np.mean(
-        np.array(ETHNICITIES)[val.ethnicity] == [r["ethnicity"]["label"] for r in records]
-    )
-    mae = np.mean(np.abs(np.array([r["age"]["value"] for r in records]) - val.age))
+    check = json.loads((folder / "provenance.json").read_text())["check"]
+    pdm = load_script("package_default_model")
+    now = pdm.check_figures(folder, shared_csv, check["first_n"], **analyzer)
+    assert now["first_n"] == check["first_n"] and now["split"] == check["split"]
+    return check, now
+
+
+def test_default_model_reproduces_its_recorded_check(shared_csv):
+    check, now = recorded_and_now(DEFAULT, shared_csv)
+    n = check["first_n"]
     # Tolerance: another CPU's kernels may flip a borderline face or two.
-    assert gender == pytest.approx(check["gender_accuracy"], abs=3 / len(val))
-    assert eth == pytest.approx(check["ethnicity_accuracy"], abs=3 / len(val))
-    assert mae == pytest.approx(check["age_mae"], abs=0.05)
+    assert now["gender_accuracy"] == pytest.approx(check["gender_accuracy"], abs=3 / n)
+    assert now["ethnicity_accuracy"] == pytest.approx(check["ethnicity_accuracy"], abs=3 / n)
+    assert now["age_mae"] == pytest.approx(check["age_mae"], abs=0.05)
 
 
 def test_commands_without_model_use_the_default(tmp_path):
@@ -145,21 +143,9 @@ def test_predict_sample_photo_int8_without_model(tmp_path):
 
 def test_int8_default_reproduces_its_recorded_check(shared_csv):
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
-    import faceattrs
-    from faceattrs.labels import ETHNICITIES, GENDERS
-    from faceattrs.prepare import load_faces
-
-    check = json.loads((INT8 / "provenance.json").read_text())["check"]
-    faces = load_faces(shared_csv)
-    val = faces.take(faces.indices(check["split"])[: check["first_n"]])
-    an = faceattrs.FaceAnalyzer(backend="onnx", dtype="int8")
-    records = an.analyze(list(val.images), detect=False)
-    gender = np.mean(np.array(GENDERS)[val.gender] == [r["gender"]["label"] for r in records])
-    eth = np.mean(
-        np.array(ETHNICITIES)[val.ethnicity] == [r["ethnicity"]["label"] for r in records]
-    )
-    mae = np.mean(np.abs(np.array([r["age"]["value"] for r in records]) - val.age))
+    check, now = recorded_and_now(INT8, shared_csv, backend="onnx", dtype="int8")
+    n = check["first_n"]
     # int8 kernels differ more between CPUs (VNNI or not) than fp32 ones: a few faces more
-    assert gender == pytest.approx(check["gender_accuracy"], abs=6 / len(val))
-    assert eth == pytest.approx(check["ethnicity_accuracy"], abs=6 / len(val))
-    assert mae == pytest.approx(check["age_mae"], abs=0.15)
+    assert now["gender_accuracy"] == pytest.approx(check["gender_accuracy"], abs=6 / n)
+    assert now["ethnicity_accuracy"] == pytest.approx(check["ethnicity_accuracy"], abs=6 / n)
+    assert now["age_mae"] == pytest.approx(check["age_mae"], abs=0.15)

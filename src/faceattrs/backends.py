@@ -155,20 +155,19 @@ class OnnxBackend:
         m = self.manifest = self.bundle.meta
         self._ort, self.threads = ort, threads
         self.precision = self.bundle.precision
-        session = self._open
         self._wide = None  # the multitask graph on every core, for a lone small call
 
         self.class_names = {h: list(v) for h, v in self.bundle.heads.items()}
         self.temperatures = dict(self.bundle.temperatures)
         self.source = m.get("source")
-        self.multitask = session("multitask")
+        self.multitask = self._open("multitask")
         self.age_meta = self.bundle.age if age else None
         self.bin_labels = self.age_meta["bin_labels"] if self.age_meta else None
         self.shared_age = age and self.bundle.shared_age
         two_stage = self.age_meta and not self.shared_age
-        self.two_stage = session("age_two_stage") if two_stage else None
+        self.two_stage = self._open("age_two_stage") if two_stage else None
         has_direct = self.age_meta and "age_direct" in m["graphs"]
-        self.direct = session("age_direct") if has_direct else None
+        self.direct = self._open("age_direct") if has_direct else None
         self._tmp = None  # a temporary export this backend owns (export.open_onnx)
 
     def _open(self, key: str, threads: int | None = None):

@@ -185,6 +185,15 @@ def _check_out(out: Path) -> None:
         )
 
 
+def calibration_draw(train_idx: np.ndarray, n: int, seed: int, n_check: int = 256):
+    """``(calibration rows, check rows)`` for an int8 export: ``n`` training rows drawn with
+    ``seed``, and up to ``n_check`` other training rows to check the export on (the
+    calibration rows themselves when there are no others). Both sorted."""
+    pick = np.random.default_rng(seed).permutation(train_idx)
+    calib, check = pick[:n], pick[n : n + n_check]
+    return np.sort(calib), np.sort(check if len(check) else calib)
+
+
 def _faces_array(faces, what: str) -> np.ndarray:
     a = np.asarray(faces)
     if a.ndim != 3 or a.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or a.dtype != np.uint8:

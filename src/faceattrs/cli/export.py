@@ -62,10 +62,9 @@ def run(args) -> int:
 def calibration_faces(args) -> dict:
     """``calib_faces`` (training faces) and ``check_faces`` (other training faces) for an
     int8 export, with the record of where they came from."""
-    import numpy as np
-
     from ..evaluate import data_path
     from ..exceptions import FaceattrsError
+    from ..export import calibration_draw
     from ..prepare import load_faces
 
     if args.calib_faces < 16:
@@ -80,21 +79,18 @@ def calibration_faces(args) -> dict:
     idx = faces.indices("train")
     if len(idx) == 0:
         raise FaceattrsError(f"{path} has no training rows to calibrate on")
-    pick = np.random.default_rng(args.seed).permutation(idx)
-    if len(pick) <= args.calib_faces:
+    if len(idx) <= args.calib_faces:
         log.info(
-            "calibrating on all %d training faces (--calib-faces %d)", len(pick), args.calib_faces
+            "calibrating on all %d training faces (--calib-faces %d)", len(idx), args.calib_faces
         )
-    calib, check = pick[: args.calib_faces], pick[args.calib_faces : args.calib_faces + 256]
-    if len(check) == 0:  # a tiny data set: check on the calibration faces themselves
-        check = calib
+    calib, check = calibration_draw(idx, args.calib_faces, args.seed)
     return {
-        "calib_faces": faces.images[np.sort(calib)],
-        "check_faces": faces.images[np.sort(check)],
+        "calib_faces": faces.images[calib],
+        "check_faces": faces.images[check],
         "calibration": {
             "split": "train",
             "data": str(path),
             "seed": args.seed,
-            "check": "other training faces" if len(pick) > args.calib_faces else "the same faces",
+            "check": "other training faces" if len(idx) > args.calib_faces else "the same faces",
         },
     }

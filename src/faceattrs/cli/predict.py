@@ -43,13 +43,7 @@ def add_arguments(p) -> None:
         help="torch (default) or onnx (onnxruntime; the default with --dtype int8)",
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument(
-        "--dtype",
-        choices=("fp32", "bf16", "int8"),
-        default="fp32",
-        help="fp32 (default); bf16: torch autocast; int8: an int8 ONNX export on "
-        "onnxruntime, about 2x faster on CPUs (without --model: the one bundled)",
-    )
+    add_dtype(p)
     p.add_argument(
         "--threads",
         type=int,
@@ -76,6 +70,17 @@ def add_arguments(p) -> None:
         metavar="KEY=VALUE",
         help="a detection / crop setting of faceattrs.photo.PhotoConfig, e.g. min_face=40 "
         "(repeat for more)",
+    )
+
+
+def add_dtype(p) -> None:
+    """``--dtype``, as predict and serve take it."""
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "int8"),
+        default="fp32",
+        help="fp32 (default); bf16: torch autocast; int8: an int8 ONNX export on "
+        "onnxruntime, about 2x faster on CPUs (without --model: the one bundled)",
     )
 
 

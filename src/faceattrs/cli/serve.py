@@ -10,6 +10,7 @@ start-up line gives the URL. Requests go through a bounded queue to one model th
 from __future__ import annotations
 
 from ..inputs import MAX_PIXELS
+from .predict import add_dtype
 
 
 def add_arguments(p) -> None:
@@ -42,13 +43,7 @@ def add_arguments(p) -> None:
         help="images of waiting requests analysed together (default 8)",
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument(
-        "--dtype",
-        choices=("fp32", "bf16", "int8"),
-        default="fp32",
-        help="fp32 (default); bf16: torch autocast; int8: an int8 ONNX export on onnxruntime, "
-        "about 2x faster on CPUs (without --model: the one bundled)",
-    )
+    add_dtype(p)
     p.add_argument(
         "--threads",
         type=int,
