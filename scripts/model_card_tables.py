@@ -5,7 +5,8 @@
 
 Prints the targets of the default model (issue 11) beside the reference's figures and the
 measured value, then per-group tables (gender accuracy, ethnicity recall, age MAE by
-ethnicity, gender and age group) and the age interval's coverage.
+ethnicity, gender and age group), gender accuracy by ethnicity age-standardised and by
+ethnicity and age group, and the age interval's coverage.
 """
 
 from __future__ import annotations
@@ -51,10 +52,44 @@ def group_table(title: str, block: dict, fmt: str = "{:.3f}") -> list[str]:
     return rows + [""]
 
 
-def main() -> int:
+def value(v, fmt: str = "{:.3f}") -> str:
+    return "n/a" if v is None else fmt.format(v)
+
+
+def standardised_table(title: str, block: dict) -> list[str]:
+    """A per-group block of ``metrics.standardised``: each group's value within each stratum
+    and standardised to everyone's mix of strata."""
+    strata = list(block["strata"])
+    weights = ", ".join(f"{k} {w:.3f}" for k, w in block["strata"].items())
+    rows = [
+        f"**{title}** (weights, the strata's shares of all faces: {weights}; largest gap "
+        f"{value(block['max_gap'])})",
+        "",
+        "| group | " + " | ".join(f"{k} (n)" for k in strata) + " | standardised |",
+        "|---|" + "---|" * (len(strata) + 1),
+    ]
+    for name, g in block["groups"].items():
+        cells = [f"{value(c['value'])} ({c['n']})" for c in g["by_stratum"].values()]
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {value(g['value'])} |")
+    return rows + [""]
+
+
+def cross_table(title: str, t: dict) -> list[str]:
+    rows = [f"**{title}** (value, n)", "", "| | " + " | ".join(t["cols"]) + " |",
+            "|---|" + "---|" * len(t["cols"])]  # fmt: skip
+    for name, vals, ns in zip(t["rows"], t["value"], t["n"], strict=True):
+        rows.append(
+            f"| {name} | "
+            + " | ".join(f"{value(v)} ({n})" for v, n in zip(vals, ns, strict=True))
+            + " |"
+        )
+    return rows + [""]
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("metrics", type=Path)
-    m = json.loads(ap.parse_args().metrics.read_text())
+    m = json.loads(ap.parse_args(argv).metrics.read_text())
     out = [
         f"Split: {m['split']}, {m['n']} faces.",
         "",
@@ -79,6 +114,12 @@ def main() -> int:
         out += group_table(
             f"ethnicity recall {what.replace('_', ' ')}", fair["ethnicity_recall"][what]
         )
+    std = fair["gender_accuracy"].get("by_ethnicity_age_standardised")
+    if std:
+        out += standardised_table("gender accuracy by ethnicity, age-standardised", std)
+    cross = m.get("fairness_by_ethnicity_and_age")
+    if cross:
+        out += cross_table("gender accuracy by ethnicity and age group", cross["gender_accuracy"])
     age = m.get("age") or {}
     for key in ("mae_per_ethnicity", "mae_per_gender", "mae_per_age_group"):
         if key in age:

@@ -16,7 +16,14 @@ from faceattrs.checkpoint import load_model, save_checkpoint
 from faceattrs.cli import main
 from faceattrs.dataset import FaceSet
 from faceattrs.engine import predict
-from faceattrs.evaluate import _evaluate_age, captions, data_path, evaluate_run, fairness_report
+from faceattrs.evaluate import (
+    _evaluate_age,
+    captions,
+    data_path,
+    evaluate_run,
+    fairness_cross,
+    fairness_report,
+)
 from faceattrs.exceptions import FaceattrsError
 from faceattrs.model import FaceResNet, ModelConfig
 
@@ -85,6 +92,7 @@ def test_figures_are_written(evaluated):
         "reliability_gender",
         "reliability_ethnicity",
         "fairness",
+        "fairness_by_ethnicity_and_age",
         "faces",
     ):
         path = run / "eval" / m["figures"][name]
@@ -119,6 +127,44 @@ def test_fairness_by_hand():
     # ethnicity recall among females: White 2/2, Black 1/2, Indian 1/1 -> mean 0.8333
     assert f["ethnicity_recall"]["by_gender"]["groups"]["Female"]["value"] == pytest.approx(0.8333)
     assert f["gender_accuracy"]["by_age_group"]["groups"]["20-29"]["n"] == 6
+
+
+def test_age_standardised_gap_removes_what_the_share_of_children_explains():
+    # White: 2 children (one gender right) + 3 adults (all right) -> 0.8
+    # Black: 4 children (two right) + 1 adult (right) -> 0.6; crude gap 0.2
+    faces = synthetic_faceset(10, split=False)
+    faces.ethnicity[:] = [0] * 5 + [1] * 5
+    faces.age[:] = [5, 5, 30, 30, 30, 5, 5, 5, 5, 30]
+    faces.gender[:] = 0
+    pred = {"gender": np.zeros(10, int), "ethnicity": faces.ethnicity.copy()}
+    pred["gender"][[1, 5, 6]] = 1
+    f = fairness_report(faces, pred, min_size=2)["gender_accuracy"]
+    assert f["by_ethnicity"]["max_gap"] == pytest.approx(0.2)
+    std = f["by_ethnicity_age_standardised"]
+    # children are 6 of the 10 faces: both 0.6 x 0.5 + 0.4 x 1 = 0.7
+    assert std["strata"] == {"0-12": 0.6, "13+": 0.4}
+    assert std["groups"]["White"]["value"] == pytest.approx(0.7)
+    assert std["groups"]["Black"]["value"] == pytest.approx(0.7)
+    assert std["max_gap"] == pytest.approx(0.0)
+    assert std["groups"]["Black"]["by_stratum"]["0-12"] == {"value": 0.5, "n": 4}
+    # a group with no child has no standardised value, and stays out of the gap
+    faces.age[5:9] = 30
+    std = fairness_report(faces, pred, min_size=2)["gender_accuracy"][
+        "by_ethnicity_age_standardised"
+    ]
+    assert std["groups"]["Black"]["value"] is None and std["max_gap"] is None
+    cross = fairness_cross(faces, pred)["gender_accuracy"]
+    assert cross["rows"][:2] == ["White", "Black"] and cross["cols"][0] == "0-12"
+    assert cross["n"][0][0] == 2 and cross["value"][0][0] == 0.5
+    assert cross["n"][1][0] == 0 and cross["value"][1][0] is None
+    assert sum(map(sum, cross["n"])) == 10
+
+
+def test_cross_tab_counts_every_test_face(evaluated):
+    _, faces, _, m = evaluated
+    cross = m["fairness_by_ethnicity_and_age"]
+    for t in cross.values():
+        assert sum(map(sum, t["n"])) == len(faces.subset("test"))
 
 
 def test_caption_format_matches_the_reference():

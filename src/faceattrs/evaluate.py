@@ -100,22 +100,42 @@ def head_metrics(y: np.ndarray, logits: np.ndarray, names, temperature: float | 
     return out
 
 
-def fairness_report(faces: FaceSet, pred: dict[str, np.ndarray], min_size: int = MIN_GROUP) -> dict:
-    """Gender accuracy and ethnicity recall (macro over the classes present) per group."""
-    groups = {
-        "by_ethnicity": (np.asarray(ETHNICITIES)[faces.ethnicity], ETHNICITIES),
-        "by_gender": (np.asarray(GENDERS)[faces.gender], GENDERS),
-        "by_age_group": (M.age_groups(faces.age), M.age_group_names()),
-    }
-    tasks = {
+def _fairness_tasks(faces: FaceSet, pred: dict[str, np.ndarray]) -> dict:
+    return {
         "gender_accuracy": (M.accuracy, faces.gender, pred["gender"]),
         "ethnicity_recall": (M.macro_recall, faces.ethnicity, pred["ethnicity"]),
     }
-    return {
-        task: {
+
+
+def fairness_report(faces: FaceSet, pred: dict[str, np.ndarray], min_size: int = MIN_GROUP) -> dict:
+    """Gender accuracy and ethnicity recall (macro over the classes present) per group, and
+    per ethnicity age-standardised (:func:`faceattrs.metrics.standardised` over children
+    0-12 and everyone older): the gap the groups' different share of children leaves out."""
+    ethnicity = np.asarray(ETHNICITIES)[faces.ethnicity]
+    groups = {
+        "by_ethnicity": (ethnicity, ETHNICITIES),
+        "by_gender": (np.asarray(GENDERS)[faces.gender], GENDERS),
+        "by_age_group": (M.age_groups(faces.age), M.age_group_names()),
+    }
+    strata = M.age_groups(faces.age, M.STANDARD_AGE_EDGES)
+    out = {}
+    for task, (fn, y, p) in _fairness_tasks(faces, pred).items():
+        out[task] = {
             name: M.per_group(fn, y, p, g, order, min_size) for name, (g, order) in groups.items()
         }
-        for task, (fn, y, p) in tasks.items()
+        out[task]["by_ethnicity_age_standardised"] = M.standardised(
+            fn, y, p, ethnicity, strata, ETHNICITIES, min_size,
+            M.age_group_names(M.STANDARD_AGE_EDGES),
+        )  # fmt: skip
+    return out
+
+
+def fairness_cross(faces: FaceSet, pred: dict[str, np.ndarray]) -> dict:
+    """Gender accuracy and ethnicity recall in every (ethnicity, age group) cell."""
+    ethnicity, ages = np.asarray(ETHNICITIES)[faces.ethnicity], M.age_groups(faces.age)
+    return {
+        task: M.cross_tab(fn, y, p, ethnicity, ages, ETHNICITIES, M.age_group_names())
+        for task, (fn, y, p) in _fairness_tasks(faces, pred).items()
     }
 
 
@@ -179,6 +199,7 @@ def evaluate_run(
     pred = {h: logits[h].argmax(1) for h in heads}
     if {"gender", "ethnicity"} <= set(heads):
         result["fairness"] = fairness_report(sub, pred, min_group)
+        result["fairness_by_ethnicity_and_age"] = fairness_cross(sub, pred)
     result["figures"] = _figures(plots, result, sub, logits, temps, names, out_dir, n_grid, seed)
     age = _evaluate_age(bundle, faces, split, out_dir, age_model)
     if age is not None:
@@ -222,6 +243,11 @@ def _figures(plots, result, sub, logits, temps, names, out_dir, n_grid, seed) ->
             figs[f"roc_{head}"] = plots.roc(result[head]["roc"], path, f"{head.capitalize()} ROC")
     if "fairness" in result:
         figs["fairness"] = plots.fairness(result["fairness"], out_dir / "fairness.png")
+        figs["fairness_by_ethnicity_and_age"] = plots.fairness_cross(
+            result["fairness_by_ethnicity_and_age"],
+            out_dir / "fairness_by_ethnicity_and_age.png",
+            result["fairness"]["gender_accuracy"]["by_ethnicity"]["min_size"],
+        )
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(sub), size=min(n_grid, len(sub)), replace=False))
     shown = sub.take(pick)

@@ -225,7 +225,10 @@ def _fairness_html(m: dict) -> str:
     for metric, groupings in (m.get("fairness") or {}).items():
         rows = []
         for grouping, res in groupings.items():
-            vals = ", ".join(f"{g} {v['value']:.3f} (n={v['n']})" for g, v in res["groups"].items())
+            vals = ", ".join(
+                f"{g} {'n/a' if v['value'] is None else format(v['value'], '.3f')} (n={v['n']})"
+                for g, v in res["groups"].items()
+            )
             rows.append(
                 [
                     grouping.removeprefix("by_"),

@@ -120,20 +120,28 @@ def fairness(fair: dict, path: Path) -> Path:
             ax, res = axes[r, c], fair[metric][grouping]
             names = list(res["groups"])
             vals = [res["groups"][g]["value"] for g in names]
-            small = [res["groups"][g]["n"] < res["min_size"] for g in names]
-            bars = ax.bar(names, vals, color=["#bbbbbb" if s else f"C{r}" for s in small])
-            for b, g in zip(bars, names, strict=True):
+            small = [
+                res["groups"][g]["n"] < res["min_size"] or v is None
+                for g, v in zip(names, vals, strict=True)
+            ]
+            bars = ax.bar(
+                names,
+                [0.0 if v is None else v for v in vals],
+                color=["#bbbbbb" if s else f"C{r}" for s in small],
+            )
+            for b, g, v in zip(bars, names, vals, strict=True):
                 ax.text(
                     b.get_x() + b.get_width() / 2,
                     b.get_height(),
-                    f"n={res['groups'][g]['n']}",
+                    f"n={res['groups'][g]['n']}" + (" n/a" if v is None else ""),
                     ha="center",
                     va="bottom",
                     fontsize=6,
                 )
             gap = "n/a" if res["max_gap"] is None else f"{res['max_gap']:.3f}"
+            by = grouping.removeprefix("by_").replace("_age_standardised", ", age-standardised")
             ax.set_title(
-                f"{metric.replace('_', ' ')} by {grouping.removeprefix('by_')}\nlargest gap {gap}",
+                f"{metric.replace('_', ' ')} by {by}\nlargest gap {gap}",
                 fontsize=9,
             )
             ax.set_ylim(0, 1.1)
@@ -143,6 +151,33 @@ def fairness(fair: dict, path: Path) -> Path:
         f"grey bars: groups under {min_size} faces, left out of the largest gap", fontsize=9
     )
     fig.subplots_adjust(wspace=0.25, hspace=0.75)  # fixed: tight_layout costs a second draw
+    return save(fig, path)
+
+
+def fairness_cross(cross: dict, path: Path, min_size: int) -> Path:
+    """Heat maps, one per metric: ethnicity (rows) by age group (columns), each cell's value
+    and face count; cells under ``min_size`` faces are hatched (too few to read much into)."""
+    fig, axes = plt.subplots(1, len(cross), squeeze=False, figsize=(5.2 * len(cross), 3.6))
+    for ax, (metric, t) in zip(axes[0], cross.items(), strict=True):
+        vals = np.array([[np.nan if v is None else v for v in row] for row in t["value"]])
+        n = np.array(t["n"])
+        im = ax.imshow(vals, vmin=0.5, vmax=1.0, cmap="viridis", aspect="auto")
+        for i in range(vals.shape[0]):
+            for j in range(vals.shape[1]):
+                text = "-" if n[i, j] == 0 else f"{vals[i, j]:.2f}\nn={n[i, j]}"
+                dark = np.isnan(vals[i, j]) or vals[i, j] < 0.8
+                ax.text(j, i, text, ha="center", va="center", fontsize=6.5,
+                        color="white" if dark else "black")  # fmt: skip
+                if 0 < n[i, j] < min_size:
+                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
+                                               edgecolor="#dddddd", linewidth=0))  # fmt: skip
+        ax.set_xticks(range(len(t["cols"])), t["cols"], fontsize=7)
+        ax.set_yticks(range(len(t["rows"])), t["rows"], fontsize=7)
+        ax.set_xlabel("age group (years)", fontsize=8)
+        ax.set_title(f"{metric.replace('_', ' ')} by ethnicity and age", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(f"hatched: cells under {min_size} faces; -: no face", fontsize=8)
+    fig.subplots_adjust(wspace=0.35, top=0.82, bottom=0.15)
     return save(fig, path)
 
 
