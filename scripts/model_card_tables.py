@@ -40,6 +40,13 @@ def get(m: dict, path):
     return m
 
 
+def interval(m: dict, path) -> list[float] | None:
+    """The 95 % interval ``faceattrs evaluate`` wrote for the figure at ``path``."""
+    if path[0] == "age":
+        return (m.get("age") or {}).get("ci95", {}).get(path[1])
+    return m.get("ci95", {}).get(".".join(path))
+
+
 def group_table(title: str, block: dict, fmt: str = "{:.3f}") -> list[str]:
     rows = [
         f"**{title}** (largest gap {fmt.format(block['max_gap'])})",
@@ -93,18 +100,26 @@ def main(argv: list[str] | None = None) -> int:
     out = [
         f"Split: {m['split']}, {m['n']} faces.",
         "",
-        "| measure | reference | target | measured | met |",
-        "|---|---|---|---|---|",
+        "| measure | reference | target | measured | 95 % interval | met |",
+        "|---|---|---|---|---|---|",
     ]
     for name, path, ref, target, higher in TARGETS:
         try:
             v = get(m, path)
         except (KeyError, TypeError):
-            out.append(f"| {name} | {ref} | {target} | n/a | - |")
+            out.append(f"| {name} | {ref} | {target} | n/a | - | - |")
             continue
         met = v >= target if higher else v <= target
         sign = ">=" if higher else "<="
-        out.append(f"| {name} | {ref} | {sign} {target} | {v:.4g} | {'yes' if met else 'no'} |")
+        ci = interval(m, path)
+        ci = "-" if ci is None else f"{ci[0]:.4g} - {ci[1]:.4g}"
+        out.append(
+            f"| {name} | {ref} | {sign} {target} | {v:.4g} | {ci} | {'yes' if met else 'no'} |"
+        )
+    if "ci95" in m:
+        out += ["", "95 % intervals: percentile bootstrap over the split's faces "
+                f"({m['ci95']['resamples']} resamples; a gap's is that of the difference between "
+                "its two groups)."]  # fmt: skip
     out.append("")
     fair = m["fairness"]
     for what in ("by_ethnicity", "by_gender", "by_age_group"):

@@ -266,6 +266,9 @@ def test_evaluate_age_writes_metrics_and_figures(tmp_path):
     ):
         assert key in m, key
     assert m["n"] == 80 and m["mae"] == m["mae_hard"]  # the toy's default routing is hard
+    for key in ("mae", "default_mae", "cs5", "bin_accuracy"):  # 95 % bootstrap intervals
+        low, high = m["ci95"][key]
+        assert low <= m[key] <= high and low < high, key
     assert sum(b["n"] for b in m["mae_per_bin"].values()) == 80
     assert set(m["mae_per_ethnicity"]["groups"]) == {"White", "Black", "Asian", "Indian", "Other"}
     for name in (

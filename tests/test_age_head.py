@@ -143,6 +143,8 @@ def test_evaluate_reports_the_direct_head(run, faces, tmp_path):
     m = evaluate_age(run, faces, "val", tmp_path / "age")
     assert m["approach"] == "direct" and m["routing"] is None and m["mae_hard"] is None
     assert m["mae"] == m["direct"]["mae"] == m["default_mae"]
+    assert m["ci95"]["mae"] == m["ci95"]["default_mae"]  # the same (direct) predictions
+    assert m["ci95"]["default_mae"][0] <= m["default_mae"] <= m["ci95"]["default_mae"][1]
     assert set(m["mae_per_bin"]["0-17"]) == {"n", "direct"}
     assert 0 <= m["interval"]["coverage"] <= 1
     for png in ("age_scatter", "age_mae_by_bin", "age_mae_by_group", "age_grid"):

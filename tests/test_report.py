@@ -119,6 +119,8 @@ def test_sections_and_numbers(run, page):
         assert section in links.ids, section
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert f"{metrics['gender']['accuracy']:.4g}" in text
+    low, high = metrics["ci95"]["gender.accuracy"]
+    assert f"{low:.4f} - {high:.4f}" in text  # the 95 % interval beside the figure
     clusters = json.loads((run / "errors" / "clusters.json").read_text())
     assert clusters["clusters"][0]["description"] in text
     explained = json.loads((run / "explain" / "misclassified_Indian-Other.json").read_text())

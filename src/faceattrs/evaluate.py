@@ -139,6 +139,46 @@ def fairness_cross(faces: FaceSet, pred: dict[str, np.ndarray]) -> dict:
     }
 
 
+def confidence_intervals(
+    sub: FaceSet,
+    logits: dict[str, np.ndarray],
+    heads: list[str],
+    resamples: int,
+    seed: int = 0,
+    fairness: dict | None = None,
+) -> dict:
+    """95 % intervals of the headline figures, ``{"gender.accuracy": [low, high], ...}``
+    (keys: the figure's path in ``metrics.json``): percentile bootstrap over the faces
+    (:func:`faceattrs.metrics.bootstrap_ci`, ``resamples`` resamples, seeded). A gap's
+    interval is that of the difference between the two groups it names (``gap_between``,
+    kept fixed). The test split has a few thousand faces: a figure within its interval's
+    half-width of a target is not shown to miss it by this split alone, nor to meet it."""
+    out = {"level": 0.95, "resamples": resamples, "method": "percentile bootstrap over faces"}
+
+    def ci(stat, *data):
+        return M.bootstrap_ci(stat, *data, resamples=resamples, seed=seed)
+
+    for head in heads:
+        y, z = getattr(sub, head), logits[head]
+        out[f"{head}.accuracy"] = ci(M.boot_accuracy, y, z.argmax(1))
+        out[f"{head}.macro_f1"] = ci(M.boot_macro_f1, y, z.argmax(1))
+        if z.shape[1] == 2:  # the logit margin ranks faces as the probability does
+            out[f"{head}.auc"] = ci(M.boot_auc, y, z[:, 1] - z[:, 0])
+    if fairness is not None:
+        correct = (logits["gender"].argmax(1) == sub.gender).astype(np.int8)
+        stratum = np.searchsorted(M.STANDARD_AGE_EDGES, sub.age, side="right") - 1
+        for name, stat, data in (
+            ("by_ethnicity", M.boot_pair_gap, (correct, sub.ethnicity)),
+            ("by_ethnicity_age_standardised", M.boot_standardised_pair_gap,
+             (correct, sub.ethnicity, stratum)),
+        ):  # fmt: skip
+            pair = fairness["gender_accuracy"][name]["gap_between"]
+            if pair:
+                low, high = (ETHNICITIES.index(g) for g in pair)
+                out[f"fairness.gender_accuracy.{name}.max_gap"] = ci(stat(low, high), *data)
+    return out
+
+
 def captions(
     probs: dict[str, np.ndarray], faces: FaceSet, names: dict
 ) -> list[list[tuple[str, bool]]]:
@@ -165,6 +205,7 @@ def evaluate_run(
     seed: int = 0,
     min_group: int = MIN_GROUP,
     dtype: str = "fp32",
+    resamples: int = M.BOOTSTRAP_RESAMPLES,
 ) -> dict:
     """Evaluate the run's ``best`` checkpoint on ``faces.subset(split)``; write files to ``out_dir``.
 
@@ -172,6 +213,8 @@ def evaluate_run(
     when the run is calibrated (as prediction will show them); labels, accuracy, F1 and
     AUC do not depend on the temperature. ``dtype="int8"``: ``model_dir`` is an int8 ONNX
     export (None: the one bundled), run on onnxruntime as prediction runs it.
+    ``resamples``: bootstrap resamples of the 95 % intervals (``metrics.json["ci95"]``,
+    and ``["age"]["ci95"]``); 0: none.
     """
     from .plots import evaluate as plots
 
@@ -200,8 +243,12 @@ def evaluate_run(
     if {"gender", "ethnicity"} <= set(heads):
         result["fairness"] = fairness_report(sub, pred, min_group)
         result["fairness_by_ethnicity_and_age"] = fairness_cross(sub, pred)
+    if resamples:
+        result["ci95"] = confidence_intervals(
+            sub, logits, heads, resamples, seed, result.get("fairness")
+        )
     result["figures"] = _figures(plots, result, sub, logits, temps, names, out_dir, n_grid, seed)
-    age = _evaluate_age(bundle, faces, split, out_dir, age_model)
+    age = _evaluate_age(bundle, faces, split, out_dir, age_model, resamples)
     if age is not None:
         result["age"] = age
     write_npz(
@@ -261,7 +308,9 @@ def _figures(plots, result, sub, logits, temps, names, out_dir, n_grid, seed) ->
     return {k: Path(v).name for k, v in figs.items()}
 
 
-def _evaluate_age(bundle, faces: FaceSet, split: str, out_dir: Path, age_model=None):
+def _evaluate_age(
+    bundle, faces: FaceSet, split: str, out_dir: Path, age_model=None, resamples: int = 0
+):
     """The age model's metrics (``faceattrs.age.evaluate_age``) when the bundle holds one,
     for ``metrics.json["age"]``; its figures land in ``out_dir/age`` where the report
     finds them. None without an age model. ``age_model``: an export's
@@ -269,10 +318,10 @@ def _evaluate_age(bundle, faces: FaceSet, split: str, out_dir: Path, age_model=N
     from .age import evaluate_age  # the age stage sits above this one
 
     if age_model is not None:
-        return evaluate_age(age_model, faces, split, out_dir / "age")
+        return evaluate_age(age_model, faces, split, out_dir / "age", resamples=resamples)
     if bundle.age_dir is None:
         return None
-    return evaluate_age(bundle.age_dir, faces, split, out_dir / "age")
+    return evaluate_age(bundle.age_dir, faces, split, out_dir / "age", resamples=resamples)
 
 
 def _int8_outputs(model, images: np.ndarray, batch: int = 256):

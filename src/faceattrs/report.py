@@ -208,9 +208,14 @@ def _metrics_html(m: dict) -> str:
         "ethnicity.ece",
         "ethnicity.ece_calibrated",
     ]
-    rows = [[k, _get(m, k), REFERENCE.get(k)] for k in keys if _get(m, k) is not None]
+    ci = m.get("ci95") or {}
+
+    def interval(k):
+        return "" if ci.get(k) is None else f"{ci[k][0]:.4f} - {ci[k][1]:.4f}"
+
+    rows = [[k, _get(m, k), interval(k), REFERENCE.get(k)] for k in keys if _get(m, k) is not None]
     out = f"<p>split <b>{html.escape(str(m.get('split')))}</b>, n = {m.get('n')}</p>"
-    out += _table(rows, ["metric", "this run", "reference"])
+    out += _table(rows, ["metric", "this run", "95 % interval (bootstrap)", "reference"])
     for head in ("gender", "ethnicity"):
         per = _get(m, f"{head}.per_class") or {}
         rows = [[c, v["precision"], v["recall"], v["f1"], v["support"]] for c, v in per.items()]

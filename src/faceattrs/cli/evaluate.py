@@ -49,6 +49,14 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--grid", type=int, default=24, help="faces in the captioned grid (default 24)")
     p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="resamples of the 95 %% bootstrap intervals in metrics.json's ci95 (default "
+        "1000; 0: none)",
+    )
+    p.add_argument(
         "--dtype",
         choices=("fp32", "int8"),
         default="fp32",
@@ -70,12 +78,21 @@ def run(args) -> int:
         device = resolve_device(args.device)  # checked: one line before any work
     if args.grid < 0:
         raise FaceattrsError(f"--grid must be at least 0, got {args.grid}")
+    if args.bootstrap < 0 or 0 < args.bootstrap < 100:
+        raise FaceattrsError(f"--bootstrap must be 0 (none) or at least 100, got {args.bootstrap}")
     faces = load_data(args.model, args.data, args.split)
     out = Path(args.out) if args.out else default_out(args.model, "eval", args.split)
     if args.dtype == "int8" and not args.out:  # never inside an export folder
         out = default_out(None, "eval", args.split).with_name(f"{out.name}_int8")
     evaluate_run(
-        args.model, faces, args.split, out, device=device, n_grid=args.grid, dtype=args.dtype
+        args.model,
+        faces,
+        args.split,
+        out,
+        device=device,
+        n_grid=args.grid,
+        dtype=args.dtype,
+        resamples=args.bootstrap,
     )
     print(out / "metrics.json")
     return 0
