@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             "|---|---|---|---|",
         ]
         for label, r in iv["per_bin"].items():
-            out.append(f"| {label} | {r['coverage']:.3f} | {r['mean_width']:.1f} | {r['n']} |")
+            cov, width = value(r["coverage"]), value(r["mean_width"], "{:.1f}")
+            out.append(f"| {label} | {cov} | {width} | {r['n']} |")
         out.append("")
     for head in ("gender", "ethnicity"):
         h = m[head]

@@ -120,8 +120,26 @@ def test_predict_with_onnx_backend_matches_torch(run_dir, export_dir, tmp_path):
             assert max(abs(pa[k] - pb[k]) for k in pa) <= 1e-3
     # a run folder works too (exported on the fly), and an export is refused by the torch backend
     assert FaceAnalyzer(run_dir, backend="onnx").analyze(photos[0])[0]["age"] == onnx_recs[0]["age"]
-    with pytest.raises(FaceattrsError, match="use it with --backend onnx"):
+    with pytest.raises(FaceattrsError, match="run the export on onnxruntime"):
         FaceAnalyzer(export_dir)
+
+
+def test_commands_that_need_pytorch_name_the_exports_run_folder(
+    export_dir, run_dir, tmp_path, capsys
+):
+    from conftest import tiny_csv
+
+    from faceattrs.cli import main
+
+    data = str(tiny_csv(tmp_path))
+    for cmd in (
+        ["evaluate", "--data", data, "--split", "all", "--out", str(tmp_path / "e")],
+        ["explain", "--data", data, "--misclassified", "Other", "--out", str(tmp_path / "x")],
+    ):
+        assert main([cmd[0], "--model", str(export_dir), *cmd[1:]]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--backend onnx;" in err, err
+        assert f"pass the run folder it was exported from ({run_dir}" in err, err
 
 
 def test_export_errors(tmp_path, export_dir):

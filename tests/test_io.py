@@ -1,9 +1,11 @@
 """Atomic writes: nothing half-written, shared permissions, checkpoints included."""
 
+import json
 import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from faceattrs import io
@@ -91,3 +93,27 @@ def test_atomic_folder_replaces_whole_or_keeps_the_old(tmp_path, monkeypatch, ex
         (stage / "d").write_text("4")
     assert [p.name for p in target.iterdir()] == ["d"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left
+
+
+def test_json_files_have_null_not_nan(tmp_path):
+    from faceattrs.age.conformal import coverage
+    from faceattrs.io import write_json_atomic
+
+    empty = coverage(np.array([]), np.array([]), np.array([]))  # an age bin with no face
+    assert empty == {"coverage": None, "mean_width": None, "n": 0}
+    obj = {
+        "bin": empty,
+        "nan": float("nan"),
+        "x": [np.float32("nan"), 1.5],
+        "a": np.array([np.nan]),
+    }
+    write_json_atomic(tmp_path / "m.json", obj)
+
+    def refuse(word):
+        raise ValueError(f"not strict JSON: {word}")
+
+    back = json.loads((tmp_path / "m.json").read_text(), parse_constant=refuse)
+    assert back == {"bin": empty, "nan": None, "x": [None, 1.5], "a": [None]}
+    # an infinity keeps its meaning (an unbounded interval), as Python's json writes it
+    write_json_atomic(tmp_path / "i.json", {"half_width": float("inf")})
+    assert json.loads((tmp_path / "i.json").read_text()) == {"half_width": float("inf")}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -139,13 +141,19 @@ def _png_header(w: int, h: int) -> bytes:
     )
 
 
-def test_bad_inputs_raise_clear_errors(tmp_path, monkeypatch):
+@pytest.fixture
+def lifted(monkeypatch):
+    """Pillow's own guard off, as in faceattrs' commands (cli.main) and photo workers."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path, monkeypatch, lifted):
     cases = {
         "not_image.jpg": (b"hello, I am text\n" * 20, "not an image"),
         "empty.png": (b"", "empty file"),
         "truncated.jpg": (encode(pattern(200, 200), "JPEG")[:600], "truncated or corrupt"),
         "big.png": (_png_header(10000, 6000), "60.0 megapixels, over the limit of 50"),
-        "bomb.png": (_png_header(20000, 20000), "more than 179 megapixels, over the limit of 50"),
+        "bomb.png": (_png_header(20000, 20000), "20000x20000 is 400.0 megapixels, over the limit"),
     }
     for name, (data, message) in cases.items():
         (tmp_path / name).write_bytes(data)
@@ -165,6 +173,108 @@ def test_bad_inputs_raise_clear_errors(tmp_path, monkeypatch):
     (tmp_path / "locked.png").write_bytes(encode(pattern(), "PNG"))
     with pytest.raises(PhotoError, match="cannot be read .Permission denied"):
         load_image(tmp_path / "locked.png")
+
+
+def _jpeg_header(w: int, h: int) -> bytes:
+    """A small JPEG whose frame header (SOF) claims ``w`` x ``h`` pixels."""
+    data = bytearray(encode(pattern(16, 16), "JPEG"))
+    i = 2
+    while data[i + 1] != 0xC0:  # walk the marker segments to the baseline frame header
+        i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
+    data[i + 5 : i + 9] = struct.pack(">HH", h, w)
+    return bytes(data)
+
+
+def _over_limit(name, w, h, limit_mp) -> str:
+    """The one message for every image over the pixel limit, whatever its size."""
+    return re.escape(
+        f"{name}: {w}x{h} is {w * h / 1e6:.1f} megapixels, over the limit of {limit_mp} "
+        "(a decompression-bomb guard; raise it with --max-pixels)"
+    )
+
+
+@pytest.mark.parametrize("make", [_png_header, _jpeg_header], ids=["png", "jpeg"])
+def test_pixel_limit_has_one_message_at_any_size(tmp_path, make, lifted):
+    """Headers over Pillow's own bomb limit (179 megapixels) get the project's message too:
+    name, size, megapixels, the limit and how to raise it."""
+    for w, h in ((12000, 9000), (60000, 60000)):
+        path = tmp_path / f"big{w}.img"
+        path.write_bytes(make(w, h))
+        assert Image.open(path).size == (w, h)  # the crafted header reads as intended
+        with pytest.raises(PhotoError, match=_over_limit(path, w, h, 50)):
+            load_image(path)
+        with pytest.raises(PhotoError, match=_over_limit("data", w, h, 100)):
+            load_image(path.read_bytes(), max_pixels=100_000_000)
+    with pytest.raises(PhotoError, match=_over_limit(path, 60000, 60000, 3000)):
+        load_image(path, max_pixels=3_000_000_000)
+
+
+def test_no_limit_and_large_limit_are_not_overruled_by_pillow(tmp_path, lifted):
+    """max_pixels=0 (no limit) or 4e9 lets a 60000x60000 header through to decoding (it
+    holds no pixels, so it then fails as truncated: nothing big is decoded)."""
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header(60000, 60000))
+    for limit in (0, 4_000_000_000):
+        with pytest.raises(PhotoError, match=r"bomb\.png: truncated or corrupt image") as e:
+            load_image(path, max_pixels=limit)
+        assert "limit" not in str(e.value).replace(str(tmp_path), "") and "\n" not in str(e.value)
+    # a real image over a small limit: refused, and decoded when the limit is lifted
+    big = tmp_path / "big.png"
+    Image.fromarray(np.full((1500, 1000), 90, np.uint8)).save(big)
+    with pytest.raises(PhotoError, match=_over_limit(big, 1000, 1500, 1)):
+        extract_faces(big, detect=False, cfg=PhotoConfig(max_pixels=1_000_000))
+    assert load_image(big, max_pixels=0).shape == (1500, 1000)
+    (face,) = extract_faces(big, detect=False, cfg=PhotoConfig(max_pixels=0))
+    assert face.box == (0, 0, 1000, 1500)
+
+
+def test_a_program_keeps_pillows_guard_and_its_refusal_is_one_line(tmp_path, capsys):
+    """Importing faceattrs leaves Pillow's process-wide guard as it was (a program's own
+    image code keeps it); its refusal is one PhotoError naming the file; the command
+    line lifts it while a command runs (--max-pixels is then the limit) and puts it back."""
+    from faceattrs.cli import main
+
+    default = int(1024 * 1024 * 1024 // 4 // 3)  # Pillow's own default
+    assert Image.MAX_IMAGE_PIXELS == default
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header(20000, 20000))  # 400 megapixels: over 2x Pillow's limit
+    with pytest.raises(PhotoError, match="bomb.png: refused by Pillow's own pixel limit"):
+        load_image(path, max_pixels=0)
+    with photo.pillow_limit_lifted():
+        with pytest.raises(PhotoError, match="bomb.png: truncated or corrupt"):
+            load_image(path, max_pixels=0)
+    assert Image.MAX_IMAGE_PIXELS == default
+    rc = main(["predict", str(path), "--max-pixels", "0", "--out", str(tmp_path / "r.jsonl")])
+    error = json.loads((tmp_path / "r.jsonl").read_text())["error"]
+    assert "truncated or corrupt" in error and "Pillow" not in error, error
+    assert rc == 1 and Image.MAX_IMAGE_PIXELS == default  # 1: a photo failed
+
+
+def test_non_finite_float_arrays_are_refused(tmp_path):
+    """NaN or inf pixels are refused (they used to become black or white silently)."""
+    for fill in (np.nan, np.inf, -np.inf):
+        with pytest.raises(PhotoError, match=r"^array: 2304 of 2304 pixels are NaN or infinite"):
+            load_image(np.full((48, 48), fill, np.float32))
+    rgb = np.full((4, 5, 3), 0.5)
+    rgb[1, 2] = (np.nan, np.inf, 0.1)  # one pixel, counted once
+    rgb[3, 4, 0] = np.nan
+    with pytest.raises(PhotoError, match=r"^array: 2 of 20 pixels are NaN or infinite"):
+        load_image(rgb)
+    rgb[3, 4, 0] = 0.5
+    with pytest.raises(PhotoError, match=r"^array: 1 of 20 pixels is NaN or infinite"):
+        load_image(rgb)
+    with pytest.raises(PhotoError, match="NaN or infinite"):  # the analyze(detect=False) path
+        extract_faces(np.full((48, 48), np.nan, np.float32), detect=False)
+    # a float ("F") TIFF with a NaN: refused, naming the file
+    f = np.full((6, 7), 0.25, np.float32)
+    f[2, 3] = np.nan
+    path = tmp_path / "float.tif"
+    Image.fromarray(f, mode="F").save(path)
+    with pytest.raises(PhotoError, match=re.escape(f"{path}: 1 of 42 pixels is NaN")):
+        load_image(path)
+    f[2, 3] = 0.25
+    Image.fromarray(f, mode="F").save(path)
+    assert (load_image(path) == 64).all()  # finite floats still decode
 
 
 # ---------------------------------------------------------------- detection and crops

@@ -454,6 +454,11 @@ def test_cli_csv_annotate_explain(run_dir, photos, tmp_path):
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 2 and rows[0]["gender"] in ("Male", "Female")
     assert {"gender_p_Female", "ethnicity_p_Indian", "age", "age_bin", "age_p_53+"} <= set(rows[0])
+    jsonl = FaceAnalyzer(run_dir).analyze([str(photos[0])])[0]["age"]
+    if "interval" in jsonl:  # the 90 % interval, in two columns
+        assert [float(rows[0]["age_low"]), float(rows[0]["age_high"])] == jsonl["interval"]
+    else:
+        assert rows[0]["age_low"] == rows[0]["age_high"] == ""
     assert (
         abs(sum(float(rows[0][f"ethnicity_p_{e}"]) for e in faceattrs.labels.ETHNICITIES) - 1)
         < 1e-3
@@ -489,3 +494,14 @@ def test_expand_inputs(tmp_path):
         (tmp_path / name).write_bytes(b"")
     found = expand_inputs([tmp_path / "a", str(tmp_path / "*.webp"), str(tmp_path / "q*.png")])
     assert [n for _, n in found] == ["x.JPG", "y.png", "b.webp", "q*.png"]
+
+
+def test_csv_rows_carry_the_age_interval():
+    from faceattrs.predict_files import flat_record
+
+    rec = {"file": "a.jpg", "face": 0, "box": [1, 2, 3, 4], "age": {"value": 31.0, "bin": "29-37",
+           "bin_probabilities": {"29-37": 1.0}, "interval": [24.5, 40.1]}}  # fmt: skip
+    row = flat_record(rec)
+    assert (row["age"], row["age_low"], row["age_high"]) == (31.0, 24.5, 40.1)
+    del rec["age"]["interval"]
+    assert flat_record(rec)["age_low"] is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import re
 import socket
@@ -22,6 +23,7 @@ pytest.importorskip("multipart", reason="serving needs python-multipart (the 'se
 from fastapi.testclient import TestClient  # noqa: E402
 from test_predict import make_run  # noqa: E402  (the same tiny bundle)
 
+from faceattrs.bundle import DEFAULT_MODEL_DIR  # noqa: E402
 from faceattrs.cli import main  # noqa: E402
 from faceattrs.predict import FaceAnalyzer  # noqa: E402
 from faceattrs.serve import (  # noqa: E402
@@ -91,6 +93,7 @@ def assert_error(r, status: int, pattern: str) -> None:
     assert r.status_code == status, r.text
     body = r.json()
     assert set(body) == {"error"} and re.search(pattern, body["error"]), body
+    assert "\n" not in body["error"] and "(none)" not in body["error"]  # one clear line
     assert "Traceback" not in r.text and 'File "' not in r.text
 
 
@@ -154,6 +157,33 @@ def test_health_model_and_docs(client):
     assert client.get("/docs").status_code == 200
 
 
+def test_model_of_the_bundled_ensemble():
+    """The default model is an ensemble of two networks: /model gives each member's epoch
+    and score (best.json), the whole validation split's mean macro-F1 (calibration.json)
+    and, apart, the packaging check (provenance.json), never an empty checkpoint."""
+    best = json.loads((DEFAULT_MODEL_DIR / "best.json").read_text())
+    check = json.loads((DEFAULT_MODEL_DIR / "provenance.json").read_text())["check"]
+    cal = json.loads((DEFAULT_MODEL_DIR / "calibration.json").read_text())
+    with TestClient(create_app(ServeConfig())) as c:
+        m = c.get("/model").json()
+    assert m["source"] == str(DEFAULT_MODEL_DIR.resolve()) and m["backend"] == "torch"
+    members = m["checkpoint"]["members"]
+    assert [(x["epoch"], x["score"]) for x in members] == [
+        (b["epoch"], b["score"]) for b in best["members"]
+    ]
+    assert len(members) == 2 and all(x["epoch"] > 0 and 0.5 < x["score"] < 1 for x in members)
+    metrics = m["metrics"]
+    # the packaging check (512 faces, a check of the files) is apart, never "validation"
+    assert metrics["validation"] == {} and metrics["packaging_check"] == check
+    chosen = "flip" if cal["flip_tta"] else "plain"
+    assert metrics["validation_mean_macro_f1"] == {
+        "value": cal["flip_tta_selection"]["val_score"][chosen],
+        "n": cal["heads"]["gender"]["val"]["n"],
+    }
+    # the ensemble scores above each of its members, on the same split and measure
+    assert metrics["validation_mean_macro_f1"]["value"] > max(x["score"] for x in members)
+
+
 def test_int8_serves_the_bundled_int8_model():
     """--dtype int8: the default model's int8 export through onnxruntime, the same answers'
     form, and /model says so; on another device it is one clear error."""
@@ -162,6 +192,9 @@ def test_int8_serves_the_bundled_int8_model():
     with TestClient(create_app(ServeConfig(dtype="int8"))) as c:
         m = c.get("/model").json()
         assert m["backend"] == "onnx" and m["dtype"] == "int8"
+        # the run it was exported from, resolved (the manifest says "../default_model")
+        assert m["source"] == str(DEFAULT_MODEL_DIR.resolve()) and Path(m["source"]).is_absolute()
+        assert len(m["checkpoint"]["members"]) == 2  # that run's checkpoint
         r = post(c, ("a.jpg", sample.read_bytes(), "image/jpeg"))
         assert r.status_code == 200, r.text
         (face,) = r.json()["images"][0]["faces"]
@@ -209,6 +242,11 @@ def test_bad_images_are_400(client, photos):
     r = post(client, ("ok.jpg", data, "image/jpeg"), ("d.jpg", data[:300], "image/jpeg"))
     assert_error(r, 400, r"^d\.jpg: ")
     assert_error(client.post("/analyze", files={"note": (None, "text")}), 400, "no image")
+    # no body at all (no type either), or an empty body of another type: no image, 400
+    no_body = r"^no image in the request \(empty body\): send multipart/form-data"
+    assert_error(client.post("/analyze"), 400, no_body)
+    empty_json = client.post("/analyze", content=b"", headers={"content-type": "application/json"})
+    assert_error(empty_json, 400, no_body)
     assert_error(
         client.post("/analyze?explain=maybe", content=data, headers={"content-type": "image/jpeg"}),
         400,
@@ -225,7 +263,8 @@ def test_unsupported_types_are_415(client, photos):
     assert_error(post(client, ("v.svg", b"<svg/>", "image/svg+xml")), 415, "image/svg")
     r = client.post("/analyze", content=b'{"a": 1}', headers={"content-type": "application/json"})
     assert_error(r, 415, "application/json")
-    assert_error(client.post("/analyze", content=photos[0].read_bytes()), 415, "content type")
+    no_type = client.post("/analyze", content=photos[0].read_bytes())
+    assert_error(no_type, 415, r"^no Content-Type header: send multipart/form-data")
 
 
 def test_limits_are_413(strict, photos):
@@ -242,6 +281,28 @@ def test_limits_are_413(strict, photos):
     three = [(p.name, p.read_bytes(), "image/jpeg") for p in photos[:3]]
     assert_error(post(strict, *three), 400, "(?i)too many files")
     assert post(strict, *three[:2]).status_code == 200
+
+
+def test_stats_count_every_refused_request(analyzer):
+    """stats.rejected counts each refused POST /analyze (400, 413 both from the header and
+    while streaming, 415), not an analysed one nor another path; busy stays 0."""
+    cfg = ServeConfig(max_upload_bytes=64 * 1024)
+    with TestClient(create_app(cfg, analyzer=analyzer)) as c:
+        assert c.get("/model").json()["stats"]["rejected"] == 0
+        assert_error(c.post("/analyze"), 400, "no image")
+        assert_error(post(c, ("b.jpg", b"not a picture", "image/jpeg")), 400, "not an image")
+        assert_error(post(c, ("n.txt", b"some text", "text/plain")), 415, "text/plain")
+        big = b"x" * (70 * 1024)
+        declared = c.post("/analyze", content=big, headers={"content-type": "image/png"})
+        assert_error(declared, 413, "upload too large")
+        chunks = iter([big[: 40 * 1024], big[40 * 1024 :]])  # no Content-Length: chunked
+        streamed = c.post("/analyze", content=chunks, headers={"content-type": "image/png"})
+        assert_error(streamed, 413, "upload too large")
+        assert post(c, ("grey.png", png(), "image/png")).status_code == 200
+        assert_error(c.get("/analyze"), 405, "Method Not Allowed")  # not an analysis
+        stats = c.get("/model").json()["stats"]
+    assert stats["rejected"] == 5 and stats["busy"] == 0
+    assert stats["requests"] == 1 and stats["images"] == 1
 
 
 def test_unknown_path_and_method_are_json(client):
@@ -351,7 +412,7 @@ def test_full_queue_answers_503_with_retry_after():
 
     results, stats = asyncio.run(scenario())
     busy = [r for r in results if isinstance(r, ApiError)]
-    assert len(busy) == 2 and stats["rejected"] == 2  # 1 running + 2 waiting; 2 refused
+    assert len(busy) == 2 and stats["busy"] == 2  # 1 running + 2 waiting; 2 refused
     assert all(e.status == 503 and e.headers == {"Retry-After": "3"} for e in busy)
     assert [r for r in results if not isinstance(r, ApiError)] == [
         [{"file": "a.png", "faces": [], "reason": "no face found"}]

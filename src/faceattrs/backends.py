@@ -77,9 +77,7 @@ class TorchBackend:
             raise FaceattrsError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         self.bundle = resolve(model)
         if self.bundle.kind == "onnx":
-            raise FaceattrsError(
-                f"{self.bundle.path} is an ONNX export: use it with --backend onnx"
-            )
+            raise FaceattrsError(self.bundle.not_torch())
         self.device, self.dtype = torch.device(device), dtype
         self.model, self.meta = self.bundle.load_multitask(self.device)
         self.class_names = {h: list(v) for h, v in self.bundle.heads.items()}

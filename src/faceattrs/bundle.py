@@ -143,10 +143,20 @@ class Bundle:
             )
         return resolve(src)
 
+    def not_torch(self) -> str:
+        """Why an ONNX export cannot serve where a PyTorch network is needed, and the ways on."""
+        src = self.meta.get("source") and self.source
+        run = f"the run folder it was exported from ({src})" if src else "its run folder"
+        return (
+            f"{self.path} is an ONNX export and this needs the PyTorch network: pass {run}, "
+            "or run the export on onnxruntime (faceattrs predict --backend onnx; "
+            'FaceAnalyzer(backend="onnx"))'
+        )
+
     def load_multitask(self, device: str | torch.device = "cpu") -> tuple[FaceResNet, dict]:
         """The multitask network in eval mode, and its checkpoint settings."""
         if self.checkpoint is None:
-            raise FaceattrsError(f"{self.path} is an ONNX export: use it with --backend onnx")
+            raise FaceattrsError(self.not_torch())
         model, meta = load_model(self.checkpoint, device=device)
         model.flip_tta = self.flip_tta
         return model, meta
@@ -297,6 +307,40 @@ def read_calibration(run_dir: str | Path) -> tuple[dict[str, float], bool]:
         )
         return {}, False
     return temps, flip
+
+
+def recorded_figures(folder: str | Path) -> dict:
+    """The figures a model folder records beyond ``best.json`` (for an ensemble, which has
+    no per-head validation figures of its own): ``validation_mean_macro_f1`` (``{"value",
+    "n"}``: the heads' mean macro-F1 on the whole validation split, from
+    ``calibration.json``, with the flip setting calibrate chose) and ``packaging_check``
+    (``provenance.json``'s check, written when a model is packaged: accuracy on the first
+    512 validation faces, recomputed by a test to show the shipped weights are the ones
+    packaged; a check of the files, not a measure of the model). What is absent is left out.
+    """
+    folder, out = Path(folder), {}
+    cal = _json_or_none(folder / CALIBRATION_FILE) or {}
+    scores = (cal.get("flip_tta_selection") or {}).get("val_score") or {}
+    score = scores.get("flip" if cal.get("flip_tta") else "plain")
+    if isinstance(score, int | float):
+        heads = cal.get("heads") if isinstance(cal.get("heads"), dict) else {}
+        n = next(
+            (v["val"].get("n") for v in heads.values() if isinstance(v.get("val"), dict)), None
+        )
+        out["validation_mean_macro_f1"] = {"value": score, "n": n}
+    check = (_json_or_none(folder / "provenance.json") or {}).get("check")
+    if isinstance(check, dict):
+        out["packaging_check"] = check
+    return out
+
+
+def _json_or_none(path: Path) -> dict | None:
+    """A JSON object from ``path``; None when it is absent, unreadable or not one."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
 
 
 # ---------------------------------------------------------------- the kinds

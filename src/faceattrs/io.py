@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -18,6 +19,8 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,29 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    """``obj`` as JSON, with every NaN as null (``json.dumps`` would write the bare word
+    NaN, which strict parsers refuse; NaN here means "no value", as an empty group's).
+    Infinities stay (Python's json writes and reads them as Infinity): they carry meaning,
+    e.g. the unbounded interval of an age bin calibrated on too few faces."""
+    text = json.dumps(_no_nan(obj), indent=2, sort_keys=False, default=_jsonable)
+    write_text_atomic(path, text + "\n")
+
+
+def _no_nan(obj):
+    """``obj`` with every NaN (Python or numpy, also inside arrays) as None.
+
+    >>> _no_nan({"a": float("nan"), "b": [1.0, np.float32("inf")], "c": np.array([2.0, np.nan])})
+    {'a': None, 'b': [1.0, inf], 'c': [2.0, None]}
+    """
+    if isinstance(obj, dict):
+        return {k: _no_nan(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_no_nan(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _no_nan(obj.tolist())
+    if isinstance(obj, float | np.floating):
+        return None if math.isnan(obj) else float(obj)
+    return obj
 
 
 def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:

@@ -39,7 +39,8 @@ import io
 import logging
 import os
 import threading
-import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,27 @@ from .exceptions import FaceattrsError
 from .inputs import IMAGE_SIZE, MAX_PIXELS
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def pillow_limit_lifted() -> Iterator[None]:
+    """Within: Pillow's process-wide decompression-bomb guard (``PIL.Image.MAX_IMAGE_PIXELS``,
+    checked in ``Image.open`` with its own wording, whatever ``max_pixels`` says) off, so
+    that :func:`load_image`'s own check (``_check_size``: the size read from the header,
+    before any pixel is decoded) is the only limit and ``max_pixels=0`` means no limit.
+
+    For processes faceattrs owns: its commands that decode photos (those with
+    ``--max-pixels``: predict, serve, explain; :func:`faceattrs.cli.main`) and its photo
+    worker processes. A program that imports faceattrs keeps Pillow's guard unless it
+    enters this itself; a refusal by that guard is one :class:`PhotoError` too.
+    """
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
 
 Box = tuple[int, int, int, int]  # x, y, width, height in image pixels
 
@@ -162,9 +184,10 @@ def load_image(src, max_pixels: int | None = None) -> np.ndarray:
     """Decode ``src`` to uint8 ``(H, W)`` (gray) or ``(H, W, 3)`` (RGB), EXIF-oriented.
 
     ``src``: a path, encoded bytes, a PIL image or a numpy array (``(H, W)``,
-    ``(H, W, 1|3|4)``, RGB order; uint8, uint16, bool or float in [0, 1]).
+    ``(H, W, 1|3|4)``, RGB order; uint8, uint16, bool or finite float in [0, 1]).
     Raises :class:`PhotoError` for a missing or unreadable path, an empty, truncated or
-    non-image file, or an image over ``max_pixels`` (default :data:`MAX_PIXELS`).
+    non-image file, an array with NaN or infinite values, or an image over ``max_pixels``
+    (default :data:`MAX_PIXELS`; 0 = no limit), checked from the header before decoding.
     """
     limit = MAX_PIXELS if max_pixels is None else max_pixels
     if isinstance(src, np.ndarray):
@@ -201,31 +224,33 @@ def load_image(src, max_pixels: int | None = None) -> np.ndarray:
 
 
 def _decode(fh, name: str, limit: int) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check ourselves
+    try:
+        im = Image.open(fh)  # reads the header only
+    except UnidentifiedImageError:
+        raise PhotoError(f"{name}: not an image (or a format Pillow cannot read)") from None
+    except Image.DecompressionBombError as e:  # only if other code re-enabled Pillow's guard
+        raise PhotoError(_pillow_guard(name, e)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise PhotoError(f"{name}: truncated or corrupt image ({e})") from None
+    with im:
+        _check_size(im.size, limit, name)  # the only pixel limit, before decoding
         try:
-            im = Image.open(fh)
-        except UnidentifiedImageError:
-            raise PhotoError(f"{name}: not an image (or a format Pillow cannot read)") from None
-        except Image.DecompressionBombError:  # Pillow's own guard, at 2 x MAX_IMAGE_PIXELS
-            pil = 2 * (Image.MAX_IMAGE_PIXELS or 0)
-            why = (
-                f"over the limit of {limit / 1e6:g}"
-                if limit and limit <= pil
-                else ("over Pillow's limit (PIL.Image.MAX_IMAGE_PIXELS)")
-            )
-            raise PhotoError(
-                f"{name}: more than {pil / 1e6:.0f} megapixels, {why} (a decompression-bomb guard)"
-            ) from None
+            im.load()
+        except Image.DecompressionBombError as e:
+            raise PhotoError(_pillow_guard(name, e)) from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise PhotoError(f"{name}: truncated or corrupt image ({e})") from None
-        with im:
-            _check_size(im.size, limit, name)
-            try:
-                im.load()
-            except (OSError, SyntaxError, ValueError, EOFError) as e:
-                raise PhotoError(f"{name}: truncated or corrupt image ({e})") from None
-            return _from_pil(_orient(im, name), name)
+        return _from_pil(_orient(im, name), name)
+
+
+def _pillow_guard(name: str, e: Exception) -> str:
+    """Pillow's own guard refused (a program using faceattrs keeps it: see
+    :func:`pillow_limit_lifted`): one line, saying how to leave the limit to faceattrs."""
+    return (
+        f"{name}: refused by Pillow's own pixel limit (PIL.Image.MAX_IMAGE_PIXELS = "
+        f"{Image.MAX_IMAGE_PIXELS}: {e}); faceattrs' commands leave the limit to "
+        "--max-pixels; a program can with faceattrs.photo.pillow_limit_lifted()"
+    )
 
 
 def _check_size(size: tuple[int, int], limit: int, name: str) -> None:
@@ -280,7 +305,14 @@ def _from_array(a: np.ndarray, name: str) -> np.ndarray:
     elif a.dtype == bool:
         out = a.astype(np.uint8) * 255
     elif a.dtype.kind == "f":
-        a = np.nan_to_num(a.astype(np.float32))
+        bad = ~np.isfinite(a)
+        if bad.any():  # NaN would silently become black, inf white
+            n = int((bad.any(axis=2) if bad.ndim == 3 else bad).sum())
+            raise PhotoError(
+                f"{name}: {n} of {a.shape[0] * a.shape[1]} pixels "
+                f"{'is' if n == 1 else 'are'} NaN or infinite (float pixels must be finite)"
+            )
+        a = a.astype(np.float32)
         peak = float(a.max())
         scale = 255.0 if peak <= 1.0 else (1.0 if peak <= 255.0 else 255.0 / 65535.0)
         out = np.clip(a * scale + 0.5, 0, 255).astype(np.uint8)
@@ -767,6 +799,7 @@ def worker_start() -> None:
     ``photo_workers="processes"``): one OpenCV thread (the process is one of a core's
     workers), and the detector's models loaded before the first photo."""
     cv2.setNumThreads(1)
+    Image.MAX_IMAGE_PIXELS = None  # a faceattrs process: max_pixels is the limit
     if dlib_missing() is None:
         _dlib("hog")
         _dlib("shape")

@@ -77,7 +77,7 @@ def load_models(
 
         return open_onnx(bundle, age=age, threads=threads)
     if bundle.kind == "onnx":
-        raise FaceattrsError(f"{bundle.path} is an ONNX export: use it with --backend onnx")
+        raise FaceattrsError(bundle.not_torch())
     if threads:
         torch.set_num_threads(threads)
     return TorchBackend(bundle, device, dtype, age)

@@ -171,7 +171,8 @@ def record_columns(models) -> list[str]:
     for h in models.class_names:
         cols += [h] + [f"{h}_p_{n}" for n in models.class_names[h]]
     if models.bin_labels:
-        cols += ["age", "age_bin"] + [f"age_p_{b}" for b in models.bin_labels]
+        cols += ["age", "age_low", "age_high", "age_bin"]  # low-high: the 90 % interval
+        cols += [f"age_p_{b}" for b in models.bin_labels]
     return cols + ["error"]
 
 
@@ -183,6 +184,7 @@ def flat_record(rec: dict) -> dict:
         row.update({f"{h}_p_{n}": p for n, p in rec[h]["probabilities"].items()})
     if rec.get("age"):
         row["age"], row["age_bin"] = rec["age"]["value"], rec["age"]["bin"]
+        row["age_low"], row["age_high"] = rec["age"].get("interval") or (None, None)
         row.update({f"age_p_{b}": p for b, p in rec["age"]["bin_probabilities"].items()})
     return row
 

@@ -59,6 +59,10 @@ IMAGE_TYPES = {
 }
 SNIFFED_TYPES = {"", "application/octet-stream"}
 SUPPORTED = "JPEG, PNG, WebP, BMP, TIFF or GIF"
+HOW_TO_SEND = (
+    f"send multipart/form-data with image files, or the image itself with its image/* type "
+    f"({SUPPORTED})"
+)
 TRIM_PIXELS = 4_000_000  # after a batch with more pixels, give freed memory back (glibc)
 
 
@@ -181,6 +185,31 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class CountRejected:
+    """ASGI middleware: counts in ``stats["rejected"]`` every ``POST /analyze`` answered with a
+    refusal: any 4xx (bad input, over a limit, unsupported type), 501 or 503 (queue full),
+    including the 413s the :class:`BodyLimit` inside it answers itself. A 500 (a bug) is not
+    a refusal."""
+
+    def __init__(self, app, stats: dict, path: str = "/analyze"):
+        self.app, self.stats, self.path = app, stats, path
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:
+            return await self.app(scope, receive, send)
+
+        async def counting_send(msg):
+            if msg["type"] == "http.response.start" and refused(msg["status"]):
+                self.stats["rejected"] += 1
+            await send(msg)
+
+        await self.app(scope, receive, counting_send)
+
+
+def refused(status: int) -> bool:
+    return 400 <= status < 500 or status in (501, 503)
+
+
 # ---------------------------------------------------------------- reading and checking
 
 
@@ -204,11 +233,18 @@ async def read_uploads(request: Request, cfg: ServeConfig) -> list[Upload]:
     if media == "application/octet-stream" or media.startswith("image/"):
         name = (request.query_params.get("name") or "upload")[:200]
         return [Upload(name, media, await request.body())]
-    raise ApiError(
-        415,
-        f"unsupported content type {media or '(none)'!r}: send multipart/form-data with image "
-        f"files, or the image itself with its image/* type ({SUPPORTED})",
-    )
+    if not await has_body(request):
+        raise ApiError(400, f"no image in the request (empty body): {HOW_TO_SEND}")
+    what = f"unsupported content type {media!r}" if media else "no Content-Type header"
+    raise ApiError(415, f"{what}: {HOW_TO_SEND}")
+
+
+async def has_body(request: Request) -> bool:
+    """Whether the body has a byte: read up to its first non-empty chunk, no further."""
+    async for chunk in request.stream():
+        if chunk:
+            return True
+    return False
 
 
 def check_upload(up: Upload, max_pixels: int) -> tuple[int, int]:
@@ -294,7 +330,16 @@ class ModelWorker:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="faceattrs-model")
         self.explainer = None
         self._to_explain: list[tuple[dict, np.ndarray]] = []  # (record, 48x48 crop)
-        self.stats = {"requests": 0, "batches": 0, "images": 0, "faces": 0, "rejected": 0}
+        # requests, images and faces analysed, in batches; rejected: POST /analyze refused
+        # (4xx, 501, 503: counted by CountRejected); busy: the 503s of a full queue among them
+        self.stats = {
+            "requests": 0,
+            "batches": 0,
+            "images": 0,
+            "faces": 0,
+            "rejected": 0,
+            "busy": 0,
+        }
 
     def start(self) -> None:
         if self.task is None or self.task.done():
@@ -319,7 +364,7 @@ class ModelWorker:
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
-            self.stats["rejected"] += 1
+            self.stats["busy"] += 1
             raise ApiError(
                 503,
                 f"busy: {self.cfg.queue_size} requests are waiting; retry in "
@@ -424,10 +469,21 @@ class ModelWorker:
 
 
 def model_info(analyzer, cfg: ServeConfig) -> dict:
-    """Heads and classes, age bins, provenance and recorded metrics of the loaded model."""
+    """Heads and classes, age bins, provenance and recorded metrics of the loaded model.
+
+    ``checkpoint`` and ``metrics`` are what the model folder records: for one network,
+    ``best.json``'s epoch, score and validation accuracy / macro-F1 per head; for an
+    ensemble (``faceattrs ensemble``), each member's epoch and score, the whole validation
+    split's mean macro-F1 (``calibration.json``) and the packaging check (``provenance.json``).
+    For an ONNX export, those of the run folder it was exported from, when it is here."""
+    from .bundle import recorded_figures  # the model is loaded: torch is already in
+
     models = analyzer.models
-    meta = getattr(models, "meta", {}) or {}
-    source = getattr(models, "source", None)
+    bundle = getattr(models, "bundle", None)
+    source = bundle.source if bundle is not None else getattr(models, "source", None)
+    if source is not None:
+        source = Path(source).resolve()  # an export's "../run" is relative to the export
+    meta = _checkpoint_meta(models, bundle)
     info = {
         "faceattrs": __version__,
         "source": str(source) if source is not None else cfg.model,
@@ -436,8 +492,8 @@ def model_info(analyzer, cfg: ServeConfig) -> dict:
         "heads": {h: list(n) for h, n in models.class_names.items()},
         "temperatures": dict(getattr(models, "temperatures", {}) or {}),
         "age": {"bins": list(models.bin_labels)} if models.bin_labels else None,
-        "checkpoint": {k: meta[k] for k in ("epoch", "score", "monitor") if k in meta},
-        "metrics": {},
+        "checkpoint": _checkpoint(meta),
+        "metrics": {"validation": _head_metrics(meta.get("val") or {})},
         "limits": {
             "max_upload_bytes": cfg.max_upload_bytes,
             "max_pixels": cfg.max_pixels,
@@ -445,19 +501,52 @@ def model_info(analyzer, cfg: ServeConfig) -> dict:
             "queue_size": cfg.queue_size,
         },
     }
-    val = meta.get("val") or {}
-    info["metrics"]["validation"] = _head_metrics(val)
     if source is not None:
-        test = Path(source) / "eval" / "metrics.json"
-        try:
-            m = json.loads(test.read_text())
-            info["metrics"]["test"] = {"split": m.get("split"), "n": m.get("n")}
-            info["metrics"]["test"].update(_head_metrics(m))
+        if not info["metrics"]["validation"]:  # none in best.json: an ensemble
+            info["metrics"].update(recorded_figures(source))
+        m = _read_json(source / "eval" / "metrics.json")
+        if m:
+            test = info["metrics"]["test"] = {"split": m.get("split"), "n": m.get("n")}
+            test.update(_head_metrics(m))
             if isinstance(m.get("age"), dict) and "mae" in m["age"]:
-                info["metrics"]["test"]["age_mae"] = m["age"]["mae"]
-        except (OSError, ValueError, AttributeError):
-            pass
+                test["age_mae"] = m["age"]["mae"]
     return info
+
+
+def _checkpoint_meta(models, bundle) -> dict:
+    """The multitask checkpoint's settings (``best.json``); for an export, those of the run
+    folder it was exported from ({} when that folder is not here)."""
+    meta = getattr(models, "meta", None)
+    if isinstance(meta, dict):
+        return meta
+    if bundle is not None and bundle.kind == "onnx":
+        try:
+            return bundle.torch_bundle().meta
+        except FaceattrsError:
+            return {}
+    return {}
+
+
+def _checkpoint(meta: dict) -> dict:
+    """One network: its epoch, score and monitor; an ensemble: each member's."""
+    out = {k: meta[k] for k in ("epoch", "score", "monitor") if k in meta}
+    members = meta.get("members")
+    if isinstance(members, list) and members:
+        out["members"] = [
+            {k: m[k] for k in ("run", "epoch", "score") if k in m}
+            for m in members
+            if isinstance(m, dict)
+        ]
+    return out
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON object from ``path``; None when it is absent or not one."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
 
 
 def _head_metrics(d: dict) -> dict:
@@ -511,6 +600,7 @@ def create_app(cfg: ServeConfig | None = None, analyzer=None) -> FastAPI:
     )
     app.state.worker, app.state.analyzer, app.state.config = worker, analyzer, cfg
     app.add_middleware(BodyLimit, max_bytes=cfg.max_upload_bytes)
+    app.add_middleware(CountRejected, stats=worker.stats)  # outside BodyLimit: sees its 413s
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):

@@ -72,11 +72,12 @@ def fit(
 
 
 def coverage(y_true: np.ndarray, low: np.ndarray, high: np.ndarray) -> dict:
-    """Share of true ages inside their interval, and the intervals' mean width (years)."""
+    """Share of true ages inside their interval, and the intervals' mean width (years);
+    both None for no face (JSON's null, as for an empty group elsewhere)."""
     y = np.asarray(y_true, np.float64)
     inside = (y >= low) & (y <= high)
     return {
-        "coverage": round(float(inside.mean()), 4) if len(y) else math.nan,
-        "mean_width": round(float(np.mean(high - low)), 3) if len(y) else math.nan,
+        "coverage": round(float(inside.mean()), 4) if len(y) else None,
+        "mean_width": round(float(np.mean(high - low)), 3) if len(y) else None,
         "n": int(len(y)),
     }

@@ -42,8 +42,15 @@ class CLIError(FaceattrsError):
 DEBUG_HELP = "show the traceback of an error (also FACEATTRS_DEBUG=1)"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with a bad option answered in one line (not the usage block), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="faceattrs", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="faceattrs", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"faceattrs {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
@@ -87,7 +94,12 @@ def _main(argv: list[str] | None) -> int:
     )
     debug = args.debug or os.environ.get("FACEATTRS_DEBUG", "") not in ("", "0")
     try:
-        return int(args._run(args) or 0)
+        if not hasattr(args, "max_pixels"):
+            return int(args._run(args) or 0)
+        from ..photo import pillow_limit_lifted  # a command that decodes photos: its
+
+        with pillow_limit_lifted():  # --max-pixels is the limit, not Pillow's own guard
+            return int(args._run(args) or 0)
     except FaceattrsError as e:
         if debug:
             traceback.print_exc()

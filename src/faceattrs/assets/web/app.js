@@ -26,8 +26,12 @@ async function loadModel() {
     const parts = [`model: ${name}${epoch}`, `heads: ${Object.keys(m.heads).join(", ")}`];
     parts.push(m.age ? `age bins: ${m.age.bins.join(", ")}` : "no age model");
     const val = (m.metrics && m.metrics.validation) || {};
-    const f1 = Object.entries(val).map(([h, v]) => `${h} ${(v.macro_f1 ?? 0).toFixed(2)}`);
+    const f1 = Object.entries(val)
+      .filter(([, v]) => typeof v.macro_f1 === "number")
+      .map(([h, v]) => `${h} ${v.macro_f1.toFixed(2)}`);
     if (f1.length) parts.push(`validation macro-F1: ${f1.join(", ")}`);
+    const mean = m.metrics && m.metrics.validation_mean_macro_f1;
+    if (!f1.length && mean) parts.push(`validation mean macro-F1: ${mean.value.toFixed(3)}`);
     $("#model-info").textContent = parts.join(" · ");
     $("#limits").textContent =
       `JPEG, PNG, WebP, BMP, TIFF or GIF; up to ${mb(limits.max_upload_bytes)} and ` +
