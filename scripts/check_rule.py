@@ -11,7 +11,11 @@ The rule file (JSON) names the incumbent and the bars the candidate must clear. 
 4. times one photo end to end (``FaceAnalyzer.analyze``, fp32) for both, interleaved, the
    median of ``--repeats`` calls each,
 5. checks every bar, prints a table and writes ``OUT/verdict.json`` (each value, each bar,
-   the verdict).
+   the verdict),
+6. beside the verdict (never in it: the bars decide), the candidate-minus-incumbent
+   difference of the score, gender accuracy, ethnicity macro-F1 and age MAE on the same
+   faces, with its 95 % paired bootstrap interval (``differences``): a difference whose
+   interval straddles 0 is within this split's noise.
 
 Run it with nothing else busy on the CPU: the latency bar compares times. Checked on v5
 itself as the candidate (twelfth session): its recorded validation figures come back
@@ -130,6 +134,71 @@ def latencies(models: dict[str, str | None], photo: Path, repeats: int) -> dict[
     return {name: round(statistics.median(t), 2) for name, t in times.items()}
 
 
+def _mean_f1(yg, pg, ye, pe, axis=-1):
+    from faceattrs.metrics import boot_macro_f1
+
+    return (boot_macro_f1(yg, pg, axis=axis) + boot_macro_f1(ye, pe, axis=axis)) / 2
+
+
+def differences(cand_dir: Path, inc_dir: Path, resamples: int = 1000) -> dict[str, dict]:
+    """Candidate minus incumbent on the same validation faces, each with its 95 % paired
+    bootstrap interval (faces resampled with both models' predictions kept together):
+    ``{measure: {"difference", "ci95"}}``, from the two ``evaluate --split val`` folders."""
+    import numpy as np
+
+    from faceattrs import metrics as M
+
+    c, i = (np.load(d / "predictions.npz") for d in (cand_dir, inc_dir))
+    if not np.array_equal(c["index"], i["index"]):
+        raise RuleError(f"{cand_dir} and {inc_dir} hold different faces")
+    yg, ye = c["gender_true"], c["ethnicity_true"]
+    pc = {h: c[f"{h}_logits"].argmax(1) for h in ("gender", "ethnicity")}
+    pi = {h: i[f"{h}_logits"].argmax(1) for h in ("gender", "ethnicity")}
+    stats = {
+        "score": (
+            lambda yg, gc, gi, ye, ec, ei, axis=-1: (
+                _mean_f1(yg, gc, ye, ec, axis) - _mean_f1(yg, gi, ye, ei, axis)
+            ),
+            (yg, pc["gender"], pi["gender"], ye, pc["ethnicity"], pi["ethnicity"]),
+        ),
+        "gender_accuracy": (
+            lambda y, a, b, axis=-1: M.boot_accuracy(y, a, axis) - M.boot_accuracy(y, b, axis),
+            (yg, pc["gender"], pi["gender"]),
+        ),
+        "ethnicity_macro_f1": (
+            lambda y, a, b, axis=-1: M.boot_macro_f1(y, a, axis) - M.boot_macro_f1(y, b, axis),
+            (ye, pc["ethnicity"], pi["ethnicity"]),
+        ),
+    }
+    ages = [_age_predictions(d) for d in (cand_dir, inc_dir)]
+    if all(a is not None for a in ages):
+        (age, ac), (_, ai) = ages
+        stats["age_mae"] = (
+            lambda y, a, b, axis=-1: M.boot_mae(y, a, axis) - M.boot_mae(y, b, axis),
+            (age, ac, ai),
+        )
+    out = {}
+    for name, (stat, data) in stats.items():
+        whole = float(stat(*(np.asarray(x)[None] for x in data))[0])
+        ci = M.bootstrap_ci(stat, *data, resamples=resamples)
+        out[name] = {"difference": round(whole, 4), "ci95": ci}
+    return out
+
+
+def _age_predictions(val_dir: Path):
+    """``(true ages, the model's reported ages)`` of an evaluation, or None without an age
+    model: the direct head's, or the routing's (as ``metrics.json["age"]`` says)."""
+    import numpy as np
+
+    path = val_dir / "age" / "age_predictions_val.npz"
+    age = json.loads((val_dir / "metrics.json").read_text()).get("age")
+    if not path.exists() or not isinstance(age, dict):
+        return None
+    z = np.load(path)
+    key = "direct" if age.get("approach") == "direct" or "hard" not in z else age["routing"]
+    return z["age"], z[key]
+
+
 def judge(bars: list[dict], cand: dict, inc: dict) -> list[dict]:
     """Each bar with the candidate's and incumbent's values and whether it is met."""
     rows = []
@@ -220,10 +289,17 @@ def judge_candidate(args, rule: dict) -> int:
         print(line(m))
     verdict = "adopt" if adopted else "not adopted"
     print(f"verdict: {verdict}")
+    diffs = differences(args.out / "val", args.out / "incumbent_val")
+    print("candidate - incumbent on the same faces (95 % paired bootstrap interval):")
+    for name, d in diffs.items():
+        ci = d["ci95"]
+        span = "-" if ci is None else f"{ci[0]:+.4f} .. {ci[1]:+.4f}"
+        print(f"  {MEASURES[name][1]:<{w}} {d['difference']:+.4f}  [{span}]")
     record = {
         "rule": str(args.rule), "rule_text": rule, "runs": [str(r) for r in args.runs],
         "candidate": str(model), "incumbent": incumbent, "split": "val",
         "measures": {"candidate": cand, "incumbent": inc}, "bars": rows, "verdict": verdict,
+        "differences": diffs,
     }  # fmt: skip
     from faceattrs.io import write_json_atomic
 

@@ -66,7 +66,21 @@ def test_a_met_rule_adopts_and_records_what_it_measured(cr, runs, tmp_path, caps
     f1 = (inc_metrics["gender"]["macro_f1"] + inc_metrics["ethnicity"]["macro_f1"]) / 2
     assert inc["score"] == pytest.approx(f1, abs=1e-4) and inc["score"] != 0.8384
     assert cand["latency_ms"] > 0 and inc["latency_ms"] > 0
-    assert "verdict: adopt" in capsys.readouterr().out
+    # beside the verdict: candidate - incumbent on the same faces, with a paired interval
+    diffs = record["differences"]
+    assert set(diffs) == {"score", "gender_accuracy", "ethnicity_macro_f1", "age_mae"}
+    for name, key in (("gender_accuracy", ("gender", "accuracy")),
+                      ("ethnicity_macro_f1", ("ethnicity", "macro_f1"))):  # fmt: skip
+        want = metrics[key[0]][key[1]] - inc_metrics[key[0]][key[1]]
+        assert diffs[name]["difference"] == pytest.approx(want, abs=2e-4), name
+    assert diffs["age_mae"]["difference"] == pytest.approx(
+        metrics["age"]["mae"] - inc_metrics["age"]["mae"], abs=2e-3
+    )
+    for name, d in diffs.items():
+        low, high = d["ci95"]
+        assert low - 1e-4 <= d["difference"] <= high + 1e-4 and low <= high, name
+    printed = capsys.readouterr().out
+    assert "verdict: adopt" in printed and "paired bootstrap interval" in printed
     assert cr.main([*args, str(a), str(b)]) == 2  # never reuses a candidate folder
 
 
