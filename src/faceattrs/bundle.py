@@ -319,7 +319,7 @@ def recorded_figures(folder: str | Path) -> dict:
     packaged; a check of the files, not a measure of the model). What is absent is left out.
     """
     folder, out = Path(folder), {}
-    cal = _json_or_none(folder / CALIBRATION_FILE) or {}
+    cal = json_or_none(folder / CALIBRATION_FILE) or {}
     scores = (cal.get("flip_tta_selection") or {}).get("val_score") or {}
     score = scores.get("flip" if cal.get("flip_tta") else "plain")
     if isinstance(score, int | float):
@@ -328,13 +328,13 @@ def recorded_figures(folder: str | Path) -> dict:
             (v["val"].get("n") for v in heads.values() if isinstance(v.get("val"), dict)), None
         )
         out["validation_mean_macro_f1"] = {"value": score, "n": n}
-    check = (_json_or_none(folder / "provenance.json") or {}).get("check")
+    check = (json_or_none(folder / "provenance.json") or {}).get("check")
     if isinstance(check, dict):
         out["packaging_check"] = check
     return out
 
 
-def _json_or_none(path: Path) -> dict | None:
+def json_or_none(path: Path) -> dict | None:
     """A JSON object from ``path``; None when it is absent, unreadable or not one."""
     try:
         d = json.loads(path.read_text())

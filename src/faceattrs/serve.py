@@ -476,7 +476,7 @@ def model_info(analyzer, cfg: ServeConfig) -> dict:
     ensemble (``faceattrs ensemble``), each member's epoch and score, the whole validation
     split's mean macro-F1 (``calibration.json``) and the packaging check (``provenance.json``).
     For an ONNX export, those of the run folder it was exported from, when it is here."""
-    from .bundle import recorded_figures  # the model is loaded: torch is already in
+    from .bundle import json_or_none, recorded_figures  # the model is loaded: torch is in
 
     models = analyzer.models
     bundle = getattr(models, "bundle", None)
@@ -504,7 +504,7 @@ def model_info(analyzer, cfg: ServeConfig) -> dict:
     if source is not None:
         if not info["metrics"]["validation"]:  # none in best.json: an ensemble
             info["metrics"].update(recorded_figures(source))
-        m = _read_json(source / "eval" / "metrics.json")
+        m = json_or_none(source / "eval" / "metrics.json")
         if m:
             test = info["metrics"]["test"] = {"split": m.get("split"), "n": m.get("n")}
             test.update(_head_metrics(m))
@@ -538,15 +538,6 @@ def _checkpoint(meta: dict) -> dict:
             if isinstance(m, dict)
         ]
     return out
-
-
-def _read_json(path: Path) -> dict | None:
-    """A JSON object from ``path``; None when it is absent or not one."""
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return d if isinstance(d, dict) else None
 
 
 def _head_metrics(d: dict) -> dict:
