@@ -505,3 +505,28 @@ def test_csv_rows_carry_the_age_interval():
     assert (row["age"], row["age_low"], row["age_high"]) == (31.0, 24.5, 40.1)
     del rec["age"]["interval"]
     assert flat_record(rec)["age_low"] is None
+
+
+def test_a_full_standard_output_is_named_in_the_one_line(monkeypatch, capsys):
+    import errno
+    import io as _io
+    from pathlib import Path
+
+    class Full(_io.StringIO):
+        def write(self, s):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    sample = Path(__file__).resolve().parents[1] / "examples" / "astronaut.jpg"
+    monkeypatch.setattr(sys, "stdout", Full())
+    assert main(["predict", str(sample), "--photo-workers", "threads"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("error: standard output: No space left on device"), err
+
+
+def test_bad_analyze_options_are_one_clear_error(analyzer):
+    face = np.full((48, 48), 128, np.uint8)
+    with pytest.raises(FaceattrsError, match="detect must be True or False, got 'maybe'"):
+        analyzer.analyze(face, detect="maybe")
+    with pytest.raises(FaceattrsError, match="on_error must be"):
+        analyzer.analyze(face, on_error="ignore")
+    assert analyzer.analyze(face, detect=False)[0]["detection"] == "given"

@@ -292,6 +292,8 @@ class FaceAnalyzer:
         """
         if on_error not in ("raise", "record"):
             raise FaceattrsError(f"on_error must be 'raise' or 'record', got {on_error!r}")
+        if not isinstance(detect, bool):  # "no" or "maybe" would read as True
+            raise FaceattrsError(f"detect must be True or False, got {detect!r}")
         single = not isinstance(images, list | tuple)
         items = self.run(
             [images] if single else list(images),

@@ -220,8 +220,19 @@ def record_writer(path: str | os.PathLike | None, models) -> Iterator[Callable[[
         return lambda rec: table.writerow(flat_record(rec))
 
     if path is None:
-        yield writer(sys.stdout)
-        sys.stdout.flush()
+        write = writer(sys.stdout)
+
+        def to_stdout(rec: dict) -> None:
+            try:
+                write(rec)
+            except OSError as e:  # a full disk or a closed pipe: say where it was going
+                raise OSError(e.errno, e.strerror, "standard output") from None
+
+        yield to_stdout
+        try:
+            sys.stdout.flush()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, "standard output") from None
         return
     clean_stale_temps(Path(path).parent, [Path(path).name])  # of a killed run
     # backslashreplace: a non-UTF-8 file name (surrogate escapes) is written as \udcXX
