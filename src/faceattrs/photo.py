@@ -62,8 +62,8 @@ def pillow_limit_lifted() -> Iterator[None]:
     before any pixel is decoded) is the only limit and ``max_pixels=0`` means no limit.
 
     For processes faceattrs owns: its commands that decode photos (those with
-    ``--max-pixels``: predict, serve, explain; :func:`faceattrs.cli.main`) and its photo
-    worker processes. A program that imports faceattrs keeps Pillow's guard unless it
+    ``--max-pixels``: predict, serve, explain; :func:`faceattrs.cli.main`), and so their
+    photo worker processes, which take the parent's setting. A program that imports faceattrs keeps Pillow's guard unless it
     enters this itself; a refusal by that guard is one :class:`PhotoError` too.
     """
     previous = Image.MAX_IMAGE_PIXELS
@@ -794,12 +794,14 @@ def prepare(
     return item
 
 
-def worker_start() -> None:
+def worker_start(pillow_limit: int | None = Image.MAX_IMAGE_PIXELS) -> None:
     """Start of a photo worker process (:class:`faceattrs.predict.FaceAnalyzer` with
     ``photo_workers="processes"``): one OpenCV thread (the process is one of a core's
-    workers), and the detector's models loaded before the first photo."""
+    workers), the parent's Pillow guard (``pillow_limit``: None inside a faceattrs
+    command, Pillow's own in a program that kept it), and the detector's models loaded
+    before the first photo."""
     cv2.setNumThreads(1)
-    Image.MAX_IMAGE_PIXELS = None  # a faceattrs process: max_pixels is the limit
+    Image.MAX_IMAGE_PIXELS = pillow_limit  # photos decode here as in the parent
     if dlib_missing() is None:
         _dlib("hog")
         _dlib("shape")
