@@ -229,7 +229,7 @@ def standardised(
     """
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     groups, strata = np.asarray(groups), np.asarray(strata)
-    levels = [s for s in (strata_order if strata_order is not None else np.unique(strata))]
+    levels = strata_order if strata_order is not None else np.unique(strata)
     levels = [s for s in levels if (strata == s).any()]
     weights = {str(s): (strata == s).mean() for s in levels}
     names = [g for g in (order if order is not None else np.unique(groups)) if (groups == g).any()]
