@@ -294,7 +294,7 @@ def test_intervals_hold_each_reported_figure():
     assert ci["gender.accuracy"][1] - ci["gender.accuracy"][0] > 0.03
 
 
-def test_cli_bootstrap_option(tmp_path, capsys):
+def test_cli_bootstrap_option(tmp_path, capsys, caplog):
     run = tiny_run(tmp_path / "run")
     faces = synthetic_faceset(30, seed=3, split=False)
     write_csv(tmp_path / "d.csv", faces)
@@ -304,8 +304,16 @@ def test_cli_bootstrap_option(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert "--bootstrap must be 0 (none) or at least 100" in err and len(err.splitlines()) == 1
     out = tmp_path / "none"
-    assert main([*base, "--out", str(out), "--grid", "0", "--bootstrap", "0"]) == 0
-    assert "ci95" not in json.loads((out / "metrics.json").read_text())
+    with caplog.at_level("INFO", logger="faceattrs.evaluate"):
+        assert main([*base, "--out", str(out), "--grid", "0", "--bootstrap", "0"]) == 0
+        assert "ci95" not in json.loads((out / "metrics.json").read_text())
+        assert "intervals" not in caplog.text and "gender acc" in caplog.text
+        caplog.clear()
+        assert main([*base, "--out", str(tmp_path / "ci"), "--grid", "0"]) == 0
+    m = json.loads((tmp_path / "ci" / "metrics.json").read_text())
+    low, high = m["ci95"]["gender.accuracy"]
+    # the summary line shows each figure with its interval
+    assert f"gender acc {m['gender']['accuracy']:.4f} ({low:.3f}-{high:.3f})" in caplog.text
 
 
 def test_cli_reports_a_missing_model_in_one_line(tmp_path, capsys):

@@ -259,12 +259,21 @@ def evaluate_run(
         **{f"{h}_true": getattr(sub, h) for h in pred},
     )
     write_json_atomic(out_dir / "metrics.json", result)
+    ci = result.get("ci95") or {}
+
+    def shown(head: str, key: str, label: str) -> str:
+        value, span = result[head].get(key), ci.get(f"{head}.{key}")
+        if value is None:
+            return ""
+        return f" {label} {value:.4f}" + (f" ({span[0]:.3f}-{span[1]:.3f})" if span else "")
+
     scores = " | ".join(
-        f"{h} acc {result[h]['accuracy']:.4f} F1 {result[h]['macro_f1']:.4f}"
-        + (f" AUC {result[h]['auc']}" if "auc" in result[h] else "")
-        for h in heads
-    )
-    log.info("%s (n=%d): %s -> %s", split, len(sub), scores, out_dir / "metrics.json")
+        head + shown(head, "accuracy", "acc") + shown(head, "macro_f1", "F1")
+        + shown(head, "auc", "AUC")
+        for head in heads
+    )  # fmt: skip
+    what = " (95 % intervals in parentheses)" if ci else ""
+    log.info("%s (n=%d)%s: %s -> %s", split, len(sub), what, scores, out_dir / "metrics.json")
     return result
 
 
