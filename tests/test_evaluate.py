@@ -96,6 +96,7 @@ def test_figures_are_written(evaluated):
         "reliability_ethnicity",
         "fairness",
         "fairness_by_ethnicity_and_age",
+        "selective",
         "faces",
     ):
         path = run / "eval" / m["figures"][name]

@@ -200,3 +200,27 @@ def test_largest_gap_names_two_groups_even_when_all_are_equal():
     assert r["max_gap"] == 0.0 and r["gap_between"] == ["a", "b"]
     one = M.per_group(M.accuracy, [1, 1], [1, 1], ["a", "a"])
     assert one["max_gap"] is None and one["gap_between"] is None
+
+
+def test_selective_accuracy_against_a_brute_force_count():
+    rng = np.random.default_rng(3)
+    n = 300
+    y = rng.integers(0, 3, n)
+    logits = rng.normal(0, 1, (n, 3)) + 2.0 * np.eye(3)[y] * rng.random((n, 1))
+    probs = M.softmax(logits)
+    r = M.selective(y, probs, (1.0, 0.8, 0.5, 0.1))
+    conf = probs.max(1)
+    for a in r["at"]:
+        k = int(np.ceil(a["coverage"] * n))
+        kept = np.argsort(-conf, kind="stable")[:k]
+        assert a["n"] == k
+        assert a["accuracy"] == pytest.approx((probs[kept].argmax(1) == y[kept]).mean(), abs=1e-4)
+        assert a["threshold"] == pytest.approx(conf[kept].min(), abs=1e-4)
+    assert r["at"][0]["accuracy"] == pytest.approx(M.accuracy(y, probs.argmax(1)), abs=1e-4)
+    thresholds = [a["threshold"] for a in r["at"]]
+    assert thresholds == sorted(thresholds)  # fewer faces answered, a higher bar
+    # the planted signal makes confident faces more often right
+    assert r["at"][-1]["accuracy"] > r["at"][0]["accuracy"] + 0.1
+    curve = r["curve"]
+    assert len(curve["coverage"]) <= 101 and curve["coverage"][-1] == 1.0
+    assert curve["accuracy"][-1] == r["at"][0]["accuracy"]

@@ -93,6 +93,8 @@ def head_metrics(y: np.ndarray, logits: np.ndarray, names, temperature: float | 
         out["temperature"] = temperature
         out["ece_calibrated"] = expected_calibration_error(scaled, y)
         out["reliability_calibrated"] = reliability_bins(scaled, y)
+    # answering only the most confident faces, ranked by the probabilities users see
+    out["selective"] = M.selective(y, M.softmax(logits, temperature or 1.0))
     if len(names) == 2:
         curve = M.binary_roc(y, probs[:, 1])
         out["auc"] = None if curve is None else round(curve["auc"], 4)
@@ -297,6 +299,9 @@ def _figures(plots, result, sub, logits, temps, names, out_dir, n_grid, seed) ->
         if result[head].get("roc") is not None:
             path = out_dir / f"roc_{head}.png"
             figs[f"roc_{head}"] = plots.roc(result[head]["roc"], path, f"{head.capitalize()} ROC")
+    figs["selective"] = plots.selective(
+        {h: result[h]["selective"] for h in heads}, out_dir / "selective.png"
+    )
     if "fairness" in result:
         figs["fairness"] = plots.fairness(result["fairness"], out_dir / "fairness.png")
         figs["fairness_by_ethnicity_and_age"] = plots.fairness_cross(

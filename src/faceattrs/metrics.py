@@ -285,6 +285,47 @@ def cross_tab(
     return {"rows": list(row_order), "cols": list(col_order), "value": value, "n": count}
 
 
+# ---------------------------------------------------------------- selective prediction
+
+COVERAGES = (1.0, 0.9, 0.8, 0.7, 0.5)  # shares of faces kept, most confident first
+
+
+def selective(
+    y_true: Sequence[int], probs: np.ndarray, coverages: Sequence[float] = COVERAGES
+) -> dict:
+    """Accuracy when only the most confident faces are answered (selective prediction):
+    faces ranked by their top probability, the first ``ceil(c * n)`` kept for each share
+    ``c``. ``{"at": [{"coverage", "threshold", "accuracy", "n"}], "curve": {"coverage",
+    "accuracy"}}``; ``threshold`` is the lowest kept confidence (a user answering only
+    faces at or above it keeps about that share on data like this), ``curve`` the
+    accuracy at every share, thinned to at most 101 points, for the figure.
+
+    >>> r = selective([0, 1, 1, 0], np.array([[.9, .1], [.2, .8], [.6, .4], [.45, .55]]))
+    >>> [(a["coverage"], a["threshold"], a["accuracy"]) for a in r["at"]][:3]
+    [(1.0, 0.55, 0.5), (0.9, 0.55, 0.5), (0.8, 0.55, 0.5)]
+    >>> r["at"][-1]  # the two most confident faces (0.9, 0.8): both right
+    {'coverage': 0.5, 'threshold': 0.8, 'accuracy': 1.0, 'n': 2}
+    """
+    y, probs = np.asarray(y_true), np.asarray(probs)
+    conf = probs.max(1)
+    order = np.argsort(-conf, kind="stable")
+    right = (probs.argmax(1) == y)[order]
+    n = len(y)
+    if n == 0:
+        return {"at": [], "curve": {"coverage": [], "accuracy": []}}
+    running = np.cumsum(right) / np.arange(1, n + 1)  # accuracy of the k most confident
+    at = []
+    for c in coverages:
+        k = max(1, int(np.ceil(c * n - 1e-9)))
+        at.append(
+            {"coverage": float(c), "threshold": _r(conf[order][k - 1]),
+             "accuracy": _r(running[k - 1]), "n": k}
+        )  # fmt: skip
+    ks = np.unique(np.linspace(1, n, min(n, 101)).round().astype(int))
+    curve = {"coverage": [_r(k / n) for k in ks], "accuracy": [_r(running[k - 1]) for k in ks]}
+    return {"at": at, "curve": curve}
+
+
 # ---------------------------------------------------------------- uncertainty
 
 BOOTSTRAP_RESAMPLES = 1000  # faceattrs evaluate --bootstrap

@@ -105,6 +105,26 @@ def reliability(before: dict, after: dict | None, path: Path, title: str, ece=No
     return save(fig, path)
 
 
+def selective(sel: dict, path: Path) -> Path:
+    """Accuracy against the share of faces answered (the most confident first), one line
+    per head, the listed shares marked with their confidence threshold."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for i, (head, r) in enumerate(sel.items()):
+        ax.plot(r["curve"]["coverage"], r["curve"]["accuracy"], c=f"C{i}", label=head)
+        for a in r["at"]:
+            ax.plot(a["coverage"], a["accuracy"], "o", c=f"C{i}", ms=3)
+            ax.annotate(f"p>={a['threshold']:.2f}", (a["coverage"], a["accuracy"]),
+                        textcoords="offset points", xytext=(2, 4), fontsize=6, c=f"C{i}")  # fmt: skip
+    ax.set(xlim=(0, 1.02), xlabel="share of faces answered (most confident first)",
+           ylabel="accuracy on the faces answered")  # fmt: skip
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title("answering only confident faces (calibrated probabilities)", fontsize=9)
+    fig.tight_layout()
+    return save(fig, path)
+
+
 def fairness(fair: dict, path: Path) -> Path:
     """Bars per group: one row per metric, one column per grouping; the largest gap in titles."""
     metrics = list(fair)
