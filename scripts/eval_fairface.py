@@ -118,6 +118,13 @@ def summarise(rows: list[dict]) -> dict:
             )
     for s in ("Male", "Female"):
         res["by_gender"][s] = stats([r for r in rows if r["gender"] == s])
+    found = [r for r in rows if "p_female" in r]
+    if found:  # answering only the most confident photos (gender), as evaluate's "selective"
+        from faceattrs.metrics import selective
+
+        y = np.array([r["gender"] == "Female" for r in found], int)
+        p = np.array([r["p_female"] for r in found])
+        res["gender_selective"] = selective(y, np.stack([1 - p, p], 1))
     if has_age:
         conf = np.zeros((len(GROUPS), len(GROUPS)), int)
         for r in rows:

@@ -52,6 +52,19 @@ def test_summary_counts_missing_faces_as_wrong(ev, tmp_path):
     assert md.count("\n") == 2 + 9 + 1 and "| **all** | 4 | 75.0 | 50.0 |" in md
     ev.plot(res, tmp_path / "f.png", "test")
     assert (tmp_path / "f.png").stat().st_size > 1000
+    assert "gender_selective" not in res  # no probabilities recorded
+
+
+def test_summary_answers_the_confident_photos_first(ev):
+    rows = [  # p(Female) 0.9 right, 0.2 right, 0.6 wrong (a man called Female)
+        {"gender": "Female", "age": "20-29", "faces": 1, "pred_gender": "Female", "p_female": 0.9},
+        {"gender": "Male", "age": "20-29", "faces": 1, "pred_gender": "Male", "p_female": 0.2},
+        {"gender": "Male", "age": "20-29", "faces": 1, "pred_gender": "Female", "p_female": 0.6},
+        {"gender": "Female", "age": "70+", "faces": 0},  # no face: not ranked
+    ]
+    at = {a["coverage"]: a for a in ev.summarise(rows)["gender_selective"]["at"]}
+    assert at[1.0]["n"] == 3 and at[1.0]["accuracy"] == pytest.approx(2 / 3, abs=1e-4)
+    assert at[0.5]["n"] == 2 and at[0.5]["accuracy"] == 1.0 and at[0.5]["threshold"] == 0.8
 
 
 def test_central_face(ev):
