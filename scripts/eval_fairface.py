@@ -78,9 +78,12 @@ def run(
     return rows
 
 
-def summarise(rows: list[dict]) -> dict:
+def summarise(rows: list[dict], thresholds: dict | None = None) -> dict:
     """Found rate, gender accuracy and age-group accuracy (of all photos), overall and per
-    age group x gender; plus the share of photos called Female and the age confusion."""
+    age group x gender; plus the share of photos called Female and the age confusion; and
+    for the photos with a face, gender accuracy when only the most confident are answered
+    (``gender_selective``), also above each of ``thresholds`` (``{"from": where they were
+    read, "values": [p, ...]}``, e.g. the test split's: how they carry over)."""
     has_age = any("pred_group" in r for r in rows)
 
     def stats(sel: list[dict]) -> dict:
@@ -125,6 +128,17 @@ def summarise(rows: list[dict]) -> dict:
         y = np.array([r["gender"] == "Female" for r in found], int)
         p = np.array([r["p_female"] for r in found])
         res["gender_selective"] = selective(y, np.stack([1 - p, p], 1))
+        if thresholds:
+            conf, right = np.maximum(p, 1 - p), (p > 0.5) == y
+            res["gender_selective"]["above"] = {
+                "from": thresholds["from"],
+                "rows": [
+                    {"threshold": t, "share": round(float((conf >= t).mean()), 4),
+                     "accuracy": round(float(right[conf >= t].mean()), 4) if (conf >= t).any() else None,
+                     "n": int((conf >= t).sum())}
+                    for t in thresholds["values"]
+                ],
+            }  # fmt: skip
     if has_age:
         conf = np.zeros((len(GROUPS), len(GROUPS)), int)
         for r in rows:
@@ -220,11 +234,28 @@ def main(argv=None) -> int:
         default="fp32",
         help="int8: --model is an int8 export (faceattrs export --int8), run on onnxruntime",
     )
+    ap.add_argument(
+        "--thresholds-from",
+        type=Path,
+        metavar="METRICS",
+        help="a metrics.json of faceattrs evaluate: how its gender confidence thresholds "
+        "(gender.selective) carry over to these photos",
+    )
     args = ap.parse_args(argv)
     from faceattrs.exceptions import FaceattrsError
     from faceattrs.io import write_json_atomic, write_text_atomic
 
     try:
+        thresholds = None
+        if args.thresholds_from is not None:
+            try:
+                at = json.loads(args.thresholds_from.read_text())["gender"]["selective"]["at"]
+                values = [float(a["threshold"]) for a in at]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise FaceattrsError(
+                    f"--thresholds-from {args.thresholds_from}: no gender.selective ({e})"
+                ) from None
+            thresholds = {"from": str(args.thresholds_from), "values": values}
         if not (args.data / "ground_truth.json").is_file():
             raise FaceattrsError(f"{args.data}: no ground_truth.json (not a fairface_dev folder)")
         rows = run(
@@ -233,7 +264,7 @@ def main(argv=None) -> int:
     except FaceattrsError as e:
         print(f"eval_fairface: error: {e}", file=sys.stderr)
         return 2
-    res = summarise(rows)
+    res = summarise(rows, thresholds)
     res["settings"] = {
         "model": args.model,
         "photo_set": args.photo_set,

@@ -62,9 +62,21 @@ def test_summary_answers_the_confident_photos_first(ev):
         {"gender": "Male", "age": "20-29", "faces": 1, "pred_gender": "Female", "p_female": 0.6},
         {"gender": "Female", "age": "70+", "faces": 0},  # no face: not ranked
     ]
-    at = {a["coverage"]: a for a in ev.summarise(rows)["gender_selective"]["at"]}
+    sel = ev.summarise(rows, {"from": "m.json", "values": [0.5, 0.7, 0.95]})["gender_selective"]
+    at = {a["coverage"]: a for a in sel["at"]}
     assert at[1.0]["n"] == 3 and at[1.0]["accuracy"] == pytest.approx(2 / 3, abs=1e-4)
     assert at[0.5]["n"] == 2 and at[0.5]["accuracy"] == 1.0 and at[0.5]["threshold"] == 0.8
+    # thresholds read elsewhere: confidences 0.9, 0.8, 0.6
+    above = [(r["threshold"], r["n"], r["accuracy"]) for r in sel["above"]["rows"]]
+    assert above == [(0.5, 3, pytest.approx(0.6667, abs=1e-4)), (0.7, 2, 1.0), (0.95, 0, None)]
+
+
+def test_thresholds_from_a_file_without_them_is_one_line(ev, tmp_path, capsys):
+    (tmp_path / "m.json").write_text("{}")
+    rc = ev.main(
+        ["--model", "x", "--data", str(tmp_path), "--thresholds-from", str(tmp_path / "m.json")]
+    )
+    assert rc == 2 and "no gender.selective" in capsys.readouterr().err
 
 
 def test_central_face(ev):
