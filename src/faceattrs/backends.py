@@ -252,12 +252,7 @@ class OnnxAgeModel:
 
     def predict_all(self, images) -> dict[str, np.ndarray]:
         """As :meth:`faceattrs.age.AgeModel.predict_all` (without the embedding)."""
-        images = np.ascontiguousarray(images, np.uint8)
-        parts = [
-            self._part(images[i : i + self.batch_size])
-            for i in range(0, len(images), self.batch_size)
-        ]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return in_batches(self._part, np.ascontiguousarray(images, np.uint8), self.batch_size)
 
     def _part(self, faces: np.ndarray) -> dict[str, np.ndarray]:
         b, out = self.backend, {}
@@ -283,3 +278,9 @@ class OnnxAgeModel:
             )
             out["direct"], out["direct_bin_probabilities"] = d["value"], d["bin_probabilities"]
         return out
+
+
+def in_batches(fn, images: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+    """``fn`` (faces -> ``{name: array}``) over ``images`` ``batch`` at a time, joined."""
+    parts = [fn(images[i : i + batch]) for i in range(0, len(images), batch)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -168,7 +168,7 @@ def confidence_intervals(
             out[f"{head}.auc"] = ci(M.boot_auc, y, z[:, 1] - z[:, 0])
     if fairness is not None:
         correct = (logits["gender"].argmax(1) == sub.gender).astype(np.int8)
-        stratum = np.searchsorted(M.STANDARD_AGE_EDGES, sub.age, side="right") - 1
+        stratum = M.age_group_codes(sub.age, M.STANDARD_AGE_EDGES)
         for name, stat, data in (
             ("by_ethnicity", M.boot_pair_gap, (correct, sub.ethnicity)),
             ("by_ethnicity_age_standardised", M.boot_standardised_pair_gap,
@@ -340,12 +340,11 @@ def _evaluate_age(
 
 def _int8_outputs(model, images: np.ndarray, batch: int = 256):
     """``(bundle, logits per head, age model or None)`` of an int8 export on ``images``."""
-    from .backends import OnnxAgeModel
+    from .backends import OnnxAgeModel, in_batches
     from .predict import load_models
 
     backend = load_models(model, "onnx", dtype="int8")
-    parts = [backend.logits(images[i : i + batch]) for i in range(0, len(images), batch)]
-    logits = {h: np.concatenate([p[h] for p in parts]) for h in backend.class_names}
+    logits = in_batches(backend.logits, images, batch)
     age = OnnxAgeModel(backend) if backend.age_meta is not None else None
     return backend.bundle, logits, age
 

@@ -154,8 +154,17 @@ def age_groups(age: Sequence[int], edges: Sequence[int] = AGE_GROUP_EDGES) -> np
     >>> age_groups([5, 12, 13, 29, 30, 60, 99], (0, 13, 30, 60)).tolist()
     ['0-12', '0-12', '13-29', '13-29', '30-59', '60+', '60+']
     """
+    return np.asarray(age_group_names(edges), dtype=object)[age_group_codes(age, edges)]
+
+
+def age_group_codes(age: Sequence[int], edges: Sequence[int] = AGE_GROUP_EDGES) -> np.ndarray:
+    """Ages in years -> the index of their group (as :func:`age_groups` names them).
+
+    >>> age_group_codes([5, 12, 13, 70], (0, 13)).tolist()
+    [0, 0, 1, 1]
+    """
     idx = np.searchsorted(np.asarray(edges), np.asarray(age), side="right") - 1
-    return np.asarray(age_group_names(edges), dtype=object)[np.clip(idx, 0, len(edges) - 1)]
+    return np.clip(idx, 0, len(edges) - 1)
 
 
 def per_group(

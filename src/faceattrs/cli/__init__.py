@@ -7,6 +7,7 @@ functions (``run(args) -> exit status``); the work itself lives in the stage mod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -94,11 +95,11 @@ def _main(argv: list[str] | None) -> int:
     )
     debug = args.debug or os.environ.get("FACEATTRS_DEBUG", "") not in ("", "0")
     try:
-        if not hasattr(args, "max_pixels"):
-            return int(args._run(args) or 0)
-        from ..photo import pillow_limit_lifted  # a command that decodes photos: its
+        guard = contextlib.nullcontext
+        if hasattr(args, "max_pixels"):  # a command that decodes photos: its --max-pixels
+            from ..photo import pillow_limit_lifted as guard  # is the limit, not Pillow's
 
-        with pillow_limit_lifted():  # --max-pixels is the limit, not Pillow's own guard
+        with guard():
             return int(args._run(args) or 0)
     except FaceattrsError as e:
         if debug:
