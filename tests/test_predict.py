@@ -279,8 +279,10 @@ def test_errors_raise_or_become_records(analyzer, photos, tmp_path):
         analyzer.analyze(cv2.normalize(noise, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8))
     recs = analyzer.analyze([photos[0], bad, photos[1]], on_error="record")
     assert [("error" in r) for r in recs] == [False, True, False]
+    assert [r["image"] for r in recs] == [0, 1, 2]  # the position in the input, paths too
     assert recs[1] == {
         "file": str(bad),
+        "image": 1,
         "error": f"{bad}: not an image (or a format Pillow cannot read)",
     }
 
@@ -550,3 +552,30 @@ def test_photo_workers_decode_under_the_callers_pillow_guard(run_dir, tmp_path):
             an = FaceAnalyzer(run_dir, photo=cfg, photo_workers=workers)
             (rec,) = an.analyze([str(bomb)], on_error="record")
         assert "truncated or corrupt" in rec["error"], (workers, rec)
+
+
+def test_an_unbounded_interval_end_is_null_in_strict_json():
+    """A model calibrated on too few validation faces has an infinite half-width: the
+    record says null for that end, and the record is valid (strict) JSON."""
+    import json
+    from types import SimpleNamespace
+
+    from faceattrs.predict import face_predictions
+
+    def outputs(faces, pool=None):
+        n = len(faces)
+        age = {
+            "value": np.array([30.0, 50.0]),
+            "bin": np.array([0, 1]),
+            "bin_probabilities": np.array([[0.9, 0.1], [0.2, 0.8]]),
+            "interval": (np.array([25.0, 0.0]), np.array([35.0, np.inf])),
+        }
+        return {"gender": np.zeros((n, 2))}, age
+
+    models = SimpleNamespace(
+        outputs=outputs, class_names={"gender": ["Male", "Female"]}, temperatures={},
+        bin_labels=["0-40", "40+"],
+    )  # fmt: skip
+    recs = face_predictions(models, np.zeros((2, 48, 48), np.uint8))
+    assert [r["age"]["interval"] for r in recs] == [[25.0, 35.0], [0.0, None]]
+    json.dumps(recs, allow_nan=False)  # raises on inf / nan

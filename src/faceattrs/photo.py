@@ -763,7 +763,8 @@ class Item:
     records: list[dict] = field(default_factory=list)
 
     def head(self) -> dict:
-        return {"file": self.file} if self.file is not None else {"file": None, "image": self.index}
+        """Where a record comes from: the path (None in memory) and the position in the input."""
+        return {"file": self.file, "image": self.index}
 
 
 def prepare(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import multiprocessing
 import os
 import sys
@@ -154,8 +155,10 @@ def face_predictions(models: Backend, faces: np.ndarray, pool=None) -> list[dict
                 "bin_probabilities": _dist(models.bin_labels, age["bin_probabilities"][i]),
             }
             if "interval" in age:  # 90 % split-conformal interval (age.json "interval")
-                low, high = age["interval"]
-                rec["age"]["interval"] = [round(float(low[i]), 1), round(float(high[i]), 1)]
+                # an end the calibration could not bound (too few validation faces) is
+                # null: JSON has no infinity
+                ends = (float(age["interval"][0][i]), float(age["interval"][1][i]))
+                rec["age"]["interval"] = [round(e, 1) if math.isfinite(e) else None for e in ends]
         out.append(rec)
     return out
 

@@ -69,7 +69,9 @@ function ageBlock(age) {
   const div = el("div", "head");
   let text = `${Math.round(age.value)} years (most likely bin ${age.bin})`;
   if (Array.isArray(age.interval) && age.interval.length === 2) {
-    text = `${Math.round(age.value)} years, interval ${age.interval[0]}–${age.interval[1]} (bin ${age.bin})`;
+    // an end the calibration could not bound comes as null
+    const [lo, hi] = age.interval.map((v) => (v === null ? "?" : v));
+    text = `${Math.round(age.value)} years, interval ${lo}–${hi} (bin ${age.bin})`;
   }
   const t = el("div", "head-title age", "Age: ");
   t.append(el("b", null, text));
