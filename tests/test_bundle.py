@@ -39,7 +39,11 @@ def test_every_kind_resolves_to_one_bundle(run):
     assert (b.kind, b.run_dir, b.age_dir) == ("run", run, run / "age")
     assert b.heads == {"gender": list(GENDERS), "ethnicity": list(ETHNICITIES)}
     assert b.temperatures == {"gender": 2.0}
-    assert b.bin_labels[-1] == "53+" and b.age["approach"] in ("two_stage", "direct")
+    # make_run's age model keeps AgeModel's default approach and routing
+    assert b.bin_labels[-1] == "53+" and (b.age["approach"], b.age["routing"]) == (
+        "two_stage",
+        "soft",
+    )
     # the age run names the same bundle, found through the path it records
     a = B.resolve(run / "age")
     assert (a.run_dir, a.age_dir, a.temperatures) == (run.resolve(), run / "age", b.temperatures)
@@ -99,7 +103,21 @@ def test_best_json_that_is_a_list_is_one_line(run, tmp_path, face, capsys):
     shutil.rmtree(copy)
     shutil.copytree(run, copy)
     (copy / "age" / "age.json").write_text("[]")
-    _cli_error(capsys, ["predict", str(face), "--model", str(copy), "--no-detect"])
+    with pytest.raises(CheckpointError, match=r"not a JSON object: .*age\.json holds a list"):
+        B.resolve(copy)
+    err = _cli_error(capsys, ["predict", str(face), "--model", str(copy), "--no-detect"])
+    assert "age.json holds a list" in err
+    pytest.importorskip("onnx", reason="the onnx extra is not installed")
+    from faceattrs.export import export_onnx
+
+    export = tmp_path / "onnx"
+    manifest = export_onnx(run, export)
+    assert manifest == export / B.ONNX_MANIFEST and B.resolve(export).kind == "onnx"
+    manifest.write_text("[]")
+    with pytest.raises(CheckpointError, match=r"faceattrs-onnx\.json: not a JSON object"):
+        B.resolve(export)
+    err = _cli_error(capsys, ["predict", str(face), "--model", str(export), "--no-detect"])
+    assert "faceattrs-onnx.json" in err and "not a JSON object" in err
 
 
 def test_copied_age_run_uses_its_relative_multitask_run_or_fails(run, tmp_path, face, capsys):
@@ -147,18 +165,24 @@ def test_temperatures_must_be_positive_numbers(run, tmp_path, face, capsys, t):
 
 
 @pytest.mark.parametrize(
-    "change", [{"edges": [30, 17]}, {"clip": [100, 1]}, {"edges": []}, {"clip": "x"}]
+    "change, words",
+    [
+        ({"edges": [30, 17]}, "age edges must increase and clip be (low, high)"),
+        ({"clip": [100, 1]}, "age edges must increase and clip be (low, high)"),
+        ({"edges": []}, "age edges must increase and clip be (low, high)"),
+        ({"clip": "x"}, "bad or missing age edges / clip"),
+    ],
 )
-def test_age_settings_out_of_order_are_one_line(run, tmp_path, face, capsys, change):
+def test_age_settings_out_of_order_are_one_line(run, tmp_path, face, capsys, change, words):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     meta = json.loads((copy / "age" / "age.json").read_text())
     (copy / "age" / "age.json").write_text(json.dumps({**meta, **change}))
-    with pytest.raises(CheckpointError, match="age"):
+    with pytest.raises(CheckpointError) as e:
         B.resolve(copy)
-    assert "age.json" in _cli_error(
-        capsys, ["predict", str(face), "--model", str(copy), "--no-detect"]
-    )
+    assert words in str(e.value) and "age.json" in str(e.value)
+    err = _cli_error(capsys, ["predict", str(face), "--model", str(copy), "--no-detect"])
+    assert "age.json" in err and words in err
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from faceattrs.predict import FaceAnalyzer
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 
-SHARED_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
+from conftest import SHARED_PHOTOS  # ../shared/data/photos, or FACEATTRS_SHARED_DATA's
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_PHOTOS  # ../shared/data/photos, or FACEATTRS_SHARED_DATA's
 from PIL import Image
 
 import faceattrs
@@ -25,7 +26,6 @@ from faceattrs.photo import PhotoConfig, PhotoError, extract_faces, load_image
 from faceattrs.predict import FaceAnalyzer, softmax
 from faceattrs.predict_files import expand_inputs
 
-SHARED_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
 EDGES = np.array([16, 26, 29, 37, 53])
 
 
@@ -48,7 +48,11 @@ def make_run(run_dir: Path, age: bool = True, temperatures: dict | None = None) 
             reg.center.copy_(torch.tensor([8.0, 21, 27, 33, 45, 65]))
             reg.scale.fill_(5.0)
         direct = FaceResNet(ModelConfig(width=0.125, heads={HEAD: 101})).eval()
+        # a 90 % interval of different half-widths per bin, as calibration fits one
+        interval = {"method": "test", "alpha": 0.1, "global": 9.0,
+                    "per_bin": [3.0, 4.0, 5.0, 6.0, 7.0, 8.0]}  # fmt: skip
         model = AgeModel(coarse=coarse, regressors=reg, edges=EDGES, direct=direct)
+        model.interval = interval
         save_age_model(run_dir / "age", model, run_dir, {})
     return run_dir
 
@@ -87,7 +91,14 @@ def check_record(rec: dict, analyzer: FaceAnalyzer) -> None:
         assert list(probs) == names and abs(sum(probs.values()) - 1) < 1e-3
         assert probs[rec[head]["label"]] == max(probs.values())  # (rounded: ties possible)
     age = rec["age"]
-    assert set(age) == {"value", "bin", "bin_probabilities"} and 1 <= age["value"] <= 100
+    assert set(age) == {"value", "bin", "bin_probabilities", "interval"}
+    assert 1 <= age["value"] <= 100
+    low, high = age["interval"]  # value -/+ the half-width of the predicted bin, cut at 0
+    half = dict(zip(["0-16", "16-26", "26-29", "29-37", "37-53", "53+"], range(3, 9), strict=True))[
+        age["bin"]
+    ]
+    want = (max(age["value"] - half, 0.0), age["value"] + half)
+    assert (low, high) == pytest.approx(want, abs=0.06)  # each rounded to 0.1 on its own
     assert age["bin_probabilities"][age["bin"]] == max(age["bin_probabilities"].values())
     assert len(rec["box"]) == 4 and rec["face"] >= 0
 
@@ -457,10 +468,8 @@ def test_cli_csv_annotate_explain(run_dir, photos, tmp_path):
     assert len(rows) == 2 and rows[0]["gender"] in ("Male", "Female")
     assert {"gender_p_Female", "ethnicity_p_Indian", "age", "age_bin", "age_p_53+"} <= set(rows[0])
     jsonl = FaceAnalyzer(run_dir).analyze([str(photos[0])])[0]["age"]
-    if "interval" in jsonl:  # the 90 % interval, in two columns
-        assert [float(rows[0]["age_low"]), float(rows[0]["age_high"])] == jsonl["interval"]
-    else:
-        assert rows[0]["age_low"] == rows[0]["age_high"] == ""
+    # the 90 % interval, in two columns
+    assert [float(rows[0]["age_low"]), float(rows[0]["age_high"])] == jsonl["interval"]
     assert (
         abs(sum(float(rows[0][f"ethnicity_p_{e}"]) for e in faceattrs.labels.ETHNICITIES) - 1)
         < 1e-3

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -45,14 +47,34 @@ def csv_of(path: Path, n: int, seed: int = 0, rows=()) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def cli_logging():
+    """Log records on stderr as the CLI shows them (INFO and up, the message alone): under
+    pytest its ``logging.basicConfig`` does nothing (pytest's handlers are already there),
+    so without this a warning printed before the error line would go unseen."""
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)  # capsys's stream, while it captures
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
 def one_line_error(capsys, argv, words: str) -> str:
-    """Run the CLI: exit 2, one line on stderr naming ``words``, no traceback."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    last = err.splitlines()[-1]
-    assert "Traceback" not in err and words in last, err
-    assert last.startswith(f"faceattrs {argv[0]}: error: ")
-    return last
+    """Run the CLI: exit 2, exactly one non-empty line on stderr (no warning or traceback
+    before it), naming ``words``."""
+    with cli_logging():
+        assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    (line,) = lines
+    assert words in line and line.startswith(f"faceattrs {argv[0]}: error: "), line
+    return line
 
 
 class Killed(BaseException):
@@ -222,10 +244,8 @@ def test_train_killed_at_any_write_resumes_to_the_uninterrupted_run(tmp_path, mo
     for n in range(1, writes + 1):
         run = tmp_path / f"cut{n}"
         kill_at(monkeypatch, n)
-        try:
+        with pytest.raises(Killed):
             T.fit(faces, run, cfg, progress=False)
-        except Killed:
-            pass
         monkeypatch.undo()
         monkeypatch.setattr(T, "_plot", lambda out_dir: None)
         if (run / T.STATE_FILE).exists():  # something to resume: it must resume exactly
@@ -635,7 +655,8 @@ def test_a_changed_prepared_file_is_refused_and_prepared_again(tmp_path):
 
 def exactly_one_line(capsys, argv, words: str) -> str:
     """Exit 2 and exactly one line on stderr (no warning before it), naming ``words``."""
-    assert main(argv) == 2
+    with cli_logging():
+        assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert words in err and err.startswith(f"faceattrs {argv[0]}: error: "), err

@@ -263,11 +263,6 @@ def read_photo_folder(folder: str | Path, on_bad_row: str = "error") -> RawFaces
 
     folder = Path(folder)
     files, linked_dirs = photo_files(folder)
-    if linked_dirs:
-        log.warning(
-            "%s: not searched: %d symlinked folder(s) (%s); pass their targets to include them",
-            folder, len(linked_dirs), ", ".join(str(d.relative_to(folder)) for d in linked_dirs[:3]),
-        )  # fmt: skip
     unlabelled = [p for p in files if not PHOTO_NAME.match(p.name)]
     files = [p for p in files if PHOTO_NAME.match(p.name)]
     if not files:
@@ -288,6 +283,11 @@ def read_photo_folder(folder: str | Path, on_bad_row: str = "error") -> RawFaces
         labels[col] = _parse_labels([t[j] for t in parts], col, lo, hi, errors)
     names = np.asarray([str(p.relative_to(folder)) for p in files])
     raw = _finish(folder, images, labels, names, np.zeros(len(files), np.int64), errors, on_bad_row)
+    if linked_dirs:  # after the rows are read: a bad input stays one error line, no warning
+        log.warning(
+            "%s: not searched: %d symlinked folder(s) (%s); pass their targets to include them",
+            folder, len(linked_dirs), ", ".join(str(d.relative_to(folder)) for d in linked_dirs[:3]),
+        )  # fmt: skip
     if unlabelled:
         raw.invalid["unlabelled photo name"] += len(unlabelled)
         raw.skipped += [
