@@ -6,7 +6,7 @@ images or lists of them (paths, numpy arrays, PIL images, encoded bytes). Faces 
 photos are batched through the models together. ``faceattrs.analyze`` is the one-call
 form; ``faceattrs predict`` the command line. A record::
 
-    {"file": "a.jpg", "face": 0, "box": [x, y, w, h], "score": 5.1, "detection": "detected",
+    {"file": "a.jpg", "image": 0, "face": 0, "box": [x, y, w, h], "score": 5.1, "detection": "detected",
      "gender": {"label": "Female", "probabilities": {"Male": 0.03, "Female": 0.97}},
      "ethnicity": {"label": "White", "probabilities": {"White": 0.81, ...}},
      "age": {"value": 31.4, "bin": "29-37", "bin_probabilities": {"0-16": 0.01, ...}}}
