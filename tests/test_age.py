@@ -266,6 +266,27 @@ def test_evaluate_age_writes_metrics_and_figures(tmp_path):
     ):
         assert key in m, key
     assert m["n"] == 80 and m["mae"] == m["mae_hard"]  # the toy's default routing is hard
+    # every figure recomputed from the model's own predictions on the same faces
+    model, age = _tiny_age_model(), faces.age.astype(float)
+    hard, soft = (model.predict(faces.images, routing=r) for r in ("hard", "soft"))
+    direct = model.predict(faces.images, "direct")
+    true_bin = binsmod.assign_bins(age, model.edges)
+    assert m["mae"] == pytest.approx(np.abs(hard["value"] - age).mean(), abs=1e-4)
+    assert m["mae_soft"] == pytest.approx(np.abs(soft["value"] - age).mean(), abs=1e-4)
+    assert m["direct"]["mae"] == pytest.approx(np.abs(direct["value"] - age).mean(), abs=1e-4)
+    assert m["default_mae"] == m["mae"]  # the toy's default approach is two-stage
+    assert m["median_ae"] == pytest.approx(np.median(np.abs(hard["value"] - age)), abs=1e-4)
+    assert m["cs5"] == pytest.approx((np.abs(hard["value"] - age) <= 5).mean(), abs=1e-4)
+    assert m["bin_accuracy"] == pytest.approx((hard["bin"] == true_bin).mean(), abs=1e-4)
+    assert m["direct"]["bin_accuracy"] == pytest.approx(
+        (direct["bin"] == true_bin).mean(), abs=1e-4
+    )
+    for k, label in enumerate(model.bin_labels):
+        row, inside = m["mae_per_bin"][label], true_bin == k
+        assert row["n"] == inside.sum(), label
+        if inside.any():
+            want = np.abs(soft["value"][inside] - age[inside]).mean()
+            assert row["soft"] == pytest.approx(want, abs=1e-4), label
     for key in ("mae", "default_mae", "cs5", "bin_accuracy"):  # 95 % bootstrap intervals
         low, high = m["ci95"][key]
         assert low <= m[key] <= high and low < high, key
@@ -352,17 +373,39 @@ def test_train_age_cli_one_epoch_smoke(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["age"]["n"] == int((faces.split == 2).sum())
     assert metrics["val"]["age"]["n"] == int((faces.split == 1).sum())
-    assert metrics["age"]["mae_soft"] >= 0 and metrics["age"]["direct"]["mae"] >= 0
+    # the test figures are those of the saved model's predictions on the test faces
+    model = load_age_model(out)
+    test, val = faces.subset("test"), faces.subset("val")
+    default = model.predict(test.images)
+    err = {
+        "default": np.abs(default["value"] - test.age),
+        "soft": np.abs(model.predict(test.images, "two_stage", "soft")["value"] - test.age),
+        "direct": np.abs(model.predict(test.images, "direct")["value"] - test.age),
+    }
+    assert metrics["age"]["default_mae"] == pytest.approx(err["default"].mean(), abs=1e-3)
+    assert metrics["age"]["mae_soft"] == pytest.approx(err["soft"].mean(), abs=1e-3)
+    assert metrics["age"]["direct"]["mae"] == pytest.approx(err["direct"].mean(), abs=1e-3)
     # The age run is a model bundle: it finds its multitask model and predicts.
     assert resolve_bundle(out)[0] == mt.resolve()
-    p = load_age_model(out).predict(faces.images[:5])
+    p = model.predict(faces.images[:5])
     assert p["value"].shape == (5,) and p["bin_probabilities"].shape == (5, 6)
     # 90 % split-conformal intervals fitted on validation, stored in age.json, used by predict
     assert meta["interval"]["fitted_on"] == "val" and len(meta["interval"]["per_bin"]) == 6
     low, high = p["interval"]
     assert np.all(low <= p["value"]) and np.all(p["value"] <= high)
     assert metrics["val"]["age"]["interval"]["coverage"] >= 0.9  # by construction on val
-    assert 0 <= metrics["age"]["interval"]["coverage"] <= 1
+    # the half-widths are the split-conformal fit to the model's validation predictions
+    from faceattrs.age import conformal
+
+    on_val = model.predict(val.images)
+    refit = conformal.fit(val.age, on_val["value"], on_val["bin"], model.n_bins)
+    assert refit["per_bin"] == pytest.approx(meta["interval"]["per_bin"], abs=1e-3)
+    assert refit["val_counts"] == meta["interval"]["val_counts"]
+    # and the test coverage is the share of test ages inside the intervals predict gives
+    low, high = default["interval"]
+    inside = (test.age >= low) & (test.age <= high)
+    assert metrics["age"]["interval"]["coverage"] == pytest.approx(inside.mean(), abs=1e-4)
+    assert metrics["age"]["interval"]["n"] == len(test)
     # ... and `evaluate --model AGE_RUN` evaluates both models, age included.
     ev = tmp_path / "ev"
     assert main(["evaluate", "--model", str(out), "--data", str(data), "--out", str(ev)]) == 0

@@ -146,7 +146,14 @@ def test_evaluate_reports_the_direct_head(run, faces, tmp_path):
     assert m["ci95"]["mae"] == m["ci95"]["default_mae"]  # the same (direct) predictions
     assert m["ci95"]["default_mae"][0] <= m["default_mae"] <= m["ci95"]["default_mae"][1]
     assert set(m["mae_per_bin"]["0-17"]) == {"n", "direct"}
-    assert 0 <= m["interval"]["coverage"] <= 1
+    # recomputed from the bundle's own predictions on the same faces
+    val = faces.subset("val")
+    pred = B.resolve(run).load_age().predict(val.images)
+    assert m["mae"] == pytest.approx(np.abs(pred["value"] - val.age).mean(), abs=1e-4)
+    low, high = pred["interval"]
+    inside = (val.age >= low) & (val.age <= high)
+    assert m["interval"]["coverage"] == pytest.approx(inside.mean(), abs=1e-4)
+    assert m["interval"]["n"] == len(val)
     for png in ("age_scatter", "age_mae_by_bin", "age_mae_by_group", "age_grid"):
         assert (tmp_path / "age" / f"{png}.png").stat().st_size > 1000
 

@@ -172,7 +172,21 @@ def test_split_deterministic_stratified_and_disjoint(tmp_path):
         (int(rng.integers(1, 90)), i % 5, (i // 5) % 2, f"f{i}", pix(im))
         for i, im in enumerate(imgs)
     ]
-    path = write_csv(tmp_path / "big.csv", rows)
+    # copies planted among them, as the real data has: exact ones and near ones (brighter;
+    # a few pixels inverted) of 60 faces, some with other labels; written after the
+    # originals, so that a split made before de-duplication would scatter them
+    copies = []
+    for k, i in enumerate(range(0, 600, 10)):
+        age, eth, gender = rows[i][:3]
+        if k % 3 == 0:
+            img = imgs[i]
+        elif k % 3 == 1:
+            img = np.clip(imgs[i].astype(int) + 3, 0, 255).astype(np.uint8)
+        else:
+            img = imgs[i].copy()
+            img[0, :10] = 255 - img[0, :10]
+        copies.append((age if k % 4 else age + 1, eth, gender, f"copy{k}", pix(img)))
+    path = write_csv(tmp_path / "big.csv", rows + copies)
     a = load_prepared(tmp_path / "a") if prepare(path, tmp_path / "a") else None
     b = load_faces(tmp_path / "a")
     c = load_prepared(tmp_path / "c") if prepare(path, tmp_path / "c") else None
@@ -182,6 +196,7 @@ def test_split_deterministic_stratified_and_disjoint(tmp_path):
     for e in range(5):  # stratified: every ethnicity keeps the ratios
         f = np.bincount(a.split[a.ethnicity == e], minlength=3) / np.sum(a.ethnicity == e)
         assert np.allclose(f, [0.8, 0.1, 0.1], atol=0.02)
+    assert len(a) == n and sorted(a.names.tolist()) == sorted(r[3] for r in rows)  # copies out
     hashes = [
         set(hashlib.sha1(im.tobytes()).hexdigest() for im in a.images[a.split == s])
         for s in range(3)
@@ -189,6 +204,13 @@ def test_split_deterministic_stratified_and_disjoint(tmp_path):
     assert (
         not (hashes[0] & hashes[1]) and not (hashes[0] & hashes[2]) and not (hashes[1] & hashes[2])
     )
+    # no exact or near pair among the kept faces, so none straddles two splits
+    labels = {"age": a.age, "gender": a.gender, "ethnicity": a.ethnicity}
+    assert len(find_duplicates(a.images, labels).keep) == n
+    # (the check itself sees the planted copies)
+    every = read_faces(path)
+    d = find_duplicates(every.images, {"age": every.age})
+    assert len(d.keep) == n and (d.kind == "exact").sum() == 20 and (d.kind == "near").sum() == 40
     other = prepare(path, tmp_path / "d", PrepareConfig(seed=5))
     assert other["rows_kept"] == n
     assert not np.array_equal(load_prepared(tmp_path / "d").split, a.split)

@@ -230,7 +230,6 @@ def write_csv(path, faces: FaceSet) -> None:
 
 
 def test_cli_split_all_evaluates_every_row_of_an_external_csv(tmp_path, capsys):
-    pytest.importorskip("faceattrs.prepare", reason="the data stage (prepare.py) is not built yet")
     run = tiny_run(tmp_path / "run")
     faces = synthetic_faceset(30, seed=3, split=False)
     faces.images[29] = faces.images[28]  # an exact duplicate: --split all must keep it
@@ -318,8 +317,21 @@ def test_cli_bootstrap_option(tmp_path, capsys, caplog):
 
 
 def test_cli_reports_a_missing_model_in_one_line(tmp_path, capsys):
-    rc = main(["evaluate", "--model", str(tmp_path / "nope"), "--data", str(tmp_path)])
-    assert rc == 2 and "error" in capsys.readouterr().err
+    data = tmp_path / "prepared"  # good data: the model is the only thing wrong
+    data.mkdir()
+    np.savez(data / "faces.npz", **split_faces().to_arrays())
+    model = tmp_path / "nope"
+    rc = main(
+        ["evaluate", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "x")]
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert err == f"faceattrs evaluate: error: model folder {model} does not exist"
+    assert not (tmp_path / "x").exists()
+    # the model is checked before the data is read: bad data does not hide it
+    rc = main(["evaluate", "--model", str(model), "--data", str(tmp_path / "no.csv")])
+    assert rc == 2
+    assert capsys.readouterr().err.strip().endswith(f"model folder {model} does not exist")
 
 
 def test_calibration_never_reads_the_test_split(evaluated, monkeypatch):

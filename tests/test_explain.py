@@ -127,7 +127,6 @@ def test_photo_path_through_the_photo_stage_api(run, tmp_path, monkeypatch):
 
 
 def test_real_photo(run, shared_photos, tmp_path):
-    pytest.importorskip("faceattrs.photo", reason="the photo stage (photo.py) is not built yet")
     photo = sorted(shared_photos.glob("*.jpg"))[0]
     out = X.explain_photo(run, photo, tmp_path)
     assert len(out["faces"]) >= 1

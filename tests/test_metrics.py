@@ -101,8 +101,15 @@ def test_reliability_bins_cover_every_sample_and_the_top_edge():
     probs[0] = [1.0, 0.0]
     b = C.reliability_bins(probs, y)
     assert sum(b["count"]) == 1000 and len(b["count"]) == C.N_BINS
-    assert b["count"][-1] >= 1  # confidence 1.0 falls in the last bin
     assert len(b["edges"]) == C.N_BINS + 1
+    # bins are (b / n, (b + 1) / n]: a confidence of exactly 1.0 falls in the last bin, one
+    # on an inner edge in the bin that edge closes
+    top = C.reliability_bins(np.array([[1.0, 0.0]]), np.array([0]))
+    assert top["count"] == [0] * (C.N_BINS - 1) + [1]
+    assert top["confidence"][-1] == 1.0 and top["accuracy"][-1] == 1.0
+    assert top["confidence"][:-1] == [None] * (C.N_BINS - 1)
+    edge = C.reliability_bins(np.array([[0.5, 0.5], [0.25, 0.75], [0.8, 0.2]]), np.zeros(3), 4)
+    assert edge["count"] == [0, 1, 1, 1] and edge["accuracy"] == [None, 1.0, 0.0, 1.0]
 
 
 def test_fit_temperature_recovers_a_planted_temperature():
@@ -149,9 +156,14 @@ def test_vectorised_statistics_equal_the_reported_figures_on_the_whole_sample():
     rng, y, p = _toy()
     assert M.boot_accuracy(y, p) == pytest.approx(M.accuracy(y, p), abs=1e-4)
     assert M.boot_macro_f1(y, p) == pytest.approx(f1_score(y, p, average="macro"), abs=1e-12)
-    # a batch of two rows reduces each row
-    both = M.boot_macro_f1(np.stack([y, y[::-1]]), np.stack([p, p[::-1]]))
-    assert both.shape == (2,) and both[1] == pytest.approx(both[0])
+    # a batch reduces each row on its own: a resample of the faces, and a row in which
+    # classes 3 and 4 never occur (sklearn leaves them out of its mean)
+    idx = rng.integers(0, len(y), len(y))
+    y2, p2 = np.minimum(y, 2), np.minimum(p, 2)
+    batch = M.boot_macro_f1(np.stack([y, y[idx], y2]), np.stack([p, p[idx], p2]))
+    want = [f1_score(a, b, average="macro") for a, b in [(y, p), (y[idx], p[idx]), (y2, p2)]]
+    assert batch.shape == (3,) and batch == pytest.approx(want, abs=1e-12)
+    assert len(set(np.round(want, 6))) == 3  # three different figures
     g = rng.integers(0, 2, len(y))
     score = np.round(rng.random(len(y)), 1)  # ties, averaged as roc_auc_score does
     assert M.boot_auc(g, score) == pytest.approx(roc_auc_score(g, score), abs=1e-12)

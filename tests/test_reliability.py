@@ -342,6 +342,20 @@ def photo_folder(d: Path) -> Path:
     return d
 
 
+def test_photos_only_in_a_symlinked_folder_are_named_in_the_one_line(tmp_path, capsys):
+    """The photos sit in a symbolic link to a folder, which is not followed: the error
+    line says so, rather than only "no labelled photos"."""
+    real = tmp_path / "real"
+    real.mkdir()
+    Image.fromarray(np.zeros((60, 60), np.uint8)).save(real / "20_0_0_a.png")
+    d = tmp_path / "top"
+    d.mkdir()
+    (d / "inner").symlink_to(real)
+    one_line_error(capsys, ["prepare", "--data", str(d), "--out", str(tmp_path / "o")],
+                   "no labelled photos named AGE_GENDER_ETHNICITY_*.jpg (not searched: 1 "
+                   "symlinked folder(s) (inner); pass their targets to include them)")  # fmt: skip
+
+
 def test_photo_folder_bad_entries_are_one_line_or_records(tmp_path, capsys, caplog):
     d = photo_folder(tmp_path / "ph")
     out = tmp_path / "o"
@@ -694,6 +708,15 @@ def test_predict_empty_folder_is_one_line_and_twice_named_files_are_read_once(
     exactly_one_line(
         capsys, ["predict", str(tmp_path / "empty"), "--model", str(tiny_run)], "no image files"
     )
+    # images only behind a symbolic link to a folder (not followed): the one line says so
+    face_png(tmp_path / "real" / "x.png")
+    (tmp_path / "top").mkdir()
+    (tmp_path / "top" / "inner").symlink_to(tmp_path / "real")
+    exactly_one_line(
+        capsys, ["predict", str(tmp_path / "top"), "--model", str(tiny_run)],
+        "no image files (.jpg .jpeg .png .webp .bmp .tif .tiff .gif) in it (not searched: 1 "
+        "symlinked folder(s) (inner); pass them as PATHs to include them)",
+    )  # fmt: skip
     d = tmp_path / "in"
     face_png(d / "a" / "x.png")
     face_png(d / "y.png", 1)

@@ -49,23 +49,20 @@ def expand_inputs(
     Broken or looping symbolic links with an image extension are kept (they become error
     records); symbolic links to folders are not followed (a link may loop), with a warning.
     A file reached twice (named and inside a named folder, say) is kept once, where first
-    reached. Folders without images are appended to ``empty`` when given, else warned of.
+    reached. Folders without images: their one-line message (:func:`no_images`) is
+    appended to ``empty`` when given, else warned of.
     """
     out: list[tuple[str, str]] = []
     for arg in args:
         path = Path(arg)
         if path.is_dir():
             found, linked = _walk_images(path)
-            if linked:
-                log.warning(
-                    "%s: not searched: %d symlinked folder(s) (%s); pass them as PATHs to "
-                    "include them", path, len(linked),
-                    ", ".join(str(d.relative_to(path)) for d in linked[:3]),
-                )  # fmt: skip
+            if found and linked:
+                log.warning("%s: %s", path, _linked_note(path, linked))
             if not found and empty is not None:
-                empty.append(str(path))
+                empty.append(no_images(path, linked))
             elif not found:
-                log.warning(no_images(path))
+                log.warning(no_images(path, linked))
             out += [(str(p), str(p.relative_to(path))) for p in found]
         elif path.exists() or not glob.has_magic(str(arg)):
             out.append((str(path), path.name))
@@ -83,8 +80,16 @@ def expand_inputs(
     return unique
 
 
-def no_images(folder) -> str:
-    return f"{folder}: no image files ({' '.join(IMAGE_EXTENSIONS)}) in it"
+def no_images(folder, linked: list[Path] = ()) -> str:
+    """One line: ``folder`` holds no image file (and which linked folders were not searched)."""
+    note = f" ({_linked_note(Path(folder), linked)})" if linked else ""
+    return f"{folder}: no image files ({' '.join(IMAGE_EXTENSIONS)}) in it{note}"
+
+
+def _linked_note(folder: Path, linked: list[Path]) -> str:
+    """Symbolic links to folders are not followed (one may loop): which, and what to do."""
+    names = ", ".join(str(d.relative_to(folder)) for d in linked[:3])
+    return f"not searched: {len(linked)} symlinked folder(s) ({names}); pass them as PATHs to include them"
 
 
 def _walk_images(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -370,9 +375,9 @@ def predict_files(
     empty: list[str] = []
     files = expand_inputs(inputs, empty)
     if not files:
-        raise FaceattrsError(no_images(empty[0]) if empty else "no input files")
-    for folder in empty:
-        log.warning(no_images(folder))
+        raise FaceattrsError(empty[0] if empty else "no input files")
+    for message in empty:
+        log.warning(message)
     check_out_file(out)
     stems = output_stems(files)
     check_outputs(files, stems, annotate_dir, explain_dir, out)
