@@ -53,3 +53,23 @@ def test_an_unexpected_exception_is_one_internal_error_line_and_exit_1(
         assert lines[-3:-1] == ["RuntimeError: planted failure", "second line of the message"]
     else:
         assert len(lines) == 1, lines
+
+
+def test_help_of_the_commands_that_use_the_bundled_model_gives_its_terms(capsys):
+    """The bundled model is for non-commercial research only (its training faces are):
+    every command that uses it without --model says so in its help, and the others don't."""
+    from faceattrs.cli import COMMANDS, DEFAULT_MODEL_COMMANDS, main
+
+    def help_of(argv):
+        with pytest.raises(SystemExit):
+            main(argv)
+        # argparse wraps lines, also after a hyphen
+        return " ".join(capsys.readouterr().out.split()).replace("non- ", "non-")
+
+    assert "non-commercial research only" in help_of(["--help"])
+    for name, _, _ in COMMANDS:
+        says = "non-commercial research only" in help_of([name, "--help"])
+        assert says == (name in DEFAULT_MODEL_COMMANDS), name
+    # and those commands really take --model as optional (the note would be wrong else)
+    for name in DEFAULT_MODEL_COMMANDS:
+        assert "--model" in help_of([name, "--help"]), name

@@ -152,6 +152,7 @@ def test_health_model_and_docs(client):
     assert m["age"]["bins"][0] == "0-16" and m["temperatures"] == {"gender": 2.0}
     assert m["limits"]["max_upload_bytes"] == 10 * 1024 * 1024
     assert m["checkpoint"]["epoch"] == 0
+    assert m["licence"] is None  # a trained run folder records no terms
     schema = client.get("/openapi.json").json()
     assert "multipart/form-data" in schema["paths"]["/analyze"]["post"]["requestBody"]["content"]
     assert client.get("/docs").status_code == 200
@@ -167,6 +168,11 @@ def test_model_of_the_bundled_ensemble():
     with TestClient(create_app(ServeConfig())) as c:
         m = c.get("/model").json()
     assert m["source"] == str(DEFAULT_MODEL_DIR.resolve()) and m["backend"] == "torch"
+    # the terms it is shipped under, as the model folder records them
+    assert (
+        m["licence"] == json.loads((DEFAULT_MODEL_DIR / "provenance.json").read_text())["licence"]
+    )
+    assert "non-commercial research only" in m["licence"]
     members = m["checkpoint"]["members"]
     assert [(x["epoch"], x["score"]) for x in members] == [
         (b["epoch"], b["score"]) for b in best["members"]
@@ -212,6 +218,8 @@ def test_int8_serves_the_bundled_int8_model():
 def test_page_is_served_and_needs_no_internet(client):
     page = client.get("/")
     assert page.status_code == 200 and "/static/app.js" in page.text
+    # the page says under which terms the model's answers are given
+    assert "for non-commercial research only" in " ".join(page.text.split())
     for name in ("index.html", "app.js", "app.css"):
         r = client.get(f"/static/{name}")
         assert r.status_code == 200

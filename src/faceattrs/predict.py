@@ -171,7 +171,9 @@ class FaceAnalyzer:
 
     ``model``: anything :func:`faceattrs.bundle.resolve` accepts: a run folder (or an age
     run, a checkpoint file, an ONNX export with ``backend="onnx"``, a resolved
-    :class:`~faceattrs.bundle.Bundle`); None = the default model bundled in the package.
+    :class:`~faceattrs.bundle.Bundle`); None = the default model bundled in the package
+    (docs/MODEL_CARD.md), trained on UTKFace faces, which are for non-commercial research
+    only: so is that model.
     ``dtype``: "fp32" or "bf16" (torch); "int8" with ``backend="onnx"``: an int8 export
     (``faceattrs export --int8``; with ``model=None`` the one bundled in the package).
     ``photo``: detection and crop settings (:class:`faceattrs.photo.PhotoConfig`).
@@ -427,7 +429,8 @@ def analyze(
 ) -> list[dict]:
     """Records of every face in one image or a list of images (see :class:`FaceAnalyzer`).
 
-    The models are loaded on the first call and kept for the next calls with the same
+    ``model=None``: the default model bundled in the package, for non-commercial research
+    only (trained on UTKFace faces; docs/MODEL_CARD.md). The models are loaded on the first call and kept for the next calls with the same
     ``model``, ``backend``, ``device`` and ``dtype``.
     """
     if isinstance(model, Bundle):

@@ -475,7 +475,9 @@ def model_info(analyzer, cfg: ServeConfig) -> dict:
     ``best.json``'s epoch, score and validation accuracy / macro-F1 per head; for an
     ensemble (``faceattrs ensemble``), each member's epoch and score, the whole validation
     split's mean macro-F1 (``calibration.json``) and the packaging check (``provenance.json``).
-    For an ONNX export, those of the run folder it was exported from, when it is here."""
+    For an ONNX export, those of the run folder it was exported from, when it is here.
+    ``licence``: the terms a model folder records (``provenance.json``; the bundled models:
+    non-commercial research only, as their training faces), else None."""
     from .bundle import json_or_none, recorded_figures  # the model is loaded: torch is in
 
     models = analyzer.models
@@ -501,7 +503,10 @@ def model_info(analyzer, cfg: ServeConfig) -> dict:
             "queue_size": cfg.queue_size,
         },
     }
+    info["licence"] = None
     if source is not None:
+        prov = json_or_none(source / "provenance.json")
+        info["licence"] = prov.get("licence") if isinstance(prov, dict) else None
         if not info["metrics"]["validation"]:  # none in best.json: an ensemble
             info["metrics"].update(recorded_figures(source))
         m = json_or_none(source / "eval" / "metrics.json")

@@ -41,6 +41,13 @@ class CLIError(FaceattrsError):
 
 
 DEBUG_HELP = "show the traceback of an error (also FACEATTRS_DEBUG=1)"
+# the commands that use the model bundled in the package when no --model is given
+DEFAULT_MODEL_COMMANDS = ("evaluate", "explain", "errors", "predict", "export", "serve")
+DEFAULT_MODEL_NOTE = (
+    "Without --model, the default model bundled in the package is used (docs/MODEL_CARD.md): "
+    "it was trained on UTKFace faces, which are for non-commercial research only, and so is "
+    "the model."
+)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -51,7 +58,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="faceattrs", description=__doc__.splitlines()[0])
+    parser = OneLineParser(
+        prog="faceattrs",
+        description=__doc__.splitlines()[0],
+        epilog=f"{DEFAULT_MODEL_NOTE} Commands that use it: {', '.join(DEFAULT_MODEL_COMMANDS)}.",
+    )
     parser.add_argument("--version", action="version", version=f"faceattrs {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
@@ -61,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module, help_ in COMMANDS:
         mod = importlib.import_module(f"{__name__}.{module}")
-        p = sub.add_parser(name, help=help_, description=mod.__doc__, parents=[common])
+        epilog = DEFAULT_MODEL_NOTE if name in DEFAULT_MODEL_COMMANDS else None
+        p = sub.add_parser(
+            name, help=help_, description=mod.__doc__, epilog=epilog, parents=[common]
+        )
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
