@@ -20,8 +20,9 @@ DIR``) it prints, from one run:
   printed with the range.
 
 "Every model" is the multitask model plus the age model (coarse classifier + per-bin
-regressors). Without ``--model`` the models are random-init at full width (speed does not
-depend on the weights). A measurement that would take longer than ``--budget`` seconds
+regressors). Without ``--model`` it is the default model bundled in the package (and
+``--onnx-int8`` its int8 export); ``--model random`` times random-init full-width
+models instead (speed does not depend on the weights). A measurement that would take longer than ``--budget`` seconds
 uses fewer faces (bf16 on a CPU without native bf16 is very slow) and says so.
 
 The photo path alone (decode, detect, align, crop), per detector, comes first;
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from faceattrs.bundle import DEFAULT_INT8_DIR, DEFAULT_MODEL_DIR
 from faceattrs.photo import extract_faces, load_image
 from faceattrs.predict import FaceAnalyzer, cpu_cores
 from faceattrs.predict_files import predict_files
@@ -271,7 +273,11 @@ def photo_path(photos: list[Path], repeats: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", type=Path, default=Path("../shared/data/photos"))
-    ap.add_argument("--model", help="a run folder (default: random-init full-width models)")
+    ap.add_argument(
+        "--model",
+        help="a run folder (default: the bundled default model; 'random': random-init "
+        "full-width models)",
+    )
     ap.add_argument("--faces", type=int, default=1024, help="photos in the folder run")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=50, help="photos timed for the latency")
@@ -284,7 +290,7 @@ def main() -> None:
     ap.add_argument(
         "--onnx-int8",
         help="the int8 export that backend onnx-int8 runs (faceattrs export --int8; "
-        "src/faceattrs/assets/default_model_int8 is the bundled model's)",
+        "default: the bundled model's, src/faceattrs/assets/default_model_int8)",
     )
     args = ap.parse_args()
     specs = args.backends.split(",")
@@ -292,7 +298,9 @@ def main() -> None:
     if set(specs) - known:
         ap.error(f"--backends: unknown {sorted(set(specs) - known)}; use some of {sorted(known)}")
     if "onnx-int8" in specs and not args.onnx_int8:
-        ap.error("backend onnx-int8 needs --onnx-int8 DIR (an export from faceattrs export --int8)")
+        if args.model not in (None, str(DEFAULT_MODEL_DIR)):
+            ap.error("backend onnx-int8 needs --onnx-int8 DIR (faceattrs export --int8 of --model)")
+        args.onnx_int8 = str(DEFAULT_INT8_DIR)
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
     photos = sorted(args.photos.glob("*.jpg"))
@@ -305,7 +313,9 @@ def main() -> None:
         print(f"load average at end {os.getloadavg()[0]:.2f}")
         return
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or str(make_bundle(Path(tmp) / "run"))
+        model = args.model or str(DEFAULT_MODEL_DIR)
+        if model == "random":
+            model = str(make_bundle(Path(tmp) / "run"))
         paths = make_folder(photos, args.faces, Path(tmp) / "folder")
         t = time.perf_counter()
         crops = np.stack([f.crop for p in paths for f in extract_faces(load_image(p))])
