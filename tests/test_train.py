@@ -164,6 +164,24 @@ def test_fit_writes_the_run_folder(tmp_path):
         T.fit(faces, run, tiny_cfg(epochs=2))
 
 
+def test_blocks_set_the_depth_and_the_checkpoint_keeps_it(tmp_path):
+    """blocks=1,1,1,1 trains a ResNet-10 (one residual block per stage, the reference's
+    ResNet-18 has two); the checkpoint records it, so loading builds the same network."""
+    from faceattrs.model import BasicBlock, FaceResNet
+
+    cfg = tiny_cfg(epochs=1, blocks="1,1,1,1")
+    assert cfg.blocks == (1, 1, 1, 1) and T.config_from_dict(cfgmod.to_dict(cfg)) == cfg
+    T.fit(synthetic_faceset(40), tmp_path / "run", cfg)
+    model, _ = load_model(tmp_path / "run", "best")
+    assert sum(isinstance(m, BasicBlock) for m in model.modules()) == 4
+    assert tuple(model.cfg.blocks) == (1, 1, 1, 1)
+    resnet18 = FaceResNet(T.model_config(tiny_cfg()))  # the default: two blocks per stage
+    assert sum(isinstance(m, BasicBlock) for m in resnet18.modules()) == 8
+    for bad in ("1,1,1", "2,0,2,2"):
+        with pytest.raises(cfgmod.ConfigError, match="four counts of at least 1"):
+            tiny_cfg(blocks=bad)
+
+
 @pytest.mark.parametrize(
     "ema,age_head", [(0.0, False), (0.9, False), (0.0, True)], ids=["plain", "ema", "age_head"]
 )

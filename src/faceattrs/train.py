@@ -89,6 +89,8 @@ class TrainConfig:
     patience: int = 8  # early stopping on the mean of both macro-F1s on validation
     min_delta: float = 0.0  # smallest score gain that counts as an improvement
     width: float = 1.0  # model channel multiplier (1.0 = 64/128/256/512)
+    blocks: tuple[int, ...] = (2, 2, 2, 2)  # [ours] residual blocks per stage: 2,2,2,2 is
+    # ResNet-18 (the reference), 1,1,1,1 ResNet-10; four stages, each at least 1
     dropout: float = 0.35  # before each head
     balanced: bool = True  # inverse-frequency ethnicity sampling (False: plain shuffle)
     seed: int = 0  # weights, sampling, augmentation and dropout all derive from it
@@ -131,6 +133,11 @@ class TrainConfig:
             raise cfgmod.ConfigError("setting 'age_bin' needs age_head=true")
         c(self, "lr", 0, low_open=True)
         c(self, "width", 0, 16, low_open=True)
+        if len(self.blocks) != 4 or min(self.blocks) < 1:
+            raise cfgmod.ConfigError(
+                f"setting 'blocks' must be four counts of at least 1, such as 2,2,2,2; "
+                f"got {','.join(map(str, self.blocks))}"
+            )
         c(self, "distill_temperature", 0, low_open=True)
         for key in ("ema", "distill_weight", "dropout", "ethnicity_smoothing", "gender_smoothing"):
             c(self, key, 0, 1, high_open=True)
@@ -225,7 +232,7 @@ def make_ema(model: torch.nn.Module, decay: float):
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
     heads = {**HEADS, AGE_HEAD: AGE_YEARS} if cfg.age_head else dict(HEADS)
-    return ModelConfig(width=cfg.width, dropout=cfg.dropout, heads=heads)
+    return ModelConfig(width=cfg.width, dropout=cfg.dropout, heads=heads, blocks=tuple(cfg.blocks))
 
 
 def with_age_head(loss_fn, cfg: TrainConfig, edges=None):
@@ -711,8 +718,9 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
         if cfg.teachers and not cached:  # a resume reads them back instead of recomputing
             _save_teacher_targets(out_dir, soft, teachers_key)
     log.info(
-        "training %d faces (val %d) on %s x%d, bf16=%s, width=%s, epochs %d-%d, minority=%s",
-        n_train, n_val, device, world, bf16, cfg.width, start_epoch, cfg.epochs, minority,
+        "training %d faces (val %d) on %s x%d, bf16=%s, width=%s, blocks=%s, epochs %d-%d, "
+        "minority=%s", n_train, n_val, device, world, bf16, cfg.width,
+        ",".join(map(str, cfg.blocks)), start_epoch, cfg.epochs, minority,
     )  # fmt: skip
 
     net: torch.nn.Module = model
