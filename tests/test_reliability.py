@@ -715,7 +715,7 @@ def test_predict_empty_folder_is_one_line_and_twice_named_files_are_read_once(
     exactly_one_line(
         capsys, ["predict", str(tmp_path / "top"), "--model", str(tiny_run)],
         "no image files (.jpg .jpeg .png .webp .bmp .tif .tiff .gif) in it (not searched: 1 "
-        "symlinked folder(s) (inner); pass them as PATHs to include them)",
+        "symlinked folder(s) (inner); pass their targets to include them)",
     )  # fmt: skip
     d = tmp_path / "in"
     face_png(d / "a" / "x.png")

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .exceptions import FaceattrsError
+from .inputs import links_not_searched
 from .labels import AGE_RANGE, ETHNICITIES, IMAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -255,17 +256,6 @@ def _finish(path, images, labels, names, lines, errors, on_bad_row) -> RawFaces:
     )
 
 
-def _linked_note(folder: Path, linked_dirs: list[Path]) -> str:
-    """What was left out: symbolic links to folders are not followed (one may loop)."""
-    if not linked_dirs:
-        return ""
-    names = ", ".join(str(d.relative_to(folder)) for d in linked_dirs[:3])
-    return (
-        f"not searched: {len(linked_dirs)} symlinked folder(s) ({names}); "
-        "pass their targets to include them"
-    )
-
-
 def read_photo_folder(folder: str | Path, on_bad_row: str = "error") -> RawFaces:
     """UTKFace-style photos ``AGE_GENDER_ETHNICITY_*.jpg`` (any size, colour or gray) ->
     48x48 grayscale with area interpolation, as the public CSV was made. Files whose
@@ -277,11 +267,8 @@ def read_photo_folder(folder: str | Path, on_bad_row: str = "error") -> RawFaces
     unlabelled = [p for p in files if not PHOTO_NAME.match(p.name)]
     files = [p for p in files if PHOTO_NAME.match(p.name)]
     if not files:
-        hint = _linked_note(folder, linked_dirs)
-        raise DataError(
-            f"{folder}: no labelled photos named AGE_GENDER_ETHNICITY_*.jpg"
-            + (f" ({hint})" if hint else "")
-        )
+        hint = f" ({links_not_searched(folder, linked_dirs)})" if linked_dirs else ""
+        raise DataError(f"{folder}: no labelled photos named AGE_GENDER_ETHNICITY_*.jpg{hint}")
     images = np.zeros((len(files), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
     errors: list = [None] * len(files)
     for i, p in enumerate(files):
@@ -299,7 +286,7 @@ def read_photo_folder(folder: str | Path, on_bad_row: str = "error") -> RawFaces
     names = np.asarray([str(p.relative_to(folder)) for p in files])
     raw = _finish(folder, images, labels, names, np.zeros(len(files), np.int64), errors, on_bad_row)
     if linked_dirs:  # after the rows are read: a bad input stays one error line, no warning
-        log.warning("%s: %s", folder, _linked_note(folder, linked_dirs))
+        log.warning("%s: %s", folder, links_not_searched(folder, linked_dirs))
     if unlabelled:
         raw.invalid["unlabelled photo name"] += len(unlabelled)
         raw.skipped += [

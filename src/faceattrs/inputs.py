@@ -42,3 +42,15 @@ def class_names(heads: dict[str, int]) -> dict[str, list[str]]:
         known = DEFAULT_HEADS.get(head)
         out[head] = list(known) if known and len(known) == n else [str(i) for i in range(n)]
     return out
+
+
+def links_not_searched(folder, linked) -> str:
+    """The note for symbolic links to folders found while walking ``folder``: they are not
+    followed (one may loop), and this says which, and what to do.
+
+    >>> from pathlib import Path
+    >>> links_not_searched(Path("ph"), [Path("ph/a"), Path("ph/b")])
+    'not searched: 2 symlinked folder(s) (a, b); pass their targets to include them'
+    """
+    names = ", ".join(str(d.relative_to(folder)) for d in linked[:3])
+    return f"not searched: {len(linked)} symlinked folder(s) ({names}); pass their targets to include them"

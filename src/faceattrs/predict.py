@@ -6,7 +6,8 @@ images or lists of them (paths, numpy arrays, PIL images, encoded bytes). Faces 
 photos are batched through the models together. ``faceattrs.analyze`` is the one-call
 form; ``faceattrs predict`` the command line. A record::
 
-    {"file": "a.jpg", "image": 0, "face": 0, "box": [x, y, w, h], "score": 5.1, "detection": "detected",
+    {"file": "a.jpg", "image": 0, "face": 0, "box": [x, y, w, h], "score": 5.1,
+     "detection": "detected",
      "gender": {"label": "Female", "probabilities": {"Male": 0.03, "Female": 0.97}},
      "ethnicity": {"label": "White", "probabilities": {"White": 0.81, ...}},
      "age": {"value": 31.4, "bin": "29-37", "bin_probabilities": {"0-16": 0.01, ...}}}
@@ -430,8 +431,9 @@ def analyze(
     """Records of every face in one image or a list of images (see :class:`FaceAnalyzer`).
 
     ``model=None``: the default model bundled in the package, for non-commercial research
-    only (trained on UTKFace faces; docs/MODEL_CARD.md). The models are loaded on the first call and kept for the next calls with the same
-    ``model``, ``backend``, ``device`` and ``dtype``.
+    only (trained on UTKFace faces; docs/MODEL_CARD.md). The models are loaded on the
+    first call and kept for the next calls with the same ``model``, ``backend``,
+    ``device`` and ``dtype``.
     """
     if isinstance(model, Bundle):
         model = model.path

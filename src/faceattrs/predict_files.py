@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 
 from .exceptions import FaceattrsError
+from .inputs import links_not_searched
 from .io import atomic_path, clean_stale_temps, write_with
 from .photo import PhotoConfig
 from .predict import FaceAnalyzer, photo_processes, photo_worker_count
@@ -58,7 +59,7 @@ def expand_inputs(
         if path.is_dir():
             found, linked = _walk_images(path)
             if found and linked:
-                log.warning("%s: %s", path, _linked_note(path, linked))
+                log.warning("%s: %s", path, links_not_searched(path, linked))
             if not found and empty is not None:
                 empty.append(no_images(path, linked))
             elif not found:
@@ -82,14 +83,8 @@ def expand_inputs(
 
 def no_images(folder, linked: list[Path] = ()) -> str:
     """One line: ``folder`` holds no image file (and which linked folders were not searched)."""
-    note = f" ({_linked_note(Path(folder), linked)})" if linked else ""
+    note = f" ({links_not_searched(Path(folder), linked)})" if linked else ""
     return f"{folder}: no image files ({' '.join(IMAGE_EXTENSIONS)}) in it{note}"
-
-
-def _linked_note(folder: Path, linked: list[Path]) -> str:
-    """Symbolic links to folders are not followed (one may loop): which, and what to do."""
-    names = ", ".join(str(d.relative_to(folder)) for d in linked[:3])
-    return f"not searched: {len(linked)} symlinked folder(s) ({names}); pass them as PATHs to include them"
 
 
 def _walk_images(folder: Path) -> tuple[list[Path], list[Path]]:
