@@ -140,6 +140,12 @@ def _mean_f1(yg, pg, ye, pe, axis=-1):
     return (boot_macro_f1(yg, pg, axis=axis) + boot_macro_f1(ye, pe, axis=axis)) / 2
 
 
+def _minus(stat):
+    """``stat(y, a) - stat(y, b)``: a vectorised statistic of the candidate's predictions
+    ``a`` minus the incumbent's ``b`` on the same faces."""
+    return lambda y, a, b, axis=-1: stat(y, a, axis) - stat(y, b, axis)
+
+
 def differences(cand_dir: Path, inc_dir: Path, resamples: int = 1000) -> dict[str, dict]:
     """Candidate minus incumbent on the same validation faces, each with its 95 % paired
     bootstrap interval (faces resampled with both models' predictions kept together):
@@ -161,22 +167,13 @@ def differences(cand_dir: Path, inc_dir: Path, resamples: int = 1000) -> dict[st
             ),
             (yg, pc["gender"], pi["gender"], ye, pc["ethnicity"], pi["ethnicity"]),
         ),
-        "gender_accuracy": (
-            lambda y, a, b, axis=-1: M.boot_accuracy(y, a, axis) - M.boot_accuracy(y, b, axis),
-            (yg, pc["gender"], pi["gender"]),
-        ),
-        "ethnicity_macro_f1": (
-            lambda y, a, b, axis=-1: M.boot_macro_f1(y, a, axis) - M.boot_macro_f1(y, b, axis),
-            (ye, pc["ethnicity"], pi["ethnicity"]),
-        ),
+        "gender_accuracy": (_minus(M.boot_accuracy), (yg, pc["gender"], pi["gender"])),
+        "ethnicity_macro_f1": (_minus(M.boot_macro_f1), (ye, pc["ethnicity"], pi["ethnicity"])),
     }
     ages = [_age_predictions(d) for d in (cand_dir, inc_dir)]
     if all(a is not None for a in ages):
         (age, ac), (_, ai) = ages
-        stats["age_mae"] = (
-            lambda y, a, b, axis=-1: M.boot_mae(y, a, axis) - M.boot_mae(y, b, axis),
-            (age, ac, ai),
-        )
+        stats["age_mae"] = (_minus(M.boot_mae), (age, ac, ai))
     out = {}
     for name, (stat, data) in stats.items():
         whole = float(stat(*(np.asarray(x)[None] for x in data))[0])

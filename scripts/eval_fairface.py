@@ -130,15 +130,17 @@ def summarise(rows: list[dict], thresholds: dict | None = None) -> dict:
         res["gender_selective"] = selective(y, np.stack([1 - p, p], 1))
         if thresholds:
             conf, right = np.maximum(p, 1 - p), (p > 0.5) == y
+
+            def above(t: float) -> dict:
+                kept = conf >= t
+                acc = round(float(right[kept].mean()), 4) if kept.any() else None
+                return {"threshold": t, "share": round(float(kept.mean()), 4),
+                        "accuracy": acc, "n": int(kept.sum())}  # fmt: skip
+
             res["gender_selective"]["above"] = {
                 "from": thresholds["from"],
-                "rows": [
-                    {"threshold": t, "share": round(float((conf >= t).mean()), 4),
-                     "accuracy": round(float(right[conf >= t].mean()), 4) if (conf >= t).any() else None,
-                     "n": int((conf >= t).sum())}
-                    for t in thresholds["values"]
-                ],
-            }  # fmt: skip
+                "rows": [above(t) for t in thresholds["values"]],
+            }
     if has_age:
         conf = np.zeros((len(GROUPS), len(GROUPS)), int)
         for r in rows:

@@ -318,7 +318,7 @@ def selective(
     y, probs = np.asarray(y_true), np.asarray(probs)
     conf = probs.max(1)
     order = np.argsort(-conf, kind="stable")
-    right = (probs.argmax(1) == y)[order]
+    conf, right = conf[order], (probs.argmax(1) == y)[order]
     n = len(y)
     if n == 0:
         return {"at": [], "curve": {"coverage": [], "accuracy": []}}
@@ -327,7 +327,7 @@ def selective(
     for c in coverages:
         k = max(1, int(np.ceil(c * n - 1e-9)))
         at.append(
-            {"coverage": float(c), "threshold": _r(conf[order][k - 1]),
+            {"coverage": float(c), "threshold": _r(conf[k - 1]),
              "accuracy": _r(running[k - 1]), "n": k}
         )  # fmt: skip
     ks = np.unique(np.linspace(1, n, min(n, 101)).round().astype(int))
@@ -429,12 +429,7 @@ def boot_pair_gap(low: int, high: int) -> Callable[..., np.ndarray]:
     resample would lean high: with five groups, some pair always differs)."""
 
     def gap(correct: np.ndarray, code: np.ndarray, axis: int = -1) -> np.ndarray:
-        def acc(g):
-            n = (code == g).sum(axis)
-            hit = ((code == g) & (correct == 1)).sum(axis)
-            return np.where(n > 0, hit / np.maximum(n, 1), np.nan)
-
-        return acc(high) - acc(low)
+        return _accuracy_in(code == high, correct, axis) - _accuracy_in(code == low, correct, axis)
 
     return gap
 
@@ -450,16 +445,20 @@ def boot_standardised_pair_gap(low: int, high: int) -> Callable[..., np.ndarray]
         def value(g):
             out = 0.0
             for s in strata:
-                cell = (code == g) & (stratum == s)
-                n = cell.sum(axis)
                 weight = (stratum == s).sum(axis) / total
-                acc = np.where(n > 0, (cell & (correct == 1)).sum(axis) / np.maximum(n, 1), np.nan)
+                acc = _accuracy_in((code == g) & (stratum == s), correct, axis)
                 out = out + np.where(weight > 0, weight * acc, 0.0)
             return out
 
         return value(high) - value(low)
 
     return gap
+
+
+def _accuracy_in(mask: np.ndarray, correct: np.ndarray, axis: int) -> np.ndarray:
+    """Share of ``correct`` (1/0) among the faces in ``mask``, vectorised; NaN for none."""
+    n = mask.sum(axis)
+    return np.where(n > 0, (mask & (correct == 1)).sum(axis) / np.maximum(n, 1), np.nan)
 
 
 def _r(x: float) -> float:

@@ -63,8 +63,9 @@ def pillow_limit_lifted() -> Iterator[None]:
 
     For processes faceattrs owns: its commands that decode photos (those with
     ``--max-pixels``: predict, serve, explain; :func:`faceattrs.cli.main`), and so their
-    photo worker processes, which take the parent's setting. A program that imports faceattrs keeps Pillow's guard unless it
-    enters this itself; a refusal by that guard is one :class:`PhotoError` too.
+    photo worker processes, which take the parent's setting. A program that imports
+    faceattrs keeps Pillow's guard unless it enters this itself; a refusal by that guard
+    is one :class:`PhotoError` too.
     """
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None

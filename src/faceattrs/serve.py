@@ -505,8 +505,7 @@ def model_info(analyzer, cfg: ServeConfig) -> dict:
     }
     info["licence"] = None
     if source is not None:
-        prov = json_or_none(source / "provenance.json")
-        info["licence"] = prov.get("licence") if isinstance(prov, dict) else None
+        info["licence"] = (json_or_none(source / "provenance.json") or {}).get("licence")
         if not info["metrics"]["validation"]:  # none in best.json: an ensemble
             info["metrics"].update(recorded_figures(source))
         m = json_or_none(source / "eval" / "metrics.json")
