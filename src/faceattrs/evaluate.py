@@ -65,10 +65,11 @@ def data_path(model_dir: str | Path, data: str | Path | None) -> Path:
 
 
 def load_data(model_dir: str | Path, data: str | Path | None, split: str) -> FaceSet:
-    """Faces to evaluate: ``split='all'`` reads a CSV as is (no dedup, no split)."""
+    """Faces to evaluate: ``split='all'`` reads a CSV as is (no dedup, no split). The model
+    is resolved first, so a mistyped one is one line before any data is read."""
     from . import prepare  # the data stage; imported late so this module loads without it
 
-    path = data_path(model_dir, data)
+    path = data_path(resolve(model_dir), data)
     if not path.exists():
         hint = "" if data is not None else " (the path recorded with the model): pass --data"
         raise FaceattrsError(f"data not found: {path}{hint}")

@@ -80,10 +80,6 @@ def run(args) -> int:
         raise FaceattrsError(f"--grid must be at least 0, got {args.grid}")
     if args.bootstrap < 0 or 0 < args.bootstrap < 100:
         raise FaceattrsError(f"--bootstrap must be 0 (none) or at least 100, got {args.bootstrap}")
-    if args.model is not None:  # a mistyped --model: one line before the data is read
-        from ..bundle import resolve
-
-        resolve(args.model)
     faces = load_data(args.model, args.data, args.split)
     out = Path(args.out) if args.out else default_out(args.model, "eval", args.split)
     if args.dtype == "int8" and not args.out:  # never inside an export folder
