@@ -109,7 +109,7 @@ def test_photo_path_through_the_photo_stage_api(run, tmp_path, monkeypatch):
     crops = synthetic_faceset(2).images
     fake = types.ModuleType("faceattrs.photo")
     fake.load_image = lambda path, max_pixels=None: np.full((120, 160, 3), 128, np.uint8)
-    fake.extract_faces = lambda image: [
+    fake.extract_faces = lambda image, spec=None: [
         FakeFace((10, 20, 40, 40), crops[0]),
         FakeFace((90, 30, 50, 50), crops[1]),
     ]
@@ -121,7 +121,7 @@ def test_photo_path_through_the_photo_stage_api(run, tmp_path, monkeypatch):
         assert sum(face["ethnicity"]["probabilities"].values()) == pytest.approx(1, abs=1e-3)
     for name in ("group_faces.png", "group_gradcam.png", "group_gradcam.npz", "group.json"):
         assert (tmp_path / "explain" / name).exists(), name
-    fake.extract_faces = lambda image: []
+    fake.extract_faces = lambda image, spec=None: []
     with pytest.raises(FaceattrsError, match="no face found"):
         X.explain_photo(run, tmp_path / "empty.jpg", tmp_path / "explain")
 

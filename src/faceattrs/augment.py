@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .inputs import NORMALISATION, normalise
+from .inputs import GRAY48, InputSpec, normalise
 
 __all__ = ["AugmentConfig", "Augmenter", "minority_classes", "normalise"]
 
@@ -81,7 +81,9 @@ def minority_classes(ethnicity: Sequence[int] | np.ndarray | torch.Tensor, ratio
 
 
 class Augmenter(nn.Module):
-    """``(uint8 (B, 48, 48), ethnicity (B,) long) -> float (B, 1, 48, 48)`` in [-1, 1].
+    """``(uint8 faces (B, S, S) or (B, S, S, 3), ethnicity (B,) long) -> float
+    (B, C, S, S)`` standardised by ``spec`` (the model's input contract; by default
+    48x48 grayscale in [-1, 1]).
 
     The geometric ops of both lists (crop with padding, flip, rotation, affine; for
     minority images then resized crop and rotation) are composed into one affine matrix
@@ -96,9 +98,15 @@ class Augmenter(nn.Module):
     generator of that device (seed it per epoch for reproducible runs).
     """
 
-    def __init__(self, cfg: AugmentConfig | None = None, minority: Sequence[int] = ()):
+    def __init__(
+        self,
+        cfg: AugmentConfig | None = None,
+        minority: Sequence[int] = (),
+        spec: InputSpec = GRAY48,
+    ):
         super().__init__()
         self.cfg = cfg = cfg or AugmentConfig()
+        self.spec = spec  # the model's input contract: channels and standardisation
         self.register_buffer("minority", torch.tensor(sorted(minority), dtype=torch.long))
         self.jitter = K.ColorJitter(
             brightness=cfg.extra_brightness, contrast=cfg.extra_contrast, p=1.0
@@ -155,9 +163,7 @@ class Augmenter(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, ethnicity: torch.Tensor) -> torch.Tensor:
-        if images.dim() == 3:
-            images = images.unsqueeze(1)
-        x = images.float().div_(255.0)  # kornia's colour ops assume [0, 1]
+        x = self.spec.channels_first(images).float().div_(255.0)  # kornia's ops want [0, 1]
         cfg = self.cfg
         if cfg.enabled and len(x):
             n, size = len(x), x.shape[-1]
@@ -178,7 +184,7 @@ class Augmenter(nn.Module):
                 sub = self.jitter(x[mask])
                 x[mask] = _erase(sub, cfg.extra_erase_p, (0.02, 0.33), cfg.erase_value)
             x = x.clamp_(0.0, 1.0)
-        return x.sub_(NORMALISATION["mean"]).div_(NORMALISATION["std"])
+        return self.spec.standardise(x)
 
 
 def _uniform(shape, lo: float, hi: float, device) -> torch.Tensor:
@@ -255,7 +261,8 @@ def _erase(x: torch.Tensor, p: float, scale: tuple[float, float], value: float) 
 
 def _jpeg(x: torch.Tensor, p: float, quality_min: int) -> torch.Tensor:
     """With probability ``p`` per image, a JPEG round trip (8-bit, quality uniform in
-    [quality_min, 95]) of ``(B, 1, S, S)`` images in [0, 1]; one draw per image."""
+    [quality_min, 95]) of ``(B, C, S, S)`` images in [0, 1] (C = 1 or 3: RGB); one draw
+    per image."""
     import cv2
 
     on = torch.rand(len(x), device=x.device) < p
@@ -263,11 +270,14 @@ def _jpeg(x: torch.Tensor, p: float, quality_min: int) -> torch.Tensor:
     idx = torch.nonzero(on).flatten().tolist()
     if not idx:
         return x
-    u8 = (x[idx, 0] * 255 + 0.5).clamp_(0, 255).to(torch.uint8).cpu().numpy()
+    u8 = (x[idx].permute(0, 2, 3, 1) * 255 + 0.5).clamp_(0, 255).to(torch.uint8).cpu().numpy()
+    colour = u8.shape[-1] == 3
     out = []
     for img, quality in zip(u8, q[idx].tolist(), strict=True):
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if colour else img[..., 0]
         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-        out.append(cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) if ok else img)
+        back = cv2.imdecode(buf, cv2.IMREAD_COLOR if colour else cv2.IMREAD_GRAYSCALE) if ok else img
+        out.append(cv2.cvtColor(back, cv2.COLOR_BGR2RGB) if colour else back[..., None])
     x = x.clone()
-    x[idx, 0] = torch.from_numpy(np.stack(out)).to(x.device, x.dtype) / 255.0
+    x[idx] = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(x.device, x.dtype) / 255.0
     return x

@@ -23,7 +23,6 @@ from .bundle import Bundle, resolve
 from .checkpoint import CheckpointError
 from .devices import cpu_cores
 from .exceptions import FaceattrsError
-from .inputs import normalise
 from .model import FaceEnsemble, fuse_batchnorm
 from .postprocess import age_prediction, route, softmax
 
@@ -100,7 +99,7 @@ class TorchBackend:
 
     @torch.inference_mode()
     def _forward(self, faces: np.ndarray, pool=None) -> dict[str, np.ndarray]:
-        x = normalise(torch.from_numpy(faces).to(self.device))
+        x = torch.from_numpy(faces).to(self.device)  # uint8: normalised inside the network
         with self._autocast():
             if pool is not None and isinstance(self.model, FaceEnsemble):
                 out = self.model(x, member_map=lambda fn, ms: pool.map(self._in_mode(fn), ms))

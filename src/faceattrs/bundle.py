@@ -39,13 +39,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import config as cfgmod
 from .age.bundle import AGE_JSON, AgeModel
 from .age.bundle import FORMAT as AGE_FORMAT
 from .age.direct import HEAD as AGE_HEAD
 from .age.regress import BinRegressors
 from .checkpoint import CheckpointError, check_weights, load_model, load_weights, read_meta
 from .exceptions import FaceattrsError
-from .model import FaceResNet
+from .inputs import InputSpec
+from .model import FaceResNet, ModelConfig
 from .postprocess import AGE_POINTS
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,17 @@ class Bundle:
                 self.path / src if src and not Path(src).is_absolute() else Path(src or self.path)
             )
         return self.run_dir or self.checkpoint.parent
+
+    @property
+    def input(self) -> InputSpec:
+        """The faces the model takes (its input contract): from the checkpoint's model
+        settings, or an ONNX manifest's ``input.spec`` (none recorded: 48x48 grayscale)."""
+        try:
+            if self.kind == "onnx":
+                return InputSpec.from_dict((self.meta.get("input") or {}).get("spec"))
+            return cfgmod.from_dict(ModelConfig, self.meta.get("model") or {}).input
+        except (TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{self.path}: bad input settings: {e}") from None
 
     @property
     def precision(self) -> str:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from . import config as cfgmod
 from .exceptions import FaceattrsError
-from .inputs import IMAGE_SIZE, NORMALISATION, class_names
+from .inputs import class_names
 from .io import write_json_atomic, write_with
 from .model import FaceResNet, ModelConfig, build_model
 
@@ -32,32 +32,49 @@ FORMAT = "faceattrs-checkpoint-1"
 
 
 def check_meta(meta: dict[str, Any], where: Path) -> None:
-    """The settings this code cannot honour: another checkpoint format, input size or
-    normalisation (every checkpoint written so far carries these three)."""
+    """The settings this code cannot honour: another checkpoint format, or input settings
+    (``image_size``, ``normalisation``) that contradict the model's own input contract
+    (every checkpoint written so far carries them; older ones lack ``input``, i.e. 48x48
+    grayscale in [-1, 1])."""
     fmt = meta.get("format", FORMAT)
     if fmt != FORMAT:
         raise CheckpointError(
             f"{where}: checkpoint format {fmt!r}, but this faceattrs reads {FORMAT!r} "
             "(written by another version?)"
         )
-    if meta.get("image_size", IMAGE_SIZE) != IMAGE_SIZE:
+    try:
+        spec = cfgmod.from_dict(ModelConfig, meta.get("model") or {}).input
+    except (TypeError, ValueError, cfgmod.ConfigError) as e:
+        raise CheckpointError(f"{where}: bad or missing model settings: {e}") from None
+    if meta.get("image_size", spec.size) != spec.size:
         raise CheckpointError(
-            f"{where}: made for {meta['image_size']}-pixel faces; faceattrs uses {IMAGE_SIZE}"
+            f"{where}: made for {meta['image_size']}-pixel faces, but its model takes "
+            f"{spec.describe()} faces"
         )
-    norm = meta.get("normalisation", NORMALISATION)
-    if not isinstance(norm, dict) or any(norm.get(k) != v for k, v in NORMALISATION.items()):
+    norm = meta.get("normalisation", _normalisation(spec))
+    if not isinstance(norm, dict) or norm != _normalisation(spec):
         raise CheckpointError(
-            f"{where}: input normalisation {norm!r}, but faceattrs feeds {dict(NORMALISATION)}"
+            f"{where}: input normalisation {norm!r}, but its model normalises with "
+            f"{_normalisation(spec)}"
         )
+
+
+def _normalisation(spec) -> dict[str, Any]:
+    """``{"mean", "std"}`` as checkpoints record it: a number when one value serves every
+    channel (as every checkpoint before input contracts), else a list per channel."""
+    return {k: v[0] if len(v) == 1 else list(v) for k, v in (("mean", spec.mean),
+                                                              ("std", spec.std))}  # fmt: skip
 
 
 def base_meta(model: FaceResNet) -> dict[str, Any]:
     """The settings every checkpoint of ``model`` carries."""
+    spec = model.cfg.input
     return {
         "format": FORMAT,
         "model": cfgmod.to_dict(model.cfg),
-        "image_size": IMAGE_SIZE,
-        "normalisation": dict(NORMALISATION),
+        "image_size": spec.size,
+        "normalisation": _normalisation(spec),
+        "input": spec.to_dict(),
         "class_names": class_names(model.cfg.heads),
         "cam_layer": model.cam_layer,
     }
@@ -158,7 +175,7 @@ def load_model(path: str | Path, name: str = "best", device: str | torch.device 
         raise CheckpointError(f"{meta_path}: bad or missing model settings: {e}") from None
     try:
         model = build_model(mcfg)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{meta_path}: bad model settings: {e}") from None
     state = load_weights(weights)
     try:

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .exceptions import FaceattrsError
-from .inputs import links_not_searched
+from .inputs import GRAY48, InputSpec, links_not_searched
 from .labels import AGE_RANGE, ETHNICITIES, IMAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -54,17 +55,27 @@ class RawFaces:
     rows_read: int = 0
     invalid: Counter = field(default_factory=Counter)
     skipped: list[tuple[int, str, str]] = field(default_factory=list)
+    # the faces in another format than ``images`` (48x48 gray, what de-duplication compares),
+    # e.g. (N, 96, 96, 3) RGB for a colour model; None = ``images`` themselves
+    faces: np.ndarray | None = None
 
 
-def read_faces(path: str | Path, on_bad_row: str = "error") -> RawFaces:
-    """A CSV / CSV.gz file or a folder of photos -> :class:`RawFaces`."""
+def read_faces(path: str | Path, on_bad_row: str = "error", spec: InputSpec = GRAY48) -> RawFaces:
+    """A CSV / CSV.gz file or a folder of photos -> :class:`RawFaces`, the faces also in
+    ``spec``'s size and channels (``faces``) when that is not 48x48 grayscale (photos only:
+    a CSV holds 48x48 grayscale faces)."""
     path = Path(path)
     if on_bad_row not in ("error", "skip"):
         raise DataError(f"on_bad_row must be 'error' or 'skip', not {on_bad_row!r}")
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     if path.is_dir():
-        return read_photo_folder(path, on_bad_row)
+        return read_photo_folder(path, on_bad_row, spec)
+    if spec.shape != GRAY48.shape:
+        raise DataError(
+            f"{path}: a CSV holds 48x48 grayscale faces, not {spec.describe()}; "
+            "prepare a folder of photos for those"
+        )
     return read_csv(path, on_bad_row)
 
 
@@ -216,7 +227,7 @@ def _pixel_rule(msg: str) -> str:
     return msg
 
 
-def _finish(path, images, labels, names, lines, errors, on_bad_row) -> RawFaces:
+def _finish(path, images, labels, names, lines, errors, on_bad_row, faces=None) -> RawFaces:
     bad = [i for i, e in enumerate(errors) if e is not None]
     invalid: Counter = Counter()
     skipped: list[tuple[int, str, str]] = []
@@ -253,13 +264,18 @@ def _finish(path, images, labels, names, lines, errors, on_bad_row) -> RawFaces:
         rows_read=len(images),
         invalid=invalid,
         skipped=skipped,
+        faces=None if faces is None else faces[keep],
     )
 
 
-def read_photo_folder(folder: str | Path, on_bad_row: str = "error") -> RawFaces:
+def read_photo_folder(
+    folder: str | Path, on_bad_row: str = "error", spec: InputSpec = GRAY48
+) -> RawFaces:
     """UTKFace-style photos ``AGE_GENDER_ETHNICITY_*.jpg`` (any size, colour or gray) ->
-    48x48 grayscale with area interpolation, as the public CSV was made. Files whose
-    names carry no labels are skipped and counted."""
+    48x48 grayscale with area interpolation, as the public CSV was made (bit for bit: the
+    shared chips give the CSV's pixels), and, for another ``spec``, the whole photo
+    resized to its size in its channels (``faces``). Files whose names carry no labels
+    are skipped and counted."""
     import cv2
 
     folder = Path(folder)
@@ -270,13 +286,18 @@ def read_photo_folder(folder: str | Path, on_bad_row: str = "error") -> RawFaces
         hint = f" ({links_not_searched(folder, linked_dirs)})" if linked_dirs else ""
         raise DataError(f"{folder}: no labelled photos named AGE_GENDER_ETHNICITY_*.jpg{hint}")
     images = np.zeros((len(files), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    other = spec.shape != GRAY48.shape
+    faces = np.zeros((len(files), *spec.shape), np.uint8) if other else None
     errors: list = [None] * len(files)
-    for i, p in enumerate(files):
+    for i, p in enumerate(tqdm(files, "reading photos", unit="photo", disable=len(files) < 500,
+                               leave=False)):  # fmt: skip
         img, why = _decode_gray(p, cv2)
         if img is None:
             errors[i] = ("image", why, why)
             continue
         images[i] = cv2.resize(img, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_AREA)
+        if other:
+            faces[i] = _resized(p, spec, cv2, img)
     parts = [PHOTO_NAME.match(p.name).groups() for p in files]
     labels = {}
     for j, (col, lo, hi) in enumerate(
@@ -284,7 +305,8 @@ def read_photo_folder(folder: str | Path, on_bad_row: str = "error") -> RawFaces
     ):
         labels[col] = _parse_labels([t[j] for t in parts], col, lo, hi, errors)
     names = np.asarray([str(p.relative_to(folder)) for p in files])
-    raw = _finish(folder, images, labels, names, np.zeros(len(files), np.int64), errors, on_bad_row)
+    raw = _finish(folder, images, labels, names, np.zeros(len(files), np.int64), errors, on_bad_row,
+                  faces)  # fmt: skip
     if linked_dirs:  # after the rows are read: a bad input stays one error line, no warning
         log.warning("%s: %s", folder, links_not_searched(folder, linked_dirs))
     if unlabelled:
@@ -313,6 +335,18 @@ def photo_files(folder: Path) -> tuple[list[Path], list[Path]]:
             if p.suffix.lower() in PHOTO_EXTS and (p.is_symlink() or p.is_file()):
                 files.append(p)
     return sorted(files), sorted(linked_dirs)
+
+
+def _resized(path: Path, spec: InputSpec, cv2, gray: np.ndarray) -> np.ndarray:
+    """The photo at ``spec``'s size (area interpolation when shrinking) in its channels
+    (RGB decoded again in colour; ``gray`` is the grayscale decode)."""
+    img = gray
+    if spec.channels == 3:
+        bgr = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
+        img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    h, w = img.shape[:2]
+    interp = cv2.INTER_AREA if min(h, w) >= spec.size else cv2.INTER_LINEAR
+    return cv2.resize(img, (spec.size, spec.size), interpolation=interp)
 
 
 def _decode_gray(path: Path, cv2) -> tuple[np.ndarray | None, str]:

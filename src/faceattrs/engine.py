@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .inputs import normalise
 from .metrics import scores_from_confusion
 from .model import predict  # noqa: F401  (re-exported: the one batched forward pass)
 
@@ -167,9 +166,7 @@ def evaluate_heads(
     age_sums = torch.zeros(2, device=device)  # |median - age| and count within 5 years
     for start in range(0, len(indices), batch_size):
         batch = gather(data, indices[start : start + batch_size])
-        x = normalise(batch["image"])
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = batch["image"]  # uint8: the network normalises (and lays out) its input
         with autocast(device, bf16):
             outputs = model(x)
         outputs = {k: v.float() for k, v in outputs.items()}

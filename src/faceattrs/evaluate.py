@@ -69,13 +69,17 @@ def load_data(model_dir: str | Path, data: str | Path | None, split: str) -> Fac
     is resolved first, so a mistyped one is one line before any data is read."""
     from . import prepare  # the data stage; imported late so this module loads without it
 
-    path = data_path(resolve(model_dir), data)
+    bundle = resolve(model_dir)
+    path = data_path(bundle, data)
     if not path.exists():
         hint = "" if data is not None else " (the path recorded with the model): pass --data"
         raise FaceattrsError(f"data not found: {path}{hint}")
     if split == "all" and path.is_file():
-        return prepare.read_csv_unsplit(path)
+        faces = prepare.read_csv_unsplit(path)
+        faces.require(bundle.input, str(path))
+        return faces
     faces = prepare.load_faces(path)
+    faces.require(bundle.input, str(path))
     if split == "all":
         log.warning("--split all on a prepared folder includes its training rows")
     elif len(faces.indices(split)) == 0:

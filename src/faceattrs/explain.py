@@ -27,9 +27,8 @@ from .dataset import FaceSet
 from .engine import predict
 from .evaluate import head_letter, write_npz
 from .exceptions import FaceattrsError
-from .inputs import normalise
 from .io import write_json_atomic, write_with
-from .labels import ETHNICITIES, IMAGE_SIZE
+from .labels import ETHNICITIES
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +70,17 @@ def grad_cam(
     target: np.ndarray | None = None,
     batch_size: int = 64,
 ) -> np.ndarray:
-    """Grad-CAM maps ``(N, 48, 48)`` float32 in [0, 1] for uint8 faces ``(N, 48, 48)``.
+    """Grad-CAM maps ``(N, S, S)`` float32 in [0, 1] for uint8 faces of ``model.input``
+    (``(N, S, S)`` gray or ``(N, S, S, 3)`` RGB).
 
     ``target``: the class per face to explain; default the predicted class of ``head``.
     """
     model.eval()
     device = next(model.parameters()).device
+    size = model.input.size
     out = []
     for start in range(0, len(images), batch_size):
-        x = normalise(torch.as_tensor(images[start : start + batch_size]).to(device))
+        x = model.input.normalise(torch.as_tensor(images[start : start + batch_size]).to(device))
         if target is None:
             with torch.no_grad():
                 t = model(x)[head].argmax(1)
@@ -87,15 +88,15 @@ def grad_cam(
             t = torch.as_tensor(target[start : start + batch_size], device=device).long()
         raw = layer_cam(model, x, head, t).unsqueeze(1)
         up = F.interpolate(
-            raw, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
+            raw, size=(size, size), mode="bilinear", align_corners=False
         )[:, 0]
         peak = up.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
         out.append((up / peak).clamp_(0, 1).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+    return np.concatenate(out) if out else np.zeros((0, size, size), np.float32)
 
 
 def smooth(cam: np.ndarray, size: int = DISPLAY_SIZE) -> np.ndarray:
-    """A 48x48 map upsampled bicubically to ``size`` x ``size`` for display, kept in [0, 1]."""
+    """A face-sized map upsampled bicubically to ``size`` x ``size`` for display, kept in [0, 1]."""
     return np.clip(
         cv2.resize(cam.astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC), 0, 1
     )
@@ -135,7 +136,7 @@ def cam_panels(row: dict, size: int = DISPLAY_SIZE, n_lines: int = 1) -> np.ndar
     of explanations: ``faceattrs explain`` and ``faceattrs predict --explain`` both use it.
     """
     big = cv2.resize(row["face"], (size, size), interpolation=cv2.INTER_CUBIC)
-    face = cv2.cvtColor(big, cv2.COLOR_GRAY2RGB)
+    face = cv2.cvtColor(big, cv2.COLOR_GRAY2RGB) if big.ndim == 2 else big  # RGB: in colour
     label = [(t, RIGHT) for t in str(row.get("label", "")).split("\n")]
     panels = [_caption(face, label, n_lines)]
     for h, cam in row["cams"].items():
@@ -212,18 +213,18 @@ def explain_photo(
 
     Writes ``STEM_faces.png`` (the photo with numbered boxes), ``STEM_gradcam.png`` (per
     face: crop, gender and ethnicity overlays with predicted labels and probabilities),
-    ``STEM_gradcam.npz`` (the 48x48 maps) and ``STEM.json``.
+    ``STEM_gradcam.npz`` (the face-sized maps) and ``STEM.json``.
     """
     from .photo import extract_faces, load_image
     from .plots import evaluate as plots
 
     photo, out_dir = Path(photo), Path(out_dir)
+    bundle = resolve(model_dir)
     image = load_image(photo, max_pixels)  # None: the default limit
-    found = extract_faces(image)
+    found = extract_faces(image, spec=bundle.input)  # cropped as this model was trained
     if not found:
         raise FaceattrsError(f"no face found in {photo}")
     crops = np.stack([np.asarray(f.crop, dtype=np.uint8) for f in found])
-    bundle = resolve(model_dir)
     model, meta = bundle.load_multitask(device)
     ex = explain_faces(model, crops, bundle.temperatures)
     names = meta["class_names"]

@@ -44,7 +44,6 @@ from .bundle import ONNX_FORMAT as FORMAT
 from .bundle import ONNX_MANIFEST as MANIFEST
 from .bundle import Bundle, resolve
 from .exceptions import FaceattrsError
-from .inputs import IMAGE_SIZE, NORMALISATION, normalise
 from .io import atomic_folder, write_json_atomic, write_with
 from .postprocess import softmax
 
@@ -60,13 +59,14 @@ class _Multitask(nn.Module):
         self.model, self.heads = model, heads
 
     def forward(self, faces):
-        out = self.model(normalise(faces))
+        out = self.model(faces)  # uint8: the network normalises its input
         return tuple(out[h] for h in self.heads)
 
 
-def _with_mirror(faces, flip: bool):
-    """The normalised faces, followed by their mirror images when ``flip``."""
-    x = normalise(faces)
+def _with_mirror(net, faces, flip: bool):
+    """The faces normalised by ``net``'s input contract, followed by their mirror images
+    when ``flip``."""
+    x = net.input.normalise(faces)
     return torch.cat([x, torch.flip(x, dims=(-1,))]) if flip else x
 
 
@@ -83,7 +83,7 @@ class _TwoStage(nn.Module):
         self.coarse, self.regressors, self.head, self.flip = coarse, regressors, head, flip
 
     def forward(self, faces):
-        z = self.coarse.embed(_with_mirror(faces, self.flip))
+        z = self.coarse.embed(_with_mirror(self.coarse, faces, self.flip))
         logits = self.coarse.forward_head(z)[self.head]
         return _mean_halves(logits, self.flip), _mean_halves(self.regressors(z), self.flip)
 
@@ -94,12 +94,13 @@ class _Direct(nn.Module):
         self.direct, self.head, self.flip = direct, head, flip
 
     def forward(self, faces):
-        return _mean_halves(self.direct(_with_mirror(faces, self.flip))[self.head], self.flip)
+        x = _with_mirror(self.direct, faces, self.flip)
+        return _mean_halves(self.direct(x)[self.head], self.flip)
 
 
-def _export_graph(module: nn.Module, path: Path, outputs: list[str], opset: int) -> None:
+def _export_graph(module: nn.Module, path: Path, outputs: list[str], opset: int, spec) -> None:
     module = module.eval()
-    dummy = torch.zeros(2, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+    dummy = torch.zeros(2, *spec.shape, dtype=torch.uint8)
     axes = {name: {0: "batch"} for name in ["faces", *outputs]}
 
     def write(tmp: Path) -> None:
@@ -153,7 +154,7 @@ def export_onnx(
         raise FaceattrsError("int8 export needs calibration faces (--data: training faces)")
     quant = None
     if int8:
-        calib_faces = _faces_array(calib_faces, "calibration faces")
+        calib_faces = _faces_array(calib_faces, "calibration faces", bundle.input)
         quant = {"faces": calib_faces, "record": dict(calibration or {})}
     out = Path(out_dir)
     _check_out(out)
@@ -194,12 +195,11 @@ def calibration_draw(train_idx: np.ndarray, n: int, seed: int, n_check: int = 25
     return np.sort(calib), np.sort(check if len(check) else calib)
 
 
-def _faces_array(faces, what: str) -> np.ndarray:
+def _faces_array(faces, what: str, spec) -> np.ndarray:
     a = np.asarray(faces)
-    if a.ndim != 3 or a.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or a.dtype != np.uint8:
-        raise FaceattrsError(
-            f"{what}: expected uint8 (N, {IMAGE_SIZE}, {IMAGE_SIZE}), got {a.dtype} {a.shape}"
-        )
+    if a.ndim != 1 + len(spec.shape) or a.shape[1:] != spec.shape or a.dtype != np.uint8:
+        want = ", ".join(map(str, spec.shape))
+        raise FaceattrsError(f"{what}: expected uint8 (N, {want}), got {a.dtype} {a.shape}")
     return np.ascontiguousarray(a)
 
 
@@ -247,7 +247,8 @@ def quantize_int8(path: Path, faces: np.ndarray, batch: int = 64) -> None:
 def _export_all(tm, out_dir: Path, opset: int, check_faces, quant=None) -> dict[str, str]:
     heads = list(tm.class_names) + ([DIRECT_HEAD] if tm.shared_age else [])
     graphs = {"multitask": "multitask.onnx"}
-    _export_graph(_Multitask(tm.model, heads), out_dir / graphs["multitask"], heads, opset)
+    spec = tm.bundle.input
+    _export_graph(_Multitask(tm.model, heads), out_dir / graphs["multitask"], heads, opset, spec)
     age_meta = None
     am = tm.age_model
     if am is not None and tm.shared_age:
@@ -262,6 +263,7 @@ def _export_all(tm, out_dir: Path, opset: int, check_faces, quant=None) -> dict[
             out_dir / graphs["age_two_stage"],
             ["age_bin", "per_bin"],
             opset,
+            spec,
         )
         if am.direct is not None:
             graphs["age_direct"] = "age_direct.onnx"
@@ -270,6 +272,7 @@ def _export_all(tm, out_dir: Path, opset: int, check_faces, quant=None) -> dict[
                 out_dir / graphs["age_direct"],
                 ["age_years"],
                 opset,
+                spec,
             )
         age_meta = {
             "edges": [float(e) for e in am.edges],
@@ -289,8 +292,11 @@ def _export_all(tm, out_dir: Path, opset: int, check_faces, quant=None) -> dict[
         "input": {
             "name": "faces",
             "dtype": "uint8",
-            "shape": ["batch", IMAGE_SIZE, IMAGE_SIZE],
-            "normalisation": "inside the graph: (x / 255 - {mean}) / {std}".format(**NORMALISATION),
+            "shape": ["batch", *spec.shape],
+            "normalisation": "inside the graph: (x / 255 - {}) / {}".format(
+                *(v[0] if len(v) == 1 else list(v) for v in (spec.mean, spec.std))
+            ),
+            "spec": spec.to_dict(),
         },
         "graphs": graphs,
         "class_names": tm.class_names,
@@ -312,7 +318,7 @@ def _export_all(tm, out_dir: Path, opset: int, check_faces, quant=None) -> dict[
         }
     write_json_atomic(out_dir / MANIFEST, manifest)
     if check_faces is None:
-        shape = (32, IMAGE_SIZE, IMAGE_SIZE)
+        shape = (32, *spec.shape)
         check_faces = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     diffs = agreement(tm, OnnxBackend(out_dir), check_faces)
     manifest["check"] = {"faces": len(check_faces), **diffs}

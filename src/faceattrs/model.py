@@ -1,7 +1,12 @@
 """The reference's modified ResNet-18 for 48x48 grayscale faces, with named task heads.
 
-Input ``(B, 1, 48, 48)`` float, standardised to [-1, 1]. ``forward`` returns a dict of
-logits per head; ``embed`` returns the shared embedding ``(B, 512 * width)``.
+A network carries its input contract (``cfg.input``, an :class:`InputSpec`: by default
+the reference's 48x48 grayscale) and takes either the uint8 faces of that contract
+(``(B, S, S)`` gray, ``(B, S, S, 3)`` RGB: normalised inside the network, as in the ONNX
+graph) or float ``(B, C, S, S)`` already normalised (what augmentation gives in
+training). ``forward`` returns a dict of logits per head; ``embed`` returns the shared
+embedding ``(B, 512 * width)``. ``ModelConfig.arch`` names the backbone
+(:data:`ARCHS`: one entry per backbone, so a new one plugs in there).
 ``cam_layer`` names the module Grad-CAM should hook (the last residual stage).
 :class:`FaceEnsemble` averages the logits of several such networks (``members`` in
 :class:`ModelConfig`); :func:`build_model` makes either from its settings.
@@ -23,13 +28,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from .inputs import DEFAULT_HEADS, normalise
+from .inputs import DEFAULT_HEADS, InputSpec
 
 
 @dataclass
 class ModelConfig:
+    arch: str = "resnet"  # backbone, a key of ARCHS
     width: float = 1.0  # channel multiplier: 1.0 = 64/128/256/512 (the reference)
-    in_channels: int = 1  # grayscale input
+    # --- the input contract (``input``): older checkpoints lack these, i.e. 48x48 gray
+    image_size: int = 48  # faces are image_size x image_size pixels
+    in_channels: int = 1  # 1 = grayscale, 3 = RGB
+    mean: tuple[float, ...] = (0.5,)  # normalisation inside the network, pixels / 255 scale
+    std: tuple[float, ...] = (0.5,)
+    crop: str = "utkface"  # the face's framing the photo path cuts (inputs.CROPS)
+    stem_stride: int = 1  # 1 = the reference (48 px); 2 halves the maps at once (96-128 px)
     dropout: float = 0.35  # before each head, after LayerNorm
     blocks: tuple[int, ...] = (2, 2, 2, 2)  # BasicBlocks per stage (ResNet-18)
     # head name -> number of classes; default: gender (2) and ethnicity (5)
@@ -37,6 +49,24 @@ class ModelConfig:
         default_factory=lambda: {h: len(c) for h, c in DEFAULT_HEADS.items()}
     )
     members: int = 1  # > 1: an ensemble of that many networks of these settings
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; known: {', '.join(sorted(ARCHS))}")
+        if self.stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {self.stem_stride!r}")
+        _ = self.input  # checks the input settings (ValueError)
+
+    @property
+    def input(self) -> InputSpec:
+        """The faces this network takes."""
+        return InputSpec(self.image_size, self.in_channels, self.mean, self.std, self.crop)
+
+
+def input_settings(spec: InputSpec) -> dict:
+    """:class:`ModelConfig` fields for ``spec`` (``ModelConfig(**input_settings(s), ...)``)."""
+    return {"image_size": spec.size, "in_channels": spec.channels, "mean": spec.mean,
+            "std": spec.std, "crop": spec.crop}  # fmt: skip
 
 
 class StridedPointwise(nn.Conv2d):
@@ -111,10 +141,12 @@ class FaceResNet(nn.Module):
     def __init__(self, cfg: ModelConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or ModelConfig()
+        self.input = cfg.input
         chans = [max(8, round(c * cfg.width)) for c in (64, 128, 256, 512)]
-        # 3x3 stride-1 stem and no max-pool: 48x48 faces are too small to downsample early.
+        # 3x3 stride-1 stem and no max-pool: 48x48 faces are too small to downsample early;
+        # stride 2 for larger faces (96 px: the same maps, so about the same cost)
         self.stem = nn.Sequential(
-            nn.Conv2d(cfg.in_channels, chans[0], 3, 1, 1, bias=False),
+            nn.Conv2d(cfg.in_channels, chans[0], 3, cfg.stem_stride, 1, bias=False),
             nn.BatchNorm2d(chans[0]),
             nn.ReLU(inplace=True),
         )
@@ -149,8 +181,9 @@ class FaceResNet(nn.Module):
             nn.init.normal_(head.fc.weight, std=0.01)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, 48, 48)`` -> feature maps ``(B, D, 6, 6)``."""
-        return self.stages(self.stem(x))
+        """Faces (uint8 of ``self.input``, or float ``(B, C, S, S)`` normalised) -> feature
+        maps ``(B, D, S/8, S/8)`` (``S/16`` with a stride-2 stem)."""
+        return self.stages(self.stem(prepare_input(self, x)))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, 48, 48)`` -> embedding ``(B, D)``, D = 512 at full width."""
@@ -165,6 +198,7 @@ class FaceResNet(nn.Module):
     def logits_and_embedding(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Logits per head (flip-averaged when ``flip_tta`` in eval mode) and the embedding
         of ``x`` itself."""
+        x = prepare_input(self, x)  # before the mirror: an RGB face's last axis is colour
         if not (self.flip_tta and not self.training):
             z = self.embed(x)
             return self.forward_head(z), z
@@ -198,8 +232,9 @@ class FaceEnsemble(nn.Module):
         if cfg.members < 2:
             raise ValueError(f"an ensemble needs 2 or more members, got {cfg.members}")
         self.cfg = cfg
+        self.input = cfg.input
         one = replace(cfg, members=1)
-        self.members = nn.ModuleList(FaceResNet(one) for _ in range(cfg.members))
+        self.members = nn.ModuleList(ARCHS[cfg.arch](one) for _ in range(cfg.members))
         self.embed_dim = sum(m.embed_dim for m in self.members)
         self.cam_layers = [f"members.{i}.{FaceResNet.cam_layer}" for i in range(cfg.members)]
         self.cam_layer = f"members.*.{FaceResNet.cam_layer}"
@@ -217,6 +252,7 @@ class FaceEnsemble(nn.Module):
         """``member_map(fn, members)`` runs the members (builtin ``map``: one after the
         other; a thread pool's ``map`` runs them at once, as the analyzer does for one face)."""
         flip = self.flip_tta and not self.training
+        x = prepare_input(self, x)  # once for all members
         inp = torch.cat([x, torch.flip(x, dims=(-1,))]) if flip else x
 
         def run(m):
@@ -232,10 +268,25 @@ class FaceEnsemble(nn.Module):
         return logits, z
 
 
-def build_model(cfg: ModelConfig) -> FaceResNet | FaceEnsemble:
-    """The network a checkpoint's settings describe: one :class:`FaceResNet`, or an
+def prepare_input(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The network's input from ``x``: uint8 faces are normalised by ``net.input``
+    (channels-last when the first convolution's weights are), float passes unchanged."""
+    if x.dtype != torch.uint8:
+        return x
+    x = net.input.normalise(x)
+    w = next(net.parameters())
+    if w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last):
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+ARCHS: dict[str, type[nn.Module]] = {"resnet": FaceResNet}  # arch -> backbone class
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The network a checkpoint's settings describe: one network of ``cfg.arch``, or an
     ensemble of ``cfg.members``."""
-    return FaceEnsemble(cfg) if cfg.members > 1 else FaceResNet(cfg)
+    return FaceEnsemble(cfg) if cfg.members > 1 else ARCHS[cfg.arch](cfg)
 
 
 def fuse_batchnorm(model: nn.Module) -> nn.Module:
@@ -280,7 +331,7 @@ def predict(
     device: str | torch.device | None = None,
     embed: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Logits per head for uint8 faces ``(N, 48, 48)``, as float32 numpy ``(N, K)``.
+    """Logits per head for uint8 faces (``model.input``'s shape), as float32 numpy ``(N, K)``.
 
     With ``embed=True`` the result also holds ``"embedding"`` ``(N, D)``.
     The model is put in eval mode; nothing is augmented, except the mirror image when the
@@ -291,7 +342,7 @@ def predict(
     out: dict[str, list[np.ndarray]] = {}
     images = torch.as_tensor(images)
     for start in range(0, len(images), batch_size):
-        x = normalise(images[start : start + batch_size].to(device))
+        x = images[start : start + batch_size].to(device)  # normalised inside the network
         logits, z = model.logits_and_embedding(x)
         if embed:
             logits = {**logits, "embedding": z}

@@ -1,4 +1,4 @@
-"""Photos in, 48x48 faces out: decode, orientation, face detection, alignment, crop.
+"""Photos in, model-sized faces out: decode, orientation, face detection, alignment, crop.
 
 ``load_image`` decodes JPEG, PNG, WebP, BMP, TIFF (anything Pillow reads), applies the
 EXIF orientation and returns uint8 ``(H, W)`` for gray or ``(H, W, 3)`` RGB (alpha is
@@ -49,7 +49,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .exceptions import FaceattrsError
-from .inputs import IMAGE_SIZE, MAX_PIXELS
+from .inputs import GRAY48, MAX_PIXELS, InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +338,13 @@ def to_gray(image: np.ndarray) -> np.ndarray:
     return image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
 
 
+def to_channels(image: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """``image`` (gray or RGB) in ``spec``'s channels: gray ``(H, W)`` or RGB ``(H, W, 3)``."""
+    if spec.channels == 1:
+        return to_gray(image)
+    return image if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+
+
 # ---------------------------------------------------------------- detection
 
 
@@ -443,9 +450,14 @@ def crop_region(box: Box, cfg: PhotoConfig | None = None, margin: bool = True) -
 
 
 def to_face_crop(
-    image: np.ndarray, box: Box, cfg: PhotoConfig | None = None, margin: bool = True
+    image: np.ndarray,
+    box: Box,
+    cfg: PhotoConfig | None = None,
+    margin: bool = True,
+    spec: InputSpec = GRAY48,
 ) -> np.ndarray:
-    """The model's input for the face in ``box``: uint8 ``(48, 48)`` grayscale.
+    """The model's input for the face in ``box``: uint8 ``spec.shape`` (by default
+    ``(48, 48)`` grayscale; ``(S, S, 3)`` RGB for a colour model).
 
     The square :func:`crop_region` is cut out (its part outside the image filled by
     replicating the border) and resized with area interpolation, as the training CSV was
@@ -456,14 +468,15 @@ def to_face_crop(
     x0, y0, x1, y1 = max(0, x), max(0, y), min(w, x + side), min(h, y + side)
     if x1 <= x0 or y1 <= y0:
         raise PhotoError(f"face box {box} lies outside the {w}x{h} image")
-    region = to_gray(np.ascontiguousarray(image[y0:y1, x0:x1]))
+    region = to_channels(np.ascontiguousarray(image[y0:y1, x0:x1]), spec)
     top, left, bottom, right = y0 - y, x0 - x, y + side - y1, x + side - x1
     if top or left or bottom or right:
         region = cv2.copyMakeBorder(region, top, bottom, left, right, cv2.BORDER_REPLICATE)
-    if side == IMAGE_SIZE:
+    size = spec.size
+    if side == size:
         return np.ascontiguousarray(region)
-    interp = cv2.INTER_AREA if side > IMAGE_SIZE else cv2.INTER_LINEAR
-    return cv2.resize(region, (IMAGE_SIZE, IMAGE_SIZE), interpolation=interp)
+    interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+    return cv2.resize(region, (size, size), interpolation=interp)
 
 
 # ---------------------------------------------------------------- dlib: detection, landmarks
@@ -691,13 +704,14 @@ def align_matrix(landmarks: np.ndarray, cfg: PhotoConfig | None = None, rotate: 
     return m
 
 
-def aligned_crop(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+def aligned_crop(image: np.ndarray, matrix: np.ndarray, spec: InputSpec = GRAY48) -> np.ndarray:
     """The model's input through ``matrix`` (photo -> training frame): the frame is
     resampled (bilinear; a large face is first shrunk with area interpolation so that the
-    frame is never sampled sparser than 2 photo pixels apart), then resized to 48x48 with
-    area interpolation, as the training CSV was made. uint8 ``(48, 48)``."""
-    gray = to_gray(image)
-    h, w = gray.shape
+    frame is never sampled sparser than 2 photo pixels apart), then resized to the
+    model's size with area interpolation, as the training CSV was made from the frames.
+    uint8 ``spec.shape``: ``(48, 48)`` gray by default, ``(S, S, 3)`` for an RGB model."""
+    gray = to_channels(image, spec)
+    h, w = gray.shape[:2]
     m = np.asarray(matrix, np.float64)
     k = float(np.hypot(*m[:, 0]))  # frame pixels per photo pixel
     inv = cv2.invertAffineTransform(m)
@@ -713,18 +727,24 @@ def aligned_crop(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     m[:, 2] += m[:, :2] @ np.array([x0, y0], np.float64)
     if k < 0.5:  # shrink first: bilinear sampling would skip pixels
         f = 2 * k
-        rh, rw = region.shape
+        rh, rw = region.shape[:2]
         size = (max(1, round(rw * f)), max(1, round(rh * f)))
         region = cv2.resize(region, size, interpolation=cv2.INTER_AREA)
         m[:, :2] /= np.array([size[0] / rw, size[1] / rh])[None, :]
     frame = cv2.warpAffine(
         region, m, (CANON, CANON), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
     )
-    return cv2.resize(frame, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_AREA)
+    if spec.size == CANON:
+        return frame
+    interp = cv2.INTER_AREA if spec.size < CANON else cv2.INTER_LINEAR
+    return cv2.resize(frame, (spec.size, spec.size), interpolation=interp)
 
 
-def extract_faces(image, detect: bool = True, cfg: PhotoConfig | None = None) -> list[Face]:
-    """Every face of ``image`` (anything :func:`load_image` takes), left to right.
+def extract_faces(
+    image, detect: bool = True, cfg: PhotoConfig | None = None, spec: InputSpec = GRAY48
+) -> list[Face]:
+    """Every face of ``image`` (anything :func:`load_image` takes), left to right, each
+    cropped to the input contract ``spec`` (the model's: ``bundle.input``).
 
     ``detect=False`` treats the whole image as one already-cropped face (padded to a
     square, no margin). An empty list means no face was found.
@@ -734,15 +754,21 @@ def extract_faces(image, detect: bool = True, cfg: PhotoConfig | None = None) ->
     h, w = image.shape[:2]
     if not detect:
         return [
-            Face((0, 0, w, h), to_face_crop(image, (0, 0, w, h), cfg, margin=False), None, "given")
+            Face(
+                (0, 0, w, h),
+                to_face_crop(image, (0, 0, w, h), cfg, margin=False, spec=spec),
+                None,
+                "given",
+            )
         ]
     gray = to_gray(image)
+    source = gray if spec.channels == 1 else image  # crops in the model's channels
     faces = []
     for d in find_faces(gray, cfg):
         if d.landmarks is not None:
-            crop = aligned_crop(gray, align_matrix(d.landmarks, cfg, rotate=cfg.align))
+            crop = aligned_crop(source, align_matrix(d.landmarks, cfg, rotate=cfg.align), spec)
         else:
-            crop = to_face_crop(gray, d.box, cfg, margin=d.kind == "detected")
+            crop = to_face_crop(source, d.box, cfg, margin=d.kind == "detected", spec=spec)
         faces.append(
             Face(clip_box(d.box, gray.shape), crop, round(d.score, 3), d.kind, d.landmarks)
         )
@@ -775,16 +801,18 @@ def prepare(
     cfg: PhotoConfig | None = None,
     raise_errors: bool = False,
     keep_image: bool = True,
+    spec: InputSpec = GRAY48,
 ) -> Item:
-    """Decode ``src`` and find its faces: the :class:`Item` at ``index``. An unusable image
-    (or one without a face) raises :class:`PhotoError` with ``raise_errors``, else its
-    message is kept in ``item.error``. ``keep_image=False`` drops the decoded pixels."""
+    """Decode ``src`` and find its faces, cropped to ``spec`` (the model's input contract):
+    the :class:`Item` at ``index``. An unusable image (or one without a face) raises
+    :class:`PhotoError` with ``raise_errors``, else its message is kept in ``item.error``.
+    ``keep_image=False`` drops the decoded pixels."""
     cfg = cfg or PhotoConfig()
     is_path = isinstance(src, str | os.PathLike)
     item = Item(index, str(src) if is_path else None)
     try:
         item.image = load_image(src, cfg.max_pixels)
-        item.faces = extract_faces(item.image, detect=detect, cfg=cfg)
+        item.faces = extract_faces(item.image, detect=detect, cfg=cfg, spec=spec)
         if not item.faces:
             raise PhotoError(f"{src if is_path else 'image'}: no face found")
     except PhotoError as e:

@@ -230,6 +230,7 @@ class FaceAnalyzer:
         self.models = load_models(model, backend, device, dtype, age, threads)
         self.backend, self.batch_size = backend, batch_size
         self.photo = photo or PhotoConfig()
+        self.input = self.models.bundle.input  # faces are cropped to the model's contract
 
     def _photo_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -327,7 +328,7 @@ class FaceAnalyzer:
         """
 
         sources = list(sources)
-        args = (detect, self.photo, raise_errors, keep_images)
+        args = (detect, self.photo, raise_errors, keep_images, self.input)
         use = self.photo_workers == "processes" or (
             self.photo_workers == "auto"
             and photo_processes(

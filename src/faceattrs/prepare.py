@@ -30,6 +30,7 @@ import numpy as np
 from . import config as cfgmod
 from .data import DataError, RawFaces, photo_files, read_faces
 from .dataset import FaceSet
+from .inputs import InputSpec
 from .io import clean_stale_temps, write_json_atomic, write_text_atomic, write_with
 from .labels import SPLITS
 
@@ -45,6 +46,11 @@ class PrepareConfig:
     val_fraction: float = 0.1  # share of kept rows for validation
     test_fraction: float = 0.1  # share of kept rows for test
     seed: int = 0  # split seed
+    # the stored faces' format (a model's input contract): 48/1 = 48x48 grayscale, what a
+    # CSV holds; a photo folder may give others, e.g. 96/3 for a colour model (duplicates
+    # are still found on the 48x48 grayscale faces, so the split is the CSV's)
+    image_size: int = 48
+    channels: int = 1
 
     def __post_init__(self):
         cfgmod.check_choice(self, "on_conflict", ("keep", "drop"))
@@ -52,6 +58,15 @@ class PrepareConfig:
         cfgmod.check_range(self, "near_threshold", 0.0, 1.0, low_open=True)
         cfgmod.check_range(self, "val_fraction", 0.0, 1.0, low_open=True, high_open=True)
         cfgmod.check_range(self, "test_fraction", 0.0, 1.0, low_open=True, high_open=True)
+        try:
+            _ = self.spec
+        except ValueError as e:
+            raise cfgmod.ConfigError(str(e)) from None
+
+    @property
+    def spec(self) -> InputSpec:
+        """The stored faces' format."""
+        return InputSpec(size=self.image_size, channels=self.channels)
         if self.val_fraction + self.test_fraction >= 1.0:
             raise cfgmod.ConfigError(
                 f"val_fraction + test_fraction must be below 1 (no training faces left), "
@@ -62,7 +77,10 @@ class PrepareConfig:
 def _key(path: Path, cfg: PrepareConfig) -> str:
     """Content hash of the input (file bytes, or each photo's name and bytes) + settings."""
     h = hashlib.sha256(FORMAT.encode())
-    h.update(json.dumps(cfgmod.to_dict(cfg), sort_keys=True).encode())
+    settings = cfgmod.to_dict(cfg)
+    if (cfg.image_size, cfg.channels) == (48, 1):  # keys of folders prepared before these
+        del settings["image_size"], settings["channels"]
+    h.update(json.dumps(settings, sort_keys=True).encode())
     files = photo_files(path)[0] if path.is_dir() else [path]
     for p in files:
         h.update(
@@ -185,7 +203,7 @@ def prepare(data: str | Path, out: str | Path, cfg: PrepareConfig | None = None)
     from .dedup import find_duplicates  # scipy: only when preparing
 
     t0 = time.perf_counter()
-    raw = read_faces(data, cfg.on_bad_row)
+    raw = read_faces(data, cfg.on_bad_row, cfg.spec)
     labels = {"age": raw.age, "gender": raw.gender, "ethnicity": raw.ethnicity}
     dup = find_duplicates(raw.images, labels, cfg.near_threshold)
     keep = dup.keep
@@ -194,7 +212,7 @@ def prepare(data: str | Path, out: str | Path, cfg: PrepareConfig | None = None)
         keep = keep[~np.isin(keep, dup.conflict_groups)]
     split = split_rows(raw.ethnicity[keep], raw.gender[keep], cfg)
     faces = FaceSet(
-        raw.images[keep],
+        (raw.images if raw.faces is None else raw.faces)[keep],
         raw.age[keep],
         raw.gender[keep],
         raw.ethnicity[keep],

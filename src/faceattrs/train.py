@@ -92,6 +92,12 @@ class TrainConfig:
     blocks: tuple[int, ...] = (2, 2, 2, 2)  # [ours] residual blocks per stage: 2,2,2,2 is
     # ResNet-18 (the reference), 1,1,1,1 ResNet-10; four stages, each at least 1
     dropout: float = 0.35  # before each head
+    # [ours] the input contract: faces of image_size pixels in `channels` (1 gray, 3 RGB;
+    # the data must hold them: `faceattrs prepare --size N --color` on photos); 48/1 is
+    # the reference. stem_stride 2 halves the maps in the first layer (96-128 px faces)
+    image_size: int = 48
+    channels: int = 1
+    stem_stride: int = 1
     balanced: bool = True  # inverse-frequency ethnicity sampling (False: plain shuffle)
     seed: int = 0  # weights, sampling, augmentation and dropout all derive from it
     device: str = "auto"  # auto = cuda, then mps, then cpu; or any torch device string
@@ -139,6 +145,10 @@ class TrainConfig:
                 f"got {','.join(map(str, self.blocks))}"
             )
         c(self, "distill_temperature", 0, low_open=True)
+        try:
+            model_config(self)
+        except ValueError as e:
+            raise cfgmod.ConfigError(str(e)) from None
         for key in ("ema", "distill_weight", "dropout", "ethnicity_smoothing", "gender_smoothing"):
             c(self, key, 0, 1, high_open=True)
         if str(self.bf16).lower() not in BF16_WORDS:
@@ -161,6 +171,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         "warmup_epochs": 1.0,
         "patience": 4,
         "threads": 1,
+    },
+    # [ours] colour at 96x96 (the UTKFace chips, `prepare --size 96 --color`), a stride-2
+    # stem (48x48 maps: about the cost of the 48 px model), v5's member recipe (EMA, the
+    # age head, half width, 45 epochs): docs/training.md
+    "rgb": {
+        "image_size": 96,
+        "channels": 3,
+        "stem_stride": 2,
+        "width": 0.5,
+        "epochs": 45,
+        "lr": 1.5e-3,
+        "warmup_epochs": 2.0,
+        "patience": 50,
+        "ema": 0.998,
+        "age_head": True,
     },
 }
 
@@ -232,7 +257,10 @@ def make_ema(model: torch.nn.Module, decay: float):
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
     heads = {**HEADS, AGE_HEAD: AGE_YEARS} if cfg.age_head else dict(HEADS)
-    return ModelConfig(width=cfg.width, dropout=cfg.dropout, heads=heads, blocks=tuple(cfg.blocks))
+    return ModelConfig(
+        width=cfg.width, dropout=cfg.dropout, heads=heads, blocks=tuple(cfg.blocks),
+        image_size=cfg.image_size, in_channels=cfg.channels, stem_stride=cfg.stem_stride,
+    )  # fmt: skip
 
 
 def with_age_head(loss_fn, cfg: TrainConfig, edges=None):
@@ -355,6 +383,12 @@ def load_init(model: FaceResNet, source: str, member: int = 0) -> dict[str, Any]
             f"init_member={member}, but {source} holds {len(nets)} network(s) (0-{len(nets) - 1})"
         )
     net = nets[member]
+    if net.cfg.input != model.cfg.input or net.cfg.stem_stride != model.cfg.stem_stride:
+        raise TrainError(
+            f"init {source} takes {net.cfg.input.describe()} faces (stem stride "
+            f"{net.cfg.stem_stride}); these settings: {model.cfg.input.describe()} (stem stride "
+            f"{model.cfg.stem_stride})"
+        )
     if net.cfg.width != model.cfg.width or dict(net.cfg.heads) != dict(model.cfg.heads):
         raise TrainError(
             f"init {source} is a network of width {net.cfg.width} with heads "
@@ -653,6 +687,10 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
     bf16 = use_bf16(cfg.bf16, device)
     main = rank == 0
 
+    try:
+        faces.require(model_config(cfg).input, data_ref or "the data")
+    except FaceattrsError as e:
+        raise TrainError(str(e)) from None
     train = _split_tensors(faces, "train", cfg.limit, cfg.seed, device, cfg.age_head)
     val = _split_tensors(faces, "val", cfg.limit, cfg.seed + 1, device, cfg.age_head)
     n_train, n_val = len(train["image"]), len(val["image"])
@@ -668,7 +706,7 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
         train.update(soft)
     eth_train = train["ethnicity"].cpu().numpy()
     minority = minority_classes(eth_train, cfg.augment.minority_ratio)
-    augmenter = Augmenter(cfg.augment, minority).to(device)
+    augmenter = Augmenter(cfg.augment, minority, model_config(cfg).input).to(device)
     weights = sampler_weights(eth_train) if cfg.balanced else None
 
     torch.manual_seed(cfg.seed)  # the initial weights
@@ -718,8 +756,8 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
         if cfg.teachers and not cached:  # a resume reads them back instead of recomputing
             _save_teacher_targets(out_dir, soft, teachers_key)
     log.info(
-        "training %d faces (val %d) on %s x%d, bf16=%s, width=%s, blocks=%s, epochs %d-%d, "
-        "minority=%s", n_train, n_val, device, world, bf16, cfg.width,
+        "training %d %s faces (val %d) on %s x%d, bf16=%s, width=%s, blocks=%s, epochs %d-%d, "
+        "minority=%s", n_train, model.cfg.input.describe(), n_val, device, world, bf16, cfg.width,
         ",".join(map(str, cfg.blocks)), start_epoch, cfg.epochs, minority,
     )  # fmt: skip
 

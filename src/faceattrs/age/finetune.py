@@ -36,7 +36,7 @@ from ..loop import (
     use_bf16,
     write_history,
 )
-from ..model import FaceResNet
+from ..model import FaceResNet, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ def augmenter_for(mt_meta: dict, train: FaceSet, device) -> Augmenter:
     saved = (mt_meta.get("config") or {}).get("augment")
     aug_cfg = cfgmod.from_dict(AugmentConfig, saved) if saved else AugmentConfig()
     minority = minority_classes(train.ethnicity, aug_cfg.minority_ratio)
-    return Augmenter(aug_cfg, minority).to(device)
+    spec = cfgmod.from_dict(ModelConfig, mt_meta.get("model") or {}).input
+    return Augmenter(aug_cfg, minority, spec).to(device)
 
 
 def train_two_stages(

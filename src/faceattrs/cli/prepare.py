@@ -25,6 +25,13 @@ def add_arguments(p) -> None:
         "--on-bad-row", choices=["error", "skip"], help="invalid rows: stop, or skip and count"
     )
     p.add_argument("--seed", type=int, help="split seed (0)")
+    p.add_argument(
+        "--size", type=int, help="photo folders: store the faces at this side in pixels (48)"
+    )
+    p.add_argument(
+        "--color", action="store_true",
+        help="photo folders: store the faces in RGB (default: grayscale, as the CSV)",
+    )  # fmt: skip
 
 
 def run(args) -> int:
@@ -35,6 +42,8 @@ def run(args) -> int:
             "on_conflict": args.on_conflict,
             "on_bad_row": args.on_bad_row,
             "seed": args.seed,
+            "image_size": args.size,
+            "channels": 3 if args.color else None,
         }.items()
         if v is not None
     }
