@@ -153,6 +153,7 @@ def test_health_model_and_docs(client):
     assert m["limits"]["max_upload_bytes"] == 10 * 1024 * 1024
     assert m["checkpoint"]["epoch"] == 0
     assert m["licence"] is None  # a trained run folder records no terms
+    assert m["input"] == {"size": 48, "channels": 1, "mean": [0.5], "std": [0.5], "crop": "utkface"}
     schema = client.get("/openapi.json").json()
     assert "multipart/form-data" in schema["paths"]["/analyze"]["post"]["requestBody"]["content"]
     assert client.get("/docs").status_code == 200

@@ -71,7 +71,7 @@ def read_faces(path: str | Path, on_bad_row: str = "error", spec: InputSpec = GR
         raise DataError(f"{path}: no such file or folder")
     if path.is_dir():
         return read_photo_folder(path, on_bad_row, spec)
-    if spec.shape != GRAY48.shape:
+    if spec.shape != GRAY48.shape or spec.crop != GRAY48.crop:
         raise DataError(
             f"{path}: a CSV holds 48x48 grayscale faces, not {spec.describe()}; "
             "prepare a folder of photos for those"
@@ -286,7 +286,7 @@ def read_photo_folder(
         hint = f" ({links_not_searched(folder, linked_dirs)})" if linked_dirs else ""
         raise DataError(f"{folder}: no labelled photos named AGE_GENDER_ETHNICITY_*.jpg{hint}")
     images = np.zeros((len(files), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-    other = spec.shape != GRAY48.shape
+    other = spec.shape != GRAY48.shape or spec.crop != GRAY48.crop
     faces = np.zeros((len(files), *spec.shape), np.uint8) if other else None
     errors: list = [None] * len(files)
     for i, p in enumerate(tqdm(files, "reading photos", unit="photo", disable=len(files) < 500,
@@ -339,11 +339,17 @@ def photo_files(folder: Path) -> tuple[list[Path], list[Path]]:
 
 def _resized(path: Path, spec: InputSpec, cv2, gray: np.ndarray) -> np.ndarray:
     """The photo at ``spec``'s size (area interpolation when shrinking) in its channels
-    (RGB decoded again in colour; ``gray`` is the grayscale decode)."""
+    (RGB decoded again in colour; ``gray`` is the grayscale decode). The photos are
+    UTKFace's framing already; for ``spec.crop == "dlib"`` dlib's chip is cut from them
+    (landmarks found where a chip's face sits: :data:`faceattrs.photo.GIVEN_FACE`)."""
     img = gray
     if spec.channels == 3:
         bgr = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
         img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    if spec.crop != "utkface":
+        from .photo import extract_faces  # dlib: only for this framing
+
+        return extract_faces(img, detect=False, spec=spec)[0].crop
     h, w = img.shape[:2]
     interp = cv2.INTER_AREA if min(h, w) >= spec.size else cv2.INTER_LINEAR
     return cv2.resize(img, (spec.size, spec.size), interpolation=interp)

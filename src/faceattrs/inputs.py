@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-CROPS = ("utkface",)  # face framings the photo path can cut (see InputSpec.crop)
+CROPS = ("utkface", "dlib")  # face framings the photo path can cut (see InputSpec.crop)
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,9 @@ class InputSpec:
     mean: tuple[float, ...] = (0.5,)  # per channel (or one for all), pixels / 255 scale
     std: tuple[float, ...] = (0.5,)
     # the face's framing: "utkface" = UTKFace's aligned & cropped chips (face centred, eyes
-    # level, about 40 % margin), what the CSV was made from and the photo path aligns to
+    # level, about 40 % margin), what the CSV was made from and the photo path aligns to;
+    # "dlib" = dlib's face chip (dlib.get_face_chip from the 5 landmarks, padding 0.25), what
+    # dlib's face-recognition network was trained on
     crop: str = "utkface"
 
     def __post_init__(self):

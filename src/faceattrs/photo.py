@@ -740,6 +740,55 @@ def aligned_crop(image: np.ndarray, matrix: np.ndarray, spec: InputSpec = GRAY48
     return cv2.resize(frame, (spec.size, spec.size), interpolation=interp)
 
 
+DLIB_PADDING = 0.25  # dlib's face chip: padding around its mean face (dlib's default)
+
+
+def dlib_chip(image: np.ndarray, landmarks: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """dlib's face chip (``dlib.get_face_chip``: the 5 landmarks moved onto dlib's mean
+    face, padding 0.25) at ``spec.size``, in ``spec``'s channels: the crop dlib's
+    face-recognition network was trained on."""
+    import dlib
+
+    pts = dlib.points([dlib.point(round(float(x)), round(float(y))) for x, y in landmarks])
+    (x0, y0), (x1, y1) = landmarks.min(0), landmarks.max(0)
+    rect = dlib.rectangle(int(x0), int(y0), int(x1) + 1, int(y1) + 1)
+    rgb = image if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    chip = dlib.get_face_chip(np.ascontiguousarray(rgb), dlib.full_object_detection(rect, pts),
+                              size=spec.size, padding=DLIB_PADDING)  # fmt: skip
+    return to_channels(chip, spec)
+
+
+def landmarks_in(gray: np.ndarray, box: Box) -> np.ndarray:
+    """dlib's 5 landmarks ``(5, 2)`` of the face in ``box`` (shape predictor only, no
+    detector): for faces found without landmarks and for given crops."""
+    import dlib
+
+    x, y, w, h = box
+    shape = _dlib("shape")(gray, dlib.rectangle(int(x), int(y), int(x + w), int(y + h)))
+    return np.array([(p.x, p.y) for p in shape.parts()], np.float64)
+
+
+# where the face sits in a given crop (detect=False) when the dlib crop must find its
+# landmarks: the median box of dlib's HOG detector on UTKFace's aligned chips (found on 297
+# of 300 chips drawn with seed 0; spread +-0.07-0.08)
+GIVEN_FACE = (0.075, 0.075, 0.9, 0.9)  # x, y, width, height as shares of the crop
+
+
+def _crop(source, gray, landmarks, box, cfg, spec: InputSpec, kind: str) -> np.ndarray:
+    """The model's input for one face, in the framing ``spec.crop`` names."""
+    if spec.crop == "dlib":
+        if landmarks is None:
+            if kind == "given":  # the whole image is the face: where a chip's face sits
+                h, w = gray.shape
+                gx, gy, gw, gh = GIVEN_FACE
+                box = (round(gx * w), round(gy * h), round(gw * w), round(gh * h))
+            landmarks = landmarks_in(gray, box)
+        return dlib_chip(source, landmarks, spec)
+    if landmarks is not None:
+        return aligned_crop(source, align_matrix(landmarks, cfg, rotate=cfg.align), spec)
+    return to_face_crop(source, box, cfg, margin=kind == "detected", spec=spec)
+
+
 def extract_faces(
     image, detect: bool = True, cfg: PhotoConfig | None = None, spec: InputSpec = GRAY48
 ) -> list[Face]:
@@ -752,23 +801,14 @@ def extract_faces(
     cfg = cfg or PhotoConfig()
     image = load_image(image, cfg.max_pixels)  # arrays that are already uint8 pass unchanged
     h, w = image.shape[:2]
-    if not detect:
-        return [
-            Face(
-                (0, 0, w, h),
-                to_face_crop(image, (0, 0, w, h), cfg, margin=False, spec=spec),
-                None,
-                "given",
-            )
-        ]
     gray = to_gray(image)
     source = gray if spec.channels == 1 else image  # crops in the model's channels
+    if not detect:
+        crop = _crop(source, gray, None, (0, 0, w, h), cfg, spec, "given")
+        return [Face((0, 0, w, h), crop, None, "given")]
     faces = []
     for d in find_faces(gray, cfg):
-        if d.landmarks is not None:
-            crop = aligned_crop(source, align_matrix(d.landmarks, cfg, rotate=cfg.align), spec)
-        else:
-            crop = to_face_crop(source, d.box, cfg, margin=d.kind == "detected", spec=spec)
+        crop = _crop(source, gray, d.landmarks, d.box, cfg, spec, d.kind)
         faces.append(
             Face(clip_box(d.box, gray.shape), crop, round(d.score, 3), d.kind, d.landmarks)
         )

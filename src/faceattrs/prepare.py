@@ -51,6 +51,7 @@ class PrepareConfig:
     # are still found on the 48x48 grayscale faces, so the split is the CSV's)
     image_size: int = 48
     channels: int = 1
+    crop: str = "utkface"  # the faces' framing (inputs.CROPS): dlib = dlib's face chip
 
     def __post_init__(self):
         cfgmod.check_choice(self, "on_conflict", ("keep", "drop"))
@@ -66,7 +67,7 @@ class PrepareConfig:
     @property
     def spec(self) -> InputSpec:
         """The stored faces' format."""
-        return InputSpec(size=self.image_size, channels=self.channels)
+        return InputSpec(size=self.image_size, channels=self.channels, crop=self.crop)
         if self.val_fraction + self.test_fraction >= 1.0:
             raise cfgmod.ConfigError(
                 f"val_fraction + test_fraction must be below 1 (no training faces left), "
@@ -78,8 +79,8 @@ def _key(path: Path, cfg: PrepareConfig) -> str:
     """Content hash of the input (file bytes, or each photo's name and bytes) + settings."""
     h = hashlib.sha256(FORMAT.encode())
     settings = cfgmod.to_dict(cfg)
-    if (cfg.image_size, cfg.channels) == (48, 1):  # keys of folders prepared before these
-        del settings["image_size"], settings["channels"]
+    if (cfg.image_size, cfg.channels, cfg.crop) == (48, 1, "utkface"):  # keys of folders
+        del settings["image_size"], settings["channels"], settings["crop"]  # before these
     h.update(json.dumps(settings, sort_keys=True).encode())
     files = photo_files(path)[0] if path.is_dir() else [path]
     for p in files:

@@ -492,6 +492,7 @@ def model_info(analyzer, cfg: ServeConfig) -> dict:
         "backend": analyzer.backend,
         "dtype": getattr(analyzer.models, "precision", None) or cfg.dtype,
         "heads": {h: list(n) for h, n in models.class_names.items()},
+        "input": analyzer.input.to_dict(),  # the faces the model takes (its input contract)
         "temperatures": dict(getattr(models, "temperatures", {}) or {}),
         "age": {"bins": list(models.bin_labels)} if models.bin_labels else None,
         "checkpoint": _checkpoint(meta),

@@ -29,6 +29,11 @@ def add_arguments(p) -> None:
         "--size", type=int, help="photo folders: store the faces at this side in pixels (48)"
     )
     p.add_argument(
+        "--crop", choices=["utkface", "dlib"],
+        help="photo folders: the faces' framing (utkface: as the photos are; dlib: dlib's face "
+        "chip from the 5 landmarks, for the dlib-based model)",
+    )  # fmt: skip
+    p.add_argument(
         "--color", action="store_true",
         help="photo folders: store the faces in RGB (default: grayscale, as the CSV)",
     )  # fmt: skip
@@ -44,6 +49,7 @@ def run(args) -> int:
             "seed": args.seed,
             "image_size": args.size,
             "channels": 3 if args.color else None,
+            "crop": args.crop,
         }.items()
         if v is not None
     }

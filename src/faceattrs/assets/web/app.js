@@ -25,6 +25,7 @@ async function loadModel() {
     const epoch = m.checkpoint && m.checkpoint.epoch !== undefined ? ` (epoch ${m.checkpoint.epoch})` : "";
     const parts = [`model: ${name}${epoch}`, `heads: ${Object.keys(m.heads).join(", ")}`];
     parts.push(m.age ? `age bins: ${m.age.bins.join(", ")}` : "no age model");
+    if (m.input) parts.push(`faces: ${m.input.size}x${m.input.size} ${m.input.channels === 3 ? "colour" : "grayscale"}`);
     const val = (m.metrics && m.metrics.validation) || {};
     const f1 = Object.entries(val)
       .filter(([, v]) => typeof v.macro_f1 === "number")
