@@ -1,0 +1,147 @@
+"""dlib's face-recognition ResNet in PyTorch: the port gives dlib's own descriptors."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_PHOTOS
+from PIL import Image
+
+from faceattrs import dlib_resnet as dr
+from faceattrs.dlib_resnet import (
+    DlibFaceResNet,
+    DlibFormatError,
+    chips_to_input,
+    default_dat_path,
+    load_dlib_weights,
+)
+from faceattrs.photo import _dlib_model, dlib_missing
+
+
+def _dat_path():
+    try:
+        path = default_dat_path()
+    except DlibFormatError as e:
+        pytest.skip(str(e))
+    if not path.is_file():
+        pytest.skip(f"dlib's face-recognition model is absent: {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def port() -> DlibFaceResNet:
+    return DlibFaceResNet.from_dat(_dat_path())  # the ~22 MB file, parsed once here
+
+
+@pytest.fixture(scope="module")
+def dlib_chips() -> tuple[list[np.ndarray], np.ndarray]:
+    """dlib's 150x150 chips of the faces in the shared photos (HOG detector, 5 landmarks,
+    ``get_face_chip`` at padding 0.25) and dlib's descriptors of those chips."""
+    if dlib_missing():
+        pytest.skip(f"dlib unavailable: {dlib_missing()}")
+    if not SHARED_PHOTOS.is_dir():
+        pytest.skip(f"real photos not available: {SHARED_PHOTOS} is absent (outside the repo)")
+    import dlib
+
+    detector = dlib.get_frontal_face_detector()
+    shapes = dlib.shape_predictor(_dlib_model("shape_predictor_5_face_landmarks.dat"))
+    chips = []
+    for path in sorted(SHARED_PHOTOS.glob("*.jpg")):
+        img = np.asarray(Image.open(path).convert("RGB"))
+        for rect in detector(img, 0):
+            chips.append(dlib.get_face_chip(img, shapes(img, rect), size=150, padding=0.25))
+    if not chips:
+        pytest.skip("no face found in the shared photos")
+    rec = dlib.face_recognition_model_v1(str(_dat_path()))
+    # the overload for an aligned 150x150 chip: both sides see the same pixels
+    ref = np.array([np.array(rec.compute_face_descriptor(c)) for c in chips], np.float32)
+    return chips, ref
+
+
+def test_descriptors_equal_dlibs(port, dlib_chips):
+    chips, ref = dlib_chips
+    assert len(chips) >= 10
+    with torch.no_grad():
+        out = port(chips_to_input(np.stack(chips))).numpy()
+    assert np.abs(out - ref).max() < 1e-4
+    # dlib returns the last layer's output as it is: not unit vectors
+    assert np.abs(np.linalg.norm(ref, axis=1) - 1).max() > 0.1
+
+
+def test_batch_and_single_faces_agree(port, dlib_chips):
+    chips = np.stack(dlib_chips[0][:4])
+    with torch.no_grad():
+        batch = port(chips_to_input(chips))
+        single = torch.cat([port(chips_to_input(c)) for c in chips])
+    assert torch.allclose(batch, single, atol=1e-5)
+
+
+def test_onnx_export_gives_the_same_descriptors(port, dlib_chips, tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    chips, ref = dlib_chips
+    path = tmp_path / "dlib_resnet.onnx"
+    x = chips_to_input(np.stack(chips[:2]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's notices
+        torch.onnx.export(
+            port,
+            (x,),
+            str(path),
+            input_names=["chips"],
+            output_names=["descriptor"],
+            dynamic_axes={"chips": {0: "batch"}, "descriptor": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x3 = chips_to_input(np.stack(chips[:3])).numpy()  # another batch size than the trace
+    (out,) = sess.run(None, {"chips": x3})
+    assert out.shape == (3, 128)
+    assert np.abs(out - ref[:3]).max() < 1e-4
+
+
+def test_every_parameter_gets_a_gradient():
+    model = DlibFaceResNet().train()
+    x = torch.randn(2, 3, 150, 150)
+    model(x).pow(2).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_a_model_file_that_is_not_the_network_is_refused(tmp_path):
+    data = _dat_path().read_bytes()
+    cases = {
+        "short.dat": data[:-1],
+        "long.dat": data + b"\x00",
+        # the first layer's name: "input_rgb_image_sized" -> "input_rgb_image_sizeX"
+        "renamed.dat": data.replace(b"image_sized", b"image_sizeX", 1),
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DlibFormatError, match=name):
+            load_dlib_weights(tmp_path / name)
+    with pytest.raises(DlibFormatError, match="not found"):
+        load_dlib_weights(tmp_path / "absent.dat")
+
+
+def test_reader_reads_dlibs_encodings():
+    # int: control byte (byte count | 0x80 when negative), little-endian bytes;
+    # float: mantissa and exponent as ints; bool: "0" / "1"; string: length, bytes
+    raw = bytes([0x02, 0x80, 0x12, 0x81, 0x1C, 0x03, 0x0A, 0xD7, 0xA3, 0x81, 0x1C])
+    r = dr._Reader(raw + b"1" + bytes([0x01, 0x03]) + b"con" + b"x", "example")
+    assert (r.int(), r.int()) == (0x1280, -28)
+    assert r.float() == pytest.approx(0.04, abs=1e-9)
+    assert r.bool() is True
+    assert r.string() == "con"
+    with pytest.raises(DlibFormatError, match="bad bool"):
+        r.bool()
+
+
+def test_chips_must_be_uint8_rgb_150():
+    with pytest.raises(ValueError, match="uint8 chips"):
+        chips_to_input(np.zeros((1, 150, 150, 3), np.float32))
+    with pytest.raises(ValueError, match="uint8 chips"):
+        chips_to_input(np.zeros((1, 112, 112, 3), np.uint8))
