@@ -145,3 +145,35 @@ def test_chips_must_be_uint8_rgb_150():
         chips_to_input(np.zeros((1, 150, 150, 3), np.float32))
     with pytest.raises(ValueError, match="uint8 chips"):
         chips_to_input(np.zeros((1, 112, 112, 3), np.uint8))
+
+
+# ------------------------------------------------------------------ as a faceattrs backbone
+
+
+def test_dlib_arch_from_the_preset_starts_from_dlibs_weights(port, dlib_chips, tmp_path):
+    """The ``dlib`` preset builds arch dlib_resnet on dlib's input contract; init=dlib gives
+    the port's descriptors as the embedding, the photo path's dlib crop gives its chips."""
+    from faceattrs import train as T
+    from faceattrs.checkpoint import load_model, save_checkpoint
+    from faceattrs.photo import extract_faces
+
+    cfg = T.resolve_config("dlib")
+    net = T.build_model(T.model_config(cfg))
+    assert net.input == dr.INPUT and net.input.crop == "dlib"
+    record = T.load_init(net, "dlib")
+    assert record["source"] == f"dlib:{dr.DAT_NAME}"
+    chips, _ = dlib_chips
+    faces = torch.from_numpy(np.stack(chips[:3]))
+    net.eval()
+    with torch.no_grad():  # uint8 chips in: dlib's normalisation inside the network
+        assert torch.allclose(net.embed(faces), port(chips_to_input(faces)), atol=1e-4)
+    save_checkpoint(tmp_path, "best", net, {"epoch": 0})
+    back, meta = load_model(tmp_path)
+    assert meta["input"]["crop"] == "dlib" and type(back) is type(net)
+    photo = sorted(SHARED_PHOTOS.glob("*.jpg"))[0]
+    crop = extract_faces(str(photo), spec=dr.INPUT)[0].crop
+    assert crop.shape == (150, 150, 3)
+    with pytest.raises(T.cfgmod.ConfigError, match="150x150"):
+        T.resolve_config("dlib", {"image_size": 96})
+    with pytest.raises(T.TrainError, match="arch=dlib_resnet"):
+        T.load_init(T.build_model(T.model_config(T.resolve_config("paper"))), "dlib")

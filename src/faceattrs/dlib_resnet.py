@@ -46,6 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .exceptions import FaceattrsError
+from .inputs import InputSpec
 
 DAT_NAME = "dlib_face_recognition_resnet_model_v1.dat"
 CHIP_SIZE = 150  # dlib's input_rgb_image_sized<150>
@@ -53,6 +54,11 @@ DESCRIPTOR_DIM = 128
 # the input layer's per-channel means (R, G, B), as float32: the file's values, checked on load
 MEAN_RGB = (122.782, 117.001, 104.298)
 SCALE = 256.0  # (pixel - mean) / 256
+# the network's input contract: dlib's chip, (pixel - mean) / 256 as (x / 255 - m) / s
+INPUT = InputSpec(
+    size=CHIP_SIZE, channels=3, mean=tuple(m / 255 for m in MEAN_RGB), std=(SCALE / 255,),
+    crop="dlib",
+)  # fmt: skip
 # (channels, blocks, first block downsamples) per stage, input to output
 STAGES = ((32, 3, False), (64, 4, True), (128, 3, True), (256, 3, True), (256, 1, True))
 

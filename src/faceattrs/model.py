@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .dlib_resnet import INPUT as DLIB_INPUT
+from .dlib_resnet import DlibFaceResNet
 from .inputs import DEFAULT_HEADS, InputSpec
 
 
@@ -126,8 +128,11 @@ class Head(nn.Module):
         return self.fc(self.drop(self.norm(z)))
 
 
-class FaceResNet(nn.Module):
-    """Backbone (stem + 4 stages + global average pool) and one :class:`Head` per task.
+class HeadsNet(nn.Module):
+    """What every backbone shares: one :class:`Head` per task on the embedding
+    (``self.heads``), ``forward`` (logits per head) and ``logits_and_embedding`` with flip
+    test-time augmentation. A backbone subclass defines ``embed`` (faces -> ``(B, D)``),
+    ``forward_features``, ``cam_layer``, ``embed_dim`` and ``input``.
 
     ``flip_tta``: in eval mode, each head's logits are the mean of the logits of the face
     and of its mirror image (flip test-time augmentation). Off by default and never used in
@@ -135,8 +140,33 @@ class FaceResNet(nn.Module):
     score, and :meth:`faceattrs.bundle.Bundle.load_multitask` applies that choice.
     """
 
-    cam_layer = "stages.3"  # last residual stage, 6x6 maps at 48x48 input
     flip_tta = False
+
+    def forward_head(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: head(z) for name, head in self.heads.items()}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.logits_and_embedding(x)[0]
+
+    def logits_and_embedding(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Logits per head (flip-averaged when ``flip_tta`` in eval mode) and the embedding
+        of ``x`` itself."""
+        x = prepare_input(self, x)  # before the mirror: an RGB face's last axis is colour
+        if not (self.flip_tta and not self.training):
+            z = self.embed(x)
+            return self.forward_head(z), z
+        # one batch of faces and mirror images: faster than two passes for small batches
+        both = self.embed(torch.cat([x, torch.flip(x, dims=(-1,))]))
+        z, z_mirror = both.chunk(2)
+        out, mirrored = self.forward_head(z), self.forward_head(z_mirror)
+        return {k: (v + mirrored[k]) / 2 for k, v in out.items()}, z
+
+
+class FaceResNet(HeadsNet):
+    """Backbone (stem + 4 stages + global average pool) and one :class:`Head` per task
+    (arch ``resnet``: the reference's, at any width and depth)."""
+
+    cam_layer = "stages.3"  # last residual stage, 6x6 maps at 48x48 input
 
     def __init__(self, cfg: ModelConfig | None = None):
         super().__init__()
@@ -188,25 +218,6 @@ class FaceResNet(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, 48, 48)`` -> embedding ``(B, D)``, D = 512 at full width."""
         return self.pool(self.forward_features(x)).flatten(1)
-
-    def forward_head(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: head(z) for name, head in self.heads.items()}
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.logits_and_embedding(x)[0]
-
-    def logits_and_embedding(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Logits per head (flip-averaged when ``flip_tta`` in eval mode) and the embedding
-        of ``x`` itself."""
-        x = prepare_input(self, x)  # before the mirror: an RGB face's last axis is colour
-        if not (self.flip_tta and not self.training):
-            z = self.embed(x)
-            return self.forward_head(z), z
-        # one batch of faces and mirror images: faster than two passes for small batches
-        both = self.embed(torch.cat([x, torch.flip(x, dims=(-1,))]))
-        z, z_mirror = both.chunk(2)
-        out, mirrored = self.forward_head(z), self.forward_head(z_mirror)
-        return {k: (v + mirrored[k]) / 2 for k, v in out.items()}, z
 
 
 class FaceEnsemble(nn.Module):
@@ -280,7 +291,41 @@ def prepare_input(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-ARCHS: dict[str, type[nn.Module]] = {"resnet": FaceResNet}  # arch -> backbone class
+class DlibNet(HeadsNet):
+    """dlib's face-recognition ResNet (:class:`faceattrs.dlib_resnet.DlibFaceResNet`, its
+    128-d descriptor as the embedding) with one :class:`Head` per task: arch
+    ``dlib_resnet``. Its input is fixed by the pretrained network
+    (:data:`faceattrs.dlib_resnet.INPUT`: dlib's 150x150 RGB chip, dlib's normalisation);
+    ``width``, ``blocks`` and ``stem_stride`` do not apply. Random weights here; training
+    starts from dlib's with ``init=dlib``."""
+
+    cam_layer = "backbone.stages.3"  # 4x4 maps (the last stage's 2x2 are too coarse)
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.input != DLIB_INPUT:
+            raise ValueError(
+                f"arch dlib_resnet takes dlib's face chips ({DLIB_INPUT.describe()}, crop "
+                f"dlib, dlib's normalisation), not {cfg.input.describe()} ({cfg.input.crop})"
+            )
+        self.cfg, self.input = cfg, cfg.input
+        self.backbone = DlibFaceResNet()
+        self.embed_dim = self.backbone.embed_dim
+        self.heads = nn.ModuleDict(
+            {name: Head(self.embed_dim, k, cfg.dropout) for name, k in cfg.heads.items()}
+        )
+        for head in self.heads.values():
+            nn.init.normal_(head.fc.weight, std=0.01)  # as FaceResNet's: loss starts at log K
+            nn.init.zeros_(head.fc.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(prepare_input(self, x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.fc(self.forward_features(x).mean((2, 3)))
+
+
+ARCHS: dict[str, type[nn.Module]] = {"resnet": FaceResNet, "dlib_resnet": DlibNet}  # arch -> class
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

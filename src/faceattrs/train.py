@@ -37,6 +37,8 @@ from .augment import AugmentConfig, Augmenter, minority_classes
 from .checkpoint import CheckpointError, read_meta, save_checkpoint
 from .dataset import FaceSet
 from .devices import check_device, check_device_name
+from .dlib_resnet import INPUT as DLIB_INPUT
+from .dlib_resnet import default_dat_path, load_dlib_weights
 from .engine import evaluate_heads, train_one_epoch
 from .exceptions import FaceattrsError
 from .inputs import DEFAULT_HEADS
@@ -57,7 +59,7 @@ from .loop import (  # noqa: F401  (re-exported: the training toolbox's old home
     use_bf16,
     write_history,
 )
-from .model import FaceEnsemble, FaceResNet, ModelConfig
+from .model import FaceEnsemble, FaceResNet, ModelConfig, build_model, input_settings
 from .prepare import data_key
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,9 @@ class TrainConfig:
     image_size: int = 48
     channels: int = 1
     stem_stride: int = 1
+    arch: str = "resnet"  # [ours] the backbone: resnet (the reference's, at `width` and
+    # `blocks`) or dlib_resnet (dlib's face-recognition ResNet on its 150x150 RGB chips,
+    # `prepare --size 150 --color --crop dlib`; start from its weights with init=dlib)
     balanced: bool = True  # inverse-frequency ethnicity sampling (False: plain shuffle)
     seed: int = 0  # weights, sampling, augmentation and dropout all derive from it
     device: str = "auto"  # auto = cuda, then mps, then cpu; or any torch device string
@@ -120,7 +125,8 @@ class TrainConfig:
     age_bin: float = 0.0  # [ours] + this x the age head's cross-entropy over the six
     # training-age bins (its year probabilities summed per bin); 0 = off
     init: str = ""  # [ours] start from these weights instead of random ones: a run folder,
-    # an ensemble or "default" (the model bundled with the package); "" = random (the reference)
+    # an ensemble, "default" (the model bundled with the package) or "dlib" (arch
+    # dlib_resnet: dlib's face-recognition weights, heads random); "" = random (the reference)
     init_member: int = 0  # which network of an ensemble ``init`` starts from
     limit: int = 0  # use at most this many faces per split (0 = all; smoke tests)
     max_batches: int = 0  # stop each epoch after this many batches (0 = full; smoke tests)
@@ -186,6 +192,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         "patience": 50,
         "ema": 0.998,
         "age_head": True,
+    },
+    # [ours] dlib's face-recognition ResNet (public domain weights, trained on ~3 million
+    # faces), fine-tuned with the three heads on dlib's chips of the UTKFace photos
+    # (`prepare --size 150 --color --crop dlib`): a few epochs from its weights
+    "dlib": {
+        "arch": "dlib_resnet",
+        "init": "dlib",
+        "image_size": 150,
+        "channels": 3,
+        "epochs": 8,
+        "lr": 3e-4,
+        "warmup_epochs": 1.0,
+        "patience": 50,
+        "ema": 0.998,
+        "age_head": True,
+        "batch_size": 64,
     },
 }
 
@@ -257,9 +279,15 @@ def make_ema(model: torch.nn.Module, decay: float):
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
     heads = {**HEADS, AGE_HEAD: AGE_YEARS} if cfg.age_head else dict(HEADS)
+    spec = {"image_size": cfg.image_size, "in_channels": cfg.channels}
+    if cfg.arch == "dlib_resnet":  # the pretrained network fixes its input
+        if (cfg.image_size, cfg.channels) != (DLIB_INPUT.size, DLIB_INPUT.channels):
+            raise ValueError(f"arch dlib_resnet takes {DLIB_INPUT.describe()} faces: set "
+                             "image_size=150 channels=3 (the dlib preset does)")  # fmt: skip
+        spec = input_settings(DLIB_INPUT)
     return ModelConfig(
-        width=cfg.width, dropout=cfg.dropout, heads=heads, blocks=tuple(cfg.blocks),
-        image_size=cfg.image_size, in_channels=cfg.channels, stem_stride=cfg.stem_stride,
+        arch=cfg.arch, width=cfg.width, dropout=cfg.dropout, heads=heads,
+        blocks=tuple(cfg.blocks), stem_stride=cfg.stem_stride, **spec,
     )  # fmt: skip
 
 
@@ -367,10 +395,18 @@ def distill_loss(weights, smoothing, alpha: float, temperature: float):
 
 
 def load_init(model: FaceResNet, source: str, member: int = 0) -> dict[str, Any]:
-    """Copy the weights of ``source`` (``init``: a run folder, an ensemble, "default") into
+    """Copy the weights of ``source`` (``init``: a run folder, an ensemble, "default";
+    "dlib": dlib's face-recognition weights into a ``dlib_resnet`` backbone) into
     ``model``, which must have the same design; returns what ``config.json`` records of it."""
     from .bundle import resolve
     from .prepare import file_sha256
+
+    if source == "dlib":
+        if model.cfg.arch != "dlib_resnet":
+            raise TrainError("init=dlib needs arch=dlib_resnet (the dlib preset)")
+        path = default_dat_path()
+        model.backbone.load_state_dict(load_dlib_weights(path))
+        return {"source": f"dlib:{path.name}", "weights_sha256": file_sha256(path)}
 
     try:
         bundle = resolve(None if source == "default" else source)
@@ -710,7 +746,7 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
     weights = sampler_weights(eth_train) if cfg.balanced else None
 
     torch.manual_seed(cfg.seed)  # the initial weights
-    model = FaceResNet(model_config(cfg)).to(device)
+    model = build_model(model_config(cfg)).to(device)
     init = None
     if cfg.init and not resume:  # a resume reads its own weights back
         init = load_init(model, cfg.init, cfg.init_member)
