@@ -59,10 +59,11 @@ def tiny_faces():
 
 
 def load_script(name: str):
-    """Import ``scripts/NAME.py`` as a module (the scripts are not a package)."""
+    """Import ``tools/NAME.py`` or ``benchmarks/NAME.py`` as a module (not a package)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    root = Path(__file__).resolve().parents[1]
+    path = next(p for d in ("tools", "benchmarks") if (p := root / d / f"{name}.py").exists())
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

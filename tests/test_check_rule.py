@@ -1,4 +1,4 @@
-"""scripts/check_rule.py: a candidate judged by bars written down before its data, on the
+"""tools/check_rule.py: a candidate judged by bars written down before its data, on the
 validation split, against the incumbent measured in the same run."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""scripts/compare_backends.py: the same metrics through PyTorch and an ONNX export, judged
+"""tools/compare_backends.py: the same metrics through PyTorch and an ONNX export, judged
 by a rule's bars."""
 
 from __future__ import annotations

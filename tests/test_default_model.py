@@ -1,6 +1,6 @@
 """The default model shipped inside the package: it loads with no --model, predicts the
 sample photo offline, is small, and reproduces the figures recorded when it was packaged
-(scripts/package_default_model.py) on a fixed slice of the real data."""
+(tools/package_default_model.py) on a fixed slice of the real data."""
 
 from __future__ import annotations
 

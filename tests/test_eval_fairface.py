@@ -1,4 +1,4 @@
-"""scripts/eval_fairface.py: age groups, the central face, the summary and its table."""
+"""tools/eval_fairface.py: age groups, the central face, the summary and its table."""
 
 from __future__ import annotations
 

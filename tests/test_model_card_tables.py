@@ -1,4 +1,4 @@
-"""scripts/model_card_tables.py on the shipped model's committed test evaluation."""
+"""tools/model_card_tables.py on the shipped model's committed test evaluation."""
 
 from __future__ import annotations
 

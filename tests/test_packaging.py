@@ -1,4 +1,4 @@
-"""scripts/package_default_model.py and scripts/package_int8_model.py on a tiny run, into a
+"""tools/package_default_model.py and tools/package_int8_model.py on a tiny run, into a
 temporary folder: what they write, that it loads, and that a failure while building leaves
 the former folder whole."""
 

@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 # The default model shipped in the package: used when no --model is given (``model=None``).
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
-# Its int8 ONNX export (scripts/package_int8_model.py): the fast path on CPUs.
+# Its int8 ONNX export (tools/package_int8_model.py): the fast path on CPUs.
 DEFAULT_INT8_DIR = Path(__file__).parent / "assets" / "default_model_int8"
 
 BEST = "best"  # the multitask checkpoint of a run folder

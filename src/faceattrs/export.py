@@ -16,7 +16,7 @@
 int8 with onnxruntime's quantizer (QDQ format, int8 weights per output channel, uint8
 activations), its activation ranges measured on ``calib_faces``, faces from the
 **training** split (never validation or test). About 2x faster on two AVX2 cores; what
-it costs in accuracy is measured by ``scripts/compare_backends.py`` on the validation
+it costs in accuracy is measured by ``tools/compare_backends.py`` on the validation
 split (``docs/MODEL_CARD.md``, Speed). The manifest records the calibration, and the
 agreement with PyTorch on ``check_faces`` (argmax agreement per head besides the largest
 differences).

@@ -340,7 +340,7 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
     The model must be in eval mode (the running statistics are folded in). Outputs are
     unchanged up to rounding; each folded BN becomes an ``nn.Identity``, so module names
     (e.g. ``cam_layer`` for Grad-CAM) stay valid. A few percent faster on the CPU
-    (1.01-1.09x measured by ``scripts/bench_predict.py``).
+    (1.01-1.09x measured by ``benchmarks/bench_predict.py``).
 
     >>> m = FaceResNet(ModelConfig(width=0.125)).eval()
     >>> x = torch.randn(2, 1, 48, 48)

@@ -103,7 +103,7 @@ class PhotoConfig:
     # on fairface_dev and the shared photos the weakest kept second face scores 0.069)
     relative_min_score: float = 0.05
     # alignment target: eye centres and nose tip as shares of the training crop's side
-    # (measured on the shared UTKFace photos: scripts/compare_detectors.py, docs/photos.md)
+    # (measured on the shared UTKFace photos: benchmarks/compare_detectors.py, docs/photos.md)
     target_right_eye: tuple[float, ...] = (0.296, 0.300)  # (x, y) of the eye on the image's left
     target_left_eye: tuple[float, ...] = (0.679, 0.302)  # the eye on the image's right
     target_nose: tuple[float, ...] = (0.490, 0.590)  # the base of the nose

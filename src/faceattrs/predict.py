@@ -182,7 +182,7 @@ class FaceAnalyzer:
     on a part of a batch (default on a CPU with two or more cores: two streams of half the
     cores each, set process-wide with ``torch.set_num_threads``; one stream elsewhere).
     Small networks use two cores better as two one-thread calls than as one two-thread
-    call (``scripts/bench_predict.py`` measures both).
+    call (``benchmarks/bench_predict.py`` measures both).
     ``photo_workers``: where photos are decoded and their faces found while the models
     run: "threads", "processes", or "auto" (default: processes for a run of at least
     :data:`PROCESSES_FROM` photos given as paths, on two or more cores; threads else).

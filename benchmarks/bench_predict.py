@@ -28,7 +28,7 @@ uses fewer faces (bf16 on a CPU without native bf16 is very slow) and says so.
 The photo path alone (decode, detect, align, crop), per detector, comes first;
 ``--photo-only`` stops there.
 
-Run: ``python scripts/bench_predict.py --photos ../shared/data/photos [--photo-only]``
+Run: ``python benchmarks/bench_predict.py --photos ../shared/data/photos [--photo-only]``
 """
 
 from __future__ import annotations

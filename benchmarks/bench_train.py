@@ -1,8 +1,8 @@
 """Training speed: end-to-end images/s against the bare model step, bf16 against fp32.
 
-    python scripts/bench_train.py                      # cpu preset, the figures in docs/training.md
-    python scripts/bench_train.py --preset paper --steps 4 --repeats 1
-    python scripts/bench_train.py --data ../shared/data/utkface48.csv.gz threads=2
+    python benchmarks/bench_train.py                      # cpu preset, the figures in docs/training.md
+    python benchmarks/bench_train.py --preset paper --steps 4 --repeats 1
+    python benchmarks/bench_train.py --data ../shared/data/utkface48.csv.gz threads=2
 
 End-to-end = what ``faceattrs train`` does per batch: sampler draw, ``index_select`` of
 uint8 faces on the device, augmentation, forward, loss, backward, AdamW and the lr

@@ -10,7 +10,7 @@ Starts ``faceattrs serve`` on a free 127.0.0.1 port and, bounded in count and ti
 3. saturation: a second server with a queue of ``--sat-queue`` requests hit by
    ``--sat-clients`` clients: 503s with Retry-After, never a failure.
 
-Run: ``python scripts/bench_serve.py --model runs/cpu --photos ../shared/data/photos``
+Run: ``python benchmarks/bench_serve.py --model runs/cpu --photos ../shared/data/photos``
 (traffic goes to 127.0.0.1 only; each phase stops after ``--time-limit`` seconds.)
 """
 

@@ -16,7 +16,7 @@ face. For each: faces found, false boxes, ms per image (one thread). Then the al
 target (eyes and nose on the shared photos) and the crop's correlation with the training
 crop: the shared photo's own 48x48 resize, for the photos and for the turned photos.
 
-Run: ``python scripts/compare_detectors.py ../shared/data [--json out.json]
+Run: ``python benchmarks/compare_detectors.py ../shared/data [--json out.json]
 [--sets photos,turned,no]`` (about 20 minutes on two busy cores, most of it fairface_dev
 and the CNN alone).
 """

@@ -1,6 +1,6 @@
 """Benchmark ``faceattrs prepare``: cold (nothing cached) and cached, with peak memory.
 
-    python scripts/bench_prepare.py --data ../shared/data/utkface48.csv.gz
+    python benchmarks/bench_prepare.py --data ../shared/data/utkface48.csv.gz
 
 Each run is a fresh ``faceattrs prepare`` process, timed from outside, so the figures
 include interpreter start-up and imports, as a user sees them. Peak memory is the child's

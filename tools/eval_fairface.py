@@ -10,7 +10,7 @@ age (years) is put into FairFace's groups (0-2, 3-9, 10-19, ..., 60-69, 70+: an 
 figure), ``fairface_photos.json`` (per photo, with its labels: keep it out of the repo),
 ``fairface.md`` (the table) and ``fairface.png`` (the plot) in ``--out``.
 
-Run: ``python scripts/eval_fairface.py --model runs/cpu [--data ../shared/data/fairface_dev]
+Run: ``python tools/eval_fairface.py --model runs/cpu [--data ../shared/data/fairface_dev]
 [--out runs/cpu/fairface] [--photo-set detector=haar]`` (about a minute on two cores).
 """
 

@@ -1,6 +1,6 @@
 """Judge a candidate model by a rule written down before its data (validation only, never test).
 
-    python scripts/check_rule.py --rule docs/results/rules/age-bin-seeds-2-3.json \\
+    python tools/check_rule.py --rule docs/results/rules/age-bin-seeds-2-3.json \\
         --data local/prepared --out local/cand/agebin23 RUN [RUN ...]
 
 The rule file (JSON) names the incumbent and the bars the candidate must clear. The script

@@ -1,7 +1,7 @@
 """Copy a finished training run (multitask + calibration + age/) into the package as its
 default model, with a provenance file that the tests check.
 
-    python scripts/package_default_model.py --run runs/default --data local/prepared
+    python tools/package_default_model.py --run runs/default --data local/prepared
 
 What it writes (``src/faceattrs/assets/default_model/``, replaced as a whole: the new
 folder is built beside it and swapped into place by ``faceattrs.io.atomic_folder``, so a

@@ -13,7 +13,7 @@ so for each of them the right crop is known exactly: the whole photo. This scrip
 4. with ``--model RUN``: accuracy on the photos (labels are in the file names) with the
    full photo path, the ideal crop (whole photo) and ``--no-detect``.
 
-Run: ``python scripts/measure_margin.py ../shared/data/photos [--model runs/cpu]``
+Run: ``python benchmarks/measure_margin.py ../shared/data/photos [--model runs/cpu]``
 (about a minute on two cores; add ``--dlib PATH`` to compare dlib's HOG detector when
 the dlib-bin wheel is unpacked at PATH).
 """

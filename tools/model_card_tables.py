@@ -1,7 +1,7 @@
 """Markdown tables for docs/MODEL_CARD.md from an evaluation's metrics.json.
 
     faceattrs evaluate --data ../shared/data/utkface48.csv.gz --split test --out local/eval_default
-    python scripts/model_card_tables.py local/eval_default/metrics.json
+    python tools/model_card_tables.py local/eval_default/metrics.json
 
 Prints the targets of the default model (issue 11) beside the reference's figures and the
 measured value, then per-group tables (gender accuracy, ethnicity recall, age MAE by

@@ -1,7 +1,7 @@
 """What a backend or precision costs: one model's metrics through PyTorch fp32 and through
 ONNX exports (fp32 or ``faceattrs export --int8``), on one split, side by side.
 
-    python scripts/compare_backends.py --data local/prepared --split val \\
+    python tools/compare_backends.py --data local/prepared --split val \\
         --out docs/results/int8 src/faceattrs/assets/default_model_int8
 
 ``--model`` (default: the bundled model) runs through PyTorch in fp32; each EXPORT through

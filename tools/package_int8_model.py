@@ -2,7 +2,7 @@
 (``src/faceattrs/assets/default_model_int8/``), the fast path of ``faceattrs predict
 --dtype int8``.
 
-    python scripts/package_int8_model.py --data local/prepared
+    python tools/package_int8_model.py --data local/prepared
 
 The export is ``faceattrs export --int8`` of the bundled model: every graph static int8,
 its activation ranges measured on ``--calib-faces`` faces of the TRAINING split of
@@ -13,7 +13,7 @@ and gender / ethnicity accuracy and age MAE of the int8 graph on the first ``--c
 validation faces, which ``tests/test_default_model.py`` recomputes. The folder is replaced
 as a whole (built beside it, swapped in).
 
-Whether int8 costs accuracy is measured by ``scripts/compare_backends.py`` on the
+Whether int8 costs accuracy is measured by ``tools/compare_backends.py`` on the
 validation split, judged by ``docs/results/rules/int8-fast-path.json``.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from package_default_model import LICENCE, REPO, check_figures  # noqa: E402
 
-COMMAND = "python scripts/package_int8_model.py --data PREPARED"
+COMMAND = "python tools/package_int8_model.py --data PREPARED"
 
 
 def main(argv: list[str] | None = None) -> int:
