@@ -21,6 +21,7 @@ from PIL import Image
 
 pytest.importorskip("fastapi", reason="serving needs the 'serve' extra (fastapi, uvicorn)")
 pytest.importorskip("uvicorn", reason="serving needs the 'serve' extra (fastapi, uvicorn)")
+from conftest import child_env, descendants, outliving  # noqa: E402
 from test_predict import make_run  # noqa: E402
 from test_serve import shared_photos_dir  # noqa: E402
 
@@ -122,6 +123,32 @@ def test_streamed_oversize_body_is_refused_before_its_end(server):
         except (BrokenPipeError, ConnectionResetError):
             pass  # refused: the server closed before reading the rest
     assert status in (413, None) and sent < total / 2, (status, sent)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree in /proc")
+def test_server_processes_end_when_serve_is_killed(tmp_path):
+    """``kill -9`` of ``faceattrs serve --workers 2``: its server processes (and the
+    resource tracker) end within seconds instead of serving on as orphans."""
+    run = make_run(tmp_path / "run", age=False)
+    port = free_port()
+    cmd = [sys.executable, "-m", "faceattrs", "serve", "--model", str(run), "--port", str(port)]
+    cmd += ["--workers", "2", "--threads", "1"]
+    env = {**child_env(), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:  # answered by a server process: they are up
+                if get_json(f"http://127.0.0.1:{port}/health")["status"] == "ok":
+                    break
+            except OSError:
+                time.sleep(0.2)
+        children = descendants(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(children) >= 2  # two server processes and the resource tracker
+    assert outliving(children, 5.0) == []
 
 
 # ---------------------------------------------------------------- the page in a browser

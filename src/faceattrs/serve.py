@@ -45,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .exceptions import FaceattrsError
+from .lifeline import exit_with_parent
 from .photo import MAX_PIXELS, PhotoConfig
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ HOW_TO_SEND = (
     f"send multipart/form-data with image files, or the image itself with its image/* type "
     f"({SUPPORTED})"
 )
+PARENT_ENV = "FACEATTRS_SERVE_PARENT"  # serve --workers N: the pid the workers end with
 TRIM_PIXELS = 4_000_000  # after a batch with more pixels, give freed memory back (glibc)
 
 
@@ -679,7 +681,12 @@ def create_app(cfg: ServeConfig | None = None, analyzer=None) -> FastAPI:
 
 def app_from_env() -> FastAPI:
     """App factory for ``uvicorn --factory`` (several worker processes): the settings are
-    JSON in ``FACEATTRS_SERVE``."""
+    JSON in ``FACEATTRS_SERVE``. With ``FACEATTRS_SERVE_PARENT`` (the pid of ``faceattrs
+    serve --workers N``), the process ends when that one does, however it ends: uvicorn's
+    workers otherwise outlive a ``kill -9`` of it, serving on, re-parented to init."""
+    parent = os.environ.get(PARENT_ENV, "")
+    if parent.isdigit():
+        exit_with_parent(int(parent))
     return create_app(ServeConfig(**json.loads(os.environ.get("FACEATTRS_SERVE", "{}"))))
 
 
@@ -713,6 +720,7 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: 
         uvicorn.run(app, host=host, port=port, log_level="warning")
         return
     os.environ["FACEATTRS_SERVE"] = json.dumps(asdict(cfg))
+    os.environ[PARENT_ENV] = str(os.getpid())  # the workers end with this process
     create_app(cfg)  # fail here, with one line, on a bad model rather than in every worker
     print(f"faceattrs serve: http://{shown}:{port}/  ({workers} workers)", flush=True)
     uvicorn.run(
