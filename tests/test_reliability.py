@@ -190,20 +190,48 @@ def crash_subprocess(argv: list[str], at: int, mode: str = "after") -> int:
     ).returncode
 
 
-def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                            capture_output=True, text=True, check=True)  # fmt: skip
-    dead = int(child.stdout)
+    return int(child.stdout)
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
+    dead = dead_pid()
     stale = tmp_path / f".faces.npz.{dead}.tmpabcd1234.npz"
+    stage = tmp_path / f".export.{dead}.tmpabcd1234"  # a staging folder (atomic_folder)
     live = tmp_path / f".faces.npz.{os.getpid()}.tmpabcd1234.npz"
     old = tmp_path / ".res.jsonl.k3j4h5g6.jsonl"  # written before the pid was in the name
     mine = tmp_path / ".notes.txt"  # not ours
-    for p in (stale, live, old, mine):
+    (stage / "sub").mkdir(parents=True)
+    for p in (stale, live, old, mine, stage / "sub" / "model.onnx"):
         p.write_bytes(b"x")
     os.utime(old, (1, 1))
-    assert fio.clean_stale_temps(tmp_path, ["other.csv"]) == []  # only these names
-    assert sorted(fio.clean_stale_temps(tmp_path)) == sorted([stale, old])
-    assert live.exists() and mine.exists()
+    # tagged with a dead pid: removed whatever the name; untagged: only the names given
+    assert sorted(fio.clean_stale_temps(tmp_path, ["other.csv"])) == sorted([stale, stage])
+    assert fio.clean_stale_temps(tmp_path) == [old]
+    assert live.exists() and mine.exists() and not stage.exists()
+
+
+def test_a_write_removes_every_stale_temp_file_of_its_folder(tmp_path, tiny_run):
+    """docs/failures.md: a killed writer's temp files go at the next run that writes in
+    the folder, whatever it writes (a killed ``--out results.jsonl``, then ``--out
+    results.csv``; a killed export, then evaluate's metrics)."""
+    dead = dead_pid()
+    jsonl = tmp_path / f".results.jsonl.{dead}.tmpk3j4h5g6.jsonl"
+    stage = tmp_path / f".onnx.{dead}.tmp_9abcdef"
+    npz = tmp_path / "eval" / f".predictions.npz.{dead}.tmpabcd1234.npz"
+    stage.mkdir()
+    for p in (jsonl, npz):
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"half a file")
+    face_png(tmp_path / "in" / "a.png")
+    args = ["predict", str(tmp_path / "in"), "--model", str(tiny_run), "--no-detect"]
+    assert main([*args, "--out", str(tmp_path / "results.csv")]) == 0
+    assert not jsonl.exists() and not stage.exists() and npz.exists()
+    fio.write_json_atomic(tmp_path / "eval" / "metrics.json", {})
+    assert not npz.exists()
 
 
 # ------------------------------------------------------------------ train: crashes
