@@ -161,6 +161,13 @@ def test_bad_inputs_raise_clear_errors(tmp_path, monkeypatch, lifted):
             load_image(tmp_path / name)
     with pytest.raises(PhotoError, match="no such file"):
         load_image(tmp_path / "missing.jpg")
+    (tmp_path / "loop_a.jpg").symlink_to(tmp_path / "loop_b.jpg")
+    (tmp_path / "loop_b.jpg").symlink_to(tmp_path / "loop_a.jpg")
+    with pytest.raises(PhotoError, match=r"loop_a.jpg: symbolic link loop$"):
+        load_image(tmp_path / "loop_a.jpg")
+    (tmp_path / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    with pytest.raises(PhotoError, match=r"broken.jpg: broken symbolic link \(to .*gone.jpg"):
+        load_image(tmp_path / "broken.jpg")
     with pytest.raises(PhotoError, match="is a folder"):
         load_image(tmp_path)
     with pytest.raises(PhotoError, match="over the limit of 0.001"):

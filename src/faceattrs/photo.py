@@ -34,6 +34,7 @@ docs/photos.md):
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import io
 import logging
@@ -210,7 +211,7 @@ def load_image(src, max_pixels: int | None = None) -> np.ndarray:
         raise PhotoError(f"cannot read an image from a {type(src).__name__}")
     path = Path(src)
     if not path.exists():
-        raise PhotoError(f"{path}: no such file")
+        raise PhotoError(f"{path}: {_why_missing(path)}")
     if path.is_dir():
         raise PhotoError(f"{path}: is a folder, not an image")
     try:
@@ -223,6 +224,21 @@ def load_image(src, max_pixels: int | None = None) -> np.ndarray:
         raise PhotoError(f"{path}: cannot be read ({e.strerror})") from None
     except OSError as e:
         raise PhotoError(f"{path}: cannot be read ({e})") from None
+
+
+def _why_missing(path: Path) -> str:
+    """Why ``path``, which does not exist as far as ``Path.exists`` says, cannot be opened:
+    no such file, a symbolic link loop, or a broken symbolic link (and where it points)."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+            return f"cannot be read ({e.strerror})"
+    if path.is_symlink():
+        return f"broken symbolic link (to {os.readlink(path)}, which does not exist)"
+    return "no such file"
 
 
 def _decode(fh, name: str, limit: int) -> np.ndarray:
