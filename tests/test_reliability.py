@@ -547,6 +547,31 @@ def test_broken_and_looping_links_are_records_and_linked_folders_a_warning(
     assert "1 symlinked folder(s) (linked)" in caplog.text
 
 
+def test_predict_lists_each_failed_file_on_stderr(tmp_path, tiny_run, capsys):
+    """With --out, which files failed and why shows on stderr, one line each as compilers
+    list errors: the first 20, then how many more."""
+    from faceattrs.predict_files import FAILURES_SHOWN
+
+    d = tmp_path / "in"
+    face_png(d / "ok.png")
+    bad = [d / f"bad{i:02d}.jpg" for i in range(FAILURES_SHOWN + 3)]
+    for p in bad:
+        p.write_text("not a photo")
+    (d / "a_loop.jpg").symlink_to(d / "a_loop.jpg")
+    out = tmp_path / "results.csv"
+    argv = ["predict", str(d), "--model", str(tiny_run), "--no-detect", "--out", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"{d / 'a_loop.jpg'}: symbolic link loop"  # in input order: by name
+    assert err[1:FAILURES_SHOWN] == [
+        f"{p}: not an image (or a format Pillow cannot read)" for p in bad[: FAILURES_SHOWN - 1]
+    ]
+    assert err[FAILURES_SHOWN] == (
+        f"... and 4 more failed file(s): see their error records in {out}"
+    )
+    assert len(err) == FAILURES_SHOWN + 1
+
+
 @pytest.mark.parametrize(
     "option, words",
     [

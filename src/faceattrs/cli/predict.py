@@ -12,6 +12,7 @@ or inconsistent model.
 from __future__ import annotations
 
 import logging
+import sys
 
 from .. import config as cfgmod
 from ..inputs import MAX_PIXELS
@@ -162,7 +163,7 @@ def check_photo_config(photo) -> None:
 
 def run(args) -> int:
     from ..photo import PhotoConfig
-    from ..predict_files import predict_files
+    from ..predict_files import failure_lines, predict_files
 
     check_options(args)
     check_photo_overrides(cfgmod.parse_overrides(args.photo_set))
@@ -184,6 +185,8 @@ def run(args) -> int:
         threads=args.threads,
         photo_workers=args.photo_workers,
     )
+    for line in failure_lines(counts, args.out):
+        print(line, file=sys.stderr)
     log.info(
         "%d file(s), %d face(s), %d failed%s",
         counts["files"],
