@@ -152,7 +152,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path, monkeypatch, lifted):
         "not_image.jpg": (b"hello, I am text\n" * 20, "not an image"),
         "empty.png": (b"", "empty file"),
         "truncated.jpg": (encode(pattern(200, 200), "JPEG")[:600], "truncated or corrupt"),
-        "big.png": (_png_header(10000, 6000), "60.0 megapixels, over the limit of 50"),
+        "big.png": (_png_header(10000, 6000), "60.0 megapixels, over the limit of 50 megapixels"),
         "bomb.png": (_png_header(20000, 20000), "20000x20000 is 400.0 megapixels, over the limit"),
     }
     for name, (data, message) in cases.items():
@@ -196,7 +196,7 @@ def _over_limit(name, w, h, limit_mp) -> str:
     """The one message for every image over the pixel limit, whatever its size."""
     return re.escape(
         f"{name}: {w}x{h} is {w * h / 1e6:.1f} megapixels, over the limit of {limit_mp} "
-        "(a decompression-bomb guard; raise it with --max-pixels)"
+        "megapixels (a decompression-bomb guard; raise it with --max-pixels)"
     )
 
 

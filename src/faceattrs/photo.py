@@ -278,7 +278,7 @@ def _check_size(size: tuple[int, int], limit: int, name: str) -> None:
     if limit and w * h > limit:
         raise PhotoError(
             f"{name}: {w}x{h} is {w * h / 1e6:.1f} megapixels, over the limit of "
-            f"{limit / 1e6:g} (a decompression-bomb guard; raise it with --max-pixels)"
+            f"{limit / 1e6:g} megapixels (a decompression-bomb guard; raise it with --max-pixels)"
         )
 
 

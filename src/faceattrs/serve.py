@@ -275,7 +275,7 @@ def check_upload(up: Upload, max_pixels: int) -> tuple[int, int]:
         raise ApiError(
             413,
             f"{up.name}: {w}x{h} is {w * h / 1e6:.1f} megapixels, over the limit of "
-            f"{max_pixels / 1e6:g}",
+            f"{max_pixels / 1e6:g} megapixels",
         )
     up.pixels = w * h
     return w, h
@@ -674,6 +674,10 @@ def create_app(cfg: ServeConfig | None = None, analyzer=None) -> FastAPI:
     @app.get("/", include_in_schema=False)
     async def page():
         return FileResponse(WEB_DIR / "index.html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():  # where browsers look for it; an SVG (every current browser)
+        return FileResponse(WEB_DIR / "favicon.svg", media_type="image/svg+xml")
 
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
     return app
