@@ -4,8 +4,8 @@
 
 PATH: files, folders (searched recursively for image files) and globs. Records go to
 --out (.jsonl or .csv; JSON lines on stdout without it). A file that cannot be used
-(not an image, truncated, too large, unreadable, no face) gets an error record and the
-others are still processed; the exit status is 1 when any file failed, 2 for a missing
+(not an image, truncated, too large, unreadable, no face) gets an error record and a
+line on stderr, and the others are still processed; the exit status is 1 when any file failed, 2 for a missing
 or inconsistent model.
 """
 
