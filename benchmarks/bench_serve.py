@@ -5,8 +5,9 @@ Starts ``faceattrs serve`` on a free 127.0.0.1 port and, bounded in count and ti
 1. load: ``--requests`` POST /analyze of the shared photos (one photo each, in turn) from
    ``--clients`` concurrent clients; prints requests/s, p50/p95/p99 latency, errors (any
    status but 200) and the server's peak resident memory (VmHWM);
-2. large uploads: ``--large`` requests of a ~9 MB JPEG (under the 10 MB limit) and as
-   many of a 12 MB body (refused, 413), with the server's memory before and after;
+2. large uploads: ``--large`` requests of a ~9 MB JPEG (under the 10 MB limit), sent in
+   up to four rounds (the server's memory after each: it must level off), and as many of
+   a 12 MB body (refused, 413); every request of every round counted;
 3. saturation: a second server with a queue of ``--sat-queue`` requests hit by
    ``--sat-clients`` clients: 503s with Retry-After, never a failure.
 
@@ -27,6 +28,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -83,9 +87,44 @@ class Server:
             self.proc.kill()
 
 
-async def hammer(url, bodies, n, clients, time_limit, explain=False) -> dict:
+@dataclass
+class Tally:
+    """What the clients saw: ``(seconds, status)`` per request (status: the HTTP code, or
+    the name of the client error), the Retry-After values of the 503s, the wall time."""
+
+    lat: list[tuple[float, int | str]] = field(default_factory=list)
+    retry_after: set[str] = field(default_factory=set)
+    wall: float = 0.0
+
+    def __add__(self, other: Tally) -> Tally:
+        """Two runs together (their times added)."""
+        return Tally(
+            self.lat + other.lat, self.retry_after | other.retry_after, self.wall + other.wall
+        )
+
+
+def summary(t: Tally) -> dict:
+    """Requests, requests/s, latency percentiles of the answered (200) requests (null
+    when none was; one answer is every percentile), statuses, Retry-After values."""
+    ok = [s for s, status in t.lat if status == 200]
+    q = statistics.quantiles(ok, n=100) if len(ok) > 1 else [ok[0] if ok else None] * 99
+    statuses = Counter(str(status) for _, status in t.lat)
+    return {
+        "requests": len(t.lat),
+        "seconds": round(t.wall, 2),
+        "req_per_s": round(len(t.lat) / t.wall, 2) if t.wall > 0 else None,
+        **{
+            f"p{p}_ms": None if q[p - 1] is None else round(q[p - 1] * 1000, 1)
+            for p in (50, 95, 99)
+        },
+        "statuses": dict(sorted(statuses.items())),
+        "retry_after": sorted(x for x in t.retry_after if x),
+    }
+
+
+async def send_all(url, bodies, n, clients, time_limit, explain=False) -> Tally:
     """``n`` POSTs of ``bodies`` (in turn) from ``clients`` concurrent clients."""
-    lat, statuses, retry_after, next_i = [], {}, set(), 0
+    tally, next_i = Tally(), 0
     deadline = time.monotonic() + time_limit
     target = url + "/analyze" + ("?explain=1" if explain else "")
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -100,39 +139,42 @@ async def hammer(url, bodies, n, clients, time_limit, explain=False) -> dict:
                 r = await http.post(target, files={"file": (name, data, "image/jpeg")})
                 status = r.status_code
                 if status == 503:
-                    retry_after.add(r.headers.get("retry-after"))
+                    tally.retry_after.add(r.headers.get("retry-after"))
             except httpx.HTTPError as e:  # refused mid-upload, reset, timeout
                 status = type(e).__name__
-            lat.append((time.perf_counter() - t0, status))
-            statuses[status] = statuses.get(status, 0) + 1
+            tally.lat.append((time.perf_counter() - t0, status))
 
     t0 = time.perf_counter()
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
         await asyncio.gather(*(client(http) for _ in range(clients)))
-    wall = time.perf_counter() - t0
-    ok = [t for t, s in lat if s == 200]  # latency of the answered requests
-    q = statistics.quantiles(ok, n=100) if len(ok) > 1 else [float("nan")] * 99
-    return {
-        "requests": len(lat),
-        "seconds": round(wall, 2),
-        "req_per_s": round(len(lat) / wall, 2),
-        "p50_ms": round(q[49] * 1000, 1),
-        "p95_ms": round(q[94] * 1000, 1),
-        "p99_ms": round(q[98] * 1000, 1),
-        "statuses": {str(k): v for k, v in sorted(statuses.items(), key=str)},
-        "retry_after": sorted(x for x in retry_after if x),
-    }
+    tally.wall = time.perf_counter() - t0
+    return tally
 
 
-def merge(a: dict, b: dict) -> dict:
-    """Counts of two runs added (latencies: the later run's)."""
-    out = dict(b)
-    out["requests"] = a["requests"] + b["requests"]
-    out["statuses"] = {
-        k: a["statuses"].get(k, 0) + b["statuses"].get(k, 0)
-        for k in {*a["statuses"], *b["statuses"]}
-    }
-    return out
+def hammer(url, bodies, n, clients, time_limit, explain=False) -> dict:
+    """:func:`summary` of :func:`send_all`."""
+    return summary(asyncio.run(send_all(url, bodies, n, clients, time_limit, explain)))
+
+
+def round_sizes(n: int, rounds: int) -> list[int]:
+    """``n`` requests over at most ``rounds`` rounds, as even as can be, none empty.
+
+    >>> round_sizes(5, 4), round_sizes(2, 4), round_sizes(0, 4)
+    ([2, 1, 1, 1], [1, 1], [])
+    """
+    rounds = min(rounds, n)
+    return [n // rounds + (i < n % rounds) for i in range(rounds)]
+
+
+def in_rounds(n: int, rounds: int, send: Callable[[int], Tally], after_round=None) -> Tally:
+    """``n`` requests in up to ``rounds`` rounds (``send(k)`` sends ``k``), calling
+    ``after_round()`` after each; the tally of every round together."""
+    total = Tally()
+    for k in round_sizes(n, rounds):
+        total = total + send(k)
+        if after_round is not None:
+            after_round()
+    return total
 
 
 def big_jpeg(src: Path, target_mb: float) -> bytes:
@@ -179,11 +221,9 @@ def main() -> None:
 
     server = Server(args.model, extra)
     try:
-        asyncio.run(hammer(server.url, bodies, 2 * args.clients, args.clients, 60))  # warm-up
+        hammer(server.url, bodies, 2 * args.clients, args.clients, 60)  # warm-up
         report["idle_rss_mb"] = round(memory_mb(server.proc.pid)["VmRSS"], 1)
-        res = asyncio.run(
-            hammer(server.url, bodies, args.requests, args.clients, args.time_limit, args.explain)
-        )
+        res = hammer(server.url, bodies, args.requests, args.clients, args.time_limit, args.explain)
         res["server_peak_rss_mb"] = round(memory_mb(server.proc.pid)["VmHWM"], 1)
         show(f"load ({args.clients} clients, explain={args.explain})", res)
         report["load"] = res
@@ -191,14 +231,18 @@ def main() -> None:
             nine = [("big.jpg", big_jpeg(photos[0], 9.5))]
             twelve = [("huge.jpg", os.urandom(12 * 1024 * 1024))]
             before = memory_mb(server.proc.pid)
-            rounds, rss = 4, []
-            for _ in range(rounds):  # resident memory after each round: it must level off
-                r = asyncio.run(hammer(server.url, nine, args.large // rounds, 4, args.time_limit))
-                rss.append(round(memory_mb(server.proc.pid)["VmRSS"], 1))
-                res = r if not rss[:-1] else merge(res, r)
+            rss = []  # resident memory after each round: it must level off
+            res = summary(
+                in_rounds(
+                    args.large,
+                    4,
+                    lambda k: asyncio.run(send_all(server.url, nine, k, 4, args.time_limit)),
+                    lambda: rss.append(round(memory_mb(server.proc.pid)["VmRSS"], 1)),
+                )
+            )
             res["upload_mb"] = round(len(nine[0][1]) / 2**20, 2)
             res["pixels"] = "x".join(map(str, Image.open(io.BytesIO(nine[0][1])).size))
-            over = asyncio.run(hammer(server.url, twelve, args.large, 4, args.time_limit))
+            over = hammer(server.url, twelve, args.large, 4, args.time_limit)
             res["over_limit_statuses"] = over["statuses"]
             res["rss_before_mb"] = round(before["VmRSS"], 1)
             res["rss_after_each_round_mb"] = rss
@@ -211,9 +255,7 @@ def main() -> None:
 
     sat = Server(args.model, extra + ["--queue", str(args.sat_queue)])
     try:
-        res = asyncio.run(
-            hammer(sat.url, bodies, args.sat_requests, args.sat_clients, args.time_limit)
-        )
+        res = hammer(sat.url, bodies, args.sat_requests, args.sat_clients, args.time_limit)
         res["server_peak_rss_mb"] = round(memory_mb(sat.proc.pid)["VmHWM"], 1)
         show(f"saturation (queue {args.sat_queue}, {args.sat_clients} clients)", res)
         report["saturation"] = res

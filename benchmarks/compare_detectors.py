@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from measure_margin import corr, whole48  # noqa: E402  (scripts/ is on the path when run)
+from measure_margin import corr, whole48  # noqa: E402  (benchmarks/ is on the path when run)
 from scenes import matches, multi_face, no_face, rotated  # noqa: E402
 
 from faceattrs import photo  # noqa: E402

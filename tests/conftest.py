@@ -4,6 +4,9 @@ synthetic face sets for logic tests."""
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +69,7 @@ def load_script(name: str):
     path = next(p for d in ("tools", "benchmarks") if (p := root / d / f"{name}.py").exists())
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # as an import does (dataclasses look their module up there)
     spec.loader.exec_module(mod)
     return mod
 
@@ -81,3 +85,65 @@ def tiny_csv(tmp_path) -> Path:
     csv = tmp_path / "faces.csv"
     csv.write_text("\n".join(lines) + "\n")
     return csv
+
+
+# ---------------------------------------------------------------- process trees (Linux /proc)
+
+
+def descendants(pid: int) -> set[int]:
+    """The pids of ``pid``'s children, their children and so on (read from Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # ended while we read
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not ended (a zombie has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def outliving(pids: set[int], seconds: float) -> list[int]:
+    """The ``pids`` still running after ``seconds`` (polled); each of them is then killed,
+    so that a failing test leaves no process behind."""
+    deadline = time.monotonic() + seconds
+    while any(running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = sorted(p for p in pids if running(p))
+    for p in left:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+    return left
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a ``python -c`` child that imports this checkout's faceattrs."""
+    import faceattrs
+
+    env = dict(os.environ)
+    src = str(Path(faceattrs.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def read_line(proc, seconds: float) -> str:
+    """The next line of ``proc``'s stdout (text mode), or "" after ``seconds``."""
+    import select
+
+    if select.select([proc.stdout], [], [], seconds)[0]:
+        return proc.stdout.readline()
+    return ""

@@ -149,3 +149,17 @@ def test_int8_default_reproduces_its_recorded_check(shared_csv):
     assert now["gender_accuracy"] == pytest.approx(check["gender_accuracy"], abs=6 / n)
     assert now["ethnicity_accuracy"] == pytest.approx(check["ethnicity_accuracy"], abs=6 / n)
     assert now["age_mae"] == pytest.approx(check["age_mae"], abs=0.15)
+
+
+def test_readme_python_example_runs_after_install(monkeypatch):
+    """The README's "From Python" block works with nothing but the package (no trained run
+    of one's own): run as written, from the repository root."""
+    readme = (REPO / "README.md").read_text()
+    after = readme[readme.index("From Python:") :]
+    code = after[after.index("```python") + len("```python") : after.index("```\n", 10)]
+    monkeypatch.chdir(REPO)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    records = scope["records"]
+    assert [r["image"] for r in records] == [0, 1] and "error" not in records[0]
+    assert records[0]["gender"] == records[1]["gender"]  # the same photo, as pixels and as a file

@@ -152,7 +152,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path, monkeypatch, lifted):
         "not_image.jpg": (b"hello, I am text\n" * 20, "not an image"),
         "empty.png": (b"", "empty file"),
         "truncated.jpg": (encode(pattern(200, 200), "JPEG")[:600], "truncated or corrupt"),
-        "big.png": (_png_header(10000, 6000), "60.0 megapixels, over the limit of 50"),
+        "big.png": (_png_header(10000, 6000), "60.0 megapixels, over the limit of 50 megapixels"),
         "bomb.png": (_png_header(20000, 20000), "20000x20000 is 400.0 megapixels, over the limit"),
     }
     for name, (data, message) in cases.items():
@@ -161,6 +161,13 @@ def test_bad_inputs_raise_clear_errors(tmp_path, monkeypatch, lifted):
             load_image(tmp_path / name)
     with pytest.raises(PhotoError, match="no such file"):
         load_image(tmp_path / "missing.jpg")
+    (tmp_path / "loop_a.jpg").symlink_to(tmp_path / "loop_b.jpg")
+    (tmp_path / "loop_b.jpg").symlink_to(tmp_path / "loop_a.jpg")
+    with pytest.raises(PhotoError, match=r"loop_a.jpg: symbolic link loop$"):
+        load_image(tmp_path / "loop_a.jpg")
+    (tmp_path / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    with pytest.raises(PhotoError, match=r"broken.jpg: broken symbolic link \(to .*gone.jpg"):
+        load_image(tmp_path / "broken.jpg")
     with pytest.raises(PhotoError, match="is a folder"):
         load_image(tmp_path)
     with pytest.raises(PhotoError, match="over the limit of 0.001"):
@@ -189,7 +196,7 @@ def _over_limit(name, w, h, limit_mp) -> str:
     """The one message for every image over the pixel limit, whatever its size."""
     return re.escape(
         f"{name}: {w}x{h} is {w * h / 1e6:.1f} megapixels, over the limit of {limit_mp} "
-        "(a decompression-bomb guard; raise it with --max-pixels)"
+        "megapixels (a decompression-bomb guard; raise it with --max-pixels)"
     )
 
 

@@ -14,7 +14,13 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_PHOTOS  # ../shared/data/photos, or FACEATTRS_SHARED_DATA's
+from conftest import (
+    SHARED_PHOTOS,  # ../shared/data/photos, or FACEATTRS_SHARED_DATA's
+    child_env,
+    descendants,
+    outliving,
+    read_line,
+)
 from PIL import Image
 
 import faceattrs
@@ -270,6 +276,34 @@ def test_photo_worker_processes_do_not_run_the_calling_script(run_dir, image_fil
     assert marker.read_text() == "ran\n"
     want = FaceAnalyzer(run_dir).analyze(files, detect=False, on_error="record")
     assert json.loads(out.read_text()) == json.loads(json.dumps(want))
+
+
+KILLED_PARENT = """
+import sys, time
+from faceattrs.predict import FaceAnalyzer
+an = FaceAnalyzer(sys.argv[1], photo_workers="processes", threads=1)
+an.analyze(sys.argv[2:], detect=False, on_error="record")  # the workers are up and idle
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree in /proc")
+def test_photo_worker_processes_end_when_their_parent_is_killed(run_dir, image_files):
+    """``kill -9`` of a program whose analyzer has worker processes (``faceattrs predict``
+    on 16 photos or more): the workers and the resource tracker end within seconds, not
+    wait on their pipes forever."""
+    files = [str(f) for f in image_files if isinstance(f, str | Path)]
+    cmd = [sys.executable, "-c", KILLED_PARENT, str(run_dir), *files]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=child_env())
+    try:
+        assert read_line(proc, 120) == "ready\n"
+        children = descendants(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(children) >= 2  # the photo workers (two on two cores) and the resource tracker
+    assert outliving(children, 5.0) == []
 
 
 def test_multi_face_image(analyzer, photos):

@@ -190,20 +190,48 @@ def crash_subprocess(argv: list[str], at: int, mode: str = "after") -> int:
     ).returncode
 
 
-def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                            capture_output=True, text=True, check=True)  # fmt: skip
-    dead = int(child.stdout)
+    return int(child.stdout)
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
+    dead = dead_pid()
     stale = tmp_path / f".faces.npz.{dead}.tmpabcd1234.npz"
+    stage = tmp_path / f".export.{dead}.tmpabcd1234"  # a staging folder (atomic_folder)
     live = tmp_path / f".faces.npz.{os.getpid()}.tmpabcd1234.npz"
     old = tmp_path / ".res.jsonl.k3j4h5g6.jsonl"  # written before the pid was in the name
     mine = tmp_path / ".notes.txt"  # not ours
-    for p in (stale, live, old, mine):
+    (stage / "sub").mkdir(parents=True)
+    for p in (stale, live, old, mine, stage / "sub" / "model.onnx"):
         p.write_bytes(b"x")
     os.utime(old, (1, 1))
-    assert fio.clean_stale_temps(tmp_path, ["other.csv"]) == []  # only these names
-    assert sorted(fio.clean_stale_temps(tmp_path)) == sorted([stale, old])
-    assert live.exists() and mine.exists()
+    # tagged with a dead pid: removed whatever the name; untagged: only the names given
+    assert sorted(fio.clean_stale_temps(tmp_path, ["other.csv"])) == sorted([stale, stage])
+    assert fio.clean_stale_temps(tmp_path) == [old]
+    assert live.exists() and mine.exists() and not stage.exists()
+
+
+def test_a_write_removes_every_stale_temp_file_of_its_folder(tmp_path, tiny_run):
+    """docs/failures.md: a killed writer's temp files go at the next run that writes in
+    the folder, whatever it writes (a killed ``--out results.jsonl``, then ``--out
+    results.csv``; a killed export, then evaluate's metrics)."""
+    dead = dead_pid()
+    jsonl = tmp_path / f".results.jsonl.{dead}.tmpk3j4h5g6.jsonl"
+    stage = tmp_path / f".onnx.{dead}.tmp_9abcdef"
+    npz = tmp_path / "eval" / f".predictions.npz.{dead}.tmpabcd1234.npz"
+    stage.mkdir()
+    for p in (jsonl, npz):
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"half a file")
+    face_png(tmp_path / "in" / "a.png")
+    args = ["predict", str(tmp_path / "in"), "--model", str(tiny_run), "--no-detect"]
+    assert main([*args, "--out", str(tmp_path / "results.csv")]) == 0
+    assert not jsonl.exists() and not stage.exists() and npz.exists()
+    fio.write_json_atomic(tmp_path / "eval" / "metrics.json", {})
+    assert not npz.exists()
 
 
 # ------------------------------------------------------------------ train: crashes
@@ -513,8 +541,35 @@ def test_broken_and_looping_links_are_records_and_linked_folders_a_warning(
     )
     recs = {Path(r["file"]).name: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(recs) == {"ok.png", "broken.jpg", "loop.jpg"}
-    assert "error" in recs["broken.jpg"] and "error" in recs["loop.jpg"]
+    assert recs["broken.jpg"]["error"].endswith("broken.jpg: broken symbolic link (to "
+                                                f"{d / 'gone.jpg'}, which does not exist)")  # fmt: skip
+    assert recs["loop.jpg"]["error"].endswith("loop.jpg: symbolic link loop")
     assert "1 symlinked folder(s) (linked)" in caplog.text
+
+
+def test_predict_lists_each_failed_file_on_stderr(tmp_path, tiny_run, capsys):
+    """With --out, which files failed and why shows on stderr, one line each as compilers
+    list errors: the first 20, then how many more."""
+    from faceattrs.predict_files import FAILURES_SHOWN
+
+    d = tmp_path / "in"
+    face_png(d / "ok.png")
+    bad = [d / f"bad{i:02d}.jpg" for i in range(FAILURES_SHOWN + 3)]
+    for p in bad:
+        p.write_text("not a photo")
+    (d / "a_loop.jpg").symlink_to(d / "a_loop.jpg")
+    out = tmp_path / "results.csv"
+    argv = ["predict", str(d), "--model", str(tiny_run), "--no-detect", "--out", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"{d / 'a_loop.jpg'}: symbolic link loop"  # in input order: by name
+    assert err[1:FAILURES_SHOWN] == [
+        f"{p}: not an image (or a format Pillow cannot read)" for p in bad[: FAILURES_SHOWN - 1]
+    ]
+    assert err[FAILURES_SHOWN] == (
+        f"... and 4 more failed file(s): see their error records in {out}"
+    )
+    assert len(err) == FAILURES_SHOWN + 1
 
 
 @pytest.mark.parametrize(

@@ -228,7 +228,13 @@ def test_page_is_served_and_needs_no_internet(client):
         assert not re.search(
             r"""(src|href)=["']?(https?:)?//|url\(\s*["']?(https?:)?//|@import""", r.text
         )
-    assert sorted(p.name for p in WEB_DIR.iterdir()) == ["app.css", "app.js", "index.html"]
+    assert sorted(p.name for p in WEB_DIR.iterdir()) == [
+        "app.css", "app.js", "favicon.svg", "index.html"
+    ]  # fmt: skip
+    # where browsers ask for the page's icon: no 404
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+    assert icon.text.startswith("<svg")
 
 
 # ---------------------------------------------------------------- errors
@@ -285,7 +291,7 @@ def test_limits_are_413(strict, photos):
     assert_error(
         post(strict, ("wide.png", png((1500, 1000)), "image/png")),
         413,
-        r"1500x1000 is 1\.5 megapixels",
+        r"1500x1000 is 1\.5 megapixels, over the limit of 1 megapixels$",
     )
     three = [(p.name, p.read_bytes(), "image/jpeg") for p in photos[:3]]
     assert_error(post(strict, *three), 400, "(?i)too many files")

@@ -21,6 +21,8 @@ from PIL import Image
 
 pytest.importorskip("fastapi", reason="serving needs the 'serve' extra (fastapi, uvicorn)")
 pytest.importorskip("uvicorn", reason="serving needs the 'serve' extra (fastapi, uvicorn)")
+from conftest import child_env, descendants, outliving  # noqa: E402
+from test_photo import _png_header  # noqa: E402
 from test_predict import make_run  # noqa: E402
 from test_serve import shared_photos_dir  # noqa: E402
 
@@ -124,6 +126,32 @@ def test_streamed_oversize_body_is_refused_before_its_end(server):
     assert status in (413, None) and sent < total / 2, (status, sent)
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree in /proc")
+def test_server_processes_end_when_serve_is_killed(tmp_path):
+    """``kill -9`` of ``faceattrs serve --workers 2``: its server processes (and the
+    resource tracker) end within seconds instead of serving on as orphans."""
+    run = make_run(tmp_path / "run", age=False)
+    port = free_port()
+    cmd = [sys.executable, "-m", "faceattrs", "serve", "--model", str(run), "--port", str(port)]
+    cmd += ["--workers", "2", "--threads", "1"]
+    env = {**child_env(), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:  # answered by a server process: they are up
+                if get_json(f"http://127.0.0.1:{port}/health")["status"] == "ok":
+                    break
+            except OSError:
+                time.sleep(0.2)
+        children = descendants(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(children) >= 2  # two server processes and the resource tracker
+    assert outliving(children, 5.0) == []
+
+
 # ---------------------------------------------------------------- the page in a browser
 
 
@@ -153,14 +181,21 @@ def test_page_shows_boxes_labels_bars_and_grad_cam(server, browser, tmp_path):
         pytest.skip(f"real photos not available: {shared_photos_dir()} is absent")
     model = get_json(base + "/model")
     page = browser.new_page(viewport={"width": 1100, "height": 900})
-    errors = []
+    errors, failed = [], []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("response", lambda r: failed.append((r.status, r.url)) if r.status >= 400 else None)
     page.goto(base + "/")
     page.wait_for_function("document.querySelector('#model-info').textContent.includes('heads')")
+    assert "50 megapixels each" in page.locator("#limits").inner_text()  # with its unit
     page.set_input_files("#file", [str(photos[0]), str(photos[1])])
     page.wait_for_function("document.querySelectorAll('.card .face').length >= 2", timeout=60_000)
     cards = page.locator(".card")
     assert cards.count() == 2
+    # in the order chosen, not the reverse
+    assert [cards.nth(i).locator("h2").inner_text().split(" ")[0] for i in range(2)] == [
+        photos[0].name,
+        photos[1].name,
+    ]
     for i in range(2):
         card = cards.nth(i)
         boxes = card.locator(".face-box")
@@ -182,7 +217,8 @@ def test_page_shows_boxes_labels_bars_and_grad_cam(server, browser, tmp_path):
     shot = tmp_path / "page.png"
     page.screenshot(path=str(shot), full_page=True)
     assert Image.open(shot).size[0] >= 1000
-    assert errors == []
+    assert errors == [] and failed == []  # /favicon.ico included
+    assert page.evaluate("fetch('/favicon.ico').then(r => r.status)") == 200
 
 
 def test_page_explains_errors(server, browser, tmp_path):
@@ -195,24 +231,35 @@ def test_page_explains_errors(server, browser, tmp_path):
     Image.fromarray(np.full((200, 200), 128, np.uint8)).save(grey)
     big = tmp_path / "big.jpg"
     big.write_bytes(os.urandom((LIMIT_MB + 1) * 1024 * 1024))
+    bomb = tmp_path / "bomb.png"  # a PNG header claiming 20000 x 20000 pixels
+    bomb.write_bytes(_png_header(20000, 20000))
     page = browser.new_page()
+    # which files the page turned into pictures (a preview decodes the whole image)
+    page.add_init_script(
+        """window.previewed = [];
+        const blobUrl = URL.createObjectURL;
+        URL.createObjectURL = (f) => { window.previewed.push(f.name); return blobUrl(f); };"""
+    )
     page.goto(base + "/")
     page.wait_for_function("document.querySelector('#model-info').textContent.includes('heads')")
-    page.set_input_files("#file", [str(text), str(fake), str(grey), str(big)])
+    chosen = [text, fake, grey, big, bomb]
+    page.set_input_files("#file", [str(p) for p in chosen])
     page.wait_for_function(
-        "document.querySelectorAll('.card .error, .card .reason').length === 4", timeout=60_000
+        "document.querySelectorAll('.card .error, .card .reason').length === 5", timeout=60_000
     )
-    msg = {
-        page.locator(".card").nth(i).locator("h2").inner_text().split(" ")[0]: page.locator(".card")
-        .nth(i)
-        .locator(".error, .reason")
-        .inner_text()
-        for i in range(4)
-    }
+    cards = page.locator(".card")
+    names = [cards.nth(i).locator("h2").inner_text().split(" ")[0] for i in range(5)]
+    assert names == [p.name for p in chosen]  # in the order chosen
+    msg = {n: cards.nth(i).locator(".error, .reason").inner_text() for i, n in enumerate(names)}
     assert msg["notes.txt"].startswith("Error 415: notes.txt: type 'text/plain'")
     assert msg["fake.jpg"].startswith("Error 400: fake.jpg: not an image")
     assert msg["grey.png"] == "No face: no face found."
     assert "over the upload limit of 2.0 MB" in msg["big.jpg"]
+    # the bomb is refused from its header, never previewed; the limit has its unit
+    assert msg["bomb.png"] == (
+        "bomb.png: 20000x20000 is 400 megapixels, over the limit of 50 megapixels (not sent)."
+    )
+    assert page.evaluate("window.previewed") == ["grey.png"]  # and the others not before
     # a photo dropped on the drop zone goes the same way
     page.evaluate(
         """async (bytes) => {
@@ -223,7 +270,7 @@ def test_page_explains_errors(server, browser, tmp_path):
         }""",
         list(grey.read_bytes()),
     )
-    page.wait_for_function("document.querySelectorAll('.card').length === 5", timeout=60_000)
+    page.wait_for_function("document.querySelectorAll('.card').length === 6", timeout=60_000)
     dropped = page.locator(".card").first
     assert dropped.locator("h2").inner_text().startswith("dropped.png")
     dropped.locator(".reason").wait_for(timeout=60_000)

@@ -3,6 +3,9 @@
 A crash mid-write never leaves a half-written checkpoint or result behind. The temporary
 file's name carries the writer's process id (``.NAME.PID.tmpXXXXXXXX.SUFFIX``), so that
 :func:`clean_stale_temps` can remove those of a killed run without touching a live one's.
+Every write cleans its folder so, the first time a process writes there: a killed
+writer's temporary files and staging folders, whatever their name, are removed by the
+next run that writes in that folder.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ os.umask(_UMASK)
 # .NAME.PID.tmpXXXXXXXX.SUFFIX (ours) and .NAME.XXXXXXXX.SUFFIX (before the PID was added)
 _TEMP = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<pid>\d+)\.tmp)?[a-z0-9_]{8}(?P<suffix>\.[^.]*)?$")
 LEGACY_TEMP_AGE_S = 3600  # an untagged temp file this old belongs to no live writer
+_CLEANED: set[str] = set()  # folders this process has cleaned (once each: a folder of
+# thousands of annotated photos is not scanned again for each of them)
 
 
 @contextmanager
@@ -36,6 +41,7 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clean_once(path)
     try:
         fd, tmp = tempfile.mkstemp(
             prefix=f".{path.name}.{os.getpid()}.tmp", suffix=path.suffix, dir=path.parent
@@ -128,6 +134,7 @@ def atomic_folder(path: str | os.PathLike):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale_folders(path)
+    _clean_once(path)
     stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.tmp", dir=path.parent))
     try:
         yield stage
@@ -178,13 +185,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_temps(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
-    """Remove the temporary files that killed writers left in ``folder``; returns them.
+def _clean_once(path: Path) -> None:
+    """:func:`clean_stale_temps` of ``path``'s folder, the first time this process writes
+    there (untagged temp files: only ``path``'s own, the folder may not be ours alone)."""
+    folder = os.path.abspath(path.parent)
+    if folder not in _CLEANED:
+        _CLEANED.add(folder)
+        clean_stale_temps(folder, [path.name])
 
-    A temp file is stale when the process named in it is gone (or, for an untagged one,
-    when it is over an hour old). Files that are not ours never match: the name must be
-    ``.NAME.[PID.tmp]XXXXXXXX`` followed by NAME's own suffix, and NAME one of ``names``
-    when given (in a folder that is not ours alone, e.g. next to a results file).
+
+def clean_stale_temps(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
+    """Remove the temporary files and staging folders that killed writers left in
+    ``folder``; returns them.
+
+    A tagged temp file (``.NAME.PID.tmpXXXXXXXX`` followed by NAME's own suffix) or
+    staging folder (``.NAME.PID.tmpXXXXXXXX``, :func:`atomic_folder`) is stale when the
+    process PID is gone, whatever NAME. An untagged temp file (``.NAME.XXXXXXXX`` + NAME's
+    suffix, written before the PID was in the name) is stale when over an hour old, and
+    is taken only for NAME one of ``names`` when given: that pattern is loose, and the
+    folder may not be ours alone (e.g. next to a results file). Files that are not ours
+    never match.
     """
     only = set(names) if names is not None else None
     folder = Path(folder)
@@ -195,13 +215,21 @@ def clean_stale_temps(folder: str | os.PathLike, names: Iterable[str] | None = N
         return removed
     for entry in entries:
         m = _TEMP.match(entry.name)
-        if not m or not entry.is_file(follow_symlinks=False):
+        if not m:
+            continue
+        tagged = m["pid"] is not None
+        if tagged and m["suffix"] is None and entry.is_dir(follow_symlinks=False):
+            if int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(Path(entry.path))
+            continue
+        if not entry.is_file(follow_symlinks=False):
             continue
         if (m["suffix"] or "") != Path(m["name"]).suffix:
             continue
-        if only is not None and m["name"] not in only:
+        if not tagged and only is not None and m["name"] not in only:
             continue
-        if m["pid"] is not None:
+        if tagged:
             stale = int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"]))
         else:
             stale = time.time() - entry.stat().st_mtime > LEGACY_TEMP_AGE_S

@@ -34,6 +34,7 @@ docs/photos.md):
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import io
 import logging
@@ -50,6 +51,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .exceptions import FaceattrsError
 from .inputs import GRAY48, MAX_PIXELS, InputSpec
+from .lifeline import exit_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +211,7 @@ def load_image(src, max_pixels: int | None = None) -> np.ndarray:
         raise PhotoError(f"cannot read an image from a {type(src).__name__}")
     path = Path(src)
     if not path.exists():
-        raise PhotoError(f"{path}: no such file")
+        raise PhotoError(f"{path}: {_why_missing(path)}")
     if path.is_dir():
         raise PhotoError(f"{path}: is a folder, not an image")
     try:
@@ -222,6 +224,21 @@ def load_image(src, max_pixels: int | None = None) -> np.ndarray:
         raise PhotoError(f"{path}: cannot be read ({e.strerror})") from None
     except OSError as e:
         raise PhotoError(f"{path}: cannot be read ({e})") from None
+
+
+def _why_missing(path: Path) -> str:
+    """Why ``path``, which does not exist as far as ``Path.exists`` says, cannot be opened:
+    no such file, a symbolic link loop, or a broken symbolic link (and where it points)."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+            return f"cannot be read ({e.strerror})"
+    if path.is_symlink():
+        return f"broken symbolic link (to {os.readlink(path)}, which does not exist)"
+    return "no such file"
 
 
 def _decode(fh, name: str, limit: int) -> np.ndarray:
@@ -261,7 +278,7 @@ def _check_size(size: tuple[int, int], limit: int, name: str) -> None:
     if limit and w * h > limit:
         raise PhotoError(
             f"{name}: {w}x{h} is {w * h / 1e6:.1f} megapixels, over the limit of "
-            f"{limit / 1e6:g} (a decompression-bomb guard; raise it with --max-pixels)"
+            f"{limit / 1e6:g} megapixels (a decompression-bomb guard; raise it with --max-pixels)"
         )
 
 
@@ -864,12 +881,17 @@ def prepare(
     return item
 
 
-def worker_start(pillow_limit: int | None = Image.MAX_IMAGE_PIXELS) -> None:
+def worker_start(
+    pillow_limit: int | None = Image.MAX_IMAGE_PIXELS, parent: int | None = None
+) -> None:
     """Start of a photo worker process (:class:`faceattrs.predict.FaceAnalyzer` with
-    ``photo_workers="processes"``): one OpenCV thread (the process is one of a core's
-    workers), the parent's Pillow guard (``pillow_limit``: None inside a faceattrs
-    command, Pillow's own in a program that kept it), and the detector's models loaded
-    before the first photo."""
+    ``photo_workers="processes"``): the process ends when ``parent`` (the pid of the
+    process that started it) ends, however it ends (:func:`faceattrs.lifeline.exit_with_parent`);
+    one OpenCV thread (the process is one of a core's workers), the parent's Pillow guard
+    (``pillow_limit``: None inside a faceattrs command, Pillow's own in a program that
+    kept it), and the detector's models loaded before the first photo."""
+    if parent is not None:
+        exit_with_parent(parent)
     cv2.setNumThreads(1)
     Image.MAX_IMAGE_PIXELS = pillow_limit  # photos decode here as in the parent
     if dlib_missing() is None:

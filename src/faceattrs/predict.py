@@ -247,7 +247,8 @@ class FaceAnalyzer:
                     self.workers,
                     mp_context=multiprocessing.get_context("spawn"),  # no fork of threads
                     initializer=photomod.worker_start,
-                    initargs=(photomod.Image.MAX_IMAGE_PIXELS,),  # this process's Pillow guard
+                    # this process's Pillow guard; its pid: the workers end when it does
+                    initargs=(photomod.Image.MAX_IMAGE_PIXELS, os.getpid()),
                 )
                 weakref.finalize(self, self._procs.shutdown, wait=False, cancel_futures=True)
                 for _ in range(self.workers):  # spawn them now (a pool starts them on demand)

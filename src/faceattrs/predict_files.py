@@ -36,6 +36,7 @@ from .predict import FaceAnalyzer, photo_processes, photo_worker_count
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+FAILURES_SHOWN = 20  # failed files listed one per line on stderr; the rest counted
 
 
 def expand_inputs(
@@ -243,6 +244,17 @@ def record_writer(path: str | os.PathLike | None, models) -> Iterator[Callable[[
         yield writer(fh)
 
 
+def failure_lines(counts: dict, out=None) -> list[str]:
+    """One line per failed file (``counts["failures"]``, as compilers list errors), then
+    how many more failed, if any: what ``faceattrs predict`` prints on stderr."""
+    lines = list(counts["failures"])
+    more = counts["failed"] - len(lines)
+    if more > 0:
+        where = out if out is not None else "the output"
+        lines.append(f"... and {more} more failed file(s): see their error records in {where}")
+    return lines
+
+
 # ---------------------------------------------------------------- pictures
 
 
@@ -363,7 +375,8 @@ def predict_files(
     "threads", "processes" or "auto" (processes for :data:`faceattrs.predict.PROCESSES_FROM` files or more
     on a CPU with two or more cores: they start in about half a second).
 
-    Returns ``{"files", "faces", "failed"}`` counts.
+    Returns ``{"files", "faces", "failed"}`` counts and ``"failures"``: ``"FILE: reason"``
+    of the first :data:`FAILURES_SHOWN` failed files.
     """
     from tqdm import tqdm
 
@@ -381,12 +394,15 @@ def predict_files(
         photo_workers = "processes" if many else "threads"
     analyzer = FaceAnalyzer(model, photo=photo, photo_workers=photo_workers, **analyzer_options)
     explainer = Explainer(analyzer.models) if explain_dir else None
-    counts = {"files": len(files), "faces": 0, "failed": 0}
+    counts = {"files": len(files), "faces": 0, "failed": 0, "failures": []}
     keep = bool(annotate_dir or explain_dir)
     with record_writer(out, analyzer.models) as write:
         bar = tqdm(total=len(files), unit="file", disable=None if len(files) > 1 else True)
         for item in analyzer.run([p for p, _ in files], detect=detect, keep_images=keep):
             counts["failed"] += item.error is not None
+            if item.error is not None and len(counts["failures"]) < FAILURES_SHOWN:
+                reason = item.error.removeprefix(f"{item.file}: ")
+                counts["failures"].append(f"{item.file}: {reason}")
             counts["faces"] += len(item.faces)
             stem = stems[item.file]
             if explainer and item.faces:

@@ -45,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .exceptions import FaceattrsError
+from .lifeline import exit_with_parent
 from .photo import MAX_PIXELS, PhotoConfig
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ HOW_TO_SEND = (
     f"send multipart/form-data with image files, or the image itself with its image/* type "
     f"({SUPPORTED})"
 )
+PARENT_ENV = "FACEATTRS_SERVE_PARENT"  # serve --workers N: the pid the workers end with
 TRIM_PIXELS = 4_000_000  # after a batch with more pixels, give freed memory back (glibc)
 
 
@@ -273,7 +275,7 @@ def check_upload(up: Upload, max_pixels: int) -> tuple[int, int]:
         raise ApiError(
             413,
             f"{up.name}: {w}x{h} is {w * h / 1e6:.1f} megapixels, over the limit of "
-            f"{max_pixels / 1e6:g}",
+            f"{max_pixels / 1e6:g} megapixels",
         )
     up.pixels = w * h
     return w, h
@@ -674,13 +676,22 @@ def create_app(cfg: ServeConfig | None = None, analyzer=None) -> FastAPI:
     async def page():
         return FileResponse(WEB_DIR / "index.html")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():  # where browsers look for it; an SVG (every current browser)
+        return FileResponse(WEB_DIR / "favicon.svg", media_type="image/svg+xml")
+
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
     return app
 
 
 def app_from_env() -> FastAPI:
     """App factory for ``uvicorn --factory`` (several worker processes): the settings are
-    JSON in ``FACEATTRS_SERVE``."""
+    JSON in ``FACEATTRS_SERVE``. With ``FACEATTRS_SERVE_PARENT`` (the pid of ``faceattrs
+    serve --workers N``), the process ends when that one does, however it ends: uvicorn's
+    workers otherwise outlive a ``kill -9`` of it, serving on, re-parented to init."""
+    parent = os.environ.get(PARENT_ENV, "")
+    if parent.isdigit():
+        exit_with_parent(int(parent))
     return create_app(ServeConfig(**json.loads(os.environ.get("FACEATTRS_SERVE", "{}"))))
 
 
@@ -714,6 +725,7 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: 
         uvicorn.run(app, host=host, port=port, log_level="warning")
         return
     os.environ["FACEATTRS_SERVE"] = json.dumps(asdict(cfg))
+    os.environ[PARENT_ENV] = str(os.getpid())  # the workers end with this process
     create_app(cfg)  # fail here, with one line, on a bad model rather than in every worker
     print(f"faceattrs serve: http://{shown}:{port}/  ({workers} workers)", flush=True)
     uvicorn.run(

@@ -11,16 +11,19 @@ import contextlib
 import importlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import textwrap
 import traceback
 
 from .. import __version__
 from ..exceptions import FaceattrsError
 
-# (command, module, one-line help); listed in pipeline order.
+# (command, module, one-line help: it must fit one line of `faceattrs --help` on 80
+# columns, tests/test_cli.py); listed in pipeline order.
 COMMANDS = [
-    ("prepare", "prepare", "read, validate, de-duplicate and split a face CSV or photo folder"),
+    ("prepare", "prepare", "validate, de-duplicate and split a face CSV or photo folder"),
     ("train", "train", "train the multitask (gender + ethnicity) model"),
     ("evaluate", "evaluate", "metrics and figures of a trained model on a split or a file"),
     ("ensemble", "ensemble", "join trained runs of one design into one model"),
@@ -30,10 +33,54 @@ COMMANDS = [
     ("train-age", "train_age", "train the age model on top of a multitask model"),
     ("predict", "predict", "faces in photos -> gender, ethnicity, age"),
     ("export", "export", "export the models to ONNX"),
-    ("serve", "serve", "HTTP API and web page: drop in a photo, see what the model sees"),
+    ("serve", "serve", "web page and HTTP API: drop in photos, see the estimates"),
     ("report", "report", "write the run's self-contained report.html"),
     ("run", "run", "every stage in order, ending with the report"),
 ]
+
+
+# what `faceattrs --help` says: for users (the module docstring above is for developers)
+DESCRIPTION = "Gender, ethnicity and age from face images, and how well and how fairly it does."
+EXAMPLES = """\
+examples:
+  faceattrs predict photo.jpg                    one record per face, as JSON lines
+  faceattrs predict photos/ --out results.csv    every photo of a folder, into a CSV file
+  faceattrs serve                                a web page at http://127.0.0.1:8000/
+  faceattrs run --data faces.csv.gz --out runs/mine --preset cpu
+                                                 train, evaluate and report your own model
+  faceattrs COMMAND --help                       a command's options and examples"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help for users: descriptions and epilogs as written (examples keep their lines),
+    and every option's default shown: ``(default X)`` is added to a help that does not
+    already say it (a flag that is off, or an option without a value, has none)."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or not action.option_strings
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or default == []
+            or isinstance(action, argparse._HelpAction | argparse._VersionAction)
+        ):
+            return text
+        return f"{text} (default %(default)s)"
+
+
+def user_text(doc: str) -> str:
+    """A command module's docstring as its help: without reStructuredText's ``quotes``."""
+    return doc.strip("\n").replace("``", "")
+
+
+def wrapped(text: str) -> str:
+    """Prose for a raw epilog, wrapped as argparse would (it wraps nothing there)."""
+    width = shutil.get_terminal_size().columns - 2  # as argparse measures it
+    return textwrap.fill(text, max(40, min(width, 100)), break_on_hyphens=False)
 
 
 class CLIError(FaceattrsError):
@@ -58,10 +105,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    note = f"{DEFAULT_MODEL_NOTE} Commands that use it: {', '.join(DEFAULT_MODEL_COMMANDS)}."
     parser = OneLineParser(
         prog="faceattrs",
-        description=__doc__.splitlines()[0],
-        epilog=f"{DEFAULT_MODEL_NOTE} Commands that use it: {', '.join(DEFAULT_MODEL_COMMANDS)}.",
+        description=DESCRIPTION,
+        epilog=f"{EXAMPLES}\n\n{wrapped(note)}",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"faceattrs {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -69,12 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     # --debug also after the command (SUPPRESS: an absent one keeps the value given before)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
     for name, module, help_ in COMMANDS:
         mod = importlib.import_module(f"{__name__}.{module}")
-        epilog = DEFAULT_MODEL_NOTE if name in DEFAULT_MODEL_COMMANDS else None
+        epilog = wrapped(DEFAULT_MODEL_NOTE) if name in DEFAULT_MODEL_COMMANDS else None
         p = sub.add_parser(
-            name, help=help_, description=mod.__doc__, epilog=epilog, parents=[common]
+            name,
+            help=help_,
+            description=user_text(mod.__doc__),
+            epilog=epilog,
+            parents=[common],
+            formatter_class=HelpFormatter,
         )
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)

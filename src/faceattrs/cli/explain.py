@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..inputs import MAX_PIXELS
 from .evaluate import add_common
 
 
@@ -30,8 +31,9 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--max-pixels",
         type=int,
-        default=None,
-        help="with --image: refuse larger photos (decompression-bomb guard; 0 = no limit)",
+        default=MAX_PIXELS,
+        help="with --image: refuse larger photos (decompression-bomb guard; 0 = no limit; "
+        f"default {MAX_PIXELS:,})",
     )
 
 

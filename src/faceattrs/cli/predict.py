@@ -4,14 +4,15 @@
 
 PATH: files, folders (searched recursively for image files) and globs. Records go to
 --out (.jsonl or .csv; JSON lines on stdout without it). A file that cannot be used
-(not an image, truncated, too large, unreadable, no face) gets an error record and the
-others are still processed; the exit status is 1 when any file failed, 2 for a missing
+(not an image, truncated, too large, unreadable, no face) gets an error record and a
+line on stderr, and the others are still processed; the exit status is 1 when any file failed, 2 for a missing
 or inconsistent model.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 
 from .. import config as cfgmod
 from ..inputs import MAX_PIXELS
@@ -162,7 +163,7 @@ def check_photo_config(photo) -> None:
 
 def run(args) -> int:
     from ..photo import PhotoConfig
-    from ..predict_files import predict_files
+    from ..predict_files import failure_lines, predict_files
 
     check_options(args)
     check_photo_overrides(cfgmod.parse_overrides(args.photo_set))
@@ -184,6 +185,8 @@ def run(args) -> int:
         threads=args.threads,
         photo_workers=args.photo_workers,
     )
+    for line in failure_lines(counts, args.out):
+        print(line, file=sys.stderr)
     log.info(
         "%d file(s), %d face(s), %d failed%s",
         counts["files"],

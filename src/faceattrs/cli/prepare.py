@@ -18,15 +18,22 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--out", required=True, help="folder to write the prepared dataset into")
     p.add_argument(
-        "--near-threshold", type=float, help="cosine similarity for near duplicates (0.98)"
+        "--near-threshold", type=float, help="cosine similarity for near duplicates (default 0.98)"
     )
-    p.add_argument("--on-conflict", choices=["keep", "drop"], help="copies with disagreeing labels")
     p.add_argument(
-        "--on-bad-row", choices=["error", "skip"], help="invalid rows: stop, or skip and count"
+        "--on-conflict",
+        choices=["keep", "drop"],
+        help="copies with disagreeing labels: keep the first of each group, or drop the group "
+        "(default keep)",
     )
-    p.add_argument("--seed", type=int, help="split seed (0)")
     p.add_argument(
-        "--size", type=int, help="photo folders: store the faces at this side in pixels (48)"
+        "--on-bad-row",
+        choices=["error", "skip"],
+        help="invalid rows: stop (default error), or skip and count",
+    )
+    p.add_argument("--seed", type=int, help="split seed (default 0)")
+    p.add_argument(
+        "--size", type=int, help="photo folders: store the faces at this side in pixels (default 48)"
     )
     p.add_argument(
         "--crop", choices=["utkface", "dlib"],

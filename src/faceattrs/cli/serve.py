@@ -15,10 +15,15 @@ from .predict import add_dtype
 
 def add_arguments(p) -> None:
     p.add_argument("--model", help="run folder (default: the model bundled with the package)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback)"
+    )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument(
-        "--workers", type=int, default=1, help="server processes, each with its own model"
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes, each with its own model (default 1)",
     )
     p.add_argument(
         "--max-upload-mb",
@@ -34,7 +39,10 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--max-images", type=int, default=16, help="images per request (default 16)")
     p.add_argument(
-        "--queue", type=int, default=32, help="requests waiting for the model; more get 503"
+        "--queue",
+        type=int,
+        default=32,
+        help="requests waiting for the model; more get 503 (default 32)",
     )
     p.add_argument(
         "--batch-images",

@@ -4,6 +4,8 @@
 
 const $ = (sel) => document.querySelector(sel);
 let limits = null;
+// the most pixels a photo may have to be previewed here (the browser decodes it whole)
+const PREVIEW_PIXELS = 50e6;
 
 function el(tag, cls, text) {
   const e = document.createElement(tag);
@@ -14,6 +16,67 @@ function el(tag, cls, text) {
 
 function mb(bytes) {
   return (bytes / 1048576).toFixed(bytes < 1048576 ? 2 : 1) + " MB";
+}
+
+function megapixels(pixels) {
+  return `${+(pixels / 1e6).toFixed(3)} megapixels`;
+}
+
+// Width and height from the header of a PNG, JPEG, GIF, BMP or WebP file, without
+// decoding a pixel; null for another format or a header that cannot be read.
+function headerSize(buf) {
+  const b = new Uint8Array(buf);
+  const v = new DataView(buf);
+  const has = (n) => b.length >= n;
+  const ascii = (at, n) => String.fromCharCode(...b.subarray(at, at + n));
+  if (has(24) && b[0] === 0x89 && ascii(1, 3) === "PNG") {
+    return { w: v.getUint32(16), h: v.getUint32(20) };
+  }
+  if (has(10) && ascii(0, 4) === "GIF8") {
+    return { w: v.getUint16(6, true), h: v.getUint16(8, true) };
+  }
+  if (has(26) && ascii(0, 2) === "BM") {
+    if (v.getUint32(14, true) === 12) return { w: v.getUint16(18, true), h: v.getUint16(20, true) };
+    return { w: Math.abs(v.getInt32(18, true)), h: Math.abs(v.getInt32(22, true)) };
+  }
+  if (has(30) && ascii(0, 4) === "RIFF" && ascii(8, 4) === "WEBP") {
+    const kind = ascii(12, 4);
+    if (kind === "VP8 ") return { w: v.getUint16(26, true) & 0x3fff, h: v.getUint16(28, true) & 0x3fff };
+    if (kind === "VP8L") {
+      return { w: 1 + (b[21] | ((b[22] & 0x3f) << 8)), h: 1 + ((b[22] >> 6) | (b[23] << 2) | ((b[24] & 0xf) << 10)) };
+    }
+    if (kind === "VP8X") {
+      return { w: 1 + (b[24] | (b[25] << 8) | (b[26] << 16)), h: 1 + (b[27] | (b[28] << 8) | (b[29] << 16)) };
+    }
+    return null;
+  }
+  if (has(4) && b[0] === 0xff && b[1] === 0xd8) {  // JPEG: walk the segments to a frame header
+    let i = 2;
+    while (i + 9 < b.length) {
+      if (b[i] !== 0xff) return null;
+      const m = b[i + 1];
+      if (m === 0xff) { i++; continue; }  // fill byte
+      if (m === 0x01 || (m >= 0xd0 && m <= 0xd9)) { i += 2; continue; }  // no length
+      const sof = m >= 0xc0 && m <= 0xcf && m !== 0xc4 && m !== 0xc8 && m !== 0xcc;
+      if (sof) return { w: v.getUint16(i + 7), h: v.getUint16(i + 5) };
+      i += 2 + v.getUint16(i + 2);
+    }
+  }
+  return null;
+}
+
+async function imageSize(file) {
+  try {
+    return headerSize(await file.slice(0, Math.min(file.size, 4 * 1048576)).arrayBuffer());
+  } catch (e) {
+    return null;
+  }
+}
+
+function preview(photo, img, file) {
+  img.src = URL.createObjectURL(file);
+  img.onerror = () => img.remove();
+  photo.append(img);
 }
 
 async function loadModel() {
@@ -35,8 +98,8 @@ async function loadModel() {
     if (!f1.length && mean) parts.push(`validation mean macro-F1: ${mean.value.toFixed(3)}`);
     $("#model-info").textContent = parts.join(" · ");
     $("#limits").textContent =
-      `JPEG, PNG, WebP, BMP, TIFF or GIF; up to ${mb(limits.max_upload_bytes)} and ` +
-      `${(limits.max_pixels / 1e6).toFixed(0)} megapixels each.`;
+      `JPEG, PNG, WebP, BMP, TIFF or GIF; up to ${mb(limits.max_upload_bytes)}` +
+      (limits.max_pixels ? ` and ${megapixels(limits.max_pixels)} each.` : " each.");
   } catch (e) {
     $("#model-info").textContent = "could not read /model: is the server running?";
   }
@@ -124,7 +187,9 @@ function fail(card, message) {
   card.classList.add("failed");
 }
 
-async function analyse(file) {
+// One card per photo, placed before `before` (null: at the end), so that the cards of a
+// selection keep its order, above those of earlier selections.
+async function analyse(file, before) {
   const card = el("article", "card");
   const title = el("h2", null, file.name + " ");
   const status = el("span", "status", "analysing…");
@@ -136,15 +201,20 @@ async function analyse(file) {
   const faces = el("div", "faces");
   body.append(photo, faces);
   card.append(title, body);
-  $("#results").prepend(card);
-  if (file.type.startsWith("image/")) {
-    img.src = URL.createObjectURL(file);
-    img.onerror = () => img.remove();
-    photo.append(img);
-  }
+  $("#results").insertBefore(card, before);
   if (limits && file.size > limits.max_upload_bytes) {
     return fail(card, `${file.name} is ${mb(file.size)}: over the upload limit of ${mb(limits.max_upload_bytes)} (not sent).`);
   }
+  // the pixel count from the header, before any preview: the browser would decode a
+  // decompression bomb whole; a photo of unknown size is shown once the server took it
+  const image = file.type.startsWith("image/");
+  const size = image ? await imageSize(file) : null;
+  const pixels = size ? size.w * size.h : null;
+  if (pixels !== null && limits && limits.max_pixels && pixels > limits.max_pixels) {
+    return fail(card, `${file.name}: ${size.w}x${size.h} is ${megapixels(pixels)}, over the ` +
+      `limit of ${megapixels(limits.max_pixels)} (not sent).`);
+  }
+  if (image && pixels !== null && pixels <= PREVIEW_PIXELS) preview(photo, img, file);
   const form = new FormData();
   form.append("file", file, file.name);
   const url = "/analyze" + ($("#explain").checked ? "?explain=1" : "");
@@ -168,6 +238,7 @@ async function analyse(file) {
       return fail(card, `Error ${r.status}: ${msg}`);
     }
     const result = data.images[0];
+    if (image && pixels === null) preview(photo, img, file);  // the server read its size
     status.textContent = `${result.faces.length} face${result.faces.length === 1 ? "" : "s"} · ${data.ms} ms`;
     if (!result.faces.length) {
       faces.append(el("p", "reason", `No face: ${result.reason || "no face found"}.`));
@@ -183,7 +254,8 @@ function handle(files) {
   const list = Array.from(files || []);
   if (!list.length) return;
   $("#notice").textContent = `${list.length} photo${list.length === 1 ? "" : "s"} sent.`;
-  list.forEach(analyse);
+  const first = $("#results").firstChild;  // this selection goes above the earlier ones
+  list.forEach((file) => analyse(file, first));
 }
 
 function setup() {
