@@ -38,7 +38,7 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--crop", choices=["utkface", "dlib"],
         help="photo folders: the faces' framing (utkface: as the photos are; dlib: dlib's face "
-        "chip from the 5 landmarks, for the dlib-based model)",
+        "chip from the 5 landmarks, for the dlib-based model; default utkface)",
     )  # fmt: skip
     p.add_argument(
         "--color", action="store_true",
