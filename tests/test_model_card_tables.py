@@ -29,3 +29,17 @@ def test_tables_show_the_age_standardised_gap_and_every_cell(capsys):
     cross = m["fairness_by_ethnicity_and_age"]["gender_accuracy"]
     assert sum(map(sum, cross["n"])) == m["n"]
     assert "| Other | " in out and "n/a (0)" in out  # no "Other" face aged 60+ in this split
+
+
+def test_the_docs_hold_the_tables_as_the_tool_prints_them(capsys):
+    """docs/MODEL_CARD.md's target table and docs/results/default.md's every table are the
+    tool's output on the committed metrics, so neither can drift from metrics.json."""
+    tables = load_script("model_card_tables")
+    assert tables.main([str(METRICS)]) == 0
+    blocks = capsys.readouterr().out.strip().split("\n\n")
+    docs = METRICS.parents[2]
+    card = (docs / "MODEL_CARD.md").read_text()
+    full = (docs / "results" / "default.md").read_text()
+    assert "\n\n".join(blocks[:2]) in card  # the split line, the targets with their intervals
+    missing = [b.split("\n")[0] for b in blocks if b not in full]
+    assert not missing
