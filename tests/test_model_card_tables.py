@@ -43,3 +43,20 @@ def test_the_docs_hold_the_tables_as_the_tool_prints_them(capsys):
     assert "\n\n".join(blocks[:2]) in card  # the split line, the targets with their intervals
     missing = [b.split("\n")[0] for b in blocks if b not in full]
     assert not missing
+
+
+def test_the_cards_table_per_group_is_metrics_json():
+    """The card's one table per group (gender accuracy, ethnicity recall, age MAE) is
+    composed by hand from metrics.json: every row must match it."""
+    m = json.loads(METRICS.read_text())
+    card = (METRICS.parents[2] / "MODEL_CARD.md").read_text()
+    fair, age = m["fairness"], m["age"]
+    for by, mae, prefix in (
+        ("by_ethnicity", age["mae_per_ethnicity"], ""),
+        ("by_gender", age["mae_per_gender"], ""),
+        ("by_age_group", None, "age "),
+    ):
+        for name, g in fair["gender_accuracy"][by]["groups"].items():
+            e = fair["ethnicity_recall"][by]["groups"][name]["value"]
+            a = "-" if mae is None else f"{mae['groups'][name]['value']:.2f}"
+            assert f"| {prefix}{name} | {g['n']} | {g['value']:.3f} | {e:.3f} | {a} |" in card
