@@ -29,3 +29,34 @@ def test_tables_show_the_age_standardised_gap_and_every_cell(capsys):
     cross = m["fairness_by_ethnicity_and_age"]["gender_accuracy"]
     assert sum(map(sum, cross["n"])) == m["n"]
     assert "| Other | " in out and "n/a (0)" in out  # no "Other" face aged 60+ in this split
+
+
+def test_the_docs_hold_the_tables_as_the_tool_prints_them(capsys):
+    """docs/MODEL_CARD.md's target table and docs/results/default.md's every table are the
+    tool's output on the committed metrics, so neither can drift from metrics.json."""
+    tables = load_script("model_card_tables")
+    assert tables.main([str(METRICS)]) == 0
+    blocks = capsys.readouterr().out.strip().split("\n\n")
+    docs = METRICS.parents[2]
+    card = (docs / "MODEL_CARD.md").read_text()
+    full = (docs / "results" / "default.md").read_text()
+    assert "\n\n".join(blocks[:2]) in card  # the split line, the targets with their intervals
+    missing = [b.split("\n")[0] for b in blocks if b not in full]
+    assert not missing
+
+
+def test_the_cards_table_per_group_is_metrics_json():
+    """The card's one table per group (gender accuracy, ethnicity recall, age MAE) is
+    composed by hand from metrics.json: every row must match it."""
+    m = json.loads(METRICS.read_text())
+    card = (METRICS.parents[2] / "MODEL_CARD.md").read_text()
+    fair, age = m["fairness"], m["age"]
+    for by, mae, prefix in (
+        ("by_ethnicity", age["mae_per_ethnicity"], ""),
+        ("by_gender", age["mae_per_gender"], ""),
+        ("by_age_group", None, "age "),
+    ):
+        for name, g in fair["gender_accuracy"][by]["groups"].items():
+            e = fair["ethnicity_recall"][by]["groups"][name]["value"]
+            a = "-" if mae is None else f"{mae['groups'][name]['value']:.2f}"
+            assert f"| {prefix}{name} | {g['n']} | {g['value']:.3f} | {e:.3f} | {a} |" in card
