@@ -19,7 +19,8 @@ def model_info(analyzer, cfg: ServeConfig) -> dict:
     For an ONNX export, those of the run folder it was exported from, when it is here.
     ``licence``: the terms a model folder records (``provenance.json``; the bundled models:
     non-commercial research only, as their training faces), else None."""
-    from ..bundle import json_or_none, recorded_figures  # the model is loaded: torch is in
+    # bundle imports torch: here, where a model is loaded (faceattrs.serve imports light)
+    from ..bundle import json_or_none, recorded_figures
 
     models = analyzer.models
     bundle = getattr(models, "bundle", None)
