@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from faceattrs.dlib_resnet import DlibFaceResNet, chips_to_input, default_dat_path
-from faceattrs.photo import _dlib_model
+from faceattrs.photo.detect import _dlib_model
 
 
 def dlib_chips(photos: Path) -> list[np.ndarray]:

@@ -39,7 +39,14 @@ from measure_margin import corr, whole48  # noqa: E402  (benchmarks/ is on the p
 from scenes import matches, multi_face, no_face, rotated  # noqa: E402
 
 from faceattrs import photo  # noqa: E402
-from faceattrs.photo import PhotoConfig, extract_faces, find_faces, load_image, to_gray  # noqa: E402
+from faceattrs.photo import (  # noqa: E402
+    PhotoConfig,
+    detect,
+    extract_faces,
+    find_faces,
+    load_image,
+    to_gray,
+)
 
 DEFAULT = PhotoConfig()
 CANDIDATES = {
@@ -52,7 +59,7 @@ CANDIDATES = {
 
 def cnn_only(gray: np.ndarray) -> list:
     long = max(gray.shape)
-    found = photo._dlib_pass(gray, min(1.0, DEFAULT.cnn_max_side / long), 0.0, 0.0, 0.3)
+    found = detect._dlib_pass(gray, min(1.0, DEFAULT.cnn_max_side / long), 0.0, 0.0, 0.3)
     return [b for b, _, _ in found]
 
 

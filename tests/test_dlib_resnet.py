@@ -18,7 +18,8 @@ from faceattrs.dlib_resnet import (
     default_dat_path,
     load_dlib_weights,
 )
-from faceattrs.photo import _dlib_model, dlib_missing
+from faceattrs.photo import dlib_missing
+from faceattrs.photo.detect import _dlib_model
 
 
 def _dat_path():

@@ -1,5 +1,6 @@
-"""The package's layering: no import cycles, --model resolved in one module, and an
-inference path that loads no training-only library."""
+"""The package's layering: no import cycles, packages by concept that import downward, a
+photo path that loads no model code, --model resolved in one module, and an inference
+path that loads no training-only library."""
 
 from __future__ import annotations
 
@@ -79,6 +80,51 @@ def test_import_graph_has_no_cycles():
     graph = import_graph()
     assert "faceattrs.bundle" in graph["faceattrs.predict"] | graph["faceattrs.backends"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+# The modules of a package by concept, lowest first: a module imports only those before it
+PACKAGE_LAYERS = {
+    "faceattrs.photo": ["decode", "config", "detect", "align", "faces", "worker"],
+    "faceattrs.serve": ["limits", "uploads", "worker", "info", "app", "server"],
+}
+# What the photo package may import from the rest of faceattrs: its worker processes
+# (spawned) import it alone, so it stays off the model code (torch)
+PHOTO_NEEDS = {"faceattrs.exceptions", "faceattrs.inputs", "faceattrs.lifeline"}
+
+
+def test_packages_by_concept_import_downward():
+    graph = import_graph()
+    for package, order in PACKAGE_LAYERS.items():
+        modules = {m.rpartition(".")[2] for m in graph if m.startswith(package + ".")}
+        assert modules == set(order), f"{package}: {sorted(modules)} vs PACKAGE_LAYERS"
+        for i, name in enumerate(order):
+            deps = {d for d in graph[f"{package}.{name}"] if d.startswith(package)}
+            allowed = {f"{package}.{m}" for m in order[:i]}
+            assert deps <= allowed, f"{package}.{name} imports {sorted(deps - allowed)}"
+
+
+def test_photo_package_imports_no_model_code():
+    graph = import_graph()
+    for mod, deps in graph.items():
+        if mod == "faceattrs.photo" or mod.startswith("faceattrs.photo."):
+            outside = {d for d in deps if not d.startswith("faceattrs.photo")}
+            assert outside <= PHOTO_NEEDS, f"{mod} imports {sorted(outside - PHOTO_NEEDS)}"
+
+
+def test_a_photo_worker_loads_no_torch():
+    """A photo worker process's start and work (what a spawned worker imports and runs)."""
+    code = """
+import sys
+import numpy as np
+from faceattrs.photo.faces import prepare
+from faceattrs.photo.worker import worker_start
+worker_start(None)
+item = prepare(0, np.full((60, 60, 3), 90, np.uint8), detect=False)
+assert item.faces and item.faces[0].crop.shape == (48, 48)
+heavy = sorted(m for m in ("torch", "fastapi", "matplotlib", "sklearn") if m in sys.modules)
+assert not heavy, heavy
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_stages_do_not_import_the_cli():

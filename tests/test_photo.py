@@ -22,6 +22,8 @@ from faceattrs.photo import (
     PhotoError,
     align_matrix,
     aligned_crop,
+    decode,
+    detect,
     detect_faces,
     extract_faces,
     find_faces,
@@ -176,7 +178,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path, monkeypatch, lifted):
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(photo, "open", denied, raising=False)  # root may read anything
+    monkeypatch.setattr(decode, "open", denied, raising=False)  # root may read anything
     (tmp_path / "locked.png").write_bytes(encode(pattern(), "PNG"))
     with pytest.raises(PhotoError, match="cannot be read .Permission denied"):
         load_image(tmp_path / "locked.png")
@@ -482,9 +484,9 @@ def test_detector_choice_and_fallback(monkeypatch, caplog):
         PhotoConfig(detector="yolo")
     with pytest.raises(PhotoError, match="two numbers"):
         PhotoConfig(target_nose=(0.5,))
-    monkeypatch.setattr(photo, "_DLIB_STATE", {"why": "dlib is not installed"})
+    monkeypatch.setattr(detect, "_DLIB_STATE", {"why": "dlib is not installed"})
     img = np.zeros((100, 100), np.uint8)
-    monkeypatch.setattr(photo, "detect_faces", lambda g, c: [((1, 2, 30, 30), 4.0, "detected")])
+    monkeypatch.setattr(detect, "detect_faces", lambda g, c: [((1, 2, 30, 30), 4.0, "detected")])
     with caplog.at_level("WARNING"):
         (d,) = find_faces(img, PhotoConfig(detector="dlib"))
     assert d.box == (1, 2, 30, 30) and d.landmarks is None and "Haar" in caplog.text

@@ -437,7 +437,7 @@ def test_full_queue_answers_503_with_retry_after():
 def test_a_model_failure_is_500_without_a_trace(analyzer):
     slow = SlowAnalyzer(fail=True)
     slow.go.set()
-    slow.models = analyzer.models
+    slow.models, slow.input = analyzer.models, analyzer.input
     slow.backend = "torch"
     with TestClient(create_app(ServeConfig(), analyzer=slow)) as c:
         r = post(c, ("g.png", png(), "image/png"))

@@ -347,7 +347,7 @@ def _resized(path: Path, spec: InputSpec, cv2, gray: np.ndarray) -> np.ndarray:
         bgr = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
         img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     if spec.crop != "utkface":
-        from .photo import extract_faces  # dlib: only for this framing
+        from .photo.faces import extract_faces  # dlib: only for this framing
 
         return extract_faces(img, detect=False, spec=spec)[0].crop
     h, w = img.shape[:2]

@@ -69,7 +69,7 @@ class DlibFormatError(FaceattrsError):
 
 def default_dat_path() -> Path:
     """Where ``face_recognition_models`` installed the model file (found without importing
-    the package: its ``__init__`` needs pkg_resources, see ``photo._dlib_model``)."""
+    the package: its ``__init__`` needs pkg_resources, see ``photo.detect._dlib_model``)."""
     spec = importlib.util.find_spec("face_recognition_models")
     where = spec.submodule_search_locations if spec else None
     if not where:

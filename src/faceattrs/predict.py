@@ -38,13 +38,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from . import photo as photomod
 from .backends import Backend, TorchBackend
 from .bundle import Bundle, resolve
 from .devices import cpu_cores
 from .exceptions import FaceattrsError
-from .photo import Item, PhotoConfig
+from .photo.config import PhotoConfig
+from .photo.faces import Item, prepare
+from .photo.worker import worker_start
 from .postprocess import softmax
 
 log = logging.getLogger(__name__)
@@ -246,9 +248,9 @@ class FaceAnalyzer:
                 self._procs = ProcessPoolExecutor(
                     self.workers,
                     mp_context=multiprocessing.get_context("spawn"),  # no fork of threads
-                    initializer=photomod.worker_start,
+                    initializer=worker_start,
                     # this process's Pillow guard; its pid: the workers end when it does
-                    initargs=(photomod.Image.MAX_IMAGE_PIXELS, os.getpid()),
+                    initargs=(Image.MAX_IMAGE_PIXELS, os.getpid()),
                 )
                 weakref.finalize(self, self._procs.shutdown, wait=False, cancel_futures=True)
                 for _ in range(self.workers):  # spawn them now (a pool starts them on demand)
@@ -341,21 +343,21 @@ class FaceAnalyzer:
             if use and isinstance(src, str | os.PathLike):  # the pool is None after a failure
                 try:
                     if self._process_pool() is not None:
-                        return self._submit_to_processes(photomod.prepare, index, src, *args)
+                        return self._submit_to_processes(prepare, index, src, *args)
                 except BrokenProcessPool as e:
                     self._no_processes(e)
-            return self._photo_pool().submit(photomod.prepare, index, src, *args)
+            return self._photo_pool().submit(prepare, index, src, *args)
 
         def result(future, index: int, src) -> Item:
             try:
                 return future.result()
             except BrokenProcessPool as e:
                 self._no_processes(e)
-                return photomod.prepare(index, src, *args)
+                return prepare(index, src, *args)
 
         def prepared() -> Iterator[Item]:
             if len(sources) == 1:  # one image: no thread hop
-                yield photomod.prepare(0, sources[0], *args)
+                yield prepare(0, sources[0], *args)
                 return
             ahead = deque()
             try:

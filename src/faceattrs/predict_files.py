@@ -30,7 +30,7 @@ import numpy as np
 from .exceptions import FaceattrsError
 from .inputs import links_not_searched
 from .io import atomic_path, clean_stale_temps, write_with
-from .photo import PhotoConfig
+from .photo.config import PhotoConfig
 from .predict import FaceAnalyzer, photo_processes, photo_worker_count
 
 log = logging.getLogger(__name__)

@@ -165,7 +165,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         guard = contextlib.nullcontext
         if hasattr(args, "max_pixels"):  # a command that decodes photos: its --max-pixels
-            from ..photo import pillow_limit_lifted as guard  # is the limit, not Pillow's
+            from ..photo.decode import pillow_limit_lifted as guard  # is the limit, not Pillow's
 
         with guard():
             return int(args._run(args) or 0)

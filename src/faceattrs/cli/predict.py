@@ -118,7 +118,7 @@ def check_options(args) -> None:
 
 
 # --photo-set ranges: (low, high, low_open, high_open); None = unbounded. Only the fields
-# PhotoConfig has are checked (photo.py may gain or lose some).
+# PhotoConfig has are checked (faceattrs.photo.config may gain or lose some).
 PHOTO_RANGES = {
     "scale_factor": (1, None, True, False),
     "tight_scale_factor": (1, None, True, False),
@@ -162,7 +162,7 @@ def check_photo_config(photo) -> None:
 
 
 def run(args) -> int:
-    from ..photo import PhotoConfig
+    from ..photo.config import PhotoConfig
     from ..predict_files import failure_lines, predict_files
 
     check_options(args)

@@ -70,7 +70,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from .. import config as cfgmod
     from ..exceptions import FaceattrsError
-    from ..photo import PhotoConfig
+    from ..photo.config import PhotoConfig
 
     try:
         from ..serve import ServeConfig, serve
