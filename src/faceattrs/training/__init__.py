@@ -30,7 +30,6 @@ from .loop import (
     lr_factor,
     make_optimizer,
     make_scheduler,
-    read_history,
     run_epochs,
     sampler_weights,
     seed_epoch,
@@ -54,7 +53,7 @@ __all__ = [
     "EarlyStopping", "TrainConfig", "TrainError", "config_from_dict", "distill_loss",
     "epoch_order", "evaluate_heads", "fit", "heads_loss", "history_fields", "load_init",
     "lr_factor", "make_ema", "make_optimizer", "make_scheduler", "model_config",
-    "multitask_loss", "read_history", "read_train_state", "resolve_config",
+    "multitask_loss", "read_train_state", "resolve_config",
     "resume_settings", "run_epochs", "sampler_weights", "seed_epoch", "teacher_targets",
     "train_one_epoch", "with_age_head", "write_history",
 ]  # fmt: skip

@@ -8,7 +8,7 @@
 - the steps: :func:`train_one_epoch` and :func:`evaluate_heads`, generic over the model's
   heads and the loss;
 - :func:`run_epochs`, the epoch loop: train, validate, keep the best, stop early;
-- history: one CSV row per epoch (:func:`write_history`, :func:`read_history`).
+- history: one CSV row per epoch (:func:`write_history`).
 
 A stage supplies its model, loss, metric and what to do with each epoch's row (save a
 checkpoint, write its history); :mod:`faceattrs.training.run` (multitask) and
@@ -24,7 +24,6 @@ Data lives on the training device as a dict of tensors with a common first dimen
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
 import sys
 import time
@@ -368,13 +367,6 @@ def run_epochs(
 
 
 # --------------------------------------------------------------------------- history
-
-
-def read_history(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def write_history(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
