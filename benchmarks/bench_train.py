@@ -6,7 +6,7 @@
 
 End-to-end = what ``faceattrs train`` does per batch: sampler draw, ``index_select`` of
 uint8 faces on the device, augmentation, forward, loss, backward, AdamW and the lr
-schedule (``engine.train_one_epoch``). Bare = forward, loss, backward and AdamW on a
+schedule (``training.train_one_epoch``). Bare = forward, loss, backward and AdamW on a
 random float tensor of the same shape, precision and memory format. Runs alternate
 (bare, end-to-end, bare, ...) and the median of the paired ratios is reported, so that
 load from other processes on a shared machine hits both alike. Also printed: bf16 against fp32
@@ -23,19 +23,19 @@ import numpy as np
 import torch
 
 from faceattrs.augment import Augmenter, minority_classes
-from faceattrs.engine import evaluate_heads, train_one_epoch
+from faceattrs.devices import select_device, use_bf16
 from faceattrs.model import FaceResNet
-from faceattrs.train import (
+from faceattrs.training import (
     HEADS,
     epoch_order,
+    evaluate_heads,
     make_optimizer,
     make_scheduler,
     model_config,
     multitask_loss,
     resolve_config,
     sampler_weights,
-    select_device,
-    use_bf16,
+    train_one_epoch,
 )
 
 SHARES = [0.43, 0.19, 0.15, 0.16, 0.07]  # ethnicity mix of the training split
@@ -63,7 +63,7 @@ def real(path: str, split: str, device) -> dict[str, torch.Tensor]:
 
 
 class Bench:
-    """Model, optimiser, schedule and augmenter built as ``train.fit`` builds them."""
+    """Model, optimiser, schedule and augmenter built as ``training.fit`` builds them."""
 
     def __init__(self, cfg, data, device, bf16: bool):
         self.cfg, self.data, self.device, self.bf16 = cfg, data, device, bf16

@@ -154,12 +154,14 @@ def test_chips_must_be_uint8_rgb_150():
 def test_dlib_arch_from_the_preset_starts_from_dlibs_weights(port, dlib_chips, tmp_path):
     """The ``dlib`` preset builds arch dlib_resnet on dlib's input contract; init=dlib gives
     the port's descriptors as the embedding, the photo path's dlib crop gives its chips."""
-    from faceattrs import train as T
+    from faceattrs import training as T
     from faceattrs.checkpoint import load_model, save_checkpoint
+    from faceattrs.config import ConfigError
+    from faceattrs.model import build_model
     from faceattrs.photo import extract_faces
 
     cfg = T.resolve_config("dlib")
-    net = T.build_model(T.model_config(cfg))
+    net = build_model(T.model_config(cfg))
     assert net.input == dr.INPUT and net.input.crop == "dlib"
     record = T.load_init(net, "dlib")
     assert record["source"] == f"dlib:{dr.DAT_NAME}"
@@ -174,7 +176,7 @@ def test_dlib_arch_from_the_preset_starts_from_dlibs_weights(port, dlib_chips, t
     photo = sorted(SHARED_PHOTOS.glob("*.jpg"))[0]
     crop = extract_faces(str(photo), spec=dr.INPUT)[0].crop
     assert crop.shape == (150, 150, 3)
-    with pytest.raises(T.cfgmod.ConfigError, match="150x150"):
+    with pytest.raises(ConfigError, match="150x150"):
         T.resolve_config("dlib", {"image_size": 96})
     with pytest.raises(T.TrainError, match="arch=dlib_resnet"):
-        T.load_init(T.build_model(T.model_config(T.resolve_config("paper"))), "dlib")
+        T.load_init(build_model(T.model_config(T.resolve_config("paper"))), "dlib")

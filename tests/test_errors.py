@@ -13,10 +13,9 @@ from sklearn.metrics import adjusted_rand_score
 
 from faceattrs import errors as E
 from faceattrs.checkpoint import load_model, save_checkpoint
-from faceattrs.engine import predict
 from faceattrs.exceptions import FaceattrsError
 from faceattrs.labels import ETHNICITIES
-from faceattrs.model import FaceResNet, ModelConfig
+from faceattrs.model import FaceResNet, ModelConfig, predict
 
 
 def test_kmeans_recovers_three_planted_blobs():

@@ -16,7 +16,6 @@ from faceattrs.calibrate import calibrate_run, load_temperatures
 from faceattrs.checkpoint import load_model, save_checkpoint
 from faceattrs.cli import main
 from faceattrs.dataset import FaceSet
-from faceattrs.engine import predict
 from faceattrs.evaluate import (
     _evaluate_age,
     captions,
@@ -27,7 +26,7 @@ from faceattrs.evaluate import (
     fairness_report,
 )
 from faceattrs.exceptions import FaceattrsError
-from faceattrs.model import FaceResNet, ModelConfig
+from faceattrs.model import FaceResNet, ModelConfig, predict
 
 
 def tiny_run(path):

@@ -15,10 +15,9 @@ from conftest import synthetic_faceset
 
 from faceattrs import explain as X
 from faceattrs.checkpoint import load_model, save_checkpoint
-from faceattrs.engine import predict
 from faceattrs.exceptions import FaceattrsError
 from faceattrs.inputs import normalise
-from faceattrs.model import FaceResNet, ModelConfig
+from faceattrs.model import FaceResNet, ModelConfig, predict
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,19 @@ import torch
 from faceattrs.backends import TorchBackend
 from faceattrs.bundle import resolve
 from faceattrs.checkpoint import save_checkpoint
-from faceattrs.engine import evaluate_heads, predict, train_one_epoch
 from faceattrs.inputs import GENDERS, normalise
-from faceattrs.model import FaceResNet, ModelConfig
+from faceattrs.model import FaceResNet, ModelConfig, predict
 from faceattrs.postprocess import softmax
 from faceattrs.predict import FaceAnalyzer
 from faceattrs.predict_files import predict_files
-from faceattrs.train import TrainConfig, history_fields, make_optimizer, multitask_loss
+from faceattrs.training import (
+    TrainConfig,
+    evaluate_heads,
+    history_fields,
+    make_optimizer,
+    multitask_loss,
+    train_one_epoch,
+)
 
 HEADS = {"gender": 2, "ethnicity": 7, "smile": 2}
 NAMES = {

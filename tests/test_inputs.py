@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from faceattrs import model as M
-from faceattrs import train as T
+from faceattrs import training as T
 from faceattrs.augment import AugmentConfig, Augmenter
 from faceattrs.bundle import resolve
 from faceattrs.checkpoint import CheckpointError, load_model, save_checkpoint

@@ -134,6 +134,30 @@ def test_stages_do_not_import_the_cli():
             assert not any(d.startswith("faceattrs.cli") for d in deps), mod
 
 
+# inside faceattrs.training, imports point to a lower rank only: the loop the age stage
+# shares knows nothing of the multitask settings, and only `run` puts everything together
+TRAINING_LAYERS = {"ddp": 0, "loop": 1, "config": 1, "losses": 2, "weights": 2, "state": 2,
+                   "run": 3}  # fmt: skip
+# the modules outside the package that train (the CLI command, the all-stages pipeline and
+# the age stage); nothing below them (models, bundles, inference, evaluation) imports it
+TRAINING_USERS = {"faceattrs.cli.train", "faceattrs.pipeline", "faceattrs.age.finetune",
+                  "faceattrs.age.pipeline", "faceattrs.age.regress"}  # fmt: skip
+
+
+def test_training_package_layers():
+    graph = import_graph()
+    modules = {m for m in graph if m.startswith("faceattrs.training.")}
+    assert {m.rsplit(".", 1)[1] for m in modules} == set(TRAINING_LAYERS), modules
+    for mod in modules:
+        for dep in graph[mod]:
+            if dep.startswith("faceattrs.training."):
+                a, b = (TRAINING_LAYERS[m.rsplit(".", 1)[1]] for m in (mod, dep))
+                assert a > b, f"{mod} imports {dep}: same or higher layer"
+    users = {m for m, deps in graph.items() if not m.startswith("faceattrs.training")
+             and any(d.startswith("faceattrs.training") for d in deps)}  # fmt: skip
+    assert users == TRAINING_USERS, users
+
+
 def test_model_folders_are_read_in_one_module():
     """Only the bundle layer knows the names of a model folder's files."""
     markers = ('"age.json"', '"calibration.json"', '"faceattrs-onnx.json"', "multitask_absolute")
@@ -150,7 +174,7 @@ def test_model_folders_are_read_in_one_module():
 
 def test_inference_imports_no_training_library(tmp_path):
     """Loading a bundle and analysing a face imports no training library (kornia,
-    matplotlib, scikit-learn, SciPy)."""
+    matplotlib, scikit-learn, SciPy) and no training code (faceattrs.training)."""
     from test_predict import make_run
 
     run = make_run(tmp_path / "run", temperatures={"gender": 2.0})
@@ -164,6 +188,8 @@ rec = an.analyze(np.full((48, 48), 128, np.uint8), detect=False)[0]
 assert rec["age"] is not None and rec["gender"]["label"]
 heavy = sorted(m for m in ("kornia", "matplotlib", "sklearn", "scipy") if m in sys.modules)
 assert not heavy, heavy
+training = sorted(m for m in sys.modules if m.startswith("faceattrs.training"))
+assert not training, training
 """
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from faceattrs.model import FaceResNet, ModelConfig
-from faceattrs.train import TrainConfig, multitask_loss
+from faceattrs.training import TrainConfig, multitask_loss
 
 
 @pytest.fixture

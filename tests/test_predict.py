@@ -125,7 +125,7 @@ def test_probabilities_are_the_models(analyzer, run_dir, photos):
 
     faces = np.stack([extract_faces(load_image(p))[0].crop for p in photos[:5]])
     model, _ = load_model(run_dir)
-    from faceattrs.engine import predict
+    from faceattrs.model import predict
 
     logits = predict(model, faces)
     age = load_age_model(run_dir).predict(faces)

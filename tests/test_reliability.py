@@ -18,13 +18,14 @@ import pytest
 import torch
 from conftest import synthetic_faceset
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from faceattrs import io as fio
-from faceattrs import train as T
+from faceattrs import training as T
 from faceattrs.cli import main
 from faceattrs.data import DataError
 from faceattrs.prepare import PrepareConfig, load_prepared, prepare
+from faceattrs.training import run as training_run
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = "age,ethnicity,gender,img_name,pixels"
@@ -260,7 +261,8 @@ def same_run(a: dict, b: dict) -> bool:
 
 
 def test_train_killed_at_any_write_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(T, "_plot", lambda out_dir: None)  # a figure, not the run's state
+    # a figure, not the run's state
+    monkeypatch.setattr(training_run, "_plot", lambda out_dir: None)
     faces = synthetic_faceset(40)
     cfg = T.resolve_config("paper", TINY)
     T.fit(faces, tmp_path / "full", cfg, progress=False)
@@ -275,7 +277,7 @@ def test_train_killed_at_any_write_resumes_to_the_uninterrupted_run(tmp_path, mo
         with pytest.raises(Killed):
             T.fit(faces, run, cfg, progress=False)
         monkeypatch.undo()
-        monkeypatch.setattr(T, "_plot", lambda out_dir: None)
+        monkeypatch.setattr(training_run, "_plot", lambda out_dir: None)
         if (run / T.STATE_FILE).exists():  # something to resume: it must resume exactly
             T.fit(faces, run, cfg, resume=True, progress=False)
         else:  # killed before the first epoch was complete: a clean start is allowed
@@ -300,6 +302,32 @@ def test_train_killed_right_after_the_state_file_is_replaced_resumes(tmp_path):
     assert last["epoch"] == 1  # last.json still from epoch 1, the state from epoch 2
     assert main(["train", "--resume", str(tmp_path / "cut"), "--no-progress"]) == 0
     assert same_run(run_files(tmp_path / "cut"), run_files(tmp_path / "full"))
+
+
+def test_train_resume_without_a_complete_state_file_is_one_line(tmp_path, capsys):
+    """Only a complete ``last_state.safetensors`` resumes a run: without one, or with one
+    in the old format (the optimizer's tensors alone, the rest in ``last.json``), a resume
+    is refused in one line and leaves the run as it was."""
+    faces = synthetic_faceset(40)
+    data = tmp_path / "prep"
+    data.mkdir()
+    np.savez(data / "faces.npz", **faces.to_arrays())
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data), "--out", str(run), "--no-progress", "epochs=1"]
+    assert main(args + [f"{k}={v}" for k, v in TINY.items() if k != "epochs"]) == 0
+    resume = ["train", "--resume", str(run), "--no-progress", "epochs=2"]
+    state = run / T.STATE_FILE
+    optim = {k: v for k, v in load_file(str(state)).items() if k.startswith("optim.")}
+    state.rename(tmp_path / "complete")
+    one_line_error(capsys, resume, f"no {T.STATE_FILE}")
+    # the old format: the optimizer's tensors, the epoch in the metadata, no "format"
+    save_file({k[len("optim.") :]: v for k, v in optim.items()}, str(state), {"epoch": "1"})
+    before = run_files(run)
+    one_line_error(capsys, resume, "not a complete resume state")
+    assert same_run(run_files(run), before)
+    (tmp_path / "complete").replace(state)  # the complete state resumes
+    assert main(resume) == 0
+    assert json.loads((run / "last.json").read_text())["epoch"] == 2
 
 
 # ------------------------------------------------------------------ one line, exit 2

@@ -17,10 +17,16 @@ from conftest import synthetic_faceset
 from safetensors.torch import load_file
 
 from faceattrs import config as cfgmod
-from faceattrs import train as T
+from faceattrs import training as T
 from faceattrs.checkpoint import load_model
-from faceattrs.engine import evaluate_heads, scores_from_confusion
+from faceattrs.devices import cpu_has_fast_bf16, use_bf16
+from faceattrs.exceptions import FaceattrsError
+from faceattrs.metrics import scores_from_confusion
+from faceattrs.model import FaceResNet
 from faceattrs.prepare import data_key
+from faceattrs.training import losses, state
+from faceattrs.training.loop import evaluate_heads
+from faceattrs.training.run import split_tensors
 
 # one thread: tiny tensors gain nothing from two, and two OpenMP threads crawl when other
 # processes share the cores
@@ -101,10 +107,10 @@ def test_config_presets_and_overrides():
 
 
 def test_bf16_auto_follows_the_device():
-    assert T.use_bf16("off", torch.device("cpu")) is False
-    assert T.use_bf16("on", torch.device("cpu")) is True
-    assert T.use_bf16("auto", torch.device("cpu")) is T.cpu_has_fast_bf16()
-    assert T.use_bf16("auto", torch.device("mps")) is False
+    assert use_bf16("off", torch.device("cpu")) is False
+    assert use_bf16("on", torch.device("cpu")) is True
+    assert use_bf16("auto", torch.device("cpu")) is cpu_has_fast_bf16()
+    assert use_bf16("auto", torch.device("mps")) is False
 
 
 def test_scores_and_evaluation_without_augmentation():
@@ -191,7 +197,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, ema, age_head):
     T.fit(faces, tmp_path / "full", cfg)
 
     saves = []
-    real_save = T.save_checkpoint
+    real_save = state.save_checkpoint
 
     def crash_after_epoch_2(run_dir, name, model, meta):  # dies right after saving "last"
         real_save(run_dir, name, model, meta)
@@ -199,7 +205,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, ema, age_head):
         if saves.count("last") == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(T, "save_checkpoint", crash_after_epoch_2)
+    monkeypatch.setattr(state, "save_checkpoint", crash_after_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         T.fit(faces, tmp_path / "cut", cfg)
     assert json.loads((tmp_path / "cut" / "last.json").read_text())["epoch"] == 2
@@ -259,7 +265,7 @@ def test_age_head_run_is_a_bundle_with_its_age_model(tmp_path):
     # the age term is in the loss: the age head's weights moved from their initial values
     model, _ = load_model(run, "best")
     torch.manual_seed(tiny_cfg().seed)
-    init = T.FaceResNet(T.model_config(tiny_cfg(age_head=True)))
+    init = FaceResNet(T.model_config(tiny_cfg(age_head=True)))
     assert not torch.equal(model.heads["age"].fc.weight, init.heads["age"].fc.weight)
     calibrate_run(run, faces)
     age = json.loads((run / "age" / "age.json").read_text())
@@ -293,7 +299,7 @@ def test_ema_run_evaluates_and_saves_the_average(tmp_path):
     assert not torch.equal(last["stem.0.weight"], state["model"]["stem.0.weight"])
     # and the history's validation score is that of the saved model
     model, _ = load_model(run, "last")
-    val = T._split_tensors(faces, "val", 0, cfg.seed + 1, "cpu")
+    val = split_tensors(faces, "val", 0, cfg.seed + 1, "cpu")
     bf16 = json.loads((run / "config.json").read_text())["bf16"]
     ev = evaluate_heads(model, val, T.HEADS, batch_size=64, bf16=bf16, channels_last=True)
     score = sum(ev[h]["macro_f1"] for h in T.HEADS) / len(T.HEADS)
@@ -355,15 +361,16 @@ def _ddp_worker(rank: int, world: int, port: int, tmp: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from faceattrs import train as TT
-    from faceattrs.engine import evaluate_heads as ev
+    from faceattrs import training as TT
+    from faceattrs.training.loop import evaluate_heads as ev
+    from faceattrs.training.run import split_tensors as split
 
     faces = synthetic_faceset(80)
     cfg = TT.resolve_config("paper", {**TINY, "epochs": 1, "batch_size": 8})
     summary = TT.fit(faces, Path(tmp) / "run", cfg, progress=False)
     # metrics across ranks: each rank scores its shard, the result is the whole set's
     best, _ = load_model(Path(tmp) / "run", "best")
-    val = TT._split_tensors(faces, "val", 0, 0, torch.device("cpu"))
+    val = split(faces, "val", 0, 0, torch.device("cpu"))
     shard = torch.arange(rank, len(val["image"]), world)
     result = ev(best, val, TT.HEADS, indices=shard)
     out = {"summary": summary, "eval": result}
@@ -380,7 +387,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     # the sharded, all-reduced evaluation equals one process scoring the whole split
     best, _ = load_model(tmp_path / "run", "best")
     faces = synthetic_faceset(80)
-    val = T._split_tensors(faces, "val", 0, 0, torch.device("cpu"))
+    val = split_tensors(faces, "val", 0, 0, torch.device("cpu"))
     whole = evaluate_heads(best, val, T.HEADS)
     assert r0["eval"]["ethnicity"]["confusion"] == whole["ethnicity"]["confusion"]
     assert r0["eval"]["gender"]["macro_f1"] == pytest.approx(whole["gender"]["macro_f1"])
@@ -439,19 +446,19 @@ def test_teacher_targets_are_kept_for_a_resume(tmp_path, monkeypatch):
     assert all(torch.allclose(saved[k], want[k], atol=1e-6) for k in want)
 
     calls = []
-    real = T.teacher_targets
-    monkeypatch.setattr(T, "teacher_targets", lambda *a: calls.append(a) or real(*a))
-    soft, _, cached = T._teacher_targets_cached(tmp_path / "student", cfg, images)
+    real = losses.teacher_targets
+    monkeypatch.setattr(losses, "teacher_targets", lambda *a: calls.append(a) or real(*a))
+    soft, _, cached = losses.teacher_targets_cached(tmp_path / "student", cfg, images)
     assert cached and not calls and all(torch.equal(soft[k], saved[k]) for k in saved)
     # another temperature, other images or retrained teachers: computed again
     hot = tiny_cfg(epochs=1, teachers=cfg.teachers, distill_temperature=3.0)
-    assert not T._teacher_targets_cached(tmp_path / "student", hot, images)[2]
-    assert not T._teacher_targets_cached(tmp_path / "student", cfg, images[:-1])[2]
+    assert not losses.teacher_targets_cached(tmp_path / "student", hot, images)[2]
+    assert not losses.teacher_targets_cached(tmp_path / "student", cfg, images[:-1])[2]
     T.fit(faces, tmp_path / "teacher2", tiny_cfg(epochs=1, seed=1))
     (tmp_path / "teacher" / "best.safetensors").write_bytes(
         (tmp_path / "teacher2" / "best.safetensors").read_bytes()
     )
-    assert not T._teacher_targets_cached(tmp_path / "student", cfg, images)[2]
+    assert not losses.teacher_targets_cached(tmp_path / "student", cfg, images)[2]
     assert len(calls) == 3
 
 
@@ -471,7 +478,7 @@ def test_age_bin_loss_adds_the_bins_cross_entropy(tmp_path):
         - 0.5 * torch.log(torch.stack(bins)).mean()
     )
     assert parts["age"].item() == pytest.approx(want.item(), rel=1e-5)
-    with pytest.raises(T.FaceattrsError, match="edges"):
+    with pytest.raises(FaceattrsError, match="edges"):
         T.with_age_head(T.multitask_loss(cfg), cfg)
     with pytest.raises(cfgmod.ConfigError, match="age_head"):
         T.resolve_config("cpu", ["age_bin=0.5"])
@@ -493,7 +500,7 @@ def test_init_starts_from_another_models_weights(tmp_path, monkeypatch):
 
     def fresh(**kw):
         torch.manual_seed(7)
-        return T.FaceResNet(T.model_config(tiny_cfg(**kw)))
+        return FaceResNet(T.model_config(tiny_cfg(**kw)))
 
     for source, member, want in (("a1", 0, "a1"), ("pair", 1, "a1"), ("pair", 0, "a0")):
         model = fresh()
@@ -537,14 +544,14 @@ def test_init_starts_from_another_models_weights(tmp_path, monkeypatch):
 
     # a run started from a0 records it, and a resume keeps the record
     cfg = tiny_cfg(epochs=2, patience=10, init=str(tmp_path / "a0"))
-    real_save = T.save_checkpoint
+    real_save = state.save_checkpoint
 
     def crash_after_epoch_1(run_dir, name, model, meta):
         real_save(run_dir, name, model, meta)
         if name == "last":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(T, "save_checkpoint", crash_after_epoch_1)
+    monkeypatch.setattr(state, "save_checkpoint", crash_after_epoch_1)
     with pytest.raises(KeyboardInterrupt):
         T.fit(faces, tmp_path / "b", cfg)
     monkeypatch.undo()

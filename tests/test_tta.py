@@ -15,9 +15,8 @@ from faceattrs.backends import TorchBackend
 from faceattrs.bundle import resolve
 from faceattrs.calibrate import calibrate_run, choose_flip_tta, val_score
 from faceattrs.cli import main
-from faceattrs.engine import predict
 from faceattrs.exceptions import FaceattrsError
-from faceattrs.model import FaceResNet, ModelConfig
+from faceattrs.model import FaceResNet, ModelConfig, predict
 
 
 @pytest.fixture(scope="module")

@@ -33,9 +33,9 @@ from scipy.special import logsumexp
 from .age.direct import HEAD as AGE_HEAD
 from .bundle import CALIBRATION_FILE, resolve, weights_id
 from .dataset import FaceSet
-from .engine import predict
 from .exceptions import FaceattrsError
 from .io import write_json_atomic
+from .model import predict
 from .postprocess import softmax
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def apply_temperatures(
 ) -> dict[str, np.ndarray]:
     """Probabilities per head: ``softmax(logits[head] / temps.get(head, 1))``.
 
-    Pass head logits only (drop ``"embedding"`` from :func:`faceattrs.engine.predict`'s result).
+    Pass head logits only (drop ``"embedding"`` from :func:`faceattrs.model.predict`'s result).
 
     >>> p = apply_temperatures({"gender": np.array([[0.0, 2.0]])}, {"gender": 2.0})
     >>> p["gender"].round(4).tolist()

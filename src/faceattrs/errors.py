@@ -23,9 +23,9 @@ from sklearn.decomposition import PCA
 
 from .bundle import resolve
 from .dataset import FaceSet
-from .engine import predict
 from .exceptions import FaceattrsError
 from .io import write_json_atomic
+from .model import predict
 
 log = logging.getLogger(__name__)
 

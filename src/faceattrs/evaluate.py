@@ -22,10 +22,10 @@ from . import metrics as M
 from .bundle import resolve
 from .calibrate import expected_calibration_error, reliability_bins
 from .dataset import FaceSet
-from .engine import predict
 from .exceptions import FaceattrsError
 from .io import write_json_atomic, write_with
 from .labels import ETHNICITIES, GENDERS
+from .model import predict
 
 log = logging.getLogger(__name__)
 

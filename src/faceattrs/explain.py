@@ -24,11 +24,11 @@ from .age.direct import HEAD as AGE_HEAD
 from .bundle import resolve
 from .calibrate import apply_temperatures
 from .dataset import FaceSet
-from .engine import predict
 from .evaluate import head_letter, write_npz
 from .exceptions import FaceattrsError
 from .io import write_json_atomic, write_with
 from .labels import ETHNICITIES
+from .model import predict
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ def run_all(
     from .evaluate import evaluate_run
     from .explain import explain_misclassified
     from .report import build_report
-    from .train import fit, resolve_config, resume_settings
+    from .training import fit, resolve_config, resume_settings
 
     out = Path(out)
     timings = {}

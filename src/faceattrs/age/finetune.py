@@ -5,8 +5,9 @@ the backbone (its batch-norm statistics too) and trains only the new head; stage
 fine-tunes everything at a lower learning rate with warm-up + cosine, early-stopped on a
 validation score. The best model over both stages is kept. Augmentation is the
 multitask model's (``augment.Augmenter`` built from its run's settings); the loop is the
-multitask model's (:func:`faceattrs.loop.run_epochs` over ``engine.train_one_epoch``, one
-history row per epoch in the same CSV format, :class:`faceattrs.loop.EarlyStopping`).
+multitask model's (:func:`faceattrs.training.loop.run_epochs` over its ``train_one_epoch``,
+one history row per epoch in the same CSV format,
+:class:`faceattrs.training.loop.EarlyStopping`).
 """
 
 from __future__ import annotations
@@ -25,18 +26,18 @@ from torch import nn
 from .. import config as cfgmod
 from ..augment import AugmentConfig, Augmenter, minority_classes
 from ..dataset import FaceSet
-from ..engine import train_one_epoch
-from ..loop import (
+from ..devices import use_bf16
+from ..model import FaceResNet, ModelConfig
+from ..training.loop import (
     EarlyStopping,
     epoch_order,
     make_optimizer,
     make_scheduler,
     run_epochs,
     seed_epoch,
-    use_bf16,
+    train_one_epoch,
     write_history,
 )
-from ..model import FaceResNet, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def train_two_stages(
     """Stage 1 (head only, ``cfg.head_epochs``) then stage 2 (everything,
     ``cfg.finetune_epochs``, early stopping on ``monitor`` of ``score_fn(net)``).
 
-    ``loss_fn(outputs, batch)`` as in :func:`faceattrs.engine.train_one_epoch`; the batch
+    ``loss_fn(outputs, batch)`` as in :func:`faceattrs.training.loop.train_one_epoch`; the batch
     holds ``image`` (uint8), ``ethnicity`` and each array of ``targets`` (``(N,)`` per
     training face). ``score_fn(net) -> {name: value}`` scores the validation split.
     Returns the best network over both stages (eval mode) and a summary.

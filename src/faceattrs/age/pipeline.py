@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from .. import config as cfgmod
 from ..bundle import resolve
 from ..dataset import FaceSet
-from ..engine import evaluate_heads
-from ..engine import predict as engine_predict
+from ..devices import select_device
 from ..exceptions import FaceattrsError
 from ..io import write_json_atomic
-from ..loop import select_device
+from ..model import predict as predict_faces
+from ..training.loop import evaluate_heads
 from . import direct as directmod
 from .bins import assign_bins, bin_labels, check_edges, quantile_edges
 from .bundle import AGE_JSON, COARSE_HEAD, AgeModel, choose_flip_tta, save_age_model
@@ -123,8 +123,8 @@ def train_age(
     )
 
     # Per-bin regressors on the frozen coarse embeddings, computed once.
-    z_train = engine_predict(coarse, train.images, cfg.eval_batch_size, embed=True)["embedding"]
-    z_val = engine_predict(coarse, val.images, cfg.eval_batch_size, embed=True)["embedding"]
+    z_train = predict_faces(coarse, train.images, cfg.eval_batch_size, embed=True)["embedding"]
+    z_val = predict_faces(coarse, val.images, cfg.eval_batch_size, embed=True)["embedding"]
     regressors, reg_summary = train_regressors(z_train, train.age, z_val, val.age, edges, cfg)
     write_json_atomic(out_dir / "regressors.json", reg_summary)
     if not cfg.clip_to_bin:
@@ -210,7 +210,7 @@ def _train_direct(
         return loss(out[directmod.HEAD], batch["age"])
 
     def direct_score(model):
-        logits = engine_predict(model, val.images, cfg.eval_batch_size)[directmod.HEAD]
+        logits = predict_faces(model, val.images, cfg.eval_batch_size)[directmod.HEAD]
         value = np.clip(_expected(logits), cfg.min_age, cfg.max_age)
         return {"val_mae": mae(val.age, value)}
 

@@ -23,7 +23,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..exceptions import FaceattrsError
-from ..loop import EarlyStopping, make_optimizer, run_epochs
 from ..postprocess import ROUTINGS, route, route_by_bin
 from .bins import assign_bins
 
@@ -153,6 +152,10 @@ def _fit_one(
 ) -> dict:
     """Train ``reg.mlps[k]`` on ``(x, y)``; keep the epoch with the lowest validation MAE
     (training MAE when the bin has no validation faces)."""
+    # imported here: age.bundle imports this module for BinRegressors when a model is
+    # loaded, and that path must not import the training package (kornia, the whole stage)
+    from ..training.loop import EarlyStopping, make_optimizer, run_epochs
+
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + k)
     torch.manual_seed(cfg.seed * 1000 + k)
     for m in reg.mlps[k].modules():  # re-initialise from the seed: bins are independent

@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..devices import check_device
     from ..prepare import load_faces
-    from ..train import fit, resolve_config, resume_settings
+    from ..training import fit, resolve_config, resume_settings
 
     overrides = list(args.overrides) + list(args.more)
     if args.resume:

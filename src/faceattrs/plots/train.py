@@ -1,4 +1,4 @@
-"""Training curves from ``history.csv`` (one row per epoch, written by ``train.fit``)."""
+"""Training curves from ``history.csv`` (one row per epoch, written by ``training.fit``)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,238 @@
+"""The settings of a training run: :class:`TrainConfig` (one field per setting, checked
+when made), the named ``PRESETS``, :func:`resolve_config` (default < preset < overrides),
+:func:`config_from_dict` and :func:`resume_settings` (a run's saved settings, to continue
+it), and :func:`model_config` (the network a config trains)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import config as cfgmod
+from ..age.direct import HEAD as AGE_HEAD
+from ..augment import AugmentConfig
+from ..devices import check_device_name
+from ..dlib_resnet import INPUT as DLIB_INPUT
+from ..exceptions import FaceattrsError
+from ..inputs import DEFAULT_HEADS
+from ..model import ModelConfig, input_settings
+
+# head -> number of classes, from the input contract; a checkpoint records its own
+HEADS = {h: len(names) for h, names in DEFAULT_HEADS.items()}
+AGE_YEARS = 117  # the age head's classes: whole years 0..116 (UTKFace's range)
+BF16_WORDS = ("auto", "on", "off", "true", "false", "1", "0", "yes", "no")
+
+
+class TrainError(FaceattrsError):
+    """A training run that cannot start or resume (bad data, missing run folder)."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run. Defaults = the reference (the ``paper`` preset)."""
+
+    epochs: int = 50  # maximum epochs; early stopping may end sooner
+    batch_size: int = 128  # [ours] the reference does not state it
+    lr: float = 6e-4  # AdamW peak learning rate
+    weight_decay: float = 1e-3  # AdamW decoupled weight decay, on every parameter
+    warmup_epochs: float = 5.0  # linear warm-up from ~0 to lr, then cosine to min_lr
+    min_lr: float = 0.0  # floor of the cosine
+    gender_weight: float = 0.4  # L = 0.4 CE(gender) + 2.5 CE(ethnicity)
+    ethnicity_weight: float = 2.5
+    ethnicity_smoothing: float = 0.12  # label smoothing of the ethnicity CE
+    gender_smoothing: float = 0.0
+    patience: int = 8  # early stopping on the mean of both macro-F1s on validation
+    min_delta: float = 0.0  # smallest score gain that counts as an improvement
+    width: float = 1.0  # model channel multiplier (1.0 = 64/128/256/512)
+    blocks: tuple[int, ...] = (2, 2, 2, 2)  # [ours] residual blocks per stage: 2,2,2,2 is
+    # ResNet-18 (the reference), 1,1,1,1 ResNet-10; four stages, each at least 1
+    dropout: float = 0.35  # before each head
+    # [ours] the input contract: faces of image_size pixels in `channels` (1 gray, 3 RGB;
+    # the data must hold them: `faceattrs prepare --size N --color` on photos); 48/1 is
+    # the reference. stem_stride 2 halves the maps in the first layer (96-128 px faces)
+    image_size: int = 48
+    channels: int = 1
+    stem_stride: int = 1
+    arch: str = "resnet"  # [ours] the backbone: resnet (the reference's, at `width` and
+    # `blocks`) or dlib_resnet (dlib's face-recognition ResNet on its 150x150 RGB chips,
+    # `prepare --size 150 --color --crop dlib`; start from its weights with init=dlib)
+    balanced: bool = True  # inverse-frequency ethnicity sampling (False: plain shuffle)
+    seed: int = 0  # weights, sampling, augmentation and dropout all derive from it
+    device: str = "auto"  # auto = cuda, then mps, then cpu; or any torch device string
+    bf16: str = "auto"  # auto / on / off; auto = on for CUDA and CPUs with AVX512-BF16/AMX
+    channels_last: bool = True  # memory format of model and inputs
+    compile: bool = False  # torch.compile the model
+    eval_batch_size: int = 512  # validation batch size
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    ema: float = 0.0  # [ours] per-step decay of a weight average (EMA), evaluated and saved
+    # in place of the raw weights; 0 = off (the reference)
+    teachers: str = ""  # [ours] distillation: comma-separated run folders whose averaged
+    # predictions (face + mirror) on the training faces are soft targets; "" = off
+    distill_weight: float = 0.5  # share of the soft-target term in each head's loss
+    distill_temperature: float = 2.0
+    age_head: bool = False  # [ours] a third head, age over whole years 0..116 (the bundle's
+    # age model, one pass with the others: docs/age.md); off = the reference's two heads
+    age_weight: float = 1.0  # its loss: weight x (CE with smoothing + l1 x |E[age] - age|)
+    age_smoothing: float = 0.1
+    age_l1: float = 0.1
+    age_bin: float = 0.0  # [ours] + this x the age head's cross-entropy over the six
+    # training-age bins (its year probabilities summed per bin); 0 = off
+    init: str = ""  # [ours] start from these weights instead of random ones: a run folder,
+    # an ensemble, "default" (the model bundled with the package) or "dlib" (arch
+    # dlib_resnet: dlib's face-recognition weights, heads random); "" = random (the reference)
+    init_member: int = 0  # which network of an ensemble ``init`` starts from
+    limit: int = 0  # use at most this many faces per split (0 = all; smoke tests)
+    max_batches: int = 0  # stop each epoch after this many batches (0 = full; smoke tests)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # override as augment.KEY
+
+    def __post_init__(self):  # every setting's valid range, checked before any work
+        c = cfgmod.check_range
+        for key in ("epochs", "batch_size", "eval_batch_size", "patience"):
+            c(self, key, 1)
+        for key in ("threads", "limit", "max_batches", "warmup_epochs", "min_lr", "min_delta",
+                    "init_member"):  # fmt: skip
+            c(self, key, 0)
+        for key in ("weight_decay", "gender_weight", "ethnicity_weight", "age_bin"):
+            c(self, key, 0)
+        if self.age_bin > 0 and not self.age_head:
+            raise cfgmod.ConfigError("setting 'age_bin' needs age_head=true")
+        c(self, "lr", 0, low_open=True)
+        c(self, "width", 0, 16, low_open=True)
+        if len(self.blocks) != 4 or min(self.blocks) < 1:
+            raise cfgmod.ConfigError(
+                f"setting 'blocks' must be four counts of at least 1, such as 2,2,2,2; "
+                f"got {','.join(map(str, self.blocks))}"
+            )
+        c(self, "distill_temperature", 0, low_open=True)
+        try:
+            model_config(self)
+        except ValueError as e:
+            raise cfgmod.ConfigError(str(e)) from None
+        for key in ("ema", "distill_weight", "dropout", "ethnicity_smoothing", "gender_smoothing"):
+            c(self, key, 0, 1, high_open=True)
+        if str(self.bf16).lower() not in BF16_WORDS:
+            raise cfgmod.ConfigError(f"setting 'bf16' must be auto, on or off, got {self.bf16!r}")
+        check_device_name(self.device)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # the reference exactly (batch size is ours)
+    "paper": {},
+    # ~30 min on this shared 2-core machine (docs/training.md): 1/8 width (8..64
+    # channels, 64-d embedding), 12 epochs, higher lr with a 1-epoch warm-up, patience 4,
+    # one thread (two OpenMP threads crawl when other processes share the cores).
+    # Trades accuracy for time; not tuned.
+    "cpu": {
+        "width": 0.125,
+        "epochs": 12,
+        "batch_size": 128,
+        "lr": 2e-3,
+        "warmup_epochs": 1.0,
+        "patience": 4,
+        "threads": 1,
+    },
+    # [ours] colour at 96x96 (the UTKFace chips, `prepare --size 96 --color`), a stride-2
+    # stem (48x48 maps: about the cost of the 48 px model), v5's member recipe (EMA, the
+    # age head, half width, 45 epochs): docs/training.md
+    "rgb": {
+        "image_size": 96,
+        "channels": 3,
+        "stem_stride": 2,
+        "width": 0.5,
+        "epochs": 45,
+        "lr": 1.5e-3,
+        "warmup_epochs": 2.0,
+        "patience": 50,
+        "ema": 0.998,
+        "age_head": True,
+    },
+    # [ours] dlib's face-recognition ResNet (public domain weights, trained on ~3 million
+    # faces), fine-tuned with the three heads on dlib's chips of the UTKFace photos
+    # (`prepare --size 150 --color --crop dlib`): a few epochs from its weights
+    "dlib": {
+        "arch": "dlib_resnet",
+        "init": "dlib",
+        "image_size": 150,
+        "channels": 3,
+        "epochs": 8,
+        "lr": 3e-4,
+        "warmup_epochs": 1.0,
+        "patience": 50,
+        "ema": 0.998,
+        "age_head": True,
+        "batch_size": 64,
+    },
+}
+
+
+def resolve_config(preset: str | None, overrides=()) -> TrainConfig:
+    """Default < preset < overrides (``["lr=1e-3", "augment.rotation=5"]`` or a dict)."""
+    if not isinstance(overrides, dict):
+        overrides = cfgmod.parse_overrides(overrides)
+    aug = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("augment.")}
+    top = {k: v for k, v in overrides.items() if not k.startswith("augment.")}
+    if "augment" in top:
+        raise cfgmod.ConfigError("set augmentation fields one by one: augment.KEY=VALUE")
+    cfg = cfgmod.resolve(TrainConfig, PRESETS, preset, top)
+    return dataclasses.replace(cfg, augment=cfgmod.replace(cfg.augment, aug))
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Inverse of ``config.to_dict`` for :class:`TrainConfig` (nested augment settings)."""
+    values = dict(values)
+    aug = cfgmod.from_dict(AugmentConfig, values.pop("augment", {}))
+    return dataclasses.replace(cfgmod.from_dict(TrainConfig, values), augment=aug)
+
+
+def resume_settings(
+    run_dir: str | Path, overrides=(), data: str | Path | None = None
+) -> tuple[TrainConfig, Path]:
+    """The settings and data of the run in ``run_dir`` to continue it: its saved config,
+    changed by ``overrides`` (e.g. ``["epochs=60"]`` to extend a finished run), and its
+    recorded data unless ``data`` is given."""
+    cfg_path = Path(run_dir) / "config.json"
+    if not cfg_path.exists():
+        raise TrainError(f"cannot resume: {cfg_path} not found (not a training run?)")
+    try:
+        saved = json.loads(cfg_path.read_text())
+        cfg = config_from_dict(saved["config"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise TrainError(f"cannot resume: {cfg_path} is not a run's settings ({e})") from None
+    if not isinstance(overrides, dict):
+        overrides = cfgmod.parse_overrides(overrides)
+    if overrides:
+        cfg = resolve_config(None, {**_flat(cfgmod.to_dict(cfg)), **overrides})
+    data = data or saved.get("data")
+    if not data:
+        raise TrainError(f"{cfg_path} does not name its data: pass --data")
+    return cfg, Path(data)
+
+
+def _flat(d: dict) -> dict:
+    """``{"augment": {"rotation": 8}}`` -> ``{"augment.rotation": 8}``."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    """The network ``cfg`` trains: its design, heads (the age head with ``age_head``) and
+    input contract."""
+    heads = {**HEADS, AGE_HEAD: AGE_YEARS} if cfg.age_head else dict(HEADS)
+    spec = {"image_size": cfg.image_size, "in_channels": cfg.channels}
+    if cfg.arch == "dlib_resnet":  # the pretrained network fixes its input
+        if (cfg.image_size, cfg.channels) != (DLIB_INPUT.size, DLIB_INPUT.channels):
+            raise ValueError(f"arch dlib_resnet takes {DLIB_INPUT.describe()} faces: set "
+                             "image_size=150 channels=3 (the dlib preset does)")  # fmt: skip
+        spec = input_settings(DLIB_INPUT)
+    return ModelConfig(
+        arch=cfg.arch, width=cfg.width, dropout=cfg.dropout, heads=heads,
+        blocks=tuple(cfg.blocks), stem_stride=cfg.stem_stride, **spec,
+    )  # fmt: skip
