@@ -66,6 +66,25 @@ def test_default_model_is_the_packaged_folder(run, monkeypatch, tmp_path):
         B.resolve(None)
 
 
+def test_bundled_models_by_name(run, monkeypatch, tmp_path):
+    """``--model utk48`` is a model shipped in the package, unless a folder of that name is
+    where the command runs; an installation without it says so in one line."""
+    monkeypatch.setitem(B.NAMED_MODELS, "utk48", run)
+    monkeypatch.chdir(tmp_path)
+    assert B.resolve("utk48").path == run and B.is_bundled_name("utk48")
+    own = tmp_path / "utk48"
+    own.mkdir()
+    with pytest.raises(FaceattrsError, match="not a model folder"):  # the local folder wins
+        B.resolve("utk48")
+    assert not B.is_bundled_name("utk48")
+    own.rmdir()
+    monkeypatch.setitem(B.NAMED_MODELS, "utk48", tmp_path / "absent")
+    with pytest.raises(FaceattrsError, match="bundled model 'utk48' is not in this installation"):
+        B.resolve("utk48")
+    with pytest.raises(FaceattrsError, match="not in this installation"):
+        B.default_int8("utk48")
+
+
 def _cli_error(capsys, args) -> str:
     """Run the CLI; it must exit 2 with exactly one line on stderr, no traceback."""
     assert main(args) == 2

@@ -52,10 +52,16 @@ from .postprocess import AGE_POINTS
 
 log = logging.getLogger(__name__)
 
+ASSETS = Path(__file__).parent / "assets"
 # The default model shipped in the package: used when no --model is given (``model=None``).
-DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
+DEFAULT_MODEL_DIR = ASSETS / "default_model"
 # Its int8 ONNX export (tools/package_int8_model.py): the fast path on CPUs.
-DEFAULT_INT8_DIR = Path(__file__).parent / "assets" / "default_model_int8"
+DEFAULT_INT8_DIR = ASSETS / "default_model_int8"
+# Other models shipped in the package, by name: ``--model NAME`` (model="NAME"); a folder
+# of that name where the command runs is taken instead. utk48: the 48x48 grayscale model
+# (v5), for faces from the public CSV.
+NAMED_MODELS = {"utk48": ASSETS / "utk48_model"}
+NAMED_INT8 = {"utk48": ASSETS / "utk48_model_int8"}  # their int8 exports
 
 BEST = "best"  # the multitask checkpoint of a run folder
 CALIBRATION_FILE = "calibration.json"  # temperatures, written by `faceattrs calibrate`
@@ -229,6 +235,8 @@ def resolve(model: str | os.PathLike | Bundle | None) -> Bundle:
                 "`--model RUN` (Python: model='RUN')"
             )
         model = DEFAULT_MODEL_DIR
+    elif isinstance(model, str) and model in NAMED_MODELS and not os.path.exists(model):
+        model = _named(model, NAMED_MODELS)
     path = Path(model)
     if not path.exists():
         raise CheckpointError(f"model folder {path} does not exist")
@@ -248,8 +256,25 @@ def resolve(model: str | os.PathLike | Bundle | None) -> Bundle:
     )
 
 
-def default_int8() -> Bundle:
-    """The int8 ONNX export of the default model, shipped in the package."""
+def _named(name: str, folders: dict[str, Path]) -> Path:
+    """The bundled model called ``name``; one line when this installation lacks it."""
+    if not (folders[name] / f"{BEST}.json").exists() and not (
+        folders[name] / ONNX_MANIFEST
+    ).exists():
+        raise FaceattrsError(f"the bundled model {name!r} is not in this installation")
+    return folders[name]
+
+
+def is_bundled_name(model) -> bool:
+    """``model`` names a model shipped in the package (and no folder of that name is here)."""
+    return isinstance(model, str) and model in NAMED_MODELS and not os.path.exists(model)
+
+
+def default_int8(name: str | None = None) -> Bundle:
+    """The int8 ONNX export of the default model (or of the bundled model ``name``),
+    shipped in the package."""
+    if name is not None:
+        return resolve(_named(name, NAMED_INT8))
     if not (DEFAULT_INT8_DIR / ONNX_MANIFEST).exists():
         raise FaceattrsError(
             "no int8 default model is bundled with this installation: make one with "

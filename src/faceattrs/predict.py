@@ -89,12 +89,15 @@ def load_models(
 
 def _load_int8(model, backend: str, age: bool, threads: int | None) -> Backend:
     """``dtype="int8"``: an int8 ONNX export on onnxruntime (the bundled one for None)."""
-    from .bundle import default_int8
+    from .bundle import default_int8, is_bundled_name
     from .export import open_onnx
 
     if backend != "onnx":
         raise FaceattrsError("int8 runs on the onnx backend (backend='onnx', --backend onnx)")
-    bundle = default_int8() if model is None else resolve(model)
+    if model is None or is_bundled_name(model):  # the bundled models' own int8 exports
+        bundle = default_int8(model)
+    else:
+        bundle = resolve(model)
     if bundle.precision != "int8":
         run = bundle.source if bundle.kind == "onnx" else bundle.path
         raise FaceattrsError(
