@@ -41,12 +41,21 @@ LICENCE = (
 
 def check_figures(model_dir: Path, data: Path, n: int, **analyzer) -> dict:
     """Accuracy of both heads and the age MAE on the first ``n`` validation faces
-    (``analyzer``: more settings of :class:`faceattrs.FaceAnalyzer`, e.g. ``dtype``)."""
+    (``analyzer``: more settings of :class:`faceattrs.FaceAnalyzer`, e.g. ``dtype``).
+
+    For a model that takes other faces than the CSV's 48x48 grayscale (its input contract),
+    ``data`` is a folder of labelled photos (``AGE_GENDER_ETHNICITY_*.jpg``, e.g. the shared
+    ``photos/``): the first ``n`` go through the whole photo path (detect, crop as the model
+    was trained, predict), each photo's largest face scored."""
     import numpy as np
 
     import faceattrs
+    from faceattrs.bundle import resolve
+    from faceattrs.inputs import GRAY48
     from faceattrs.prepare import load_faces
 
+    if resolve(model_dir).input != GRAY48:
+        return _check_photos(model_dir, data, n, **analyzer)
     faces = load_faces(data)
     val = faces.take(faces.indices("val")[:n])
     analyzer = faceattrs.FaceAnalyzer(model=model_dir, **analyzer)
@@ -65,6 +74,40 @@ def check_figures(model_dir: Path, data: Path, n: int, **analyzer) -> dict:
     }
 
 
+def _check_photos(model_dir: Path, folder: Path, n: int, **analyzer) -> dict:
+    import numpy as np
+
+    import faceattrs
+    from faceattrs.data import PHOTO_NAME
+    from faceattrs.labels import ETHNICITIES, GENDERS
+
+    photos = sorted(p for p in Path(folder).glob("*.jpg") if PHOTO_NAME.match(p.name))[:n]
+    if not photos:
+        raise SystemExit(f"package_default_model: no labelled photos in {folder}")
+    an = faceattrs.FaceAnalyzer(model=model_dir, photo_workers="threads", **analyzer)
+    g = e = 0
+    errors = []
+    for p in photos:
+        recs = an.analyze(str(p), on_error="record")
+        faces = [r for r in recs if "error" not in r]
+        age, gender, eth = (int(v) for v in PHOTO_NAME.match(p.name).groups())
+        if not faces:
+            errors.append(float(age))  # no face: counted wrong, and as far as the age itself
+            continue
+        r = max(faces, key=lambda r: r["box"][2] * r["box"][3])  # the photo's main face
+        g += r["gender"]["label"] == GENDERS[gender]
+        e += r["ethnicity"]["label"] == ETHNICITIES[eth]
+        errors.append(abs(r["age"]["value"] - age))
+    return {
+        "split": "photos",
+        "folder": Path(folder).name,
+        "first_n": len(photos),
+        "gender_accuracy": g / len(photos),
+        "ethnicity_accuracy": e / len(photos),
+        "age_mae": float(np.mean(errors)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="multitask run folder with age/")
@@ -76,8 +119,24 @@ def main(argv: list[str] | None = None) -> int:
         help="the age run to ship (default RUN/age); it may come from another multitask run "
         "trained on the same data and split: the age model is a network of its own",
     )
-    ap.add_argument("--csv", type=Path, default=REPO.parent / "shared/data/utkface48.csv.gz")
+    ap.add_argument(
+        "--csv",
+        type=Path,
+        default=REPO.parent / "shared/data/utkface48.csv.gz",
+        help="the training data as given to prepare (a CSV, or a photo folder), for the record",
+    )
+    ap.add_argument(
+        "--check-data",
+        type=Path,
+        default=None,
+        help="data of the recorded check (default: --data; a photo folder for a model that "
+        "takes other faces than the CSV's, e.g. ../shared/data/photos)",
+    )
     ap.add_argument("--check-n", type=int, default=512)
+    ap.add_argument("--licence", default=LICENCE, help="the weights' terms, for the record")
+    ap.add_argument(
+        "--dest", type=Path, default=DEST, help="where to write it (default: the default model)"
+    )
     ap.add_argument("--command", default="", help="the training commands, for the record")
     ap.add_argument(
         "--machine",
@@ -97,11 +156,11 @@ def main(argv: list[str] | None = None) -> int:
             "calibrate a network with its own age head)"
         )
 
-    with atomic_folder(DEST) as tmp:  # the old model or the new one, never a mix
+    with atomic_folder(args.dest) as tmp:  # the old model or the new one, never a mix
         build(args, run, age, tmp)
-    size = sum(p.stat().st_size for p in DEST.rglob("*") if p.is_file())
-    check = json.loads((DEST / "provenance.json").read_text())["check"]
-    print(f"default model: {DEST} ({size / 1e6:.1f} MB); check {check}")
+    size = sum(p.stat().st_size for p in args.dest.rglob("*") if p.is_file())
+    check = json.loads((args.dest / "provenance.json").read_text())["check"]
+    print(f"model: {args.dest} ({size / 1e6:.1f} MB); check {check}")
     return 0
 
 
@@ -139,17 +198,19 @@ def build(args, run: Path, age: Path, tmp: Path) -> None:
     except (OSError, subprocess.CalledProcessError):
         commit = None
     prov = {
-        "licence": LICENCE,
+        "licence": args.licence,
         "commands": args.command,
         "trained_at_commit": commit,
         "training_data": {
             "name": args.csv.name,
-            "sha256": file_sha256(args.csv) if args.csv.exists() else None,
+            "sha256": file_sha256(args.csv) if args.csv.is_file() else None,
+            "prepared_key": cfg.get("data_key"),  # the prepared data's content key
         },
+        "initial_weights": cfg.get("init"),
         "machine": args.machine
         or {"processor": platform.processor() or platform.machine(), "cores": 2},
         "age_model_fine_tuned_from": Path(age_from).name if age_from else None,
-        "check": check_figures(tmp, args.data, args.check_n),
+        "check": check_figures(tmp, args.check_data or args.data, args.check_n),
     }
     (tmp / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
 

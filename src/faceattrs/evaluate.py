@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from .bundle import resolve
+from .bundle import NAMED_MODELS, resolve
 from .calibrate import expected_calibration_error, reliability_bins
 from .dataset import FaceSet
 from .exceptions import FaceattrsError
@@ -65,8 +65,9 @@ def data_path(model_dir: str | Path, data: str | Path | None) -> Path:
 
 
 def load_data(model_dir: str | Path, data: str | Path | None, split: str) -> FaceSet:
-    """Faces to evaluate: ``split='all'`` reads a CSV as is (no dedup, no split). The model
-    is resolved first, so a mistyped one is one line before any data is read."""
+    """Faces to evaluate: ``split='all'`` reads a CSV or a photo folder as is (no dedup, no
+    split). The model is resolved first, so a mistyped one is one line before any data is
+    read; a photo folder is read in the model's input format (size, colour, framing)."""
     from . import prepare  # the data stage; imported late so this module loads without it
 
     bundle = resolve(model_dir)
@@ -74,17 +75,31 @@ def load_data(model_dir: str | Path, data: str | Path | None, split: str) -> Fac
     if not path.exists():
         hint = "" if data is not None else " (the path recorded with the model): pass --data"
         raise FaceattrsError(f"data not found: {path}{hint}")
-    if split == "all" and path.is_file():
-        faces = prepare.read_csv_unsplit(path)
-        faces.require(bundle.input, str(path))
+    spec = bundle.input
+    prepared = path.is_dir() and (path / "faces.npz").exists()
+    if split == "all" and not prepared:
+        faces = prepare.read_csv_unsplit(path, spec=spec if path.is_dir() else None)
+        _require(faces, spec, path)
         return faces
-    faces = prepare.load_faces(path)
-    faces.require(bundle.input, str(path))
+    cfg = prepare.PrepareConfig(image_size=spec.size, channels=spec.channels, crop=spec.crop)
+    faces = prepare.load_faces(path, cfg if path.is_dir() else None)
+    _require(faces, spec, path)
     if split == "all":
         log.warning("--split all on a prepared folder includes its training rows")
     elif len(faces.indices(split)) == 0:
         raise FaceattrsError(f"{path} has no {split!r} rows; for an external CSV use --split all")
     return faces
+
+
+def _require(faces: FaceSet, spec, path: Path) -> None:
+    """The data in the model's format; for 48x48 grayscale data and another model, the hint
+    names the bundled model made for it."""
+    try:
+        faces.require(spec, str(path))
+    except FaceattrsError as e:
+        if tuple(faces.images.shape[1:]) == (48, 48) and (NAMED_MODELS["utk48"] / "best.json").exists():
+            raise FaceattrsError(f"{e}; for 48x48 grayscale faces use --model utk48") from None
+        raise
 
 
 def head_metrics(y: np.ndarray, logits: np.ndarray, names, temperature: float | None) -> dict:

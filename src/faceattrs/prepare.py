@@ -358,11 +358,14 @@ def load_faces(path: str | Path, cfg: PrepareConfig | None = None) -> FaceSet:
     return load_prepared(prepared_folder(path, cfg))
 
 
-def read_csv_unsplit(path: str | Path, on_bad_row: str = "error") -> FaceSet:
-    """Every valid row of an external file, not de-duplicated nor split (split = -1)."""
-    raw = read_faces(path, on_bad_row)
+def read_csv_unsplit(
+    path: str | Path, on_bad_row: str = "error", spec: InputSpec | None = None
+) -> FaceSet:
+    """Every valid row of an external file (or photo of a folder, in ``spec``'s format),
+    not de-duplicated nor split (split = -1)."""
+    raw = read_faces(path, on_bad_row, spec or PrepareConfig().spec)
     return FaceSet(
-        raw.images,
+        raw.images if raw.faces is None else raw.faces,
         raw.age,
         raw.gender,
         raw.ethnicity,
