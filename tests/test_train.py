@@ -93,7 +93,13 @@ def test_warmup_then_cosine():
 def test_config_presets_and_overrides():
     paper = T.resolve_config("paper")
     assert (paper.epochs, paper.lr, paper.weight_decay, paper.patience) == (50, 6e-4, 1e-3, 8)
-    assert (paper.width, paper.warmup_epochs, paper.ethnicity_smoothing) == (1.0, 5.0, 0.12)
+    eth = paper.heads[1]
+    assert (paper.width, paper.warmup_epochs, eth.name, eth.smoothing) == (
+        1.0,
+        5.0,
+        "ethnicity",
+        0.12,
+    )
     cfg = T.resolve_config("cpu", ["lr=1e-3", "augment.rotation=5", "bf16=off"])
     assert cfg.width < 1 and cfg.lr == 1e-3 and cfg.augment.rotation == 5.0
     assert T.config_from_dict(cfgmod.to_dict(cfg)) == cfg
