@@ -53,7 +53,7 @@ def synthetic_faceset(n: int = 60, seed: int = 0, split: bool = True):
     else:
         sp[:] = -1
     names = np.array([f"img{i}.jpg" for i in range(n)])
-    return FaceSet(images, age, gender, ethnicity, sp, names)
+    return FaceSet.of(images, age, gender, ethnicity, sp, names)
 
 
 @pytest.fixture

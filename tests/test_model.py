@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from faceattrs.model import FaceResNet, ModelConfig
-from faceattrs.training import TrainConfig, multitask_loss
+from faceattrs.training import TrainConfig, multitask_loss, resolve_config
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_one_batch_can_be_overfit(model):
     torch.manual_seed(2)
     x = torch.rand(16, 1, 48, 48) * 2 - 1
     batch = {"gender": torch.arange(16) % 2, "ethnicity": torch.arange(16) % 5}
-    loss_fn = multitask_loss(TrainConfig(ethnicity_smoothing=0.0))
+    loss_fn = multitask_loss(resolve_config(None, ["ethnicity_smoothing=0"]))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     first = None

@@ -93,7 +93,10 @@ def test_warmup_then_cosine():
 def test_config_presets_and_overrides():
     paper = T.resolve_config("paper")
     assert (paper.epochs, paper.lr, paper.weight_decay, paper.patience) == (50, 6e-4, 1e-3, 8)
-    assert (paper.width, paper.warmup_epochs, paper.ethnicity_smoothing) == (1.0, 5.0, 0.12)
+    assert (paper.width, paper.warmup_epochs) == (1.0, 5.0)
+    assert [(h.name, h.weight, h.smoothing, h.selects) for h in paper.heads] == [
+        ("gender", 0.4, 0.0, True), ("ethnicity", 2.5, 0.12, True)
+    ]  # fmt: skip
     cfg = T.resolve_config("cpu", ["lr=1e-3", "augment.rotation=5", "bf16=off"])
     assert cfg.width < 1 and cfg.lr == 1e-3 and cfg.augment.rotation == 5.0
     assert T.config_from_dict(cfgmod.to_dict(cfg)) == cfg
@@ -104,6 +107,34 @@ def test_config_presets_and_overrides():
     assert paper.ema == 0.0  # the reference averages no weights
     with pytest.raises(cfgmod.ConfigError, match="ema"):
         T.resolve_config("cpu", ["ema=1"])
+
+
+def test_heads_are_settings_and_older_runs_still_load():
+    """The heads are TrainConfig.heads; the flat names of older versions set them, on the
+    command line and in the saved settings of an older run (docs/results/paper-gpu)."""
+    cfg = T.resolve_config(None, ["gender_weight=0.5", "ethnicity_smoothing=0",
+                                  "heads.gender.smoothing=0.05"])  # fmt: skip
+    gender, eth = cfg.heads
+    assert (gender.weight, gender.smoothing, eth.weight, eth.smoothing) == (0.5, 0.05, 2.5, 0.0)
+    extra = T.resolve_config("rgb", ["heads.smile.classes=no,yes", "heads.smile.selects=no"])
+    assert [h.name for h in T.train_heads(extra)] == ["gender", "ethnicity", "smile", "age"]
+    assert T.model_config(extra).heads == {"gender": 2, "ethnicity": 5, "smile": 2, "age": 117}
+    assert T.config_from_dict(json.loads(json.dumps(cfgmod.to_dict(extra)))) == extra
+    old = json.loads((Path(__file__).parents[1] / "docs/results/paper-gpu/config.json").read_text())
+    old = old["config"]
+    assert "gender_weight" in old and "heads" not in old  # written before the heads were data
+    assert T.config_from_dict(old).heads == T.TrainConfig().heads
+    old = {**old, "ethnicity_smoothing": 0.0}
+    assert T.config_from_dict(old).heads[1].smoothing == 0.0
+    for bad, says in (
+        (["heads.smile.weight=1"], "class names"),
+        (["heads.gender.smoothing=1"], "head 'gender'"),
+        (["heads.gender.selects=no", "heads.ethnicity.selects=no"], "must select"),
+        (["heads.age.classes=a,b"], "age_head=true"),
+        (["heads.gender=1"], "heads.NAME.KEY"),
+    ):
+        with pytest.raises(cfgmod.ConfigError, match=says):
+            T.resolve_config(None, bad)
 
 
 def test_bf16_auto_follows_the_device():

@@ -156,10 +156,22 @@ def val_score(logits: dict[str, np.ndarray], faces: FaceSet, heads) -> float:
     from sklearn.metrics import f1_score
 
     f1 = [
-        f1_score(getattr(faces, h), logits[h].argmax(1), average="macro", zero_division=0)
+        f1_score(faces.labels[h], logits[h].argmax(1), average="macro", zero_division=0)
         for h in heads
     ]
     return round(float(np.mean(f1)), 4)
+
+
+def selecting(meta: dict, heads: list[str]) -> list[str]:
+    """The ``heads`` that count in the training's selection score, as the checkpoint's
+    settings record them (``config.heads[].selects``); all of them when not recorded.
+
+    >>> selecting({"config": {"heads": [{"name": "smile", "selects": False}]}}, ["gender", "smile"])
+    ['gender']
+    """
+    specs = (meta.get("config") or {}).get("heads") or []
+    off = {h.get("name") for h in specs if isinstance(h, dict) and h.get("selects") is False}
+    return [h for h in heads if h not in off] or heads
 
 
 def choose_flip_tta(model, val: FaceSet, heads, mode: str = "auto") -> tuple[bool, dict]:
@@ -201,14 +213,14 @@ def calibrate_run(
 
     bundle = resolve(model_dir)  # an age run's temperatures live with its multitask run
     model_dir = bundle.source
-    model, _ = bundle.load_multitask(device)
+    model, meta = bundle.load_multitask(device)
     val = faces.subset("val")
     if len(val) == 0:
         raise FaceattrsError(
             "the data has no validation rows: calibrate needs a prepared (split) data set"
         )
-    heads = [h for h in bundle.heads if hasattr(faces, h)]  # not a network's age head
-    flip, selection, val_logits = _flip_choice(model, val, heads, flip_tta)
+    heads = [h for h in bundle.heads if h in faces.labels]  # not a network's age head
+    flip, selection, val_logits = _flip_choice(model, val, selecting(meta, heads), flip_tta)
     log.info(
         "flip TTA %s (validation score plain %.4f, flip %.4f)",
         "on" if flip else "off",
@@ -219,13 +231,13 @@ def calibrate_run(
     result.update({"temperatures": {}, "fitted_on": "val", "n_bins": n_bins, "heads": {}})
     result["weights_sha256"] = weights_id(model_dir)
     for head in heads:
-        t = fit_temperature(val_logits[head], getattr(val, head))
+        t = fit_temperature(val_logits[head], val.labels[head])
         result["temperatures"][head] = t
         if not T_BOUNDS[0] * 1.01 < t < T_BOUNDS[1] * 0.99:
             log.warning(
                 "%s: T = %.3f is at the search bound %s: is the model trained?", head, t, T_BOUNDS
             )
-        summary = calibration_summary(val_logits[head], getattr(val, head), t, n_bins)
+        summary = calibration_summary(val_logits[head], val.labels[head], t, n_bins)
         result["heads"][head] = {"val": summary}
         plots.reliability(
             summary["bins_before"],

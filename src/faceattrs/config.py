@@ -71,6 +71,9 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
+coerce = _coerce  # for settings held inside a setting (a training run's heads)
+
+
 def replace(cfg: T, values: Mapping[str, Any]) -> T:
     """Return a copy of ``cfg`` with ``values`` applied; unknown keys raise ConfigError."""
     fields = {f.name: f for f in dataclasses.fields(cfg)}

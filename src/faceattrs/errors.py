@@ -1,4 +1,5 @@
-"""Error clustering: what the misclassified ethnicity test faces have in common.
+"""Error clustering: what the misclassified test faces of one head (ethnicity, the
+reference's; ``--head`` any head of the model the data has labels for) have in common.
 
 The shared embeddings (512-d at full width) of the misclassified test faces are grouped
 by k-means (k = 3, seeded, as in the reference); each cluster is described by measured
@@ -129,20 +130,28 @@ def cluster_errors(
     split: str = "test",
     device: str = "cpu",
     n_examples: int = 10,
+    head: str = "ethnicity",
 ) -> dict:
-    """Cluster the misclassified ethnicity faces of ``split``; write clusters.json and figures."""
+    """Cluster the misclassified faces of ``split`` by ``head``; write clusters.json and
+    figures."""
     from .plots import evaluate as plots
 
     out_dir, sub = Path(out_dir), faces.subset(split)
-    model, meta = resolve(model_dir).load_multitask(device)
-    names = meta["class_names"]["ethnicity"]
+    bundle = resolve(model_dir)
+    if head not in bundle.heads or head not in faces.labels:
+        have = [h for h in bundle.heads if h in faces.labels]
+        raise FaceattrsError(
+            f"head {head!r}: the model and the data share the heads {', '.join(have) or 'none'}"
+        )
+    model, meta = bundle.load_multitask(device)
+    names = meta["class_names"][head]
     res = predict(model, sub.images, embed=True)
-    pred = res["ethnicity"].argmax(1)
-    wrong = np.flatnonzero(pred != sub.ethnicity)
+    pred = res[head].argmax(1)
+    wrong = np.flatnonzero(pred != sub.labels[head])
     emb, imgs, true, wpred = (
         res["embedding"][wrong],
         sub.images[wrong],
-        sub.ethnicity[wrong],
+        sub.labels[head][wrong],
         pred[wrong],
     )
     labels, dist = cluster_embeddings(emb, k, seed)
@@ -163,6 +172,7 @@ def cluster_errors(
     plots.pca_scatter(points, labels, true, names, out_dir / "pca.png", explained)
     result = {
         "split": split,
+        **({} if head == "ethnicity" else {"head": head}),  # the reference's: as before
         "k": k,
         "seed": seed,
         "n": len(sub),

@@ -323,7 +323,7 @@ def explain_misclassified(
         return result
     shown = sub.take(pick)
     ex = explain_faces(model, shown.images, temps)
-    truth = {h: getattr(shown, h) for h in ex["probs"] if hasattr(shown, h)}
+    truth = {h: shown.labels[h] for h in ex["probs"] if h in shown.labels}
     labels = [
         f"row {int(faces.indices(split)[i])}\n"
         + ", ".join(f"{head_letter(h)}: {names[h][int(truth[h][j])]}" for h in truth)

@@ -212,7 +212,7 @@ def prepare(data: str | Path, out: str | Path, cfg: PrepareConfig | None = None)
     if cfg.on_conflict == "drop":
         keep = keep[~np.isin(keep, dup.conflict_groups)]
     split = split_rows(raw.ethnicity[keep], raw.gender[keep], cfg)
-    faces = FaceSet(
+    faces = FaceSet.of(
         (raw.images if raw.faces is None else raw.faces)[keep],
         raw.age[keep],
         raw.gender[keep],
@@ -329,7 +329,7 @@ def load_prepared(folder: str | Path) -> FaceSet:
             )
     try:
         with np.load(path, allow_pickle=False) as z:
-            return FaceSet(**{k: z[k] for k in FaceSet.__dataclass_fields__})
+            return FaceSet.from_arrays({k: z[k] for k in z.files})
     except (OSError, ValueError, KeyError, EOFError) as e:
         raise DataError(
             f"{path}: unreadable prepared data ({e}); run `faceattrs prepare` again"
@@ -364,7 +364,7 @@ def read_csv_unsplit(
     """Every valid row of an external file (or photo of a folder, in ``spec``'s format),
     not de-duplicated nor split (split = -1)."""
     raw = read_faces(path, on_bad_row, spec or PrepareConfig().spec)
-    return FaceSet(
+    return FaceSet.of(
         raw.images if raw.faces is None else raw.faces,
         raw.age,
         raw.gender,

@@ -1,7 +1,9 @@
-"""Cluster the misclassified ethnicity test faces by their embeddings (k-means) and describe
-each cluster with measured numbers: size, class mix, brightness, contrast; montage and PCA.
+"""Cluster the misclassified ethnicity test faces (or another head's, --head) by their
+embeddings (k-means) and describe each cluster with measured numbers: size, class mix,
+brightness, contrast; montage and PCA.
 
     faceattrs errors --model runs/paper
+    faceattrs errors --model runs/paper --head gender
 
 Writes RUN/errors/clusters.json, montage.png and pca.png.
 """
@@ -19,6 +21,11 @@ def add_arguments(p) -> None:
         "--k", type=int, default=3, help="number of clusters (default 3, as the reference)"
     )
     p.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
+    p.add_argument(
+        "--head",
+        default="ethnicity",
+        help="the head whose mistakes are clustered (default ethnicity)",
+    )
     p.add_argument("--out", metavar="DIR", help="output folder (default RUN/errors)")
 
 
@@ -33,8 +40,9 @@ def run(args) -> int:
     faces = load_data(args.model, args.data, args.split)
     out = Path(args.out) if args.out else default_out(args.model, "errors", args.split)
     result = cluster_errors(
-        args.model, faces, out, k=args.k, seed=args.seed, split=args.split, device=device
-    )
+        args.model, faces, out, k=args.k, seed=args.seed, split=args.split, device=device,
+        head=args.head,
+    )  # fmt: skip
     for cl in result["clusters"]:
         print(f"cluster {cl['cluster']} (n={cl['size']}): {cl['description']}")
     print(out / "clusters.json")

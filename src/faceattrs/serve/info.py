@@ -38,7 +38,7 @@ def model_info(analyzer, cfg: ServeConfig) -> dict:
         "temperatures": dict(getattr(models, "temperatures", {}) or {}),
         "age": {"bins": list(models.bin_labels)} if models.bin_labels else None,
         "checkpoint": _checkpoint(meta),
-        "metrics": {"validation": _head_metrics(meta.get("val") or {})},
+        "metrics": {"validation": _head_metrics(meta.get("val") or {}, models.class_names)},
         "limits": {
             "max_upload_bytes": cfg.max_upload_bytes,
             "max_pixels": cfg.max_pixels,
@@ -54,7 +54,7 @@ def model_info(analyzer, cfg: ServeConfig) -> dict:
         m = json_or_none(source / "eval" / "metrics.json")
         if m:
             test = info["metrics"]["test"] = {"split": m.get("split"), "n": m.get("n")}
-            test.update(_head_metrics(m))
+            test.update(_head_metrics(m, models.class_names))
             if isinstance(m.get("age"), dict) and "mae" in m["age"]:
                 test["age_mae"] = m["age"]["mae"]
     return info
@@ -87,9 +87,10 @@ def _checkpoint(meta: dict) -> dict:
     return out
 
 
-def _head_metrics(d: dict) -> dict:
+def _head_metrics(d: dict, heads) -> dict:
+    """Accuracy and macro-F1 of each of the model's ``heads`` that ``d`` has figures for."""
     return {
         h: {k: d[h][k] for k in ("accuracy", "macro_f1") if k in d[h]}
-        for h in ("gender", "ethnicity")
+        for h in heads
         if isinstance(d.get(h), dict)
     }

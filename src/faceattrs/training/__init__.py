@@ -16,12 +16,15 @@ from .config import (
     AGE_YEARS,
     HEADS,
     PRESETS,
+    HeadSpec,
     TrainConfig,
     TrainError,
+    class_heads,
     config_from_dict,
     model_config,
     resolve_config,
     resume_settings,
+    train_heads,
 )
 from .loop import (
     EarlyStopping,
@@ -50,10 +53,11 @@ from .weights import load_init, make_ema
 
 __all__ = [
     "AGE_YEARS", "HEADS", "HISTORY_FIELDS", "PRESETS", "STATE_FILE", "TEACHERS_FILE",
-    "EarlyStopping", "TrainConfig", "TrainError", "config_from_dict", "distill_loss",
+    "EarlyStopping", "HeadSpec", "TrainConfig", "TrainError", "class_heads",
+    "config_from_dict", "distill_loss",
     "epoch_order", "evaluate_heads", "fit", "heads_loss", "history_fields", "load_init",
     "lr_factor", "make_ema", "make_optimizer", "make_scheduler", "model_config",
     "multitask_loss", "read_train_state", "resolve_config",
     "resume_settings", "run_epochs", "sampler_weights", "seed_epoch", "teacher_targets",
-    "train_one_epoch", "with_age_head", "write_history",
+    "train_heads", "train_one_epoch", "with_age_head", "write_history",
 ]  # fmt: skip

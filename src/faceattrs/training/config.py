@@ -1,12 +1,28 @@
 """The settings of a training run: :class:`TrainConfig` (one field per setting, checked
 when made), the named ``PRESETS``, :func:`resolve_config` (default < preset < overrides),
 :func:`config_from_dict` and :func:`resume_settings` (a run's saved settings, to continue
-it), and :func:`model_config` (the network a config trains)."""
+it), and :func:`model_config` (the network a config trains).
+
+The heads are data: ``TrainConfig.heads`` holds one :class:`HeadSpec` per classification
+head (name, class names, loss weight, smoothing, whether it counts in the selection
+score); ``age_head=true`` adds the age head, a spec of kind ``age``
+(:func:`train_heads`). A head is changed, or added, on the command line as
+``heads.NAME.KEY=VALUE``; ``gender_weight=`` and the other flat names of older versions
+still set the spec (and older runs' saved settings still load).
+
+>>> cfg = resolve_config(None, ["heads.smile.classes=no,yes", "heads.smile.weight=0.5",
+...                             "ethnicity_smoothing=0"])
+>>> [(h.name, h.weight, h.smoothing, h.selects) for h in cfg.heads]
+[('gender', 0.4, 0.0, True), ('ethnicity', 2.5, 0.0, True), ('smile', 0.5, 0.0, True)]
+>>> [h.name for h in train_heads(resolve_config(None, ["age_head=true"]))]
+['gender', 'ethnicity', 'age']
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,17 +33,90 @@ from ..augment import AugmentConfig
 from ..devices import check_device_name
 from ..dlib_resnet import INPUT as DLIB_INPUT
 from ..exceptions import FaceattrsError
-from ..inputs import DEFAULT_HEADS
+from ..inputs import DEFAULT_HEADS, ETHNICITIES, GENDERS
 from ..model import ModelConfig, input_settings
 
 # head -> number of classes, from the input contract; a checkpoint records its own
 HEADS = {h: len(names) for h, names in DEFAULT_HEADS.items()}
 AGE_YEARS = 117  # the age head's classes: whole years 0..116 (UTKFace's range)
 BF16_WORDS = ("auto", "on", "off", "true", "false", "1", "0", "yes", "no")
+HEAD_KINDS = ("classes", "age")
 
 
 class TrainError(FaceattrsError):
     """A training run that cannot start or resume (bad data, missing run folder)."""
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One head the network trains, its labels the data array of its ``name``.
+
+    ``kind`` ``classes``: cross-entropy over ``classes`` (the label is the class index),
+    scored by accuracy and macro-F1; ``age``: the age head (whole years 0..116, the label
+    the age), set by ``age_head=true`` and its ``age_*`` settings, scored by MAE."""
+
+    name: str
+    kind: str = "classes"  # classes | age
+    classes: tuple[str, ...] = ()  # class names, in label order (at least two)
+    weight: float = 1.0  # its term's weight in the loss
+    smoothing: float = 0.0  # label smoothing of its cross-entropy, in [0, 1)
+    selects: bool = True  # its macro-F1 counts in the selection score (best epoch)
+
+    def __post_init__(self):
+        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+        where = f"head {self.name!r}"
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise cfgmod.ConfigError(
+                f"a head's name must be a word (letters, digits, _), got {self.name!r}"
+            )
+        if self.kind not in HEAD_KINDS:
+            raise cfgmod.ConfigError(f"{where}: kind must be classes or age, got {self.kind!r}")
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise cfgmod.ConfigError(
+                f"{where}: give at least two distinct class names "
+                f"(heads.{self.name}.classes=NAME,NAME), got {list(self.classes)}"
+            )
+        if self.kind == "age" and self.selects:
+            raise cfgmod.ConfigError(f"{where}: an age head has no macro-F1 to select on")
+        try:
+            cfgmod.check_range(self, "weight", 0)
+            cfgmod.check_range(self, "smoothing", 0, 1, high_open=True)
+        except cfgmod.ConfigError as e:
+            raise cfgmod.ConfigError(f"{where}: {e}") from None
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+# the reference's heads: L = 0.4 CE(gender) + 2.5 CE(ethnicity, smoothing 0.12); the best
+# epoch has the highest mean of their macro-F1s on validation
+REFERENCE_HEADS = (
+    HeadSpec("gender", classes=GENDERS, weight=0.4),
+    HeadSpec("ethnicity", classes=ETHNICITIES, weight=2.5, smoothing=0.12),
+)
+# older versions' flat settings of the reference's heads -> (head, spec field)
+HEAD_ALIASES = {f"{h}_{key}": (h, key) for h in ("gender", "ethnicity")
+                for key in ("weight", "smoothing")}  # fmt: skip
+
+
+def _head_spec(value, where: str = "heads") -> HeadSpec:
+    """A :class:`HeadSpec` from itself or its dict (a saved config); unknown keys: one line."""
+    if isinstance(value, HeadSpec):
+        return value
+    if not isinstance(value, dict):
+        raise cfgmod.ConfigError(f"setting {where!r}: each head is a dict of its settings")
+    known = {f.name for f in dataclasses.fields(HeadSpec)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise cfgmod.ConfigError(
+            f"unknown head setting {unknown[0]!r}; known: {', '.join(sorted(known))}"
+        )
+    if "name" not in value:
+        raise cfgmod.ConfigError(f"setting {where!r}: a head needs a name")
+    hints = typing.get_type_hints(HeadSpec)
+    return HeadSpec(**{k: cfgmod.coerce(v, hints[k], f"heads.{value['name']}.{k}")
+                       for k, v in value.items()})  # fmt: skip
 
 
 @dataclass
@@ -40,11 +129,11 @@ class TrainConfig:
     weight_decay: float = 1e-3  # AdamW decoupled weight decay, on every parameter
     warmup_epochs: float = 5.0  # linear warm-up from ~0 to lr, then cosine to min_lr
     min_lr: float = 0.0  # floor of the cosine
-    gender_weight: float = 0.4  # L = 0.4 CE(gender) + 2.5 CE(ethnicity)
-    ethnicity_weight: float = 2.5
-    ethnicity_smoothing: float = 0.12  # label smoothing of the ethnicity CE
-    gender_smoothing: float = 0.0
-    patience: int = 8  # early stopping on the mean of both macro-F1s on validation
+    # the classification heads (HeadSpec: name, classes, loss weight, smoothing, selects);
+    # the reference's two by default. Override as heads.NAME.KEY=VALUE (a new NAME with
+    # its classes adds a head); gender_weight= and the like still set the reference's
+    heads: tuple[HeadSpec, ...] = REFERENCE_HEADS
+    patience: int = 8  # early stopping on the mean macro-F1 (heads that select) on val
     min_delta: float = 0.0  # smallest score gain that counts as an improvement
     width: float = 1.0  # model channel multiplier (1.0 = 64/128/256/512)
     blocks: tuple[int, ...] = (2, 2, 2, 2)  # [ours] residual blocks per stage: 2,2,2,2 is
@@ -89,13 +178,29 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # override as augment.KEY
 
     def __post_init__(self):  # every setting's valid range, checked before any work
+        heads = self.heads
+        if not isinstance(heads, list | tuple) or not heads:
+            raise cfgmod.ConfigError("setting 'heads' must list at least one head")
+        self.heads = tuple(_head_spec(h) for h in heads)
+        names = [h.name for h in self.heads]
+        if len(set(names)) != len(names):
+            raise cfgmod.ConfigError(f"setting 'heads': a head named twice ({', '.join(names)})")
+        for h in self.heads:
+            if h.kind != "classes" or h.name == AGE_HEAD:
+                raise cfgmod.ConfigError(
+                    f"head {h.name!r}: the age head is set by age_head=true (and age_weight, "
+                    "age_smoothing, ...), not in heads"
+                )
+        if not any(h.selects for h in self.heads):
+            raise cfgmod.ConfigError("setting 'heads': at least one head must select "
+                                     "(heads.NAME.selects=true)")  # fmt: skip
         c = cfgmod.check_range
         for key in ("epochs", "batch_size", "eval_batch_size", "patience"):
             c(self, key, 1)
         for key in ("threads", "limit", "max_batches", "warmup_epochs", "min_lr", "min_delta",
                     "init_member"):  # fmt: skip
             c(self, key, 0)
-        for key in ("weight_decay", "gender_weight", "ethnicity_weight", "age_bin"):
+        for key in ("weight_decay", "age_bin"):
             c(self, key, 0)
         if self.age_bin > 0 and not self.age_head:
             raise cfgmod.ConfigError("setting 'age_bin' needs age_head=true")
@@ -111,7 +216,7 @@ class TrainConfig:
             model_config(self)
         except ValueError as e:
             raise cfgmod.ConfigError(str(e)) from None
-        for key in ("ema", "distill_weight", "dropout", "ethnicity_smoothing", "gender_smoothing"):
+        for key in ("ema", "distill_weight", "dropout", "age_smoothing"):
             c(self, key, 0, 1, high_open=True)
         if str(self.bf16).lower() not in BF16_WORDS:
             raise cfgmod.ConfigError(f"setting 'bf16' must be auto, on or off, got {self.bf16!r}")
@@ -169,22 +274,61 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def resolve_config(preset: str | None, overrides=()) -> TrainConfig:
-    """Default < preset < overrides (``["lr=1e-3", "augment.rotation=5"]`` or a dict)."""
+    """Default < preset < overrides (``["lr=1e-3", "augment.rotation=5"]`` or a dict;
+    ``heads.NAME.KEY=VALUE`` sets one head's setting, or adds head NAME given its
+    ``classes``; ``gender_weight=`` and the like set the reference's heads)."""
     if not isinstance(overrides, dict):
         overrides = cfgmod.parse_overrides(overrides)
     aug = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("augment.")}
-    top = {k: v for k, v in overrides.items() if not k.startswith("augment.")}
+    head_sets = _head_overrides(overrides)
+    top = {k: v for k, v in overrides.items()
+           if not k.startswith(("augment.", "heads.")) and k not in HEAD_ALIASES}  # fmt: skip
     if "augment" in top:
         raise cfgmod.ConfigError("set augmentation fields one by one: augment.KEY=VALUE")
+    if isinstance(top.get("heads"), str):
+        raise cfgmod.ConfigError("set heads' settings one by one: heads.NAME.KEY=VALUE")
     cfg = cfgmod.resolve(TrainConfig, PRESETS, preset, top)
+    if head_sets:
+        cfg = dataclasses.replace(cfg, heads=_set_heads(cfg.heads, head_sets))
     return dataclasses.replace(cfg, augment=cfgmod.replace(cfg.augment, aug))
 
 
+def _head_overrides(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"heads.smile.weight": "2", "gender_weight": 0.5}`` -> ``{"smile": {"weight":
+    "2"}, "gender": {"weight": 0.5}}``, in the order given."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        if key in HEAD_ALIASES:
+            head, field_name = HEAD_ALIASES[key]
+        elif key.startswith("heads."):
+            parts = key.split(".")
+            if len(parts) != 3 or not all(parts[1:]):
+                raise cfgmod.ConfigError(f"override {key!r}: set a head as heads.NAME.KEY=VALUE")
+            head, field_name = parts[1], parts[2]
+        else:
+            continue
+        out.setdefault(head, {})[field_name] = value
+    return out
+
+
+def _set_heads(heads, changes: dict[str, dict[str, Any]]) -> tuple[HeadSpec, ...]:
+    """``heads`` with ``changes`` applied per head; a name not among them is a new head."""
+    by_name = {h.name: cfgmod.to_dict(h) for h in heads}
+    for name, change in changes.items():
+        by_name[name] = {**by_name.get(name, {"name": name}), **change, "name": name}
+    return tuple(_head_spec(v) for v in by_name.values())
+
+
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    """Inverse of ``config.to_dict`` for :class:`TrainConfig` (nested augment settings)."""
+    """Inverse of ``config.to_dict`` for :class:`TrainConfig` (nested augment settings);
+    the flat head settings of older runs (``gender_weight``, ...) set the heads."""
     values = dict(values)
     aug = cfgmod.from_dict(AugmentConfig, values.pop("augment", {}))
-    return dataclasses.replace(cfgmod.from_dict(TrainConfig, values), augment=aug)
+    legacy = {k: values.pop(k) for k in list(values) if k in HEAD_ALIASES}
+    cfg = cfgmod.from_dict(TrainConfig, values)
+    if legacy:
+        cfg = dataclasses.replace(cfg, heads=_set_heads(cfg.heads, _head_overrides(legacy)))
+    return dataclasses.replace(cfg, augment=aug)
 
 
 def resume_settings(
@@ -212,7 +356,8 @@ def resume_settings(
 
 
 def _flat(d: dict) -> dict:
-    """``{"augment": {"rotation": 8}}`` -> ``{"augment.rotation": 8}``."""
+    """``{"augment": {"rotation": 8}}`` -> ``{"augment.rotation": 8}`` (``heads``, a list
+    of dicts, stays whole)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
@@ -222,10 +367,25 @@ def _flat(d: dict) -> dict:
     return out
 
 
+def train_heads(cfg: TrainConfig) -> tuple[HeadSpec, ...]:
+    """Every head ``cfg`` trains, in the network's order: ``cfg.heads``, then the age head
+    (kind ``age``: weight ``age_weight``, smoothing ``age_smoothing``) with ``age_head``."""
+    if not cfg.age_head:
+        return cfg.heads
+    years = tuple(str(y) for y in range(AGE_YEARS))
+    age = HeadSpec(AGE_HEAD, "age", years, cfg.age_weight, cfg.age_smoothing, selects=False)
+    return (*cfg.heads, age)
+
+
+def class_heads(cfg: TrainConfig) -> dict[str, int]:
+    """``{name: number of classes}`` of the classification heads (not the age head)."""
+    return {h.name: h.n_classes for h in cfg.heads}
+
+
 def model_config(cfg: TrainConfig) -> ModelConfig:
-    """The network ``cfg`` trains: its design, heads (the age head with ``age_head``) and
-    input contract."""
-    heads = {**HEADS, AGE_HEAD: AGE_YEARS} if cfg.age_head else dict(HEADS)
+    """The network ``cfg`` trains: its design, heads (:func:`train_heads`) and input
+    contract."""
+    heads = {h.name: h.n_classes for h in train_heads(cfg)}
     spec = {"image_size": cfg.image_size, "in_channels": cfg.channels}
     if cfg.arch == "dlib_resnet":  # the pretrained network fixes its input
         if (cfg.image_size, cfg.channels) != (DLIB_INPUT.size, DLIB_INPUT.channels):

@@ -25,7 +25,7 @@ from ..exceptions import FaceattrsError
 from ..io import write_with
 from ..model import predict
 from ..prepare import file_sha256
-from .config import AGE_YEARS, HEADS, TrainConfig, TrainError
+from .config import AGE_YEARS, HEADS, TrainConfig, TrainError, class_heads
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,15 @@ def heads_loss(weights: dict[str, float], smoothing: dict[str, float] | None = N
     return loss_fn
 
 
-def multitask_loss(cfg: TrainConfig, heads=HEADS):
-    """L = 0.4 CE(gender) + 2.5 CE(ethnicity) (``cfg.HEAD_weight``, ``cfg.HEAD_smoothing``;
-    a head without settings: weight 1, no smoothing). With ``cfg.teachers``, see
-    :func:`distill_loss`."""
-    weights = {h: getattr(cfg, f"{h}_weight", 1.0) for h in heads}
-    smoothing = {h: getattr(cfg, f"{h}_smoothing", 0.0) for h in heads}
+def multitask_loss(cfg: TrainConfig, heads=None):
+    """The weighted cross-entropies of the classification ``heads`` (names; default
+    ``cfg.heads``), each with its spec's weight and smoothing (a head without a spec:
+    weight 1, no smoothing): the reference's L = 0.4 CE(gender) + 2.5 CE(ethnicity).
+    With ``cfg.teachers``, see :func:`distill_loss`."""
+    specs = {h.name: h for h in cfg.heads}
+    heads = list(class_heads(cfg) if heads is None else heads)
+    weights = {h: specs[h].weight if h in specs else 1.0 for h in heads}
+    smoothing = {h: specs[h].smoothing if h in specs else 0.0 for h in heads}
     if cfg.teachers:
         return distill_loss(weights, smoothing, cfg.distill_weight, cfg.distill_temperature)
     return heads_loss(weights, smoothing)
@@ -105,10 +108,11 @@ def with_age_head(loss_fn, cfg: TrainConfig, edges=None):
 
 
 def teacher_targets(
-    runs: str, images: torch.Tensor, temperature: float, heads=HEADS
+    runs: str, images: torch.Tensor, temperature: float, heads: dict[str, int] = HEADS
 ) -> dict[str, torch.Tensor]:
-    """``{"teacher_HEAD": (N, K) probabilities}``: the mean over the runs (comma-separated
-    folders) and over face and mirror of softmax(logits / T), on ``images``' device."""
+    """``{"teacher_HEAD": (N, K) probabilities}`` for ``heads`` (name -> classes): the mean
+    over the runs (comma-separated folders) and over face and mirror of softmax(logits /
+    T), on ``images``' device."""
     folders = [r.strip() for r in runs.split(",") if r.strip()]
     sums = {h: torch.zeros(len(images), k) for h, k in heads.items()}
     faces = images  # the teachers run on the training device
@@ -133,6 +137,8 @@ def teachers_key(cfg: TrainConfig, images: torch.Tensor) -> str | None:
     """What the teachers' targets depend on: the teachers' weights (file hashes), the
     temperature and the training images; None when a teacher's weights cannot be read."""
     h = hashlib.sha256(f"faceattrs-teachers-1 T={cfg.distill_temperature!r}".encode())
+    if class_heads(cfg) != HEADS:  # other heads, other targets (the reference's: as before)
+        h.update(repr(class_heads(cfg)).encode())
     try:
         for folder in [r.strip() for r in cfg.teachers.split(",") if r.strip()]:
             h.update(file_sha256(Path(folder) / "best.safetensors").encode())
@@ -158,7 +164,8 @@ def teacher_targets_cached(
                     return {k: f.get_tensor(k).to(images.device) for k in f.keys()}, key, True
         except Exception:  # unreadable or foreign: computed again and rewritten
             pass
-    return teacher_targets(cfg.teachers, images, cfg.distill_temperature), key, False
+    soft = teacher_targets(cfg.teachers, images, cfg.distill_temperature, class_heads(cfg))
+    return soft, key, False
 
 
 def save_teacher_targets(out_dir: Path, soft: dict[str, torch.Tensor], key: str | None) -> None:

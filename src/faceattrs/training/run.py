@@ -28,11 +28,12 @@ from ..augment import Augmenter, minority_classes
 from ..dataset import FaceSet
 from ..devices import check_device, select_device, use_bf16
 from ..exceptions import FaceattrsError
+from ..inputs import class_names
 from ..io import clean_stale_temps, write_json_atomic
 from ..model import build_model
 from ..prepare import data_key
 from . import ddp
-from .config import AGE_YEARS, HEADS, TrainConfig, TrainError, model_config
+from .config import AGE_YEARS, HEADS, TrainConfig, TrainError, class_heads, model_config
 from .loop import (
     EarlyStopping,
     epoch_order,
@@ -81,15 +82,24 @@ def fit(
 
 
 def split_tensors(
-    faces: FaceSet, split: str, limit: int, seed: int, device, age: bool = False
+    faces: FaceSet, split: str, limit: int, seed: int, device, age: bool = False, heads=None
 ) -> dict:
-    """Images and one label tensor per head (the FaceSet attribute of that name), and the
-    ages in whole years (clipped to the age head's range) when ``age``."""
+    """Images and one label tensor per head of ``heads`` (names; default the reference's:
+    the FaceSet's labels of that name) and the ethnicity (sampling and augmentation
+    stratify by it), and the ages in whole years (clipped to the age head's range) when
+    ``age``."""
     idx = faces.indices(split)
     if limit and len(idx) > limit:
         rng = np.random.default_rng(mix_seed(seed, 3))
         idx = np.sort(rng.choice(idx, limit, replace=False))
-    labels = {h: getattr(faces, h)[idx].astype(np.int64) for h in HEADS}
+    names = dict.fromkeys([*(heads or HEADS), "ethnicity"])
+    missing = [h for h in names if h not in faces.labels]
+    if missing:
+        raise TrainError(
+            f"the data has no labels for head {missing[0]!r}: a prepared folder holds them "
+            f"as the array label_{missing[0]} of faces.npz"
+        )
+    labels = {h: faces.labels[h][idx].astype(np.int64) for h in names}
     if age:
         labels[AGE_HEAD] = np.clip(faces.age[idx].astype(np.int64), 0, AGE_YEARS - 1)
     return {
@@ -189,8 +199,9 @@ def _load_data(run: _Run, faces: FaceSet) -> tuple[dict, str | None, bool]:
         faces.require(model_config(cfg).input, run.data_ref or "the data")
     except FaceattrsError as e:
         raise TrainError(str(e)) from None
-    run.train = split_tensors(faces, "train", cfg.limit, cfg.seed, device, cfg.age_head)
-    run.val = split_tensors(faces, "val", cfg.limit, cfg.seed + 1, device, cfg.age_head)
+    heads = class_heads(cfg)
+    run.train = split_tensors(faces, "train", cfg.limit, cfg.seed, device, cfg.age_head, heads)
+    run.val = split_tensors(faces, "val", cfg.limit, cfg.seed + 1, device, cfg.age_head, heads)
     n_train, n_val = len(run.train["image"]), len(run.val["image"])
     if n_train < run.world or n_val == 0:
         raise TrainError(
@@ -277,22 +288,29 @@ def _epoch(run: _Run, epoch: int) -> dict[str, Any]:
     # every rank evaluates (its shard) with rank 0's BatchNorm statistics
     ddp.broadcast_buffers(run.served)
     shard = torch.arange(run.rank, len(run.val["image"]), run.world, device=run.device)
+    heads = class_heads(cfg)
     ev = evaluate_heads(
-        run.served, run.val, HEADS, batch_size=cfg.eval_batch_size, loss_fn=run.loss_fn,
+        run.served, run.val, heads, batch_size=cfg.eval_batch_size, loss_fn=run.loss_fn,
         bf16=run.bf16, channels_last=cfg.channels_last, indices=shard,
         years=AGE_HEAD if cfg.age_head else None,
     )  # fmt: skip
     run.evals[epoch] = ev
     seconds = time.perf_counter() - t_epoch
-    score = sum(ev[h]["macro_f1"] for h in HEADS) / len(HEADS)
     return {
         "epoch": epoch, "lr": lr, "seconds": seconds, "images_per_s": tr["images_per_s"],
-        "train_loss": tr["loss"], **{f"train_loss_{h}": tr[f"loss_{h}"] for h in HEADS},
-        "val_loss": ev["loss"], "val_score": score,
-        **{f"val_{h}_{m}": ev[h][m] for h in HEADS for m in ("accuracy", "macro_f1")},
+        "train_loss": tr["loss"], **{f"train_loss_{h}": tr[f"loss_{h}"] for h in heads},
+        "val_loss": ev["loss"], "val_score": selection_score(cfg, ev),
+        **{f"val_{h}_{m}": ev[h][m] for h in heads for m in ("accuracy", "macro_f1")},
         **(dict(zip(AGE_COLUMNS, (tr[f"loss_{AGE_HEAD}"], ev[AGE_HEAD]["mae"],
                                   ev[AGE_HEAD]["cs5"]), strict=True)) if cfg.age_head else {}),
     }  # fmt: skip
+
+
+def selection_score(cfg: TrainConfig, ev: dict) -> float:
+    """The score that chooses the best epoch: the mean validation macro-F1 of the heads
+    that select (the reference: gender and ethnicity)."""
+    selecting = [h.name for h in cfg.heads if h.selects]
+    return sum(ev[h]["macro_f1"] for h in selecting) / len(selecting)
 
 
 def _on_epoch(run: _Run, row: dict[str, Any], improved: bool) -> None:
@@ -304,16 +322,21 @@ def _on_epoch(run: _Run, row: dict[str, Any], improved: bool) -> None:
     log.info(
         "epoch %d/%d  loss %.4f  val %s%s  score %.4f%s  %.0f img/s  %.0f s",
         epoch, cfg.epochs, row["train_loss"],
-        "  ".join(f"{h} F1 {ev[h]['macro_f1']:.4f}" for h in HEADS), age, score,
+        "  ".join(f"{h} F1 {ev[h]['macro_f1']:.4f}" for h in class_heads(cfg)), age, score,
         "  *best*" if improved else "", row["images_per_s"], row["seconds"],
     )  # fmt: skip
     if not run.main:
         return
-    monitor = f"val mean macro-F1 ({', '.join(HEADS)})"
+    selecting = [h.name for h in cfg.heads if h.selects]
+    monitor = f"val mean macro-F1 ({', '.join(selecting)})"
     meta = {"epoch": epoch, "score": score, "monitor": monitor,
-            "val": {h: {k: ev[h][k] for k in ("accuracy", "macro_f1", "confusion")}
-                    for h in HEADS},
+            "val": {h.name: {k: ev[h.name][k] for k in ("accuracy", "macro_f1", "confusion")}
+                    for h in cfg.heads},
             "data": run.data_ref, "config": cfgmod.to_dict(cfg)}  # fmt: skip
+    known = class_names(model_config(cfg).heads)  # what a checkpoint records by default
+    names = {**known, **{h.name: list(h.classes) for h in cfg.heads}}
+    if names != known:  # another head's, or other class names: the spec's
+        meta["class_names"] = names
     if cfg.age_head:  # the bins calibrate gives the age head: training-age sextiles
         meta["age_edges"] = run.age_edges
     save_epoch(run.out_dir, epoch, run.model, run.optimizer, run.scheduler, run.stopper, meta,

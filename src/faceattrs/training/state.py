@@ -52,8 +52,12 @@ HISTORY_FIELDS = history_fields()
 
 
 def _fields(rows: list[dict]) -> list[str]:
-    """The columns for these history rows (with the age columns when any row has them)."""
-    return history_fields(HEADS, age=any(AGE_COLUMNS[1] in r for r in rows))
+    """The columns for these history rows: their heads' (the reference's when none), with
+    the age columns when any row has them."""
+    keys = dict.fromkeys(k for r in rows for k in r)
+    heads = [k.removeprefix("train_loss_") for k in keys
+             if k.startswith("train_loss_") and k not in AGE_COLUMNS]  # fmt: skip
+    return history_fields(heads or HEADS, age=any(AGE_COLUMNS[1] in r for r in rows))
 
 
 # --------------------------------------------------------------------------- the state file

@@ -143,6 +143,15 @@ function ageBlock(age) {
   return div;
 }
 
+// the classification heads of a face record, in the model's order (gender, ethnicity,
+// and any other head the model has): every entry with probabilities but the age
+function recordHeads(rec) {
+  return Object.keys(rec).filter((k) => k !== "age" && rec[k] !== null &&
+    typeof rec[k] === "object" && rec[k].probabilities);
+}
+
+const title = (head) => head.charAt(0).toUpperCase() + head.slice(1).replaceAll("_", " ");
+
 function faceBlock(rec) {
   const div = el("div", "face");
   div.dataset.face = rec.face;
@@ -150,12 +159,12 @@ function faceBlock(rec) {
   h.append(el("span", "num", String(rec.face)), `Face ${rec.face}`);
   const how = rec.detection === "detected" ? `detector score ${rec.score}` : rec.detection;
   h.append(el("span", "status", ` (${how})`));
-  div.append(h, headBlock("Gender", rec.gender), headBlock("Ethnicity", rec.ethnicity));
+  div.append(h, ...recordHeads(rec).map((k) => headBlock(title(k), rec[k])));
   if (rec.age) div.append(ageBlock(rec.age));
   if (rec.explain) {
     const img = el("img", "cam");
     img.src = rec.explain;
-    img.alt = `Grad-CAM of face ${rec.face}: the face, then where the gender and ethnicity heads looked`;
+    img.alt = `Grad-CAM of face ${rec.face}: the face, then where the ${recordHeads(rec).join(" and ")} heads looked`;
     div.append(img);
   }
   return div;
@@ -172,7 +181,7 @@ function drawBoxes(photo, img, faces) {
       b.style.top = (100 * y / H) + "%";
       b.style.width = (100 * w / W) + "%";
       b.style.height = (100 * h / H) + "%";
-      b.append(el("span", null, `${rec.face}: ${rec.gender.label}, ${rec.ethnicity.label}` +
+      b.append(el("span", null, `${rec.face}: ${recordHeads(rec).map((k) => rec[k].label).join(", ")}` +
         (rec.age ? `, ${Math.round(rec.age.value)}` : "")));
       photo.append(b);
     }
