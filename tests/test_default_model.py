@@ -14,9 +14,21 @@ from faceattrs import bundle
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "astronaut.jpg"
 DEFAULT = bundle.DEFAULT_MODEL_DIR
+# every model shipped in the package: the default and those reached by name (--model utk48)
+SHIPPED = [DEFAULT] + [d for d in bundle.NAMED_MODELS.values() if (d / "best.json").exists()]
+SHIPPED_INT8 = [bundle.DEFAULT_INT8_DIR] + [
+    d for d in bundle.NAMED_INT8.values() if (d / bundle.ONNX_MANIFEST).exists()
+]
 
 
-def test_default_model_is_shipped_small_and_self_contained():
+def test_all_shipped_weights_fit_in_50_mb():
+    files = [p for d in SHIPPED + SHIPPED_INT8 for p in d.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 50e6
+
+
+@pytest.mark.parametrize("folder", SHIPPED, ids=lambda d: d.name)
+def test_shipped_model_is_small_and_self_contained(folder):
+    DEFAULT = folder  # noqa: N806  (the checks below read as for the default model)
     files = [p for p in DEFAULT.rglob("*") if p.is_file()]
     names = {str(p.relative_to(DEFAULT)) for p in files}
     for f in ("best.json", "best.safetensors", "calibration.json", "provenance.json"):
@@ -59,18 +71,21 @@ def test_python_api_uses_the_default_model():
 
 def recorded_and_now(folder: Path, shared_csv: Path, **analyzer) -> tuple[dict, dict]:
     """The check recorded in ``folder/provenance.json`` and the same check computed now
-    (``check_figures`` of the packaging script, on the same first validation faces)."""
-    from conftest import load_script
+    (``check_figures`` of the packaging script, on the same first validation faces of the
+    CSV, or for a model that takes other faces, the same shared photos)."""
+    from conftest import SHARED_PHOTOS, load_script
 
     check = json.loads((folder / "provenance.json").read_text())["check"]
     pdm = load_script("package_default_model")
-    now = pdm.check_figures(folder, shared_csv, check["first_n"], **analyzer)
+    data = SHARED_PHOTOS if check["split"] == "photos" else shared_csv
+    now = pdm.check_figures(folder, data, check["first_n"], **analyzer)
     assert now["first_n"] == check["first_n"] and now["split"] == check["split"]
     return check, now
 
 
-def test_default_model_reproduces_its_recorded_check(shared_csv):
-    check, now = recorded_and_now(DEFAULT, shared_csv)
+@pytest.mark.parametrize("folder", SHIPPED, ids=lambda d: d.name)
+def test_shipped_model_reproduces_its_recorded_check(folder, shared_csv):
+    check, now = recorded_and_now(folder, shared_csv)
     n = check["first_n"]
     # Tolerance: another CPU's kernels may flip a borderline face or two.
     assert now["gender_accuracy"] == pytest.approx(check["gender_accuracy"], abs=3 / n)
@@ -87,8 +102,19 @@ def test_commands_without_model_use_the_default(tmp_path):
 
     csv = tmp_path / "faces.csv"
     write_csv(csv, synthetic_faceset(40, split=False))
+    data = csv  # a CSV of 48x48 gray faces, or labelled photos for a model that takes others
+    if bundle.resolve(None).input.shape != (48, 48):
+        import cv2
+        import numpy as np
+
+        data = tmp_path / "photos"
+        data.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(40):
+            img = rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)
+            cv2.imwrite(str(data / f"{20 + i}_{i % 2}_{i % 5}_{i}.jpg"), img)
     ev = tmp_path / "ev"
-    assert main(["evaluate", "--data", str(csv), "--split", "all", "--out", str(ev)]) == 0
+    assert main(["evaluate", "--data", str(data), "--split", "all", "--out", str(ev)]) == 0
     metrics = json.loads((ev / "metrics.json").read_text())
     assert metrics["n"] == 40 and metrics["age"]["interval"]["n"] == 40
     ex = tmp_path / "ex"
@@ -141,9 +167,10 @@ def test_predict_sample_photo_int8_without_model(tmp_path):
     assert abs(int8["age"]["value"] - fp32["age"]["value"]) <= 5
 
 
-def test_int8_default_reproduces_its_recorded_check(shared_csv):
+@pytest.mark.parametrize("folder", SHIPPED_INT8, ids=lambda d: d.name)
+def test_shipped_int8_reproduces_its_recorded_check(folder, shared_csv):
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
-    check, now = recorded_and_now(INT8, shared_csv, backend="onnx", dtype="int8")
+    check, now = recorded_and_now(folder, shared_csv, backend="onnx", dtype="int8")
     n = check["first_n"]
     # int8 kernels differ more between CPUs (VNNI or not) than fp32 ones: a few faces more
     assert now["gender_accuracy"] == pytest.approx(check["gender_accuracy"], abs=6 / n)
