@@ -158,6 +158,35 @@ def test_training_package_layers():
     assert users == TRAINING_USERS, users
 
 
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph[todo.pop()] - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen
+
+
+def test_reachable_follows_imports_through_modules():
+    assert reachable({"a": {"b"}, "b": {"c"}, "c": set(), "d": {"a"}}, "a") == {"b", "c"}
+
+
+# inference: the analyzer, its backends and settings, the predict command and the server
+INFERENCE = ("faceattrs.predict", "faceattrs.backends", "faceattrs.settings",
+             "faceattrs.predict_files", "faceattrs.serve.app")  # fmt: skip
+
+
+def test_inference_does_not_import_the_export_stage():
+    """The onnx backend opens exports itself (``backends.open_onnx``, a run folder's graphs
+    written by ``onnx_graphs``); ``faceattrs export`` (int8, the agreement check) is a stage
+    above it."""
+    graph = import_graph()
+    for mod in INFERENCE:
+        assert "faceattrs.export" not in reachable(graph, mod), mod
+    assert "faceattrs.backends" in reachable(graph, "faceattrs.export")
+
+
 def test_model_folders_are_read_in_one_module():
     """Only the bundle layer knows the names of a model folder's files."""
     markers = ('"age.json"', '"calibration.json"', '"faceattrs-onnx.json"', "multitask_absolute")

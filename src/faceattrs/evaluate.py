@@ -364,8 +364,9 @@ def _int8_outputs(model, images: np.ndarray, batch: int = 256):
     """``(bundle, logits per head, age model or None)`` of an int8 export on ``images``."""
     from .backends import OnnxAgeModel, in_batches
     from .predict import load_models
+    from .settings import InferenceSettings
 
-    backend = load_models(model, "onnx", dtype="int8")
+    backend = load_models(model, InferenceSettings(backend="onnx", dtype="int8"))
     logits = in_batches(backend.logits, images, batch)
     age = OnnxAgeModel(backend) if backend.age_meta is not None else None
     return backend.bundle, logits, age
