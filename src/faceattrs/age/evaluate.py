@@ -15,21 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bootstrap import BOOTSTRAP_RESAMPLES, boot_accuracy, boot_cs, boot_mae, bootstrap_ci
 from ..bundle import load_age_model
 from ..checkpoint import CheckpointError
 from ..dataset import FaceSet
 from ..exceptions import FaceattrsError
 from ..io import write_json_atomic, write_with
 from ..labels import ETHNICITIES, GENDERS
-from ..metrics import (
-    BOOTSTRAP_RESAMPLES,
-    boot_accuracy,
-    boot_cs,
-    boot_mae,
-    bootstrap_ci,
-    classification_report,
-    per_group,
-)
+from ..metrics import classification_report, per_group
 from . import conformal
 from .bins import assign_bins
 
