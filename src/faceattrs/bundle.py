@@ -40,9 +40,9 @@ import numpy as np
 import torch
 
 from . import config as cfgmod
-from .age.bundle import AGE_JSON, AgeModel
-from .age.bundle import FORMAT as AGE_FORMAT
 from .age.direct import HEAD as AGE_HEAD
+from .age.networks import AGE_JSON, AgeModel
+from .age.networks import FORMAT as AGE_FORMAT
 from .age.regress import BinRegressors
 from .checkpoint import CheckpointError, check_weights, load_model, load_weights, read_meta
 from .exceptions import FaceattrsError

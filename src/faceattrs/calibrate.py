@@ -25,14 +25,19 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
+from .age import conformal
+from .age.bins import quantile_edges
+from .age.config import AgeConfig
 from .age.direct import HEAD as AGE_HEAD
+from .age.networks import AGE_JSON, save_head_age_model
+from .age.networks import choose_flip_tta as choose_age_flip_tta
 from .bundle import CALIBRATION_FILE, resolve, weights_id
 from .dataset import FaceSet
 from .exceptions import FaceattrsError
 from .io import write_json_atomic
 from .metrics import N_BINS, expected_calibration_error, reliability_bins
 from .model import predict
-from .postprocess import softmax
+from .postprocess import AGE_POINTS, age_prediction, softmax
 
 log = logging.getLogger(__name__)
 
@@ -224,11 +229,6 @@ def calibrate_age_head(bundle, faces: FaceSet, val_year_logits: np.ndarray, flip
     lower validation MAE; the 90 % split-conformal interval fitted on the validation ages
     the network now predicts, with the flip choice of the other heads, since one pass
     serves all three)."""
-    from .age import conformal
-    from .age.bins import quantile_edges
-    from .age.bundle import save_head_age_model
-    from .age.config import AgeConfig
-    from .postprocess import AGE_POINTS, age_prediction
 
     val = faces.subset("val")
     edges = bundle.meta.get("age_edges")
@@ -261,10 +261,8 @@ def calibrate_age_flip(bundle, val: FaceSet, mode: str = "auto", device: str = "
     """Choose flip TTA for the bundle's age model on validation (lower MAE of its default
     approach), refit its 90 % interval to the predictions it will make, and rewrite its
     ``age.json`` (one atomic write: the weights do not change)."""
-    from .age.bundle import AGE_JSON, choose_flip_tta
-
     model = bundle.load_age(device)
-    choice, selection = choose_flip_tta(model, val, mode)
+    choice, selection = choose_age_flip_tta(model, val, mode)
     log.info(
         "age flip TTA %s (validation MAE plain %.3f, flip %.3f)",
         "on" if choice else "off",

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .age.bundle import COARSE_HEAD
 from .age.direct import HEAD as DIRECT_HEAD
+from .age.networks import COARSE_HEAD
 from .bundle import ONNX_FORMAT as FORMAT
 from .io import write_with
 

@@ -168,7 +168,7 @@ def evaluate_age(
 ) -> dict:
     """Evaluate an age model on one split of ``faces``; the dict for ``metrics.json["age"]``.
 
-    ``model``: an :class:`~faceattrs.age.bundle.AgeModel` (or an object with its
+    ``model``: an :class:`~faceattrs.age.networks.AgeModel` (or an object with its
     ``predict_all`` and settings: :class:`faceattrs.backends.OnnxAgeModel`) or a model
     folder (age run, or a multitask run holding ``age/``). ``split``: 'train', 'val', 'test' or 'all'. With
     ``out_dir`` it writes ``age_predictions_<split>.npz`` there and, with ``figures``, the

@@ -32,6 +32,7 @@ from ..io import write_json_atomic, write_with
 from ..model import FaceResNet
 from ..model import predict as predict_faces
 from ..postprocess import APPROACHES, age_prediction, route, softmax
+from . import conformal
 from . import direct as directmod
 from .bins import bin_labels
 from .regress import BinRegressors
@@ -219,8 +220,6 @@ def choose_flip_tta(model: AgeModel, val, mode: str = "auto") -> tuple[bool, dic
     "auto" = when that lowers the validation MAE of the default approach and routing.
     Sets ``model.flip_tta`` and refits the 90 % interval (split-conformal on the validation
     predictions the model will now make). Returns ``(choice, selection)``."""
-    from . import conformal
-
     if mode not in ("auto", "on", "off"):
         raise CheckpointError(f"flip_tta must be one of auto, on, off, got {mode!r}")
     maes, preds = {}, {}
