@@ -163,6 +163,8 @@ class FaceAnalyzer:
     :class:`~faceattrs.bundle.Bundle`); None = the default model bundled in the package
     (docs/MODEL_CARD.md), trained on UTKFace faces, which are for non-commercial research
     only: so is that model.
+    ``settings``: how the models run (:class:`faceattrs.settings.InferenceSettings`, which
+    checks itself); or, without it, its fields as keywords (``backend`` default "torch"):
     ``dtype``: "fp32" or "bf16" (torch); "int8" with ``backend="onnx"``: an int8 export
     (``faceattrs export --int8``; with ``model=None`` the one bundled in the package).
     ``photo``: detection and crop settings (:class:`faceattrs.photo.PhotoConfig`).
