@@ -110,7 +110,7 @@ def inference_settings(args):
         device=args.device,
         threads=args.threads,
         batch_size=args.batch_size,
-        photo_workers=getattr(args, "photo_workers", "auto"),
+        photo_workers=args.photo_workers,
         options=True,
     )
     if settings.backend == "torch":
