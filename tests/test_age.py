@@ -11,11 +11,11 @@ import torch
 from conftest import synthetic_faceset
 
 from faceattrs.age import bins as binsmod
-from faceattrs.age import regress
-from faceattrs.age.bundle import AgeModel, save_age_model
+from faceattrs.age import finetune, regress
 from faceattrs.age.config import AgeConfig
 from faceattrs.age.direct import dldl_loss, expected_age, mean_variance_loss
 from faceattrs.age.evaluate import age_metrics, evaluate_age
+from faceattrs.age.networks import AgeModel, save_age_model
 from faceattrs.bundle import load_age_model, resolve_bundle
 from faceattrs.checkpoint import CheckpointError, save_checkpoint
 from faceattrs.exceptions import FaceattrsError
@@ -104,7 +104,7 @@ def test_oracle_mae_not_worse_than_hard_on_toy():
 
     (zt, at), (zv, av), (ze, ae) = make(450), make(150), make(300)
     cfg = AgeConfig(reg_epochs=40, reg_patience=10, reg_lr=1e-2, reg_batch_size=64)
-    reg, _ = regress.train_regressors(zt, at, zv, av, edges, cfg)
+    reg, _ = finetune.train_regressors(zt, at, zv, av, edges, cfg)
     with torch.no_grad():
         per_bin = reg(torch.as_tensor(ze)).double().numpy()
     true_bin = binsmod.assign_bins(ae, edges)
@@ -139,15 +139,15 @@ def test_per_bin_regressor_never_sees_other_bins(monkeypatch):
     age = rng.integers(1, 90, 200)
     edges = binsmod.quantile_edges(age, 6)
     seen = {}
-    real = regress._fit_one
+    real = finetune._fit_one
 
     def spy(reg, k, x, y, xv, yv, cfg):
         seen[k] = (x.copy(), y.copy(), yv.copy())
         return real(reg, k, x, y, xv, yv, cfg)
 
-    monkeypatch.setattr(regress, "_fit_one", spy)
+    monkeypatch.setattr(finetune, "_fit_one", spy)
     z = np.column_stack([age, rng.normal(size=(200, 3))]).astype(np.float32)  # col 0 = age
-    regress.train_regressors(z[:150], age[:150], z[150:], age[150:], edges, AgeConfig(reg_epochs=2))
+    finetune.train_regressors(z[:150], age[:150], z[150:], age[150:], edges, AgeConfig(reg_epochs=2))
     lo, hi = [0, *edges], [*edges, np.inf]
     assert sorted(seen) == list(range(6))
     for k, (x, y, yv) in seen.items():

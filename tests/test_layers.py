@@ -141,7 +141,7 @@ TRAINING_LAYERS = {"ddp": 0, "loop": 1, "config": 1, "losses": 2, "weights": 2, 
 # the modules outside the package that train (the CLI command, the all-stages pipeline and
 # the age stage); nothing below them (models, bundles, inference, evaluation) imports it
 TRAINING_USERS = {"faceattrs.cli.train", "faceattrs.pipeline", "faceattrs.age.finetune",
-                  "faceattrs.age.pipeline", "faceattrs.age.regress"}  # fmt: skip
+                  "faceattrs.age.pipeline"}  # fmt: skip
 
 
 def test_training_package_layers():
@@ -158,6 +158,58 @@ def test_training_package_layers():
     assert users == TRAINING_USERS, users
 
 
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph[todo.pop()] - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen
+
+
+def test_reachable_follows_imports_through_modules():
+    assert reachable({"a": {"b"}, "b": {"c"}, "c": set(), "d": {"a"}}, "a") == {"b", "c"}
+
+
+# inference: the analyzer, its backends and settings, the predict command and the server
+INFERENCE = ("faceattrs.predict", "faceattrs.backends", "faceattrs.settings",
+             "faceattrs.predict_files", "faceattrs.serve.app")  # fmt: skip
+
+
+def test_inference_does_not_import_the_export_stage():
+    """The onnx backend opens exports itself (``backends.open_onnx``, a run folder's graphs
+    written by ``onnx_graphs``); ``faceattrs export`` (int8, the agreement check) is a stage
+    above it."""
+    graph = import_graph()
+    for mod in INFERENCE:
+        assert "faceattrs.export" not in reachable(graph, mod), mod
+    assert "faceattrs.backends" in reachable(graph, "faceattrs.export")
+
+
+# faceattrs.age in two layers: the model (what a bundle loads) and the stage above it
+AGE_MODEL = {"bins", "direct", "conformal", "regress", "networks"}
+AGE_STAGE = {"config", "finetune", "evaluate", "pipeline"}
+
+
+def test_age_model_layer_imports_nothing_above_it():
+    """The age model layer imports no age stage module, no training code and no module
+    that imports the age package back (faceattrs.bundle: it loads the age model); only
+    the stage layer and the modules above it import the age stage."""
+    graph = import_graph()
+    age = {m.rpartition(".")[2] for m in graph if m.startswith("faceattrs.age.")}
+    assert age == AGE_MODEL | AGE_STAGE, sorted(age)
+    stage = {f"faceattrs.age.{m}" for m in AGE_STAGE}
+    for name in AGE_MODEL:
+        deps = graph[f"faceattrs.age.{name}"]
+        up = {d for d in deps if d in stage or d.startswith("faceattrs.training")
+              or d == "faceattrs.bundle"}  # fmt: skip
+        assert not up, f"faceattrs.age.{name} imports {sorted(up)}"
+    for mod in ("faceattrs.bundle", "faceattrs.backends", "faceattrs.predict",
+                "faceattrs.onnx_graphs"):  # fmt: skip
+        assert not reachable(graph, mod) & stage, mod
+
+
 def test_model_folders_are_read_in_one_module():
     """Only the bundle layer knows the names of a model folder's files."""
     markers = ('"age.json"', '"calibration.json"', '"faceattrs-onnx.json"', "multitask_absolute")
@@ -166,9 +218,9 @@ def test_model_folders_are_read_in_one_module():
         text = path.read_text()
         if any(m in text for m in markers):
             readers.add(module_name(path))
-    # age.bundle writes age.json (train-age); bundle reads every kind; report renders every
+    # age.networks writes age.json (train-age); bundle reads every kind; report renders every
     # file of a run folder as a document (it loads no model)
-    allowed = {"faceattrs.bundle", "faceattrs.age.bundle", "faceattrs.report"}
+    allowed = {"faceattrs.bundle", "faceattrs.age.networks", "faceattrs.report"}
     assert readers <= allowed and "faceattrs.bundle" in readers, readers
 
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from faceattrs import bootstrap as BS
 from faceattrs import bundle as B
 from faceattrs import calibrate as C
 from faceattrs import metrics as M
@@ -87,28 +88,28 @@ def _calibrated_toy(n: int, seed: int = 0):
 
 def test_ece_of_perfectly_calibrated_toy_is_about_zero():
     probs, y = _calibrated_toy(200_000)
-    assert C.expected_calibration_error(probs, y) < 0.005
+    assert M.expected_calibration_error(probs, y) < 0.005
 
 
 def test_ece_of_overconfident_toy_is_the_gap():
     probs = np.tile([0.9, 0.1], (10, 1))
     y = np.array([0] * 6 + [1] * 4)  # 60 % right at 90 % confidence
-    assert C.expected_calibration_error(probs, y) == pytest.approx(0.3)
+    assert M.expected_calibration_error(probs, y) == pytest.approx(0.3)
 
 
 def test_reliability_bins_cover_every_sample_and_the_top_edge():
     probs, y = _calibrated_toy(1000)
     probs[0] = [1.0, 0.0]
-    b = C.reliability_bins(probs, y)
-    assert sum(b["count"]) == 1000 and len(b["count"]) == C.N_BINS
-    assert len(b["edges"]) == C.N_BINS + 1
+    b = M.reliability_bins(probs, y)
+    assert sum(b["count"]) == 1000 and len(b["count"]) == M.N_BINS
+    assert len(b["edges"]) == M.N_BINS + 1
     # bins are (b / n, (b + 1) / n]: a confidence of exactly 1.0 falls in the last bin, one
     # on an inner edge in the bin that edge closes
-    top = C.reliability_bins(np.array([[1.0, 0.0]]), np.array([0]))
-    assert top["count"] == [0] * (C.N_BINS - 1) + [1]
+    top = M.reliability_bins(np.array([[1.0, 0.0]]), np.array([0]))
+    assert top["count"] == [0] * (M.N_BINS - 1) + [1]
     assert top["confidence"][-1] == 1.0 and top["accuracy"][-1] == 1.0
-    assert top["confidence"][:-1] == [None] * (C.N_BINS - 1)
-    edge = C.reliability_bins(np.array([[0.5, 0.5], [0.25, 0.75], [0.8, 0.2]]), np.zeros(3), 4)
+    assert top["confidence"][:-1] == [None] * (M.N_BINS - 1)
+    edge = M.reliability_bins(np.array([[0.5, 0.5], [0.25, 0.75], [0.8, 0.2]]), np.zeros(3), 4)
     assert edge["count"] == [0, 1, 1, 1] and edge["accuracy"] == [None, 1.0, 0.0, 1.0]
 
 
@@ -120,8 +121,8 @@ def test_fit_temperature_recovers_a_planted_temperature():
     t = C.fit_temperature(overconfident, y)
     assert t == pytest.approx(3.0, rel=0.05)
     assert C.nll(overconfident, y, t) < C.nll(overconfident, y)
-    before = C.expected_calibration_error(M.softmax(overconfident), y)
-    after = C.expected_calibration_error(M.softmax(overconfident, t), y)
+    before = M.expected_calibration_error(M.softmax(overconfident), y)
+    after = M.expected_calibration_error(M.softmax(overconfident, t), y)
     assert after < before / 3
 
 
@@ -154,22 +155,22 @@ def test_vectorised_statistics_equal_the_reported_figures_on_the_whole_sample():
     from sklearn.metrics import f1_score, roc_auc_score
 
     rng, y, p = _toy()
-    assert M.boot_accuracy(y, p) == pytest.approx(M.accuracy(y, p), abs=1e-4)
-    assert M.boot_macro_f1(y, p) == pytest.approx(f1_score(y, p, average="macro"), abs=1e-12)
+    assert BS.boot_accuracy(y, p) == pytest.approx(M.accuracy(y, p), abs=1e-4)
+    assert BS.boot_macro_f1(y, p) == pytest.approx(f1_score(y, p, average="macro"), abs=1e-12)
     # a batch reduces each row on its own: a resample of the faces, and a row in which
     # classes 3 and 4 never occur (sklearn leaves them out of its mean)
     idx = rng.integers(0, len(y), len(y))
     y2, p2 = np.minimum(y, 2), np.minimum(p, 2)
-    batch = M.boot_macro_f1(np.stack([y, y[idx], y2]), np.stack([p, p[idx], p2]))
+    batch = BS.boot_macro_f1(np.stack([y, y[idx], y2]), np.stack([p, p[idx], p2]))
     want = [f1_score(a, b, average="macro") for a, b in [(y, p), (y[idx], p[idx]), (y2, p2)]]
     assert batch.shape == (3,) and batch == pytest.approx(want, abs=1e-12)
     assert len(set(np.round(want, 6))) == 3  # three different figures
     g = rng.integers(0, 2, len(y))
     score = np.round(rng.random(len(y)), 1)  # ties, averaged as roc_auc_score does
-    assert M.boot_auc(g, score) == pytest.approx(roc_auc_score(g, score), abs=1e-12)
+    assert BS.boot_auc(g, score) == pytest.approx(roc_auc_score(g, score), abs=1e-12)
     age, pred = rng.integers(1, 90, len(y)).astype(float), rng.normal(40, 15, len(y))
-    assert M.boot_mae(age, pred) == pytest.approx(np.abs(age - pred).mean())
-    assert M.boot_cs(age, pred) == pytest.approx((np.abs(age - pred) <= 5).mean())
+    assert BS.boot_mae(age, pred) == pytest.approx(np.abs(age - pred).mean())
+    assert BS.boot_cs(age, pred) == pytest.approx((np.abs(age - pred) <= 5).mean())
     # the pair gaps equal per_group's and standardised's largest gaps, for their pair
     correct = (y == p).astype(np.int8)
     group = rng.integers(0, 5, len(y))
@@ -177,20 +178,20 @@ def test_vectorised_statistics_equal_the_reported_figures_on_the_whole_sample():
     ones = np.ones(len(y), int)
     crude = M.per_group(M.accuracy, correct, ones, group)
     low, high = (int(g) for g in crude["gap_between"])
-    assert M.boot_pair_gap(low, high)(correct, group) == pytest.approx(crude["max_gap"], abs=2e-4)
+    assert BS.boot_pair_gap(low, high)(correct, group) == pytest.approx(crude["max_gap"], abs=2e-4)
     std = M.standardised(M.accuracy, correct, ones, group, stratum)
     low, high = (int(g) for g in std["gap_between"])
-    assert M.boot_standardised_pair_gap(low, high)(correct, group, stratum) == pytest.approx(
+    assert BS.boot_standardised_pair_gap(low, high)(correct, group, stratum) == pytest.approx(
         std["max_gap"], abs=2e-4
     )
-    assert np.isnan(M.boot_pair_gap(0, 5)(correct, group))  # no group 5: undefined
+    assert np.isnan(BS.boot_pair_gap(0, 5)(correct, group))  # no group 5: undefined
 
 
 def test_bootstrap_interval_holds_the_estimate_and_narrows_with_more_faces():
     _, y, p = _toy(200)
-    small = M.bootstrap_ci(M.boot_accuracy, y, p, resamples=500)
+    small = BS.bootstrap_ci(BS.boot_accuracy, y, p, resamples=500)
     _, y4, p4 = _toy(3200, seed=1)
-    large = M.bootstrap_ci(M.boot_accuracy, y4, p4, resamples=500)
+    large = BS.bootstrap_ci(BS.boot_accuracy, y4, p4, resamples=500)
     assert small[0] < M.accuracy(y, p) < small[1]
     assert large[0] < M.accuracy(y4, p4) < large[1]
     # the width falls about as 1/sqrt(n): 16x the faces, about a quarter of the width
@@ -201,9 +202,9 @@ def test_bootstrap_interval_holds_the_estimate_and_narrows_with_more_faces():
     half = 1.96 * np.sqrt(M.accuracy(y4, p4) * (1 - M.accuracy(y4, p4)) / len(y4))
     assert (large[1] - large[0]) / 2 == pytest.approx(half, rel=0.15)
     # seeded: the same interval twice; undefined statistic -> None
-    assert M.bootstrap_ci(M.boot_accuracy, y, p, resamples=500) == small
+    assert BS.bootstrap_ci(BS.boot_accuracy, y, p, resamples=500) == small
     assert (
-        M.bootstrap_ci(M.boot_pair_gap(0, 1), (y == p).astype(int), np.zeros(len(y), int)) is None
+        BS.bootstrap_ci(BS.boot_pair_gap(0, 1), (y == p).astype(int), np.zeros(len(y), int)) is None
     )
 
 

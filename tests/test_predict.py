@@ -455,9 +455,9 @@ def test_cli_photo_workers_auto(run_dir, image_files, tmp_path, monkeypatch, cap
     chosen = []
 
     class Spy(FaceAnalyzer):
-        def __init__(self, *a, **kw):
-            chosen.append(kw["photo_workers"])
-            super().__init__(*a, **kw)
+        def __init__(self, model, settings):
+            chosen.append(settings.photo_workers)
+            super().__init__(model, settings)
 
     monkeypatch.setattr(pf, "FaceAnalyzer", Spy)
     monkeypatch.setattr(predict_mod, "cpu_cores", lambda: 2)

@@ -639,7 +639,7 @@ def test_predict_killed_keeps_the_old_results_whole(tmp_path, tiny_run):
 
 def test_age_bundle_killed_while_saving_is_no_bundle_not_a_mixed_one(tmp_path, monkeypatch):
     from faceattrs.age import AgeModel, save_age_model
-    from faceattrs.age.bundle import AGE_JSON
+    from faceattrs.age.networks import AGE_JSON
     from faceattrs.age.regress import BinRegressors
     from faceattrs.model import FaceResNet, ModelConfig
 

@@ -200,7 +200,7 @@ def test_age_flip_is_the_mean_of_face_and_mirror(age_run):
 
 
 def test_choose_age_flip_refits_the_interval(age_run):
-    from faceattrs.age.bundle import choose_flip_tta as choose_age
+    from faceattrs.age.networks import choose_flip_tta as choose_age
 
     am = resolve(age_run).load_age()
     val = _age_val().subset("val")

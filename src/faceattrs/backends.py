@@ -6,12 +6,15 @@ on a folder from ``faceattrs export``) implement it. Both return raw logits per 
 the age model's prediction after :func:`faceattrs.postprocess.age_prediction`, so
 probabilities, temperatures and age post-processing are the same code for both.
 A new backend implements these four attributes and three methods, and is added to
-:func:`faceattrs.predict.load_models`. ``outputs`` gives both in one call: for a network
+:func:`faceattrs.predict.load_models`; :func:`open_onnx` opens the onnx one. ``outputs`` gives both in one call: for a network
 with its own age head (three heads) that is one pass instead of two.
 """
 
 from __future__ import annotations
 
+import logging
+import tempfile
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -19,12 +22,16 @@ import torch
 from torch import nn
 
 from .age.direct import HEAD as AGE_HEAD
-from .bundle import Bundle, resolve
+from .bundle import ONNX_MANIFEST, Bundle, resolve
 from .checkpoint import CheckpointError
 from .devices import cpu_cores
 from .exceptions import FaceattrsError
+from .io import write_json_atomic
 from .model import FaceEnsemble, fuse_batchnorm
+from .onnx_graphs import write_graphs
 from .postprocess import age_prediction, route, softmax
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -165,7 +172,7 @@ class OnnxBackend:
         self.two_stage = self._open("age_two_stage") if two_stage else None
         has_direct = self.age_meta and "age_direct" in m["graphs"]
         self.direct = self._open("age_direct") if has_direct else None
-        self._tmp = None  # a temporary export this backend owns (export.open_onnx)
+        self._tmp = None  # a temporary export this backend owns (open_onnx)
 
     def _open(self, key: str, threads: int | None = None):
         """An onnxruntime session of graph ``key`` on ``threads`` (default: the backend's)."""
@@ -283,3 +290,25 @@ def in_batches(fn, images: np.ndarray, batch: int) -> dict[str, np.ndarray]:
     """``fn`` (faces -> ``{name: array}``) over ``images`` ``batch`` at a time, joined."""
     parts = [fn(images[i : i + batch]) for i in range(0, len(images), batch)]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def open_onnx(model: Bundle | str | Path | None, age: bool = True, threads: int | None = None):
+    """The onnxruntime backend of a bundle: an export folder, or a run folder (its graphs
+    written now to a temporary folder that lives as long as the backend; ``faceattrs
+    export`` keeps them, with the int8 quantization and the agreement check)."""
+    bundle = resolve(model)
+    if bundle.kind == "onnx":
+        return OnnxBackend(bundle, age, threads)
+    try:
+        import onnx  # noqa: F401  (torch's ONNX exporter needs it; an optional dependency)
+    except ImportError:
+        raise FaceattrsError("ONNX export needs onnx: pip install 'faceattrs[onnx]'") from None
+    tmp = tempfile.TemporaryDirectory(prefix="faceattrs-onnx-")
+    log.info(
+        "exporting %s to ONNX in %s (use `faceattrs export` to keep it)", bundle.path, tmp.name
+    )
+    _, manifest = write_graphs(TorchBackend(bundle), Path(tmp.name))
+    write_json_atomic(Path(tmp.name) / ONNX_MANIFEST, manifest)
+    backend = OnnxBackend(tmp.name, age, threads)
+    backend._tmp = tmp
+    return backend

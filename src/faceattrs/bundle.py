@@ -36,19 +36,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import config as cfgmod
-from .age.bundle import AGE_JSON, AgeModel
-from .age.bundle import FORMAT as AGE_FORMAT
 from .age.direct import HEAD as AGE_HEAD
-from .age.regress import BinRegressors
-from .checkpoint import CheckpointError, check_weights, load_model, load_weights, read_meta
+from .age.networks import (
+    AGE_JSON,
+    AgeModel,
+    has_age_head,
+    load_age_folder,
+    read_age_json,
+    shared_age_model,
+)
+from .checkpoint import CheckpointError, check_weights, load_model, read_meta
 from .exceptions import FaceattrsError
 from .inputs import InputSpec
 from .model import FaceResNet, ModelConfig
-from .postprocess import AGE_POINTS
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +128,7 @@ class Bundle:
     @property
     def age_head(self) -> bool:
         """The multitask network has the ``age`` head (three heads in one pass)."""
-        return _has_age_head(self.meta) or (self.kind == "onnx" and self.shared_age)
+        return has_age_head(self.meta) or (self.kind == "onnx" and self.shared_age)
 
     @property
     def shared_age(self) -> bool:
@@ -189,8 +192,8 @@ class Bundle:
             return None
         if self.shared_age:
             net = multitask if multitask is not None else self.load_multitask(device)[0]
-            return _shared_age_model(self.age_dir, self.age, net, self.flip_tta)
-        return _load_age(self.age_dir, self.age, device)
+            return shared_age_model(self.age_dir, self.age, net, self.flip_tta)
+        return load_age_folder(self.age_dir, self.age, device)
 
     def _run_config(self) -> tuple[Path, dict]:
         """The run's ``config.json`` (path, contents; {} when absent)."""
@@ -404,9 +407,9 @@ def _run(run_dir: Path, path: Path, age_dir: Path | None = None) -> Bundle:
     if age_dir is None and (run_dir / "age" / AGE_JSON).exists():
         age_dir = run_dir / "age"
     temperatures, flip_tta = read_calibration(run_dir)
-    age = _read_age_json(age_dir) if age_dir is not None else None
+    age = read_age_json(age_dir) if age_dir is not None else None
     if age is not None and age.get("direct") == "multitask":
-        if not _has_age_head(meta):
+        if not has_age_head(meta):
             raise CheckpointError(
                 f"{age_dir / AGE_JSON} names the multitask network's age head, but {ckpt} has none"
             )
@@ -453,7 +456,7 @@ def _export(path: Path) -> Bundle:
 
 def _multitask_of_age_run(age_dir: Path) -> Path:
     """The multitask run of an age run: the path ``age.json`` records relative to it."""
-    meta = _read_age_json(age_dir)
+    meta = read_age_json(age_dir)
     rel = meta.get("multitask")
     cand = age_dir / rel if isinstance(rel, str) and rel else None
     if cand is not None and (cand / f"{BEST}.json").exists():
@@ -474,81 +477,3 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: not a JSON object (got a {type(data).__name__})")
     return data
-
-
-def _read_age_json(age_dir: Path) -> dict:
-    meta = read_meta(age_dir / AGE_JSON)
-    where = age_dir / AGE_JSON
-    if meta.get("format") != AGE_FORMAT:
-        raise CheckpointError(f"{where}: not an age model ({meta.get('format')!r})")
-    try:
-        edges = [float(e) for e in meta["edges"]]
-        lo, hi = (float(c) for c in meta["clip"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: bad or missing age edges / clip ({e!r})") from None
-    if not edges or any(np.diff(edges) <= 0) or not lo < hi:
-        raise CheckpointError(
-            f"{where}: age edges must increase and clip be (low, high), got {edges} / {[lo, hi]}"
-        )
-    return meta
-
-
-def _has_age_head(meta: dict) -> bool:
-    return AGE_HEAD in (meta.get("model") or {}).get("heads", {})
-
-
-def _age_point(age_dir: Path, meta: dict) -> str:
-    point = meta.get("point", "mean")  # age.json files written before the choice: the mean
-    if point not in AGE_POINTS:
-        raise CheckpointError(f"{age_dir}: age point {point!r} is not one of {AGE_POINTS}")
-    return point
-
-
-def _shared_age_model(age_dir: Path, meta: dict, net: FaceResNet, flip_tta: bool) -> AgeModel:
-    try:
-        return AgeModel(
-            coarse=None,
-            regressors=None,
-            edges=np.asarray(meta["edges"]),
-            approach="direct",
-            direct=net,
-            clip=tuple(meta["clip"]),
-            interval=meta.get("interval"),
-            flip_tta=flip_tta,
-            shared=True,
-            point=_age_point(age_dir, meta),
-        )
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{age_dir}: inconsistent age model: {e!r}") from None
-
-
-def _load_age(age_dir: Path, meta: dict, device) -> AgeModel:
-    try:
-        coarse, _ = load_model(age_dir, "coarse", device)
-        rs = meta["regressors"]
-        reg = BinRegressors(rs["dim"], rs["n_bins"], rs["hidden"], rs["dropout"])
-        weights = age_dir / "regressors.safetensors"
-        if not weights.exists():
-            raise CheckpointError(f"age regressor weights missing: {weights}")
-        reg.load_state_dict(load_weights(weights))
-        direct = load_model(age_dir, "direct", device)[0] if meta.get("direct") else None
-        model = AgeModel(
-            coarse=coarse,
-            regressors=reg.to(device).eval(),
-            edges=np.asarray(meta["edges"]),
-            routing=meta["routing"],
-            approach=meta["approach"],
-            direct=direct,
-            clip=tuple(meta["clip"]),
-            interval=meta.get("interval"),
-            flip_tta=meta.get("flip_tta", False),
-            point=_age_point(age_dir, meta),
-        )
-        if not isinstance(model.flip_tta, bool):
-            raise TypeError(f"flip_tta must be true or false, got {model.flip_tta!r}")
-    except (KeyError, TypeError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else repr(e)
-        raise CheckpointError(f"{age_dir}: inconsistent age model: {first}") from None
-    if model.approach == "direct" and direct is None:
-        raise CheckpointError(f"{age_dir}: default approach is 'direct' but direct.* is missing")
-    return model

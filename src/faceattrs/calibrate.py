@@ -1,4 +1,5 @@
-"""Calibration: expected calibration error, reliability bins and temperature scaling.
+"""Calibration: temperature scaling (its scores: :mod:`faceattrs.metrics`, expected
+calibration error and reliability bins) and the flip test-time augmentation choice.
 
 One temperature per head is fitted on the validation split (minimum negative
 log-likelihood, a bounded 1-D search), saved as ``calibration.json`` in the run folder
@@ -13,12 +14,6 @@ logits of each face and of its mirror image are averaged when that raises the va
 score (mean macro-F1 of the heads, the training's selection metric); the choice and both
 scores are saved in ``calibration.json`` and the temperatures are fitted to the logits
 that prediction will use.
-
->>> probs = np.array([[0.75, 0.25]] * 4)     # four predictions of class 0 at 0.75
->>> expected_calibration_error(probs, np.array([0, 0, 0, 1]))  # 3 of 4 right: calibrated
-0.0
->>> expected_calibration_error(probs, np.array([0, 0, 0, 0]))  # all right: |1 - 0.75|
-0.25
 """
 
 from __future__ import annotations
@@ -30,57 +25,23 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
+from .age import conformal
+from .age.bins import quantile_edges
+from .age.config import AgeConfig
 from .age.direct import HEAD as AGE_HEAD
+from .age.networks import AGE_JSON, save_head_age_model
+from .age.networks import choose_flip_tta as choose_age_flip_tta
 from .bundle import CALIBRATION_FILE, resolve, weights_id
 from .dataset import FaceSet
 from .exceptions import FaceattrsError
 from .io import write_json_atomic
+from .metrics import N_BINS, expected_calibration_error, reliability_bins
 from .model import predict
-from .postprocess import softmax
+from .postprocess import AGE_POINTS, age_prediction, softmax
 
 log = logging.getLogger(__name__)
 
-N_BINS = 15  # equal-width bins on the max probability, as in Guo et al. (2017)
 T_BOUNDS = (0.05, 20.0)  # search range of the temperature
-
-
-def reliability_bins(probs: np.ndarray, y_true: np.ndarray, n_bins: int = N_BINS) -> dict:
-    """Bin predictions by confidence (max probability) into ``n_bins`` equal-width bins.
-
-    Bin ``b`` holds confidences in ``(b / n, (b + 1) / n]``. Returns lists of length
-    ``n_bins``: ``count``, mean ``confidence`` and ``accuracy`` per bin (None when empty),
-    plus ``edges`` (``n_bins + 1``).
-
-    >>> b = reliability_bins(np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]]), np.array([0, 1, 1]), 2)
-    >>> b["count"], b["confidence"], b["accuracy"]
-    ([0, 3], [None, 0.7333], [None, 0.6667])
-    """
-    probs, y_true = np.asarray(probs), np.asarray(y_true)
-    conf = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == y_true
-    idx = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
-    count = np.bincount(idx, minlength=n_bins)
-    conf_sum = np.bincount(idx, weights=conf, minlength=n_bins)
-    acc_sum = np.bincount(idx, weights=correct, minlength=n_bins)
-    mean = lambda s, c: round(float(s / c), 4) if c else None  # noqa: E731
-    return {
-        "edges": np.linspace(0, 1, n_bins + 1).round(4).tolist(),
-        "count": count.tolist(),
-        "confidence": [mean(s, c) for s, c in zip(conf_sum, count, strict=True)],
-        "accuracy": [mean(s, c) for s, c in zip(acc_sum, count, strict=True)],
-    }
-
-
-def expected_calibration_error(
-    probs: np.ndarray, y_true: np.ndarray, n_bins: int = N_BINS
-) -> float:
-    """ECE = sum over bins of (bin share) x |accuracy - mean confidence|, on max probability."""
-    probs, y_true = np.asarray(probs), np.asarray(y_true)
-    conf = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == y_true).astype(np.float64)
-    idx = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
-    gap = np.bincount(idx, weights=correct - conf, minlength=n_bins)
-    return round(float(np.abs(gap).sum() / max(len(conf), 1)), 4)
 
 
 def nll(logits: np.ndarray, y_true: np.ndarray, temperature: float = 1.0) -> float:
@@ -268,11 +229,6 @@ def calibrate_age_head(bundle, faces: FaceSet, val_year_logits: np.ndarray, flip
     lower validation MAE; the 90 % split-conformal interval fitted on the validation ages
     the network now predicts, with the flip choice of the other heads, since one pass
     serves all three)."""
-    from .age import conformal
-    from .age.bins import quantile_edges
-    from .age.bundle import save_head_age_model
-    from .age.config import AgeConfig
-    from .postprocess import AGE_POINTS, age_prediction
 
     val = faces.subset("val")
     edges = bundle.meta.get("age_edges")
@@ -305,10 +261,8 @@ def calibrate_age_flip(bundle, val: FaceSet, mode: str = "auto", device: str = "
     """Choose flip TTA for the bundle's age model on validation (lower MAE of its default
     approach), refit its 90 % interval to the predictions it will make, and rewrite its
     ``age.json`` (one atomic write: the weights do not change)."""
-    from .age.bundle import AGE_JSON, choose_flip_tta
-
     model = bundle.load_age(device)
-    choice, selection = choose_flip_tta(model, val, mode)
+    choice, selection = choose_age_flip_tta(model, val, mode)
     log.info(
         "age flip TTA %s (validation MAE plain %.3f, flip %.3f)",
         "on" if choice else "off",

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import bootstrap as BS
 from . import metrics as M
 from .bundle import NAMED_MODELS, resolve
-from .calibrate import expected_calibration_error, reliability_bins
 from .dataset import FaceSet
 from .exceptions import FaceattrsError
 from .io import write_json_atomic, write_with
@@ -106,13 +106,13 @@ def head_metrics(y: np.ndarray, logits: np.ndarray, names, temperature: float | 
     """Classification report, ECE (raw and, when calibrated, after scaling) and AUC if binary."""
     probs = M.softmax(logits)
     out = M.classification_report(y, probs.argmax(1), names)
-    out["ece"] = expected_calibration_error(probs, y)
-    out["reliability"] = reliability_bins(probs, y)
+    out["ece"] = M.expected_calibration_error(probs, y)
+    out["reliability"] = M.reliability_bins(probs, y)
     if temperature is not None:
         scaled = M.softmax(logits, temperature)
         out["temperature"] = temperature
-        out["ece_calibrated"] = expected_calibration_error(scaled, y)
-        out["reliability_calibrated"] = reliability_bins(scaled, y)
+        out["ece_calibrated"] = M.expected_calibration_error(scaled, y)
+        out["reliability_calibrated"] = M.reliability_bins(scaled, y)
     # answering only the most confident faces, ranked by the probabilities users see
     out["selective"] = M.selective(y, M.softmax(logits, temperature or 1.0))
     if len(names) == 2:
@@ -171,27 +171,27 @@ def confidence_intervals(
 ) -> dict:
     """95 % intervals of the headline figures, ``{"gender.accuracy": [low, high], ...}``
     (keys: the figure's path in ``metrics.json``): percentile bootstrap over the faces
-    (:func:`faceattrs.metrics.bootstrap_ci`, ``resamples`` resamples, seeded). A gap's
+    (:func:`faceattrs.bootstrap.bootstrap_ci`, ``resamples`` resamples, seeded). A gap's
     interval is that of the difference between the two groups it names (``gap_between``,
     kept fixed). The test split has a few thousand faces: a figure within its interval's
     half-width of a target is not shown to miss it by this split alone, nor to meet it."""
     out = {"level": 0.95, "resamples": resamples, "method": "percentile bootstrap over faces"}
 
     def ci(stat, *data):
-        return M.bootstrap_ci(stat, *data, resamples=resamples, seed=seed)
+        return BS.bootstrap_ci(stat, *data, resamples=resamples, seed=seed)
 
     for head in heads:
         y, z = sub.labels[head], logits[head]
-        out[f"{head}.accuracy"] = ci(M.boot_accuracy, y, z.argmax(1))
-        out[f"{head}.macro_f1"] = ci(M.boot_macro_f1, y, z.argmax(1))
+        out[f"{head}.accuracy"] = ci(BS.boot_accuracy, y, z.argmax(1))
+        out[f"{head}.macro_f1"] = ci(BS.boot_macro_f1, y, z.argmax(1))
         if z.shape[1] == 2:  # the logit margin ranks faces as the probability does
-            out[f"{head}.auc"] = ci(M.boot_auc, y, z[:, 1] - z[:, 0])
+            out[f"{head}.auc"] = ci(BS.boot_auc, y, z[:, 1] - z[:, 0])
     if fairness is not None:
         correct = (logits["gender"].argmax(1) == sub.gender).astype(np.int8)
         stratum = M.age_group_codes(sub.age, M.STANDARD_AGE_EDGES)
         for name, stat, data in (
-            ("by_ethnicity", M.boot_pair_gap, (correct, sub.ethnicity)),
-            ("by_ethnicity_age_standardised", M.boot_standardised_pair_gap,
+            ("by_ethnicity", BS.boot_pair_gap, (correct, sub.ethnicity)),
+            ("by_ethnicity_age_standardised", BS.boot_standardised_pair_gap,
              (correct, sub.ethnicity, stratum)),
         ):  # fmt: skip
             pair = fairness["gender_accuracy"][name]["gap_between"]
@@ -227,7 +227,7 @@ def evaluate_run(
     seed: int = 0,
     min_group: int = MIN_GROUP,
     dtype: str = "fp32",
-    resamples: int = M.BOOTSTRAP_RESAMPLES,
+    resamples: int = BS.BOOTSTRAP_RESAMPLES,
 ) -> dict:
     """Evaluate the run's ``best`` checkpoint on ``faces.subset(split)``; write files to ``out_dir``.
 
@@ -364,8 +364,9 @@ def _int8_outputs(model, images: np.ndarray, batch: int = 256):
     """``(bundle, logits per head, age model or None)`` of an int8 export on ``images``."""
     from .backends import OnnxAgeModel, in_batches
     from .predict import load_models
+    from .settings import InferenceSettings
 
-    backend = load_models(model, "onnx", dtype="int8")
+    backend = load_models(model, InferenceSettings(backend="onnx", dtype="int8"))
     logits = in_batches(backend.logits, images, batch)
     age = OnnxAgeModel(backend) if backend.age_meta is not None else None
     return backend.bundle, logits, age

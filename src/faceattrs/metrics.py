@@ -1,4 +1,4 @@
-"""Classification and per-group metrics: pure functions on numpy arrays, JSON-ready results.
+"""Classification, per-group and calibration metrics: pure functions on numpy arrays, JSON-ready results.
 
 Every function takes integer labels / scores as arrays and returns plain Python values
 (floats, lists, dicts) so the result can go straight into ``metrics.json``. Accuracy, F1,
@@ -335,130 +335,55 @@ def selective(
     return {"at": at, "curve": curve}
 
 
-# ---------------------------------------------------------------- uncertainty
+# ---------------------------------------------------------------- calibration
 
-BOOTSTRAP_RESAMPLES = 1000  # faceattrs evaluate --bootstrap
+N_BINS = 15  # equal-width bins on the max probability, as in Guo et al. (2017)
 
 
-def bootstrap_ci(
-    statistic: Callable[..., np.ndarray],
-    *data: np.ndarray,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-    seed: int = 0,
-    level: float = 0.95,
-) -> list[float] | None:
-    """Percentile bootstrap interval of ``statistic(*data, axis=-1)`` (vectorised): the faces
-    resampled with replacement, ``data``'s arrays paired face by face
-    (``scipy.stats.bootstrap``, seeded). ``[low, high]``, or None when the statistic is
-    undefined on the resamples (NaN, as a gap with fewer than two groups).
+def reliability_bins(probs: np.ndarray, y_true: np.ndarray, n_bins: int = N_BINS) -> dict:
+    """Bin predictions by confidence (max probability) into ``n_bins`` equal-width bins.
 
-    >>> y = np.r_[np.ones(80), np.zeros(20)]
-    >>> low, high = bootstrap_ci(boot_accuracy, y, np.ones(100))
-    >>> 0.70 < low < 0.8 < high < 0.9
-    True
+    Bin ``b`` holds confidences in ``(b / n, (b + 1) / n]``. Returns lists of length
+    ``n_bins``: ``count``, mean ``confidence`` and ``accuracy`` per bin (None when empty),
+    plus ``edges`` (``n_bins + 1``).
+
+    >>> b = reliability_bins(np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]]), np.array([0, 1, 1]), 2)
+    >>> b["count"], b["confidence"], b["accuracy"]
+    ([0, 3], [None, 0.7333], [None, 0.6667])
     """
-    import warnings
-
-    from scipy.stats import bootstrap
-
-    # an undefined statistic (NaN on every resample) is answered None below, not warned
-    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        res = bootstrap(
-            data,
-            statistic,
-            paired=True,
-            vectorized=True,
-            n_resamples=resamples,
-            confidence_level=level,
-            method="percentile",
-            batch=100,
-            random_state=np.random.default_rng(seed),
-        )
-    low, high = res.confidence_interval
-    if not (np.isfinite(low) and np.isfinite(high)):
-        return None
-    return [_r(low), _r(high)]
+    probs, y_true = np.asarray(probs), np.asarray(y_true)
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y_true
+    idx = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins)
+    conf_sum = np.bincount(idx, weights=conf, minlength=n_bins)
+    acc_sum = np.bincount(idx, weights=correct, minlength=n_bins)
+    mean = lambda s, c: round(float(s / c), 4) if c else None  # noqa: E731
+    return {
+        "edges": np.linspace(0, 1, n_bins + 1).round(4).tolist(),
+        "count": count.tolist(),
+        "confidence": [mean(s, c) for s, c in zip(conf_sum, count, strict=True)],
+        "accuracy": [mean(s, c) for s, c in zip(acc_sum, count, strict=True)],
+    }
 
 
-# Vectorised statistics for bootstrap_ci: each takes (..., n) arrays and reduces the last
-# axis; on the whole sample each equals the function of this module (tests check that).
+def expected_calibration_error(
+    probs: np.ndarray, y_true: np.ndarray, n_bins: int = N_BINS
+) -> float:
+    """ECE = sum over bins of (bin share) x |accuracy - mean confidence|, on max probability.
 
-
-def boot_accuracy(y: np.ndarray, p: np.ndarray, axis: int = -1) -> np.ndarray:
-    """:func:`accuracy`, vectorised."""
-    return (y == p).mean(axis)
-
-
-def boot_macro_f1(y: np.ndarray, p: np.ndarray, axis: int = -1) -> np.ndarray:
-    """scikit-learn's macro-F1 (classes: those in ``y`` or ``p``), vectorised."""
-    classes = np.union1d(np.unique(y), np.unique(p))
-    f1 = []
-    for k in classes:
-        tp = ((y == k) & (p == k)).sum(axis)
-        wrong = ((y == k) != (p == k)).sum(axis)  # false positives + false negatives
-        f1.append(np.where(tp + wrong > 0, 2 * tp / (2 * tp + wrong), np.nan))
-    return np.nanmean(np.stack(f1), axis=0)
-
-
-def boot_auc(y: np.ndarray, score: np.ndarray, axis: int = -1) -> np.ndarray:
-    """ROC AUC of binary ``y`` (1 = positive) by the rank-sum (Mann-Whitney) formula, ties
-    averaged, as ``roc_auc_score``; vectorised (NaN where one class is absent)."""
-    from scipy.stats import rankdata
-
-    ranks = rankdata(score, axis=axis)
-    pos = (y == 1).sum(axis)
-    neg = y.shape[axis] - pos
-    u = (ranks * (y == 1)).sum(axis) - pos * (pos + 1) / 2
-    return np.where((pos > 0) & (neg > 0), u / np.maximum(pos * neg, 1), np.nan)
-
-
-def boot_mae(y: np.ndarray, pred: np.ndarray, axis: int = -1) -> np.ndarray:
-    return np.abs(y - pred).mean(axis)
-
-
-def boot_cs(y: np.ndarray, pred: np.ndarray, within: float = 5.0, axis: int = -1) -> np.ndarray:
-    """Share of faces within ``within`` years (CS@5), vectorised."""
-    return (np.abs(y - pred) <= within).mean(axis)
-
-
-def boot_pair_gap(low: int, high: int) -> Callable[..., np.ndarray]:
-    """Accuracy of group ``high`` minus that of group ``low`` as a vectorised statistic of
-    ``(correct, group code)``: the gap of :func:`per_group` between the two groups it
-    names, the pair kept fixed over the resamples (the largest gap re-chosen on each
-    resample would lean high: with five groups, some pair always differs)."""
-
-    def gap(correct: np.ndarray, code: np.ndarray, axis: int = -1) -> np.ndarray:
-        return _accuracy_in(code == high, correct, axis) - _accuracy_in(code == low, correct, axis)
-
-    return gap
-
-
-def boot_standardised_pair_gap(low: int, high: int) -> Callable[..., np.ndarray]:
-    """:func:`standardised`'s value of group ``high`` minus that of group ``low``, as a
-    vectorised statistic of ``(correct, group code, stratum code)``; the stratum weights
-    are each resample's own."""
-
-    def gap(correct: np.ndarray, code: np.ndarray, stratum: np.ndarray, axis: int = -1):
-        strata, total = np.unique(stratum), stratum.shape[axis]
-
-        def value(g):
-            out = 0.0
-            for s in strata:
-                weight = (stratum == s).sum(axis) / total
-                acc = _accuracy_in((code == g) & (stratum == s), correct, axis)
-                out = out + np.where(weight > 0, weight * acc, 0.0)
-            return out
-
-        return value(high) - value(low)
-
-    return gap
-
-
-def _accuracy_in(mask: np.ndarray, correct: np.ndarray, axis: int) -> np.ndarray:
-    """Share of ``correct`` (1/0) among the faces in ``mask``, vectorised; NaN for none."""
-    n = mask.sum(axis)
-    return np.where(n > 0, (mask & (correct == 1)).sum(axis) / np.maximum(n, 1), np.nan)
+    >>> probs = np.array([[0.75, 0.25]] * 4)  # four predictions of class 0 at 0.75
+    >>> expected_calibration_error(probs, np.array([0, 0, 0, 1]))  # 3 of 4 right: calibrated
+    0.0
+    >>> expected_calibration_error(probs, np.array([0, 0, 0, 0]))  # all right: |1 - 0.75|
+    0.25
+    """
+    probs, y_true = np.asarray(probs), np.asarray(y_true)
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y_true).astype(np.float64)
+    idx = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    gap = np.bincount(idx, weights=correct - conf, minlength=n_bins)
+    return round(float(np.abs(gap).sum() / max(len(conf), 1)), 4)
 
 
 def _r(x: float) -> float:

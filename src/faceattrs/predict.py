@@ -22,6 +22,7 @@ form; ``faceattrs predict`` the command line. A record::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -40,60 +41,42 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backends import Backend, TorchBackend
-from .bundle import Bundle, resolve
+from .backends import Backend, TorchBackend, open_onnx
+from .bundle import Bundle, default_int8, is_bundled_name, resolve
 from .devices import cpu_cores
 from .exceptions import FaceattrsError
-from .photo.config import PhotoConfig
 from .photo.faces import Item, prepare
 from .photo.worker import worker_start
 from .postprocess import softmax
+from .settings import InferenceSettings
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnx")
-PHOTO_WORKERS = ("auto", "threads", "processes")
 PROCESSES_FROM = 16  # photo paths in a run from which "auto" decodes and detects in processes
 _MAIN_LOCK = threading.Lock()  # one submit at a time hides the main script (below)
 
 
-def load_models(
-    model=None,
-    backend: str = "torch",
-    device: str = "cpu",
-    dtype: str = "fp32",
-    age: bool = True,
-    threads: int | None = None,
-) -> Backend:
-    """The backend for ``model`` (anything :func:`faceattrs.bundle.resolve` accepts).
+def load_models(model=None, settings: InferenceSettings | None = None) -> Backend:
+    """The backend for ``model`` (anything :func:`faceattrs.bundle.resolve` accepts), as
+    ``settings`` say (backend, dtype, device, threads, age; default: torch fp32 on the CPU).
 
     ``threads``: CPU threads of the models (torch: process-wide ``torch.set_num_threads``).
     """
-    if backend not in BACKENDS:
-        raise FaceattrsError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    if dtype == "int8":
-        return _load_int8(model, backend, age, threads)
-    if backend == "onnx" and dtype != "fp32":
-        raise FaceattrsError(f"the onnx backend runs fp32 or int8 graphs, not {dtype!r}")
+    s = settings or InferenceSettings()
+    if s.dtype == "int8":
+        return _load_int8(model, s)
     bundle = resolve(model)
-    if backend == "onnx":
-        from .export import open_onnx  # exports a run folder on the fly (needs onnx)
-
-        return open_onnx(bundle, age=age, threads=threads)
+    if s.backend == "onnx":
+        return open_onnx(bundle, age=s.age, threads=s.threads)
     if bundle.kind == "onnx":
         raise FaceattrsError(bundle.not_torch())
-    if threads:
-        torch.set_num_threads(threads)
-    return TorchBackend(bundle, device, dtype, age)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    return TorchBackend(bundle, s.device, s.dtype, s.age)
 
 
-def _load_int8(model, backend: str, age: bool, threads: int | None) -> Backend:
+def _load_int8(model, s: InferenceSettings) -> Backend:
     """``dtype="int8"``: an int8 ONNX export on onnxruntime (the bundled one for None)."""
-    from .bundle import default_int8, is_bundled_name
-    from .export import open_onnx
-
-    if backend != "onnx":
-        raise FaceattrsError("int8 runs on the onnx backend (backend='onnx', --backend onnx)")
     if model is None or is_bundled_name(model):  # the bundled models' own int8 exports
         bundle = default_int8(model)
     else:
@@ -104,7 +87,7 @@ def _load_int8(model, backend: str, age: bool, threads: int | None) -> Backend:
             f"{bundle.path} is not an int8 export: make one with `faceattrs export --int8 "
             f"--model {run} --data CSV --out DIR` and pass --model DIR"
         )
-    return open_onnx(bundle, age=age, threads=threads)
+    return open_onnx(bundle, age=s.age, threads=s.threads)
 
 
 def photo_worker_count() -> int:
@@ -180,6 +163,8 @@ class FaceAnalyzer:
     :class:`~faceattrs.bundle.Bundle`); None = the default model bundled in the package
     (docs/MODEL_CARD.md), trained on UTKFace faces, which are for non-commercial research
     only: so is that model.
+    ``settings``: how the models run (:class:`faceattrs.settings.InferenceSettings`, which
+    checks itself); or, without it, its fields as keywords (``backend`` default "torch"):
     ``dtype``: "fp32" or "bf16" (torch); "int8" with ``backend="onnx"``: an int8 export
     (``faceattrs export --int8``; with ``model=None`` the one bundled in the package).
     ``photo``: detection and crop settings (:class:`faceattrs.photo.PhotoConfig`).
@@ -200,41 +185,25 @@ class FaceAnalyzer:
     process die, the analyzer goes on in threads, with a warning.
     """
 
-    def __init__(
-        self,
-        model=None,
-        *,
-        backend: str = "torch",
-        device: str = "cpu",
-        dtype: str = "fp32",
-        batch_size: int = 64,
-        photo: PhotoConfig | None = None,
-        age: bool = True,
-        threads: int | None = None,
-        streams: int | None = None,
-        photo_workers: str = "auto",
-    ):
-        if photo_workers not in PHOTO_WORKERS:
+    def __init__(self, model=None, settings: InferenceSettings | None = None, **options):
+        if settings is not None and options:
             raise FaceattrsError(
-                f"photo_workers must be one of {', '.join(PHOTO_WORKERS)}, got {photo_workers!r}"
+                f"give settings or keyword options ({', '.join(options)}), not both"
             )
-        if batch_size < 1:
-            raise FaceattrsError(f"batch size must be at least 1, got {batch_size}")
-        for name, value in (("threads", threads), ("streams", streams)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):  # fmt: skip
-                raise FaceattrsError(f"{name} must be a whole number of at least 1, got {value!r}")
-        self.streams, threads = model_streams(device, threads, streams)
+        if settings is None:  # the keywords: as InferenceSettings, the backend torch
+            settings = InferenceSettings(**{"backend": "torch", **options})
+        self.settings = settings
+        self.streams, threads = model_streams(settings.device, settings.threads, settings.streams)
         self.workers = photo_worker_count()
-        self.photo_workers = photo_workers
+        self.photo_workers = settings.photo_workers
         self._pool: ThreadPoolExecutor | None = None  # kept: each thread keeps its cascades
         self._procs: ProcessPoolExecutor | None = None  # photo worker processes
         self._model_pool: ThreadPoolExecutor | None = None  # the model streams
-        if photo_workers == "processes":
+        if self.photo_workers == "processes":
             self._process_pool()  # the workers start while the models load
-        self.models = load_models(model, backend, device, dtype, age, threads)
-        self.backend, self.batch_size = backend, batch_size
-        self.photo = photo or PhotoConfig()
+        self.models = load_models(model, dataclasses.replace(settings, threads=threads))
+        self.backend, self.batch_size = settings.backend, settings.batch_size
+        self.photo = settings.photo
         self.input = self.models.bundle.input  # faces are cropped to the model's contract
 
     def _photo_pool(self) -> ThreadPoolExecutor:

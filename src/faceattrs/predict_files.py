@@ -22,6 +22,7 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -30,8 +31,8 @@ import numpy as np
 from .exceptions import FaceattrsError
 from .inputs import links_not_searched
 from .io import atomic_path, clean_stale_temps, write_with
-from .photo.config import PhotoConfig
 from .predict import FaceAnalyzer, photo_processes, photo_worker_count
+from .settings import InferenceSettings
 
 log = logging.getLogger(__name__)
 
@@ -364,16 +365,16 @@ def predict_files(
     out=None,
     annotate_dir=None,
     explain_dir=None,
-    photo: PhotoConfig | None = None,
     detect: bool = True,
-    photo_workers: str = "auto",
-    **analyzer_options,
+    settings: InferenceSettings | None = None,
+    **options,
 ) -> dict:
     """Records of every face of ``inputs`` to ``out`` (stdout when None), annotated copies
-    and Grad-CAM overlays on request. ``analyzer_options``: ``batch_size``, ``backend``,
-    ``device``, ``dtype``, ``threads`` (see :class:`FaceAnalyzer`). ``photo_workers``:
-    "threads", "processes" or "auto" (processes for :data:`faceattrs.predict.PROCESSES_FROM` files or more
-    on a CPU with two or more cores: they start in about half a second).
+    and Grad-CAM overlays on request. ``settings`` (or, without it, ``options``: its
+    fields as keywords, e.g. ``batch_size``, ``backend``, ``photo``): how the models run
+    (:class:`faceattrs.settings.InferenceSettings`). Photo workers "auto": processes for
+    :data:`faceattrs.predict.PROCESSES_FROM` files or more on a CPU with two or more
+    cores (they start in about half a second).
 
     Returns ``{"files", "faces", "failed"}`` counts and ``"failures"``: ``"FILE: reason"``
     of the first :data:`FAILURES_SHOWN` failed files.
@@ -389,10 +390,12 @@ def predict_files(
     check_out_file(out)
     stems = output_stems(files)
     check_outputs(files, stems, annotate_dir, explain_dir, out)
-    if photo_workers == "auto":  # decided here, so that the workers start while the models load
+    if settings is None:
+        settings = InferenceSettings(**{"backend": "torch", **options})
+    if settings.photo_workers == "auto":  # decided here: the workers start as the models load
         many = photo_processes(len(files), photo_worker_count())
-        photo_workers = "processes" if many else "threads"
-    analyzer = FaceAnalyzer(model, photo=photo, photo_workers=photo_workers, **analyzer_options)
+        settings = replace(settings, photo_workers="processes" if many else "threads")
+    analyzer = FaceAnalyzer(model, settings)
     explainer = Explainer(analyzer.models) if explain_dir else None
     counts = {"files": len(files), "faces": 0, "failed": 0, "failures": []}
     keep = bool(annotate_dir or explain_dir)

@@ -5,10 +5,15 @@ hard and soft routing, measured with the oracle-bin figure beside the honest one
 direct age head (per-year softmax, distribution-aware loss) as the alternative; the
 better of the two on validation is the default.
 
-Modules: ``bins`` (edges, labels), ``finetune`` (head-only then full training from the
-multitask backbone), ``regress`` (per-bin regressors, routing), ``direct`` (the direct
-head's losses), ``bundle`` (``AgeModel`` and saving it; loading is :mod:`faceattrs.bundle`), ``evaluate`` (metrics),
-``pipeline`` (``train_age``, the whole stage).
+Two layers; nothing imports upward (``tests/test_layers.py``):
+
+- the model layer, what prediction loads: ``bins`` (edges, labels), ``direct`` (the
+  direct head and its losses), ``conformal`` (the interval), ``regress`` (the per-bin
+  regressors, routing), ``networks`` (``AgeModel`` and saving it; loading is
+  :mod:`faceattrs.bundle`);
+- the stage layer, what trains and measures: ``config`` (``AgeConfig``), ``finetune``
+  (head-only then full training from the multitask backbone; the per-bin regressors'
+  training), ``evaluate`` (metrics), ``pipeline`` (``train_age``, the whole stage).
 
 Run it::
 
@@ -25,8 +30,8 @@ _LAZY = {
     "assign_bins": "bins",
     "bin_labels": "bins",
     "quantile_edges": "bins",
-    "AgeModel": "bundle",
-    "save_age_model": "bundle",
+    "AgeModel": "networks",
+    "save_age_model": "networks",
     "PRESETS": "config",
     "AgeConfig": "config",
     "evaluate_age": "evaluate",

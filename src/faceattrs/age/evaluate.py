@@ -15,21 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bootstrap import BOOTSTRAP_RESAMPLES, boot_accuracy, boot_cs, boot_mae, bootstrap_ci
 from ..bundle import load_age_model
 from ..checkpoint import CheckpointError
 from ..dataset import FaceSet
 from ..exceptions import FaceattrsError
 from ..io import write_json_atomic, write_with
 from ..labels import ETHNICITIES, GENDERS
-from ..metrics import (
-    BOOTSTRAP_RESAMPLES,
-    boot_accuracy,
-    boot_cs,
-    boot_mae,
-    bootstrap_ci,
-    classification_report,
-    per_group,
-)
+from ..metrics import classification_report, per_group
 from . import conformal
 from .bins import assign_bins
 
@@ -175,7 +168,7 @@ def evaluate_age(
 ) -> dict:
     """Evaluate an age model on one split of ``faces``; the dict for ``metrics.json["age"]``.
 
-    ``model``: an :class:`~faceattrs.age.bundle.AgeModel` (or an object with its
+    ``model``: an :class:`~faceattrs.age.networks.AgeModel` (or an object with its
     ``predict_all`` and settings: :class:`faceattrs.backends.OnnxAgeModel`) or a model
     folder (age run, or a multitask run holding ``age/``). ``split``: 'train', 'val', 'test' or 'all'. With
     ``out_dir`` it writes ``age_predictions_<split>.npz`` there and, with ``figures``, the

@@ -1,4 +1,5 @@
-"""Training a new head on the multitask backbone: head only, then the whole network.
+"""Training the age networks: a new head on the multitask backbone (head only, then the
+whole network), and the per-bin regressors on its embeddings (:func:`train_regressors`).
 
 Used by both age models (the coarse bin classifier and the direct head). Stage 1 freezes
 the backbone (its batch-norm statistics too) and trains only the new head; stage 2
@@ -22,11 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .. import config as cfgmod
 from ..augment import AugmentConfig, Augmenter, minority_classes
 from ..dataset import FaceSet
 from ..devices import use_bf16
+from ..exceptions import FaceattrsError
 from ..model import FaceResNet, ModelConfig
 from ..training.loop import (
     EarlyStopping,
@@ -38,6 +41,8 @@ from ..training.loop import (
     train_one_epoch,
     write_history,
 )
+from .bins import assign_bins
+from .regress import BinRegressors
 
 log = logging.getLogger(__name__)
 
@@ -190,3 +195,110 @@ def train_two_stages(
         "seconds": round(sum(r["seconds"] for r in rows), 1),
     }
     return net.eval(), summary
+
+
+# ---------------------------------------------------------------- stage 2: per-bin regressors
+
+
+def regression_loss(kind: str, delta: float):
+    if kind == "l1":
+        return nn.L1Loss()
+    if kind == "huber":
+        return nn.HuberLoss(delta=delta)
+    raise FaceattrsError(f"unknown regression loss {kind!r}; use 'l1' or 'huber'")
+
+
+def train_regressors(
+    z_train: np.ndarray,
+    age_train: np.ndarray,
+    z_val: np.ndarray,
+    age_val: np.ndarray,
+    edges: np.ndarray,
+    cfg,
+) -> tuple[BinRegressors, list[dict]]:
+    """Fit one regressor per bin on that bin's training embeddings only.
+
+    ``z_*``: ``(N, D)`` float embeddings; ``age_*``: ``(N,)`` years; ``edges``: inner bin
+    edges; ``cfg``: an :class:`~faceattrs.age.config.AgeConfig`. Returns the module
+    (eval mode, CPU) and one summary dict per bin (sizes, best epoch, validation MAE).
+    """
+    n_bins = len(edges) + 1
+    b_train, b_val = assign_bins(age_train, edges), assign_bins(age_val, edges)
+    reg = BinRegressors(z_train.shape[1], n_bins, cfg.reg_hidden, cfg.reg_dropout)
+    summaries = []
+    threads = torch.get_num_threads()
+    # Tiny MLPs: one thread is many times faster than several on a busy machine.
+    torch.set_num_threads(1)
+    try:
+        for k in tqdm(range(n_bins), desc="age regressors", leave=False):
+            summaries.append(
+                _fit_bin(reg, k, z_train, age_train, b_train, z_val, age_val, b_val, cfg)
+            )
+    finally:
+        torch.set_num_threads(threads)
+    return reg.eval(), summaries
+
+
+def _fit_bin(reg, k, z_train, age_train, b_train, z_val, age_val, b_val, cfg) -> dict:
+    """Bin ``k``: select its faces, set its statistics, train its regressor."""
+    tr, va = np.flatnonzero(b_train == k), np.flatnonzero(b_val == k)
+    if len(tr) == 0:
+        raise FaceattrsError(f"age bin {k} has no training faces: choose other bin edges")
+    # Targets clipped to the age range the model predicts in.
+    y = np.clip(age_train[tr].astype(np.float32), cfg.min_age, cfg.max_age)
+    yv = np.clip(age_val[va].astype(np.float32), cfg.min_age, cfg.max_age)
+    reg.fit_statistics(k, z_train[tr], y)
+    info = _fit_one(reg, k, z_train[tr], y, z_val[va], yv, cfg)
+    log.info(
+        "age bin %d: %d train, %d val faces, val MAE %.2f (epoch %d)",
+        k,
+        len(tr),
+        len(va),
+        info["val_mae"],
+        info["best_epoch"],
+    )
+    return {"bin": k, "n_train": len(tr), "n_val": len(va), **info}
+
+
+def _fit_one(
+    reg: BinRegressors, k: int, x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, cfg
+) -> dict:
+    """Train ``reg.mlps[k]`` on ``(x, y)``; keep the epoch with the lowest validation MAE
+    (training MAE when the bin has no validation faces)."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + k)
+    torch.manual_seed(cfg.seed * 1000 + k)
+    for m in reg.mlps[k].modules():  # re-initialise from the seed: bins are independent
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
+    has_val = len(xv) > 0
+    xv = torch.as_tensor(xv, dtype=torch.float32) if has_val else x
+    yv = torch.as_tensor(yv, dtype=torch.float32) if has_val else y
+    opt = make_optimizer(reg.mlps[k].parameters(), cfg.reg_lr, cfg.reg_weight_decay)
+    loss_fn = regression_loss(cfg.reg_loss, cfg.huber_delta)
+    stopper = EarlyStopping(monitor="val_mae", mode="min", patience=cfg.reg_patience)
+    best_state: dict[str, torch.Tensor] = {}
+
+    def epoch_fn(epoch: int) -> dict:
+        reg.mlps[k].train()
+        for idx in torch.randperm(len(x), generator=gen).split(cfg.reg_batch_size):
+            loss = loss_fn(reg.forward_one(k, x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        reg.mlps[k].eval()
+        with torch.no_grad():
+            return {"epoch": epoch, "val_mae": float((reg.forward_one(k, xv) - yv).abs().mean())}
+
+    def on_epoch(row: dict, improved: bool) -> None:
+        if improved:
+            best_state.update({n: t.clone() for n, t in reg.mlps[k].state_dict().items()})
+
+    run_epochs(range(1, cfg.reg_epochs + 1), epoch_fn, stopper, on_epoch)
+    reg.mlps[k].load_state_dict(best_state)
+    return {
+        "val_mae": round(stopper.best, 4),
+        "best_epoch": stopper.best_epoch,
+        "epochs": stopper.epoch,
+        "monitored": "val" if has_val else "train",
+    }

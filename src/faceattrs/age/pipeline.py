@@ -31,11 +31,11 @@ from ..model import predict as predict_faces
 from ..training.loop import evaluate_heads
 from . import direct as directmod
 from .bins import assign_bins, bin_labels, check_edges, quantile_edges
-from .bundle import AGE_JSON, COARSE_HEAD, AgeModel, choose_flip_tta, save_age_model
 from .config import AgeConfig
 from .evaluate import evaluate_age, mae
-from .finetune import from_backbone, train_two_stages
-from .regress import ROUTINGS, train_regressors
+from .finetune import from_backbone, train_regressors, train_two_stages
+from .networks import AGE_JSON, COARSE_HEAD, AgeModel, choose_flip_tta, save_age_model
+from .regress import ROUTINGS
 
 log = logging.getLogger(__name__)
 

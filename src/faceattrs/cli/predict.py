@@ -11,6 +11,7 @@ or inconsistent model.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 
@@ -86,13 +87,8 @@ def add_dtype(p) -> None:
 
 
 def check_options(args) -> None:
-    """Every option's range, before any work (one line, exit 2)."""
-    if args.batch_size < 1:
-        raise cfgmod.ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.threads is not None and args.threads < 1:
-        raise cfgmod.ConfigError(
-            f"--threads must be at least 1, got {args.threads} (leave it out to use all)"
-        )
+    """The ranges of the options that are not inference settings, before any work (one
+    line, exit 2); :func:`inference_settings` checks the rest."""
     if args.max_pixels < 0:
         raise cfgmod.ConfigError(
             f"--max-pixels must be at least 0 (0 = no limit), got {args.max_pixels}"
@@ -100,21 +96,26 @@ def check_options(args) -> None:
     for flag, value in (("--annotate", args.annotate), ("--explain", args.explain)):
         if value is not None and not str(value).strip():
             raise cfgmod.ConfigError(f"{flag} needs a folder name, got an empty one")
-    if args.backend is None:
-        args.backend = "onnx" if args.dtype == "int8" else "torch"
-    if args.backend == "torch":
-        from ..devices import check_device
 
-        if args.dtype == "int8":
-            raise cfgmod.ConfigError(
-                "--dtype int8 runs on the onnx backend: leave out --backend torch"
-            )
-        check_device(args.device)
-    elif args.device != "cpu" or args.dtype == "bf16":
-        raise cfgmod.ConfigError(
-            "the onnx backend runs on the CPU, in fp32 or int8 (--dtype int8); "
-            "--device and --dtype bf16 are the torch backend's"
-        )
+
+def inference_settings(args):
+    """The :class:`faceattrs.settings.InferenceSettings` of the options (checked: one line
+    naming the option), the device checked on this machine for the torch backend."""
+    from ..devices import check_device
+    from ..settings import InferenceSettings
+
+    settings = InferenceSettings(
+        backend=args.backend,
+        dtype=args.dtype,
+        device=args.device,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        photo_workers=args.photo_workers,
+        options=True,
+    )
+    if settings.backend == "torch":
+        check_device(settings.device)
+    return settings
 
 
 # --photo-set ranges: (low, high, low_open, high_open); None = unbounded. Only the fields
@@ -165,6 +166,7 @@ def run(args) -> int:
     from ..photo.config import PhotoConfig
     from ..predict_files import failure_lines, predict_files
 
+    settings = inference_settings(args)  # its errors first, as the options are listed
     check_options(args)
     check_photo_overrides(cfgmod.parse_overrides(args.photo_set))
     photo = cfgmod.resolve(PhotoConfig, {}, None, args.photo_set)
@@ -176,14 +178,8 @@ def run(args) -> int:
         out=args.out,
         annotate_dir=args.annotate,
         explain_dir=args.explain,
-        batch_size=args.batch_size,
-        backend=args.backend,
-        device=args.device,
-        dtype=args.dtype,
         detect=not args.no_detect,
-        photo=photo,
-        threads=args.threads,
-        photo_workers=args.photo_workers,
+        settings=dataclasses.replace(settings, photo=photo),
     )
     for line in failure_lines(counts, args.out):
         print(line, file=sys.stderr)

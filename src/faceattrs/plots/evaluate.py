@@ -69,7 +69,7 @@ def roc(curve: dict, path: Path, title: str = "Gender ROC") -> Path:
 
 def reliability(before: dict, after: dict | None, path: Path, title: str, ece=None) -> Path:
     """Accuracy per confidence bin (bars) and its gap to the bin's mean confidence (hatched),
-    before and, when given, after temperature scaling. Bins: calibrate.reliability_bins."""
+    before and, when given, after temperature scaling. Bins: metrics.reliability_bins."""
     panels = [("before", before)] + ([("after", after)] if after is not None else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), squeeze=False)
     for i, (ax, (name, bins)) in enumerate(zip(axes[0], panels, strict=True)):

@@ -18,9 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from .. import config as cfgmod
 from ..lifeline import exit_with_parent
-from ..photo.config import PhotoConfig
 from .info import model_info
 from .limits import ApiError, BodyLimit, CountRejected, ServeConfig
 from .uploads import check_upload, read_uploads
@@ -88,15 +86,7 @@ def load_analyzer(cfg: ServeConfig):
     # (ServeConfig and the checks `faceattrs serve` makes before loading) stays light
     from ..predict import FaceAnalyzer
 
-    photo = cfgmod.replace(PhotoConfig(), {**cfg.photo, "max_pixels": cfg.max_pixels})
-    return FaceAnalyzer(
-        cfg.model,
-        backend=cfg.backend,
-        device=cfg.device,
-        dtype=cfg.dtype,
-        threads=cfg.threads,
-        photo=photo,
-    )
+    return FaceAnalyzer(cfg.model, cfg.inference())
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:

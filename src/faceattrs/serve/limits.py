@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse
 
+from .. import config as cfgmod
 from ..exceptions import FaceattrsError
 from ..inputs import MAX_PIXELS
+from ..photo.config import PhotoConfig
+from ..settings import InferenceSettings
 
 MB = 1024 * 1024
 
@@ -45,15 +48,19 @@ class ServeConfig:
         for name, flag in (("max_pixels", "--max-pixels"), ("retry_after", "retry_after")):
             if getattr(self, name) < 0:
                 raise FaceattrsError(f"{flag} must not be negative, got {getattr(self, name)}")
-        if self.dtype not in ("fp32", "bf16", "int8"):
-            raise FaceattrsError(f"--dtype must be fp32, bf16 or int8, got {self.dtype!r}")
-        if self.dtype == "int8" and str(self.device) != "cpu":
-            raise FaceattrsError("--dtype int8 runs on the CPU (onnxruntime): leave out --device")
+        self.inference()
+
+    def inference(self) -> InferenceSettings:
+        """The analyzer's settings (checked: int8 runs on onnxruntime, on the CPU; the rest
+        on PyTorch), with the server's photo settings and pixel limit."""
+        photo = cfgmod.replace(PhotoConfig(), {**self.photo, "max_pixels": self.max_pixels})
+        return InferenceSettings(
+            dtype=self.dtype, device=self.device, threads=self.threads, photo=photo, options=True
+        )
 
     @property
     def backend(self) -> str:
-        """int8 runs on onnxruntime, the rest on PyTorch."""
-        return "onnx" if self.dtype == "int8" else "torch"
+        return self.inference().backend
 
 
 class ApiError(Exception):

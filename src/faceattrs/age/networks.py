@@ -27,11 +27,12 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint import CheckpointError, save_checkpoint
+from ..checkpoint import CheckpointError, load_model, load_weights, read_meta, save_checkpoint
 from ..io import write_json_atomic, write_with
 from ..model import FaceResNet
 from ..model import predict as predict_faces
-from ..postprocess import APPROACHES, age_prediction, route, softmax
+from ..postprocess import AGE_POINTS, APPROACHES, age_prediction, route, softmax
+from . import conformal
 from . import direct as directmod
 from .bins import bin_labels
 from .regress import BinRegressors
@@ -219,8 +220,6 @@ def choose_flip_tta(model: AgeModel, val, mode: str = "auto") -> tuple[bool, dic
     "auto" = when that lowers the validation MAE of the default approach and routing.
     Sets ``model.flip_tta`` and refits the 90 % interval (split-conformal on the validation
     predictions the model will now make). Returns ``(choice, selection)``."""
-    from . import conformal
-
     if mode not in ("auto", "on", "off"):
         raise CheckpointError(f"flip_tta must be one of auto, on, off, got {mode!r}")
     maes, preds = {}, {}
@@ -274,3 +273,88 @@ def save_age_model(
     }
     write_json_atomic(age_dir / AGE_JSON, meta)
     return age_dir / AGE_JSON
+
+
+# ---------------------------------------------------------------- reading an age folder
+
+
+def read_age_json(age_dir: Path) -> dict:
+    """``age_dir``'s ``age.json``, its format, edges and clip checked."""
+    meta = read_meta(age_dir / AGE_JSON)
+    where = age_dir / AGE_JSON
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: not an age model ({meta.get('format')!r})")
+    try:
+        edges = [float(e) for e in meta["edges"]]
+        lo, hi = (float(c) for c in meta["clip"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: bad or missing age edges / clip ({e!r})") from None
+    if not edges or any(np.diff(edges) <= 0) or not lo < hi:
+        raise CheckpointError(
+            f"{where}: age edges must increase and clip be (low, high), got {edges} / {[lo, hi]}"
+        )
+    return meta
+
+
+def has_age_head(meta: dict) -> bool:
+    """Whether the multitask network of checkpoint settings ``meta`` has an age head."""
+    return directmod.HEAD in (meta.get("model") or {}).get("heads", {})
+
+
+def _age_point(age_dir: Path, meta: dict) -> str:
+    point = meta.get("point", "mean")  # age.json files written before the choice: the mean
+    if point not in AGE_POINTS:
+        raise CheckpointError(f"{age_dir}: age point {point!r} is not one of {AGE_POINTS}")
+    return point
+
+
+def shared_age_model(age_dir: Path, meta: dict, net: FaceResNet, flip_tta: bool) -> AgeModel:
+    """The age model of a multitask network's own age head ``net`` (``age.json`` ``meta``)."""
+    try:
+        return AgeModel(
+            coarse=None,
+            regressors=None,
+            edges=np.asarray(meta["edges"]),
+            approach="direct",
+            direct=net,
+            clip=tuple(meta["clip"]),
+            interval=meta.get("interval"),
+            flip_tta=flip_tta,
+            shared=True,
+            point=_age_point(age_dir, meta),
+        )
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{age_dir}: inconsistent age model: {e!r}") from None
+
+
+def load_age_folder(age_dir: Path, meta: dict, device) -> AgeModel:
+    """The two-stage age model of ``age_dir`` (and its direct head when saved), in eval mode."""
+    try:
+        coarse, _ = load_model(age_dir, "coarse", device)
+        rs = meta["regressors"]
+        reg = BinRegressors(rs["dim"], rs["n_bins"], rs["hidden"], rs["dropout"])
+        weights = age_dir / "regressors.safetensors"
+        if not weights.exists():
+            raise CheckpointError(f"age regressor weights missing: {weights}")
+        reg.load_state_dict(load_weights(weights))
+        direct = load_model(age_dir, "direct", device)[0] if meta.get("direct") else None
+        model = AgeModel(
+            coarse=coarse,
+            regressors=reg.to(device).eval(),
+            edges=np.asarray(meta["edges"]),
+            routing=meta["routing"],
+            approach=meta["approach"],
+            direct=direct,
+            clip=tuple(meta["clip"]),
+            interval=meta.get("interval"),
+            flip_tta=meta.get("flip_tta", False),
+            point=_age_point(age_dir, meta),
+        )
+        if not isinstance(model.flip_tta, bool):
+            raise TypeError(f"flip_tta must be true or false, got {model.flip_tta!r}")
+    except (KeyError, TypeError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else repr(e)
+        raise CheckpointError(f"{age_dir}: inconsistent age model: {first}") from None
+    if model.approach == "direct" and direct is None:
+        raise CheckpointError(f"{age_dir}: default approach is 'direct' but direct.* is missing")
+    return model
