@@ -16,8 +16,10 @@ SAMPLE = REPO / "examples" / "astronaut.jpg"
 DEFAULT = bundle.DEFAULT_MODEL_DIR
 # every model shipped in the package: the default and those reached by name (--model utk48)
 SHIPPED = [DEFAULT] + [d for d in bundle.NAMED_MODELS.values() if (d / "best.json").exists()]
-SHIPPED_INT8 = [bundle.DEFAULT_INT8_DIR] + [
-    d for d in bundle.NAMED_INT8.values() if (d / bundle.ONNX_MANIFEST).exists()
+SHIPPED_INT8 = [
+    d
+    for d in [bundle.DEFAULT_INT8_DIR, *bundle.NAMED_INT8.values()]
+    if (d / bundle.ONNX_MANIFEST).exists()
 ]
 
 
@@ -130,36 +132,55 @@ def test_commands_without_model_use_the_default(tmp_path):
     assert not any(p.name.startswith(".") for p in DEFAULT.rglob("*"))
 
 
-INT8 = bundle.DEFAULT_INT8_DIR
+# the shipped int8 exports and the fp32 model each is made from, by the name that reaches it
+INT8_PAIRS = [
+    (name, folder, bundle.NAMED_MODELS.get(name, DEFAULT))
+    for name, folder in [(None, bundle.DEFAULT_INT8_DIR), *bundle.NAMED_INT8.items()]
+    if (folder / bundle.ONNX_MANIFEST).exists()
+]
 
 
-def test_int8_default_is_shipped_small_and_points_at_the_default():
+@pytest.mark.parametrize("name, INT8, fp32", INT8_PAIRS, ids=lambda v: str(v))
+def test_int8_is_shipped_small_and_points_at_its_model(name, INT8, fp32):  # noqa: N803
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
-    b = bundle.default_int8()
+    b = bundle.default_int8(name)
     assert b.kind == "onnx" and b.precision == "int8"
-    assert b.source.resolve() == DEFAULT.resolve()  # relative: works wherever it is installed
-    assert b.torch_bundle().path.resolve() == DEFAULT.resolve()  # Grad-CAM runs in PyTorch
+    assert b.source.resolve() == fp32.resolve()  # relative: works wherever it is installed
+    assert b.torch_bundle().path.resolve() == fp32.resolve()  # Grad-CAM runs in PyTorch
     calib = b.meta["quantization"]["calibration"]
     assert calib["split"] == "train" and calib["faces"] >= 256
-    assert b.temperatures == bundle.resolve(None).temperatures
-    assert b.age["interval"] == bundle.resolve(None).age["interval"]
-    both = [p for d in (DEFAULT, INT8) for p in d.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in both) < 50e6
+    assert b.temperatures == bundle.resolve(fp32).temperatures
+    assert b.age["interval"] == bundle.resolve(fp32).age["interval"]
     prov = json.loads((INT8 / "provenance.json").read_text())
     assert "non-commercial" in prov["licence"]
 
 
-def test_predict_sample_photo_int8_without_model(tmp_path):
+def test_int8_of_a_model_without_one_is_one_line(capsys):
+    """The default model has no int8 export when none is shipped: one line naming one that
+    is (the 48x48 model's)."""
+    from faceattrs.cli import main
+
+    if (bundle.DEFAULT_INT8_DIR / bundle.ONNX_MANIFEST).exists():
+        pytest.skip("this installation ships an int8 export of the default model")
+    assert main(["predict", str(SAMPLE), "--dtype", "int8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--model utk48 --dtype int8" in err
+
+
+@pytest.mark.parametrize("name, INT8, fp32", INT8_PAIRS, ids=lambda v: str(v))
+def test_predict_sample_photo_int8(name, INT8, fp32, tmp_path):  # noqa: N803
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
     from faceattrs.cli import main
 
     out = tmp_path / "res.jsonl"
     cams = tmp_path / "cams"  # Grad-CAM comes from the fp32 network the export points at
-    argv = ["predict", str(SAMPLE), "--dtype", "int8", "--out", str(out), "--explain", str(cams)]
+    model = ["--model", name] if name else []
+    argv = ["predict", str(SAMPLE), *model, "--dtype", "int8", "--out", str(out),
+            "--explain", str(cams)]  # fmt: skip
     assert main(argv) == 0
     (int8,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(list(cams.glob("*.png"))) == 1
-    assert main(["predict", str(SAMPLE), "--out", str(out)]) == 0
+    assert main(["predict", str(SAMPLE), *model, "--out", str(out)]) == 0
     (fp32,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert int8["box"] == fp32["box"]
     assert int8["gender"]["label"] == fp32["gender"]["label"]

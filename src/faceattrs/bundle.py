@@ -279,9 +279,14 @@ def default_int8(name: str | None = None) -> Bundle:
     if name is not None:
         return resolve(_named(name, NAMED_INT8))
     if not (DEFAULT_INT8_DIR / ONNX_MANIFEST).exists():
+        also = (
+            " (the bundled 48x48 model has one: --model utk48 --dtype int8)"
+            if (NAMED_INT8["utk48"] / ONNX_MANIFEST).exists()
+            else ""
+        )
         raise FaceattrsError(
-            "no int8 default model is bundled with this installation: make one with "
-            "`faceattrs export --int8 --data CSV --out DIR` and pass `--model DIR`"
+            "no int8 export of the default model is bundled with this installation: make "
+            f"one with `faceattrs export --int8 --data DATA --out DIR` and pass `--model DIR`{also}"
         )
     return resolve(DEFAULT_INT8_DIR)
 
