@@ -194,6 +194,8 @@ def check_out_file(path) -> None:
     if path is None:
         return
     path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        raise FaceattrsError(f"--out {path}: Parquet is written with --engine ray; or use .jsonl")
     if path.suffix.lower() not in (".jsonl", ".json", ".csv"):
         raise FaceattrsError(f"--out {path}: use a .jsonl or .csv file name")
     if path.is_dir():
