@@ -256,3 +256,19 @@ assert main({[*args, "--out", str(tmp_path / "r.jsonl")]!r}) == 1
 assert "ray" not in sys.modules, "ray imported"
 """
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_an_error_in_a_worker_is_one_line():
+    """Ray gives the driver a worker's exception as traceback text: a WorkerError (a model
+    the worker cannot load) comes out as itself, anything else as Ray raised it."""
+    if ray is None:
+        pytest.skip("Ray is not installed (pip install -e '.[ray]')")
+    from faceattrs.distributed import WorkerError, _user_errors
+
+    text = (
+        'Traceback...\n  File "x.py", line 1\nfaceattrs.distributed.WorkerError: bad model\n\nmore'
+    )
+    with pytest.raises(WorkerError, match="^bad model$"), _user_errors(ray):
+        raise ray.exceptions.RayError(text)
+    with pytest.raises(ray.exceptions.RayError), _user_errors(ray):
+        raise ray.exceptions.RayError("ValueError: a bug")

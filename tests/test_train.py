@@ -411,7 +411,7 @@ def test_torchrun_two_processes_one_log_one_set_of_files(tmp_path):
     dump.mkdir()
     script = Path(__file__).with_name("torchrun_train.py")
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
          str(script), str(dump), "train", "--data", str(prepared), "--out", str(run),
          *settings],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},

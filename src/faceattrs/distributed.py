@@ -43,6 +43,7 @@ import csv
 import json
 import logging
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -248,10 +249,15 @@ class Analyzer:
         if os.path.isdir(cwd):  # relative paths as the driver meant them (a shared folder)
             os.chdir(cwd)
         photomod.worker_start(pillow_limit)  # one OpenCV thread, the driver's Pillow guard
-        self.analyzer = FaceAnalyzer(model, photo_workers="threads", streams=1, **analyzer)
-        self.detect, self.calls = detect, 0
+        self.detect, self.calls, self.failed = detect, 0, None
+        try:
+            self.analyzer = FaceAnalyzer(model, photo_workers="threads", streams=1, **analyzer)
+        except FaceattrsError as e:  # raised at the first batch: a failed start would be
+            self.failed = WorkerError(str(e))  # restarted without end
 
     def __call__(self, batch):
+        if self.failed is not None:
+            raise self.failed
         _crash_once(self.calls)
         self.calls += 1
         n = batch.num_rows
@@ -515,15 +521,18 @@ def predict_ray(
             ray.shutdown()
 
 
+class WorkerError(FaceattrsError):
+    """A FaceattrsError in a worker (a model it cannot load), to be one line on the driver."""
+
+
 @contextmanager
 def _user_errors(ray):
-    """A FaceattrsError raised in a worker (a bad model, say) as itself: one line."""
+    """A :class:`WorkerError` as itself. Ray hands the driver a worker's exception as the
+    text of its traceback only, where the class's name and the message end a line."""
     try:
         yield
     except ray.exceptions.RayError as e:
-        cause = e
-        while cause is not None and not isinstance(cause, FaceattrsError):
-            cause = getattr(cause, "cause", None) or cause.__cause__
-        if cause is None:
+        found = re.findall(rf"{re.escape(WorkerError.__module__)}\.WorkerError: (.+)", str(e))
+        if not found:
             raise
-        raise FaceattrsError(str(cause)) from None
+        raise WorkerError(found[-1]) from None
