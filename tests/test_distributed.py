@@ -7,6 +7,8 @@ need Ray skip with a reason when it is not installed (``pip install -e ".[ray]"`
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +37,8 @@ def local_ray():
     """One local Ray instance for the module: 2 CPUs, a small object store, no dashboard."""
     if ray is None:
         pytest.skip("Ray is not installed (pip install -e '.[ray]')")
+    env = dict(os.environ)  # Ray sets variables and signal handlers: the later tests' back
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     ray.init(
         num_cpus=2,
         include_dashboard=False,
@@ -43,6 +47,10 @@ def local_ray():
     )
     yield ray
     ray.shutdown()
+    os.environ.clear()
+    os.environ.update(env)
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
 
 
 @pytest.fixture(scope="module")
