@@ -91,6 +91,36 @@ def main() -> None:
             base_end, base_rate = base_end or end, base_rate or rate
             print(f"| {name} | {end:.1f} | {end / base_end:.2f} | {rate:.1f} | "
                   f"{rate / base_rate:.2f} | {fixed:.1f} s | {'yes' if same[name] else 'NO'} |")  # fmt: skip
+        ceiling = driver_ceiling(tmp / f"r{large}_0.jsonl", tmp)
+        print("\nthe driver alone writes " + ", ".join(f"{r:,.0f} records/s to {s}"
+                                                     for s, r in ceiling.items()))  # fmt: skip
+
+
+def driver_ceiling(records_file: Path, tmp: Path, batches: int = 400) -> dict[str, float]:
+    """Records/s the driver alone writes (``write_records`` on batches handed to it as Ray
+    would, without Ray): the most the whole cluster can deliver through one driver."""
+    import json
+    from types import SimpleNamespace
+
+    from faceattrs.distributed import records_table, write_records
+
+    records = [json.loads(line) for line in records_file.read_text().splitlines()][:64]
+    rec = next(r for r in records if "error" not in r)
+    heads = [h for h, v in rec.items() if isinstance(v, dict) and "probabilities" in v]
+    models = SimpleNamespace(class_names={h: list(rec[h]["probabilities"]) for h in heads},
+                             bin_labels=list(rec["age"]["bin_probabilities"]))  # fmt: skip
+    table = records_table(records, models)
+
+    class Batches:  # what iter_batches hands the driver
+        def iter_batches(self, **kw):
+            return (table for _ in range(batches))
+
+    rates = {}
+    for suffix in (".jsonl", ".parquet"):
+        t0 = time.perf_counter()
+        write_records(Batches(), tmp / f"ceiling{suffix}", None)
+        rates[suffix] = batches * len(records) / (time.perf_counter() - t0)
+    return rates
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ OUT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # exits abruptly (os._exit), once, as a killed process would (tests/test_distributed.py).
 CRASH_ONCE_ENV = "FACEATTRS_TEST_CRASH_ONCE"
 INT_COLUMNS = ("image", "face", "x", "y", "w", "h")
+ROW_GROUP = 16_384  # rows of a Parquet row group (about 16 MB of records)
 
 
 def import_ray():
@@ -466,17 +467,21 @@ def _text_out(out, binary: bool = False):
 def write_records(ds, out, inputs: int | None) -> dict:
     """Stream ``ds`` to the driver, in input order, into ``out``: a ``.jsonl`` (or stdout),
     ``.csv`` or ``.parquet`` file, renamed into place only when every input is in it once."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     tally = Tally(inputs)
     kind = Path(out).suffix.lower() if out is not None else ".jsonl"
     with _text_out(out, binary=kind == ".parquet") as fh:
-        table = None
+        table, rows = None, []  # Parquet: row groups of ROW_GROUP rows, not one per batch
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             tally.add(*(batch.column(c).to_pylist() for c in ("image", "face", "error")))
             if kind == ".parquet":
                 table = table or pq.ParquetWriter(fh, batch.schema)
-                table.write_table(batch)
+                rows.append(batch)
+                if sum(len(b) for b in rows) >= ROW_GROUP:
+                    table.write_table(pa.concat_tables(rows))
+                    rows = []
             elif kind == ".csv":
                 if table is None:
                     table = csv.DictWriter(fh, [c for c in batch.column_names if c != "record"])
@@ -485,6 +490,8 @@ def write_records(ds, out, inputs: int | None) -> dict:
             else:
                 fh.write("".join(r + "\n" for r in batch.column("record").to_pylist()))
         if kind == ".parquet" and table is not None:
+            if rows:
+                table.write_table(pa.concat_tables(rows))
             table.close()
         counts = tally.check()  # before the rename: an incomplete output is not written
     return counts
