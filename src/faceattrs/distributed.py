@@ -45,6 +45,7 @@ import logging
 import os
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -66,6 +67,7 @@ OUT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # exits abruptly (os._exit), once, as a killed process would (tests/test_distributed.py).
 CRASH_ONCE_ENV = "FACEATTRS_TEST_CRASH_ONCE"
 INT_COLUMNS = ("image", "face", "x", "y", "w", "h")
+URI_THREADS = 8  # URIs a worker reads at once (network latency, not CPU)
 ROW_GROUP = 16_384  # rows of a Parquet row group (about 16 MB of records)
 
 
@@ -194,6 +196,13 @@ def read_uri(uri: str) -> bytes:
         raise PhotoError(f"{uri}: cannot be read ({str(e).splitlines()[0]})") from None
 
 
+def _fetch(uri: str) -> bytes | PhotoError:
+    try:
+        return read_uri(uri)
+    except PhotoError as e:
+        return e
+
+
 def _crash_once(calls: int) -> None:
     marker = os.environ.get(CRASH_ONCE_ENV)
     if not marker or calls < 1:
@@ -251,6 +260,7 @@ class Analyzer:
             os.chdir(cwd)
         photomod.worker_start(pillow_limit)  # one OpenCV thread, the driver's Pillow guard
         self.detect, self.calls, self.failed = detect, 0, None
+        self.io = ThreadPoolExecutor(URI_THREADS, thread_name_prefix="faceattrs-uri")
         try:
             self.analyzer = FaceAnalyzer(model, photo_workers="threads", streams=1, **analyzer)
         except FaceattrsError as e:  # raised at the first batch: a failed start would be
@@ -267,16 +277,19 @@ class Analyzer:
         images = cols.get("image", [None] * n)
         paths = [_text(p) for p in cols.get("path", [None] * n)]
         blobs = cols.get("bytes", [None] * n)
+        remote = [i for i in range(n) if blobs[i] is None and paths[i] and is_uri(paths[i])]
+        fetched = dict(zip(remote, self.io.map(_fetch, [paths[i] for i in remote]), strict=True))
         records: list[list[dict]] = [[] for _ in range(n)]
         run, rows = [], []  # what goes through the analyzer, and its row
         for i, (path, blob) in enumerate(zip(paths, blobs, strict=True)):
-            try:
-                if blob is None and path is None:
-                    raise PhotoError("no path and no bytes in this row")
-                run.append(blob if blob is not None else read_uri(path) if is_uri(path) else path)
+            src = blob if blob is not None else fetched.get(i, path)
+            if src is None:
+                src = PhotoError("no path and no bytes in this row")
+            if isinstance(src, PhotoError):
+                records[i] = [{"file": path, "image": images[i], "error": str(src)}]
+            else:
+                run.append(src)
                 rows.append(i)
-            except PhotoError as e:
-                records[i] = [{"file": path, "image": images[i], "error": str(e)}]
         for item in self.analyzer.run(run, detect=self.detect):
             i = rows[item.index]
             for rec in item.records:
