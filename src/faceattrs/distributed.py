@@ -321,7 +321,11 @@ def connect(address: str | None = None):
         else:
             from .devices import cpu_cores
 
-            ray.init(num_cpus=cpu_cores(), include_dashboard=False)
+            # Ray runs its workers at nice 15: beside any other work they would get a
+            # sliver of the CPU; here they run as the single-process command would
+            ray.init(
+                num_cpus=cpu_cores(), include_dashboard=False, _system_config={"worker_niceness": 0}
+            )
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"--address {address}" if address else "a local Ray instance"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
