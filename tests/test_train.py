@@ -6,6 +6,7 @@ import csv
 import gzip
 import json
 import math
+import os
 import socket
 from pathlib import Path
 
@@ -427,6 +428,55 @@ def test_ddp_two_processes_gloo(tmp_path):
     # each rank trained on half the epoch: 64 train faces / 2 ranks / batch 8 = 4 steps
     assert json.loads((tmp_path / "run" / "last.json").read_text())["resume"]["scheduler"][
         "last_epoch"] == 4  # fmt: skip
+
+
+def test_torchrun_two_processes_one_log_one_set_of_files(tmp_path):
+    """``torchrun --nproc_per_node=2 -m faceattrs train`` on CPU (gloo): one log (rank 0's),
+    one set of files (those of a one-process run), the same weights on both ranks."""
+    import subprocess
+    import sys
+
+    from conftest import tiny_csv
+
+    from faceattrs.cli import main
+
+    prepared = tmp_path / "prepared"
+    assert main(["prepare", "--data", str(tiny_csv(tmp_path)), "--out", str(prepared)]) == 0
+    settings = [f"{k}={v}" for k, v in {**TINY, "epochs": 1, "batch_size": 8}.items()]
+    one = tmp_path / "one"
+    assert main(["train", "--data", str(prepared), "--out", str(one), *settings]) == 0
+    run, dump = tmp_path / "two", tmp_path / "dump"
+    dump.mkdir()
+    script = Path(__file__).with_name("torchrun_train.py")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(script), str(dump), "train", "--data", str(prepared), "--out", str(run),
+         *settings],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    for line in ("training ", "epoch 1/1 ", "best epoch 1"):
+        assert sum(row.startswith(line) for row in log.splitlines()) == 1, (line, log)
+    assert "[rank 1]" not in log, log
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in one.iterdir())
+    ranks = [load_file(dump / f"rank{r}.safetensors") for r in (0, 1)]
+    saved = load_file(run / "last.safetensors")
+    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) > 10
+    for name, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][name]), name  # parameters and BatchNorm statistics
+        if name in saved:
+            assert torch.equal(value, saved[name]), name
+    assert json.loads((run / "config.json").read_text())["world_size"] == 2
+
+
+def test_torchrun_runs_only_train(monkeypatch, capsys):
+    from faceattrs.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["evaluate", "--model", "runs/none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "under torchrun only train" in err, err
 
 
 def test_distill_loss_blends_hard_and_soft_targets():

@@ -196,6 +196,8 @@ def check_out_file(path) -> None:
     if path is None:
         return
     path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        raise FaceattrsError(f"--out {path}: Parquet is written with --engine ray; or use .jsonl")
     if path.suffix.lower() not in (".jsonl", ".json", ".csv"):
         raise FaceattrsError(f"--out {path}: use a .jsonl or .csv file name")
     if path.is_dir():
@@ -248,7 +250,7 @@ def record_writer(path: str | os.PathLike | None, models) -> Iterator[Callable[[
 def failure_lines(counts: dict, out=None) -> list[str]:
     """One line per failed file (``counts["failures"]``, as compilers list errors), then
     how many more failed, if any: what ``faceattrs predict`` prints on stderr."""
-    lines = list(counts["failures"])
+    lines = list(counts.get("failures", ()))  # --engine ray counts them only
     more = counts["failed"] - len(lines)
     if more > 0:
         where = out if out is not None else "the output"

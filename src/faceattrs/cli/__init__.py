@@ -83,6 +83,11 @@ def wrapped(text: str) -> str:
     return textwrap.fill(text, max(40, min(width, 100)), break_on_hyphens=False)
 
 
+# the commands that run under torchrun (several processes, one writer); any other command
+# would run once per process, each writing the same files
+DISTRIBUTED = ("train",)
+
+
 class CLIError(FaceattrsError):
     """An error to print as one line, with exit status 2."""
 
@@ -157,12 +162,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(message)s",
+    rank = int(os.environ.get("RANK", "0") or 0)  # under torchrun: this process's rank
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(  # one log: other ranks say only what goes wrong, marked
+        level=level if rank == 0 else logging.WARNING,
+        format="%(message)s" if rank == 0 else f"[rank {rank}] %(message)s",
     )
     debug = args.debug or os.environ.get("FACEATTRS_DEBUG", "") not in ("", "0")
     try:
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and args.command not in DISTRIBUTED:
+            raise CLIError(
+                f"under torchrun only {', '.join(DISTRIBUTED)} runs on several processes; "
+                f"run `faceattrs {args.command}` in one (docs/training.md)"
+            )
         guard = contextlib.nullcontext
         if hasattr(args, "max_pixels"):  # a command that decodes photos: its --max-pixels
             from ..photo.decode import pillow_limit_lifted as guard  # is the limit, not Pillow's

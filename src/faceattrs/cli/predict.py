@@ -12,6 +12,7 @@ or inconsistent model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 
@@ -73,6 +74,27 @@ def add_arguments(p) -> None:
         help="a detection / crop setting of faceattrs.photo.PhotoConfig, e.g. min_face=40 "
         "(repeat for more)",
     )
+    add_engine(p)
+
+
+def add_engine(p) -> None:
+    """``--engine ray`` and its options (docs/distributed.md)."""
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local (default: this process) or ray: a pool of Ray workers (pip install -e "
+        "'.[ray]'); it also reads list files (.txt) and Parquet tables, writes .parquet",
+    )
+    p.add_argument(
+        "--address",
+        help="ray: join this cluster (auto, ray://HOST:10001; default: start a local Ray)",
+    )
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        help="ray: workers, one model each (default: the cluster's CPUs / --threads)",
+    )
 
 
 def add_dtype(p) -> None:
@@ -96,6 +118,10 @@ def check_options(args) -> None:
     for flag, value in (("--annotate", args.annotate), ("--explain", args.explain)):
         if value is not None and not str(value).strip():
             raise cfgmod.ConfigError(f"{flag} needs a folder name, got an empty one")
+    if args.engine == "ray":
+        check_engine(args)
+    elif args.address is not None or args.num_workers is not None:
+        raise cfgmod.ConfigError("--address and --num-workers go with --engine ray")
 
 
 def inference_settings(args):
@@ -113,9 +139,18 @@ def inference_settings(args):
         photo_workers=args.photo_workers,
         options=True,
     )
-    if settings.backend == "torch":
+    if settings.backend == "torch" and args.engine == "local":  # with ray: the workers'
         check_device(settings.device)
     return settings
+
+
+def check_engine(args) -> None:
+    """What ``--engine ray`` does not do (the pictures are written by this process)."""
+    for flag, value in (("--annotate", args.annotate), ("--explain", args.explain)):
+        if value is not None:
+            raise cfgmod.ConfigError(f"{flag} is not available with --engine ray")
+    if args.num_workers is not None and args.num_workers < 1:
+        raise cfgmod.ConfigError(f"--num-workers must be at least 1, got {args.num_workers}")
 
 
 # --photo-set ranges: (low, high, low_open, high_open); None = unbounded. Only the fields
@@ -172,7 +207,12 @@ def run(args) -> int:
     photo = cfgmod.resolve(PhotoConfig, {}, None, args.photo_set)
     photo = cfgmod.replace(photo, {"max_pixels": args.max_pixels})
     check_photo_config(photo)
-    counts = predict_files(
+    predict = predict_files
+    if args.engine == "ray":  # the same arguments, and the cluster's
+        from ..distributed import predict_ray
+
+        predict = functools.partial(predict_ray, address=args.address, num_workers=args.num_workers)
+    counts = predict(
         args.paths,
         args.model,
         out=args.out,
