@@ -375,8 +375,9 @@ def _dataset(sources, model=None, *, address=None, num_workers=None, batch_size=
              threads=None, ray_remote_args=None):  # fmt: skip
     """:func:`predict_dataset`, and the number of inputs (None: unknown to the driver)."""
     ray = import_ray()
+    from PIL import Image
+
     from .bundle import resolve
-    from .photo import Image
 
     sources = [sources] if isinstance(sources, str | os.PathLike) else list(sources)
     if batch_size < 1:
