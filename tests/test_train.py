@@ -590,12 +590,12 @@ def test_init_starts_from_another_models_weights(tmp_path, monkeypatch):
         got = model.state_dict()
         assert all(torch.equal(got[k], ref[k]) for k in ref), (source, member)
         assert rec["member"] == member and len(rec["weights_sha256"]) == 64
-    # the bundled model's members: width 0.5, three heads
+    # the bundled 48x48 model's members (by name): width 0.5, three heads
     model = fresh(width=0.5, age_head=True)
-    T.load_init(model, "default", 1)
+    T.load_init(model, "utk48", 1)
     from faceattrs.bundle import resolve
 
-    bundled = resolve(None).load_multitask()[0].members[1].state_dict()
+    bundled = resolve("utk48").load_multitask()[0].members[1].state_dict()
     assert all(torch.equal(model.state_dict()[k], bundled[k].float()) for k in bundled)
 
     for kw, match in (
