@@ -10,11 +10,11 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from faceattrs import train
 from faceattrs.cli import main
+from faceattrs.training import run as train_run
 
 built = []
-_network = train.FaceResNet
+_network = train_run.build_model
 
 
 def _keep(*args, **kwargs):
@@ -23,7 +23,7 @@ def _keep(*args, **kwargs):
 
 
 if __name__ == "__main__":
-    train.FaceResNet = _keep  # the network fit() trains, seen from outside
+    train_run.build_model = _keep  # the network fit() trains, seen from outside
     dump, argv = Path(sys.argv[1]), sys.argv[2:]
     status = main(argv)
     weights = {k: v.detach().contiguous() for k, v in built[0].state_dict().items()}
