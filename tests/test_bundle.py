@@ -79,6 +79,7 @@ def test_bundled_models_by_name(run, monkeypatch, tmp_path):
     assert not B.is_bundled_name("utk48")
     own.rmdir()
     monkeypatch.setitem(B.NAMED_MODELS, "utk48", tmp_path / "absent")
+    monkeypatch.setitem(B.NAMED_INT8, "utk48", tmp_path / "absent")
     with pytest.raises(FaceattrsError, match="bundled model 'utk48' is not in this installation"):
         B.resolve("utk48")
     with pytest.raises(FaceattrsError, match="not in this installation"):

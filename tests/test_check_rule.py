@@ -34,7 +34,9 @@ def runs(tmp_path_factory):
 
 
 def rule_file(path, bars):
-    path.write_text(json.dumps({"name": "test rule", "written": "before", "bars": bars}))
+    # the incumbent: the bundled 48x48 model (the test's faces are 48x48 gray)
+    rule = {"name": "test rule", "written": "before", "incumbent": "utk48", "bars": bars}
+    path.write_text(json.dumps(rule))
     return path
 
 

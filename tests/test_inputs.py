@@ -102,8 +102,8 @@ def test_checkpoint_carries_the_contract(tmp_path):
 
 
 def test_checkpoints_without_a_contract_are_48_pixel_gray():
-    """The shipped default model predates InputSpec: it loads as the reference's input."""
-    bundle = resolve(None)
+    """The shipped 48x48 model (v5) predates InputSpec: it loads as the reference's input."""
+    bundle = resolve("utk48")
     assert "input" not in bundle.meta and bundle.input == GRAY48
     net, _ = bundle.load_multitask()
     assert net.input == GRAY48

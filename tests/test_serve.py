@@ -23,7 +23,9 @@ pytest.importorskip("multipart", reason="serving needs python-multipart (the 'se
 from fastapi.testclient import TestClient  # noqa: E402
 from test_predict import make_run  # noqa: E402  (the same tiny bundle)
 
-from faceattrs.bundle import DEFAULT_MODEL_DIR  # noqa: E402
+from faceattrs.bundle import NAMED_MODELS  # noqa: E402
+
+UTK48 = NAMED_MODELS["utk48"]  # the bundled 48x48 model (v5), an ensemble of two networks
 from faceattrs.cli import main  # noqa: E402
 from faceattrs.predict import FaceAnalyzer  # noqa: E402
 from faceattrs.serve import (  # noqa: E402
@@ -160,19 +162,18 @@ def test_health_model_and_docs(client):
 
 
 def test_model_of_the_bundled_ensemble():
-    """The default model is an ensemble of two networks: /model gives each member's epoch
-    and score (best.json), the whole validation split's mean macro-F1 (calibration.json)
-    and, apart, the packaging check (provenance.json), never an empty checkpoint."""
-    best = json.loads((DEFAULT_MODEL_DIR / "best.json").read_text())
-    check = json.loads((DEFAULT_MODEL_DIR / "provenance.json").read_text())["check"]
-    cal = json.loads((DEFAULT_MODEL_DIR / "calibration.json").read_text())
-    with TestClient(create_app(ServeConfig())) as c:
+    """The bundled 48x48 model is an ensemble of two networks: /model gives each member's
+    epoch and score (best.json), the whole validation split's mean macro-F1
+    (calibration.json) and, apart, the packaging check (provenance.json), never an empty
+    checkpoint."""
+    best = json.loads((UTK48 / "best.json").read_text())
+    check = json.loads((UTK48 / "provenance.json").read_text())["check"]
+    cal = json.loads((UTK48 / "calibration.json").read_text())
+    with TestClient(create_app(ServeConfig(model="utk48"))) as c:
         m = c.get("/model").json()
-    assert m["source"] == str(DEFAULT_MODEL_DIR.resolve()) and m["backend"] == "torch"
+    assert m["source"] == str(UTK48.resolve()) and m["backend"] == "torch"
     # the terms it is shipped under, as the model folder records them
-    assert (
-        m["licence"] == json.loads((DEFAULT_MODEL_DIR / "provenance.json").read_text())["licence"]
-    )
+    assert m["licence"] == json.loads((UTK48 / "provenance.json").read_text())["licence"]
     assert "non-commercial research only" in m["licence"]
     members = m["checkpoint"]["members"]
     assert [(x["epoch"], x["score"]) for x in members] == [
@@ -192,15 +193,15 @@ def test_model_of_the_bundled_ensemble():
 
 
 def test_int8_serves_the_bundled_int8_model():
-    """--dtype int8: the default model's int8 export through onnxruntime, the same answers'
-    form, and /model says so; on another device it is one clear error."""
+    """--model utk48 --dtype int8: the bundled int8 export through onnxruntime, the same
+    answers' form, and /model says so; on another device it is one clear error."""
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
     sample = Path(__file__).resolve().parents[1] / "examples" / "astronaut.jpg"
-    with TestClient(create_app(ServeConfig(dtype="int8"))) as c:
+    with TestClient(create_app(ServeConfig(model="utk48", dtype="int8"))) as c:
         m = c.get("/model").json()
         assert m["backend"] == "onnx" and m["dtype"] == "int8"
-        # the run it was exported from, resolved (the manifest says "../default_model")
-        assert m["source"] == str(DEFAULT_MODEL_DIR.resolve()) and Path(m["source"]).is_absolute()
+        # the run it was exported from, resolved (the manifest says "../utk48_model")
+        assert m["source"] == str(UTK48.resolve()) and Path(m["source"]).is_absolute()
         assert len(m["checkpoint"]["members"]) == 2  # that run's checkpoint
         r = post(c, ("a.jpg", sample.read_bytes(), "image/jpeg"))
         assert r.status_code == 200, r.text

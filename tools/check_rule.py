@@ -135,7 +135,7 @@ def latencies(models: dict[str, str | None], photo: Path, repeats: int) -> dict[
 
 
 def _mean_f1(yg, pg, ye, pe, axis=-1):
-    from faceattrs.metrics import boot_macro_f1
+    from faceattrs.bootstrap import boot_macro_f1
 
     return (boot_macro_f1(yg, pg, axis=axis) + boot_macro_f1(ye, pe, axis=axis)) / 2
 
@@ -152,7 +152,7 @@ def differences(cand_dir: Path, inc_dir: Path, resamples: int = 1000) -> dict[st
     ``{measure: {"difference", "ci95"}}``, from the two ``evaluate --split val`` folders."""
     import numpy as np
 
-    from faceattrs import metrics as M
+    from faceattrs import bootstrap as M
 
     c, i = (np.load(d / "predictions.npz") for d in (cand_dir, inc_dir))
     if not np.array_equal(c["index"], i["index"]):
