@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from faceattrs.bundle import DEFAULT_INT8_DIR, DEFAULT_MODEL_DIR
+from faceattrs.bundle import DEFAULT_INT8_DIR, DEFAULT_MODEL_DIR, resolve
 from faceattrs.photo import extract_faces, load_image
 from faceattrs.predict import FaceAnalyzer, cpu_cores
 from faceattrs.predict_files import predict_files
@@ -126,7 +126,8 @@ def bench(name, model, backend, dtype, paths, crops, args) -> dict:
     bare(single.models, crops[:8])
     per_face = (time.perf_counter() - t) / 8
     n = int(min(len(paths), max(16, args.budget / (1 + args.rounds / 2) / per_face)))
-    faces = np.stack([f.crop for p in paths[:n] for f in extract_faces(load_image(p))])
+    spec = single.models.bundle.input
+    faces = np.stack([f.crop for p in paths[:n] for f in extract_faces(load_image(p), spec=spec)])
     one_stream_rate = batched_rate(single.models, faces, args.batch_size, 1)
 
     def folder(a) -> float:
@@ -210,12 +211,11 @@ def bn_folding(model: str, crops: np.ndarray, batch_size: int, dtypes, reps: int
     import copy
 
     from faceattrs.bundle import resolve
-    from faceattrs.inputs import normalise
     from faceattrs.model import fuse_batchnorm
 
     plain = resolve(model).load_multitask()[0].eval().to(memory_format=torch.channels_last)
     fused = fuse_batchnorm(copy.deepcopy(plain))
-    x = normalise(torch.from_numpy(crops[:256]))
+    x = plain.input.normalise(torch.from_numpy(crops[:256]))
     out = {}
     for dt in dtypes:
         bf16 = dt == "bf16"
@@ -318,7 +318,8 @@ def main() -> None:
             model = str(make_bundle(Path(tmp) / "run"))
         paths = make_folder(photos, args.faces, Path(tmp) / "folder")
         t = time.perf_counter()
-        crops = np.stack([f.crop for p in paths for f in extract_faces(load_image(p))])
+        spec = resolve(model).input  # crops as the model takes them (its input contract)
+        crops = np.stack([f.crop for p in paths for f in extract_faces(load_image(p), spec=spec)])
         prep_ms = (time.perf_counter() - t) / len(paths) * 1e3
         print(
             f"{len(paths)} photos, {len(crops)} faces; decode + detect + crop alone: "
