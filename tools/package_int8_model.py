@@ -38,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-faces", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check-n", type=int, default=512)
+    ap.add_argument(
+        "--check-data",
+        type=Path,
+        default=None,
+        help="data of the recorded check (default: --data; a photo folder for a model that "
+        "takes other faces than the CSV's, e.g. ../shared/data/photos)",
+    )
     args = ap.parse_args(argv)
     from faceattrs.bundle import DEFAULT_INT8_DIR, DEFAULT_MODEL_DIR, ONNX_MANIFEST
     from faceattrs.export import calibration_draw, export_onnx
@@ -69,11 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         manifest = json.loads((out / ONNX_MANIFEST).read_text())
         manifest["source"] = "../default_model"  # relative to this folder, inside the package
         (out / ONNX_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        licence = json.loads((DEFAULT_MODEL_DIR / "provenance.json").read_text()).get("licence")
         prov = {
-            "licence": LICENCE,
+            "licence": licence or LICENCE,  # the terms of the model it quantizes
             "command": COMMAND,
             "of": "the default model (assets/default_model), quantized; see its provenance",
-            "check": check_figures(out, args.data, args.check_n, backend="onnx", dtype="int8"),
+            "check": check_figures(
+                out, args.check_data or args.data, args.check_n, backend="onnx", dtype="int8"
+            ),
         }
         (out / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
         with atomic_folder(DEFAULT_INT8_DIR) as stage:
