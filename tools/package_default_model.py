@@ -108,6 +108,18 @@ def _check_photos(model_dir: Path, folder: Path, n: int, **analyzer) -> dict:
     }
 
 
+def add_check_options(ap) -> None:
+    """``--check-n`` and ``--check-data``: the recorded check's faces (both packaging tools)."""
+    ap.add_argument("--check-n", type=int, default=512)
+    ap.add_argument(
+        "--check-data",
+        type=Path,
+        default=None,
+        help="data of the recorded check (default: --data; a photo folder for a model that "
+        "takes other faces than the CSV's, e.g. ../shared/data/photos)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="multitask run folder with age/")
@@ -125,14 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         default=REPO.parent / "shared/data/utkface48.csv.gz",
         help="the training data as given to prepare (a CSV, or a photo folder), for the record",
     )
-    ap.add_argument(
-        "--check-data",
-        type=Path,
-        default=None,
-        help="data of the recorded check (default: --data; a photo folder for a model that "
-        "takes other faces than the CSV's, e.g. ../shared/data/photos)",
-    )
-    ap.add_argument("--check-n", type=int, default=512)
+    add_check_options(ap)
     ap.add_argument("--licence", default=LICENCE, help="the weights' terms, for the record")
     ap.add_argument(
         "--dest", type=Path, default=DEST, help="where to write it (default: the default model)"

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from package_default_model import LICENCE, REPO, check_figures  # noqa: E402
+from package_default_model import LICENCE, REPO, add_check_options, check_figures  # noqa: E402
 
 COMMAND = "python tools/package_int8_model.py --data PREPARED"
 
@@ -37,14 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, required=True, help="the default model's training data")
     ap.add_argument("--calib-faces", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--check-n", type=int, default=512)
-    ap.add_argument(
-        "--check-data",
-        type=Path,
-        default=None,
-        help="data of the recorded check (default: --data; a photo folder for a model that "
-        "takes other faces than the CSV's, e.g. ../shared/data/photos)",
-    )
+    add_check_options(ap)
     args = ap.parse_args(argv)
     from faceattrs.bundle import DEFAULT_INT8_DIR, DEFAULT_MODEL_DIR, ONNX_MANIFEST
     from faceattrs.export import calibration_draw, export_onnx
