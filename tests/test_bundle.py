@@ -13,6 +13,7 @@ from test_predict import make_run
 
 import faceattrs
 from faceattrs import bundle as B
+from faceattrs import run_folder
 from faceattrs.checkpoint import CheckpointError
 from faceattrs.cli import main
 from faceattrs.exceptions import FaceattrsError
@@ -165,7 +166,7 @@ def test_damaged_weights_with_a_fitted_calibration_are_one_line(run, tmp_path, f
     """The calibration's weights check must not warn about "other weights" first."""
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    cal = {"temperatures": {"gender": 2.0}, "weights_sha256": B.weights_id(copy)}
+    cal = {"temperatures": {"gender": 2.0}, "weights_sha256": run_folder.weights_id(copy)}
     (copy / "calibration.json").write_text(json.dumps(cal))
     data = (copy / "best.safetensors").read_bytes()
     (copy / "best.safetensors").write_bytes(data[: len(data) // 2])

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from faceattrs import bootstrap as BS
-from faceattrs import bundle as B
 from faceattrs import calibrate as C
 from faceattrs import metrics as M
+from faceattrs import run_folder
 
 
 def test_classification_report_three_classes_by_hand():
@@ -127,15 +127,15 @@ def test_fit_temperature_recovers_a_planted_temperature():
 
 
 def test_load_temperatures_absent_saved_and_stale(tmp_path):
-    assert B.read_temperatures(tmp_path) == {}
+    assert run_folder.read_temperatures(tmp_path) == {}
     from safetensors.numpy import save_file
 
     save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / "best.safetensors"))  # weights v1
-    saved = {"temperatures": {"gender": 1.5}, "weights_sha256": B.weights_id(tmp_path)}
+    saved = {"temperatures": {"gender": 1.5}, "weights_sha256": run_folder.weights_id(tmp_path)}
     (tmp_path / "calibration.json").write_text(json.dumps(saved))
-    assert B.read_temperatures(tmp_path) == {"gender": 1.5}
+    assert run_folder.read_temperatures(tmp_path) == {"gender": 1.5}
     save_file({"w": np.ones(2, np.float32)}, str(tmp_path / "best.safetensors"))  # retrained
-    assert B.read_temperatures(tmp_path) == {}
+    assert run_folder.read_temperatures(tmp_path) == {}
     probs = C.apply_temperatures({"gender": np.array([[0.0, 3.0]])}, {"gender": 1.5})
     np.testing.assert_allclose(probs["gender"], M.softmax(np.array([[0.0, 2.0]])))
 

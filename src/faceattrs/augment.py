@@ -62,6 +62,8 @@ class AugmentConfig:
     gamma: float = 0.4  # gamma in [1 / (1 + g), 1 + g]
     blur_sigma: float = 1.2  # Gaussian blur (5x5), sigma in [0.1, this]
     noise_std: float = 0.03  # Gaussian noise, standard deviation in [0, 1] pixel units
+    saturation: float = 0.0  # colour models only: saturation factor in [1 - s, 1 + s]
+    hue: float = 0.0  # colour models only: hue shift in [-h, h] (fraction of the circle)
     jpeg_p: float = 0.0  # probability per image of a JPEG round trip (OpenCV, on the CPU)
     jpeg_quality_min: int = 30  # its quality in [this, 95]
     jitter_rotation: float = 0.0  # extra rotation, +- degrees (landmark / alignment error)
@@ -120,6 +122,8 @@ class Augmenter(nn.Module):
                 K.RandomGaussianBlur((5, 5), (0.1, max(0.1, cfg.blur_sigma)), p=p),
                 K.RandomGaussianNoise(std=cfg.noise_std, p=p),
             )
+            if spec.channels == 3 and (cfg.saturation or cfg.hue):  # white balance, cameras' colour
+                self.camera.append(K.ColorJitter(saturation=cfg.saturation, hue=cfg.hue, p=p))
 
     def jitter_matrix(self, n: int, size: int, device) -> torch.Tensor:
         """Forward matrices of the detector / alignment jitter: rotation, scale, shift."""

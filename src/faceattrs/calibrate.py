@@ -31,13 +31,14 @@ from .age.config import AgeConfig
 from .age.direct import HEAD as AGE_HEAD
 from .age.networks import AGE_JSON, save_head_age_model
 from .age.networks import choose_flip_tta as choose_age_flip_tta
-from .bundle import CALIBRATION_FILE, resolve, weights_id
+from .bundle import resolve
 from .dataset import FaceSet
 from .exceptions import FaceattrsError
 from .io import write_json_atomic
 from .metrics import N_BINS, expected_calibration_error, reliability_bins
 from .model import predict
 from .postprocess import AGE_POINTS, age_prediction, softmax
+from .run_folder import CALIBRATION_FILE, weights_id
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def calibration_summary(
 
 def load_temperatures(model) -> dict[str, float]:
     """``{head: T}`` of a bundle (``{}`` when not calibrated, or calibrated for other
-    weights); see :func:`faceattrs.bundle.read_temperatures`. Apply with
+    weights); see :func:`faceattrs.run_folder.read_temperatures`. Apply with
     :func:`apply_temperatures` (a head missing from the dict keeps T = 1)."""
     return resolve(model).temperatures
 

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from .bundle import RUN_CONFIG, resolve, weights_id
+from .bundle import RUN_CONFIG, resolve
 from .checkpoint import save_checkpoint
 from .exceptions import FaceattrsError
 from .io import atomic_folder, write_json_atomic
 from .model import FaceEnsemble
+from .run_folder import weights_id
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,9 @@ def model_info(analyzer, cfg: ServeConfig) -> dict:
     For an ONNX export, those of the run folder it was exported from, when it is here.
     ``licence``: the terms a model folder records (``provenance.json``; the bundled models:
     non-commercial research only, as their training faces), else None."""
-    # bundle imports torch: here, where a model is loaded (faceattrs.serve imports light)
-    from ..bundle import json_or_none, recorded_figures
+    # run_folder imports the checkpoint module (torch): here, where a model is loaded
+    # (faceattrs.serve imports light)
+    from ..run_folder import json_or_none, recorded_figures
 
     models = analyzer.models
     bundle = getattr(models, "bundle", None)
