@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import synthetic_faceset
 
+from faceattrs import postprocess
 from faceattrs.age import bins as binsmod
 from faceattrs.age import finetune, regress
 from faceattrs.age.config import AgeConfig
@@ -114,8 +115,8 @@ def test_oracle_mae_not_worse_than_hard_on_toy():
     pred = {
         "per_bin": per_bin,
         "bin_probabilities": probs,
-        "hard": regress.route(probs, per_bin, "hard"),
-        "soft": regress.route(probs, per_bin, "soft"),
+        "hard": postprocess.route(probs, per_bin, "hard"),
+        "soft": postprocess.route(probs, per_bin, "soft"),
     }
     m = age_metrics(
         pred,
@@ -456,7 +457,7 @@ def test_conformal_interval_covers_new_data_at_the_nominal_rate():
     widths = conformal.fit(*sample(3000), n_bins=3)
     assert widths["per_bin"][0] < widths["per_bin"][1] < widths["per_bin"][2]
     y, pred, b = sample(20000)
-    low, high = conformal.interval(pred, b, widths)
+    low, high = postprocess.conformal_interval(pred, b, widths)
     for k in range(3):
         cov = conformal.coverage(y[b == k], low[b == k], high[b == k])["coverage"]
         assert 0.88 <= cov <= 0.92, (k, cov)

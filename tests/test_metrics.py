@@ -11,6 +11,7 @@ from faceattrs import bootstrap as BS
 from faceattrs import calibrate as C
 from faceattrs import metrics as M
 from faceattrs import run_folder
+from faceattrs.postprocess import softmax
 
 
 def test_classification_report_three_classes_by_hand():
@@ -34,7 +35,7 @@ def test_binary_roc_perfect_inverted_and_single_class():
 
 def test_softmax_temperature_keeps_argmax_and_flattens():
     z = np.random.default_rng(0).normal(size=(50, 5)) * 3
-    p1, p4 = M.softmax(z), M.softmax(z, 4.0)
+    p1, p4 = softmax(z), softmax(z, 4.0)
     np.testing.assert_allclose(p1.sum(1), 1)
     assert (p1.argmax(1) == p4.argmax(1)).all()
     assert (p4.max(1) <= p1.max(1) + 1e-12).all()
@@ -116,13 +117,13 @@ def test_reliability_bins_cover_every_sample_and_the_top_edge():
 def test_fit_temperature_recovers_a_planted_temperature():
     rng = np.random.default_rng(1)
     z = rng.normal(size=(20_000, 5)) * 1.5
-    y = np.array([rng.choice(5, p=p) for p in M.softmax(z)])
+    y = np.array([rng.choice(5, p=p) for p in softmax(z)])
     overconfident = 3.0 * z
     t = C.fit_temperature(overconfident, y)
     assert t == pytest.approx(3.0, rel=0.05)
     assert C.nll(overconfident, y, t) < C.nll(overconfident, y)
-    before = M.expected_calibration_error(M.softmax(overconfident), y)
-    after = M.expected_calibration_error(M.softmax(overconfident, t), y)
+    before = M.expected_calibration_error(softmax(overconfident), y)
+    after = M.expected_calibration_error(softmax(overconfident, t), y)
     assert after < before / 3
 
 
@@ -137,7 +138,7 @@ def test_load_temperatures_absent_saved_and_stale(tmp_path):
     save_file({"w": np.ones(2, np.float32)}, str(tmp_path / "best.safetensors"))  # retrained
     assert run_folder.read_temperatures(tmp_path) == {}
     probs = C.apply_temperatures({"gender": np.array([[0.0, 3.0]])}, {"gender": 1.5})
-    np.testing.assert_allclose(probs["gender"], M.softmax(np.array([[0.0, 2.0]])))
+    np.testing.assert_allclose(probs["gender"], softmax(np.array([[0.0, 2.0]])))
 
 
 # ---------------------------------------------------------------- bootstrap intervals
@@ -220,7 +221,7 @@ def test_selective_accuracy_against_a_brute_force_count():
     n = 300
     y = rng.integers(0, 3, n)
     logits = rng.normal(0, 1, (n, 3)) + 2.0 * np.eye(3)[y] * rng.random((n, 1))
-    probs = M.softmax(logits)
+    probs = softmax(logits)
     r = M.selective(y, probs, (1.0, 0.8, 0.5, 0.1))
     conf = probs.max(1)
     for a in r["at"]:

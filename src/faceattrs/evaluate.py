@@ -26,6 +26,7 @@ from .exceptions import FaceattrsError
 from .io import write_json_atomic, write_with
 from .labels import ETHNICITIES, GENDERS
 from .model import predict
+from .postprocess import softmax
 
 log = logging.getLogger(__name__)
 
@@ -104,17 +105,17 @@ def _require(faces: FaceSet, spec, path: Path) -> None:
 
 def head_metrics(y: np.ndarray, logits: np.ndarray, names, temperature: float | None) -> dict:
     """Classification report, ECE (raw and, when calibrated, after scaling) and AUC if binary."""
-    probs = M.softmax(logits)
+    probs = softmax(logits)
     out = M.classification_report(y, probs.argmax(1), names)
     out["ece"] = M.expected_calibration_error(probs, y)
     out["reliability"] = M.reliability_bins(probs, y)
     if temperature is not None:
-        scaled = M.softmax(logits, temperature)
+        scaled = softmax(logits, temperature)
         out["temperature"] = temperature
         out["ece_calibrated"] = M.expected_calibration_error(scaled, y)
         out["reliability_calibrated"] = M.reliability_bins(scaled, y)
     # answering only the most confident faces, ranked by the probabilities users see
-    out["selective"] = M.selective(y, M.softmax(logits, temperature or 1.0))
+    out["selective"] = M.selective(y, softmax(logits, temperature or 1.0))
     if len(names) == 2:
         curve = M.binary_roc(y, probs[:, 1])
         out["auc"] = None if curve is None else round(curve["auc"], 4)
@@ -334,7 +335,7 @@ def _figures(plots, result, sub, logits, temps, names, out_dir, n_grid, seed) ->
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(sub), size=min(n_grid, len(sub)), replace=False))
     shown = sub.take(pick)
-    probs = {h: M.softmax(logits[h][pick], temps.get(h, 1.0)) for h in heads}
+    probs = {h: softmax(logits[h][pick], temps.get(h, 1.0)) for h in heads}
     figs["faces"] = plots.face_grid(
         shown.images,
         captions(probs, shown, names),

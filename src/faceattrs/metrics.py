@@ -26,8 +26,6 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from .postprocess import softmax  # noqa: F401  (re-exported: one softmax)
-
 # Age groups for the fairness breakdown: lower edges in years, the last group open-ended.
 AGE_GROUP_EDGES = (0, 13, 20, 30, 45, 60)
 # Age strata for the age-standardised fairness view: children (0-12), whose gender is hard

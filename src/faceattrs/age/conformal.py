@@ -9,6 +9,7 @@ uses the global half-width. The predicted bin is known at inference time, so the
 interval needs nothing but the model's own output.
 
 >>> import numpy as np
+>>> from faceattrs.postprocess import conformal_interval as interval  # fit's counterpart
 
 >>> y = np.arange(100.0); pred = y + np.tile([-3.0, 3.0], 50)
 >>> w = fit(y, pred, np.zeros(100, int), n_bins=1, alpha=0.1)
@@ -24,8 +25,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
-from ..postprocess import conformal_interval as interval  # noqa: F401 (fit's counterpart)
 
 ALPHA = 0.1  # 90 % intervals
 MIN_COUNT = 30  # fewer validation faces in a bin: that bin uses the global half-width

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from ..exceptions import FaceattrsError
-from ..postprocess import year_probs_to_bins  # noqa: F401  (re-exported)
 
 HEAD = "age"  # name of the direct head in FaceResNet
 LOSSES = ("dldl", "mean_variance")

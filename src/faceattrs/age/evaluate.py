@@ -23,6 +23,7 @@ from ..exceptions import FaceattrsError
 from ..io import write_json_atomic, write_with
 from ..labels import ETHNICITIES, GENDERS
 from ..metrics import classification_report, per_group
+from ..postprocess import conformal_interval
 from . import conformal
 from .bins import assign_bins
 
@@ -205,7 +206,7 @@ def evaluate_age(
         direct = model.approach == "direct"
         value = pred["direct"] if direct else pred[model.routing]
         probs = pred["direct_bin_probabilities" if direct else "bin_probabilities"]
-        low, high = conformal.interval(value, probs.argmax(1), model.interval)
+        low, high = conformal_interval(value, probs.argmax(1), model.interval)
         metrics["interval"] = {
             "alpha": model.interval["alpha"],
             **conformal.coverage(age, low, high),

@@ -28,6 +28,7 @@ from ..devices import select_device
 from ..exceptions import FaceattrsError
 from ..io import write_json_atomic
 from ..model import predict as predict_faces
+from ..postprocess import ROUTINGS
 from ..training.loop import evaluate_heads
 from . import direct as directmod
 from .bins import assign_bins, bin_labels, check_edges, quantile_edges
@@ -35,7 +36,6 @@ from .config import AgeConfig
 from .evaluate import evaluate_age, mae
 from .finetune import from_backbone, train_regressors, train_two_stages
 from .networks import AGE_JSON, COARSE_HEAD, AgeModel, choose_flip_tta, save_age_model
-from .regress import ROUTINGS
 
 log = logging.getLogger(__name__)
 

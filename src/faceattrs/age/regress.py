@@ -9,8 +9,8 @@ early-stopped on that bin's validation faces (the training:
 - ``soft``: the bin probabilities weight all regressors' outputs;
 - ``oracle``: the regressor of the true bin (needs the true age: evaluation only).
 
-Routing itself (``route``, ``route_by_bin``) lives in :mod:`faceattrs.postprocess`, shared
-with the ONNX backend; its examples are there.
+Routing itself (``ROUTINGS``, ``route``, ``route_by_bin``) lives in
+:mod:`faceattrs.postprocess`, shared with the ONNX backend; its examples are there.
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..postprocess import ROUTINGS, route, route_by_bin
-
 log = logging.getLogger(__name__)
 
-__all__ = ["ROUTINGS", "BinRegressors", "route", "route_by_bin"]
+__all__ = ["BinRegressors"]
 
 
 class BinRegressors(nn.Module):
