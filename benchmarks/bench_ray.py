@@ -104,7 +104,8 @@ def driver_ceiling(records_file: Path, tmp: Path, batches: int = 400) -> dict[st
     import json
     from types import SimpleNamespace
 
-    from faceattrs.distributed import records_table, write_records
+    from faceattrs.distributed.output import write_records
+    from faceattrs.distributed.workers import records_table
 
     records = [json.loads(line) for line in records_file.read_text().splitlines()][:64]
     rec = next(r for r in records if "error" not in r)

@@ -159,7 +159,8 @@ def test_a_killed_worker_is_retried_and_nothing_is_lost(local_ray, run_dir, phot
     """A worker that dies mid-run (os._exit at its second batch, injected once through
     the environment) is restarted by Ray: the output still holds every photo once. (One
     worker: it has to be restarted for the run to end.)"""
-    from faceattrs.distributed import CRASH_ONCE_ENV, predict_ray
+    from faceattrs.distributed import predict_ray
+    from faceattrs.distributed.workers import CRASH_ONCE_ENV
 
     marker = tmp_path / "crashed"
     out = tmp_path / "r.jsonl"
@@ -236,7 +237,7 @@ def test_an_incomplete_run_writes_nothing(tmp_path):
     the output is not written."""
     if ray is None:
         pytest.skip("pyarrow comes with Ray, which is not installed")
-    from faceattrs.distributed import Tally, write_records
+    from faceattrs.distributed.output import Tally, write_records
 
     class Rows:  # what a Ray Dataset hands the driver, one input short
         def iter_batches(self, **kw):
@@ -273,9 +274,8 @@ def test_an_error_in_a_worker_is_one_line():
         pytest.skip("Ray is not installed (pip install -e '.[ray]')")
     from faceattrs.distributed import WorkerError, _user_errors
 
-    text = (
-        'Traceback...\n  File "x.py", line 1\nfaceattrs.distributed.WorkerError: bad model\n\nmore'
-    )
+    text = 'Traceback...\n  File "x.py", line 1\n'
+    text += "faceattrs.distributed.workers.WorkerError: bad model\n\nmore"
     with pytest.raises(WorkerError, match="^bad model$"), _user_errors(ray):
         raise ray.exceptions.RayError(text)
     with pytest.raises(ray.exceptions.RayError), _user_errors(ray):

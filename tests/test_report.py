@@ -21,7 +21,8 @@ from faceattrs.evaluate import evaluate_run
 from faceattrs.explain import explain_misclassified
 from faceattrs.model import FaceResNet, ModelConfig
 from faceattrs.plots.evaluate import roc
-from faceattrs.report import build_report, section_of
+from faceattrs.report import build_report
+from faceattrs.report.discover import section_of
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
