@@ -90,8 +90,9 @@ PACKAGE_LAYERS = {
     "faceattrs.distributed": ["sources", "workers", "output"],
 }
 # What the photo package may import from the rest of faceattrs: its worker processes
-# (spawned) import it alone, so it stays off the model code (torch)
-PHOTO_NEEDS = {"faceattrs.exceptions", "faceattrs.inputs", "faceattrs.lifeline"}
+# (spawned) import it alone, so it stays off the model code (torch); faceattrs.config is the
+# settings checks (standard library only)
+PHOTO_NEEDS = {"faceattrs.config", "faceattrs.exceptions", "faceattrs.inputs", "faceattrs.lifeline"}
 
 
 def test_packages_by_concept_import_downward():

@@ -8,6 +8,7 @@ import csv
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -854,3 +855,22 @@ def test_report_on_a_file_says_so(tmp_path, capsys):
     exactly_one_line(
         capsys, ["report", "--run", str(tmp_path / "f")], "is a file, not a run folder"
     )
+
+
+@pytest.mark.parametrize(
+    "setting, words",
+    [
+        ({"min_face": 0}, "'min_face' must be at least 1"),
+        ({"overlap": float("nan")}, "'overlap' must be in [0, 1]"),
+        ({"margin_shift_y": 2.0}, "'margin_shift_y' must be in [-1, 1]"),
+    ],
+)
+def test_photo_config_checks_its_own_ranges(setting, words):
+    """The Python API (PhotoConfig, FaceAnalyzer(photo=...)) gets the same checks as the
+    command line: the settings object checks itself."""
+    from faceattrs.config import ConfigError
+    from faceattrs.photo.config import PhotoConfig
+
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        PhotoConfig(**setting)
+    PhotoConfig()  # the defaults are in range

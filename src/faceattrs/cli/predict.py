@@ -153,34 +153,6 @@ def check_engine(args) -> None:
         raise cfgmod.ConfigError(f"--num-workers must be at least 1, got {args.num_workers}")
 
 
-# --photo-set ranges: (low, high, low_open, high_open); None = unbounded. Only the fields
-# PhotoConfig has are checked (faceattrs.photo.config may gain or lose some).
-PHOTO_RANGES = {
-    "scale_factor": (1, None, True, False),
-    "tight_scale_factor": (1, None, True, False),
-    "min_neighbors": (0, None, False, False),
-    "min_face": (1, None, False, False),
-    "max_side": (1, None, False, False),
-    "overlap": (0, 1, False, False),
-    "tight_max_side": (0, None, False, False),
-    "tight_max_aspect": (1, None, False, False),
-    "tight_pad": (0, 4, False, False),
-    "tight_min_face": (0, 1, True, False),
-    "whole_pad": (0, 4, False, False),
-    "whole_min_face": (0, 1, False, False),
-    "margin_scale": (0, 10, True, False),
-    "max_pixels": (0, None, False, False),
-    "hog_min_face": (1, None, False, False),
-    "quick_side": (0, None, False, False),
-    "hog_pad": (0, 4, False, False),
-    "cnn_max_side": (0, None, False, False),
-    "cnn_min_score": (0, 1, False, False),
-    "relative_min_score": (0, 1, False, False),
-    "margin_shift_x": (-1, 1, False, False),
-    "margin_shift_y": (-1, 1, False, False),
-}
-
-
 def check_photo_overrides(overrides) -> None:
     """``--photo-set`` must not carry what has its own option (it would be overwritten)."""
     if "max_pixels" in overrides:
@@ -188,13 +160,8 @@ def check_photo_overrides(overrides) -> None:
 
 
 def check_photo_config(photo) -> None:
-    """Every ``--photo-set`` value in its range, and the cascades present."""
-    for key, (lo, hi, lo_open, hi_open) in PHOTO_RANGES.items():
-        if hasattr(photo, key):
-            cfgmod.check_range(photo, key, lo, hi, low_open=lo_open, high_open=hi_open)
-    for key in ("cascade", "check_cascade"):
-        if hasattr(photo, key):
-            photo.classifier(getattr(photo, key))  # PhotoError naming the file when missing
+    """The cascades ``photo`` names are present (its ranges it checks itself)."""
+    photo.check_cascades()  # PhotoError naming the file when missing
 
 
 def run(args) -> int:

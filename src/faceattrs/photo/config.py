@@ -9,10 +9,37 @@ from dataclasses import dataclass
 
 import cv2
 
+from ..config import check_range
 from ..inputs import MAX_PIXELS
 from .decode import PhotoError
 
 Box = tuple[int, int, int, int]  # x, y, width, height in image pixels
+
+# Ranges of the numeric settings: (low, high, low_open, high_open); None = unbounded.
+RANGES = {
+    "scale_factor": (1, None, True, False),
+    "tight_scale_factor": (1, None, True, False),
+    "min_neighbors": (0, None, False, False),
+    "min_face": (1, None, False, False),
+    "max_side": (1, None, False, False),
+    "overlap": (0, 1, False, False),
+    "tight_max_side": (0, None, False, False),
+    "tight_max_aspect": (1, None, False, False),
+    "tight_pad": (0, 4, False, False),
+    "tight_min_face": (0, None, True, False),  # above 1: the tight-crop search never succeeds
+    "whole_pad": (0, 4, False, False),
+    "whole_min_face": (0, 1, False, False),
+    "margin_scale": (0, 10, True, False),
+    "max_pixels": (0, None, False, False),
+    "hog_min_face": (1, None, False, False),
+    "quick_side": (0, None, False, False),
+    "hog_pad": (0, 4, False, False),
+    "cnn_max_side": (0, None, False, False),
+    "cnn_min_score": (0, 1, False, False),
+    "relative_min_score": (0, 1, False, False),
+    "margin_shift_x": (-1, 1, False, False),
+    "margin_shift_y": (-1, 1, False, False),
+}
 
 
 @dataclass
@@ -62,6 +89,8 @@ class PhotoConfig:
     margin_shift_y: float = 0.09  # crop centre below the box centre, in box heights
 
     def __post_init__(self) -> None:
+        for key, (lo, hi, lo_open, hi_open) in RANGES.items():  # ConfigError naming the key
+            check_range(self, key, lo, hi, low_open=lo_open, high_open=hi_open)
         if self.detector not in ("dlib", "haar"):
             raise PhotoError(f"unknown detector {self.detector!r}: choose dlib or haar")
         for key in ("target_right_eye", "target_left_eye", "target_nose"):
@@ -72,6 +101,11 @@ class PhotoConfig:
                 )
         if not all(-180.0 <= a <= 180.0 for a in self.rotations):
             raise PhotoError(f"rotations must be angles in [-180, 180], got {self.rotations}")
+
+    def check_cascades(self) -> None:
+        """Load both Haar cascades: a PhotoError naming a missing one, before any work."""
+        for name in (self.cascade, self.check_cascade):
+            self.classifier(name)
 
     def classifier(self, name: str) -> cv2.CascadeClassifier:
         """The cascade ``name``, loaded once per thread (a cascade is not thread-safe)."""
