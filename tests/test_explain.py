@@ -4,8 +4,6 @@ Grad-CAM, and the misclassified / photo paths on a tiny random model."""
 from __future__ import annotations
 
 import json
-import sys
-import types
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,13 +104,14 @@ class FakeFace:
 def test_photo_path_through_the_photo_stage_api(run, tmp_path, monkeypatch):
     """The photo stage's contract (load_image, extract_faces -> .box, .crop), faked here."""
     crops = synthetic_faceset(2).images
-    fake = types.ModuleType("faceattrs.photo")
-    fake.load_image = lambda path, max_pixels=None: np.full((120, 160, 3), 128, np.uint8)
-    fake.extract_faces = lambda image, spec=None: [
+    fake = lambda image, spec=None: [  # noqa: E731
         FakeFace((10, 20, 40, 40), crops[0]),
         FakeFace((90, 30, 50, 50), crops[1]),
     ]
-    monkeypatch.setitem(sys.modules, "faceattrs.photo", fake)
+    monkeypatch.setattr(
+        X, "load_image", lambda p, max_pixels=None: np.full((120, 160, 3), 128, np.uint8)
+    )
+    monkeypatch.setattr(X, "extract_faces", fake)
     out = X.explain_photo(run, tmp_path / "group.jpg", tmp_path / "explain")
     assert [f["box"] for f in out["faces"]] == [[10, 20, 40, 40], [90, 30, 50, 50]]
     for face in out["faces"]:
@@ -120,7 +119,7 @@ def test_photo_path_through_the_photo_stage_api(run, tmp_path, monkeypatch):
         assert sum(face["ethnicity"]["probabilities"].values()) == pytest.approx(1, abs=1e-3)
     for name in ("group_faces.png", "group_gradcam.png", "group_gradcam.npz", "group.json"):
         assert (tmp_path / "explain" / name).exists(), name
-    fake.extract_faces = lambda image, spec=None: []
+    monkeypatch.setattr(X, "extract_faces", lambda image, spec=None: [])
     with pytest.raises(FaceattrsError, match="no face found"):
         X.explain_photo(run, tmp_path / "empty.jpg", tmp_path / "explain")
 

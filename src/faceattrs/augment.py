@@ -18,6 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import cv2
 import kornia.augmentation as K
 import numpy as np
 import torch
@@ -267,8 +268,6 @@ def _jpeg(x: torch.Tensor, p: float, quality_min: int) -> torch.Tensor:
     """With probability ``p`` per image, a JPEG round trip (8-bit, quality uniform in
     [quality_min, 95]) of ``(B, C, S, S)`` images in [0, 1] (C = 1 or 3: RGB); one draw
     per image."""
-    import cv2
-
     on = torch.rand(len(x), device=x.device) < p
     q = torch.randint(int(quality_min), 96, (len(x),), device=x.device)
     idx = torch.nonzero(on).flatten().tolist()
@@ -280,7 +279,9 @@ def _jpeg(x: torch.Tensor, p: float, quality_min: int) -> torch.Tensor:
     for img, quality in zip(u8, q[idx].tolist(), strict=True):
         img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if colour else img[..., 0]
         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-        back = cv2.imdecode(buf, cv2.IMREAD_COLOR if colour else cv2.IMREAD_GRAYSCALE) if ok else img
+        back = (
+            cv2.imdecode(buf, cv2.IMREAD_COLOR if colour else cv2.IMREAD_GRAYSCALE) if ok else img
+        )
         out.append(cv2.cvtColor(back, cv2.COLOR_BGR2RGB) if colour else back[..., None])
     x = x.clone()
     x[idx] = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(x.device, x.dtype) / 255.0

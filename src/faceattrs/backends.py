@@ -147,6 +147,7 @@ class OnnxBackend:
 
     def __init__(self, export_dir, age: bool = True, threads: int | None = None):
         try:
+            # onnxruntime: an optional dependency, loaded only for an ONNX backend
             import onnxruntime as ort
         except ImportError:
             raise FaceattrsError(

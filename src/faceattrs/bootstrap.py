@@ -4,6 +4,7 @@ counterpart on one sample (``tests/test_metrics.py``)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -30,8 +31,7 @@ def bootstrap_ci(
     >>> 0.70 < low < 0.8 < high < 0.9
     True
     """
-    import warnings
-
+    # SciPy: evaluation only (inference never loads it: tests/test_layers.py)
     from scipy.stats import bootstrap
 
     # an undefined statistic (NaN on every resample) is answered None below, not warned
@@ -77,6 +77,7 @@ def boot_macro_f1(y: np.ndarray, p: np.ndarray, axis: int = -1) -> np.ndarray:
 def boot_auc(y: np.ndarray, score: np.ndarray, axis: int = -1) -> np.ndarray:
     """ROC AUC of binary ``y`` (1 = positive) by the rank-sum (Mann-Whitney) formula, ties
     averaged, as ``roc_auc_score``; vectorised (NaN where one class is absent)."""
+    # SciPy: evaluation only (inference never loads it: tests/test_layers.py)
     from scipy.stats import rankdata
 
     ranks = rankdata(score, axis=axis)

@@ -210,6 +210,7 @@ class Bundle:
     def recorded_data_key(self) -> str | None:
         """The content key of the prepared data the run was trained on: as recorded in its
         ``config.json``, else read from the recorded folder when it is on this machine."""
+        # the data stage (OpenCV, CSV parsing): only for this check, never on the inference path
         from .prepare import data_key
 
         key = self._run_config()[1].get("data_key")
@@ -256,9 +257,10 @@ def resolve(model: str | os.PathLike | Bundle | None) -> Bundle:
 
 def _named(name: str, folders: dict[str, Path]) -> Path:
     """The bundled model called ``name``; one line when this installation lacks it."""
-    if not (folders[name] / f"{BEST}.json").exists() and not (
-        folders[name] / ONNX_MANIFEST
-    ).exists():
+    if (
+        not (folders[name] / f"{BEST}.json").exists()
+        and not (folders[name] / ONNX_MANIFEST).exists()
+    ):
         raise FaceattrsError(f"the bundled model {name!r} is not in this installation")
     return folders[name]
 

@@ -115,6 +115,7 @@ FLIP_TTA_CHOICES = ("auto", "on", "off")
 
 def val_score(logits: dict[str, np.ndarray], faces: FaceSet, heads) -> float:
     """Mean macro-F1 of ``heads`` (the training's model-selection score)."""
+    # scikit-learn: a training library, kept off the inference path (tests/test_layers.py)
     from sklearn.metrics import f1_score
 
     f1 = [
@@ -171,6 +172,7 @@ def calibrate_run(
     ``RUN/calibration/reliability_HEAD.png``. The test split is not read: ``faceattrs
     evaluate --split test`` reports the held-out ECE before and after.
     """
+    # matplotlib: loaded only when figures are drawn
     from .plots import evaluate as plots
 
     bundle = resolve(model_dir)  # an age run's temperatures live with its multitask run

@@ -276,6 +276,7 @@ def read_photo_folder(
     shared chips give the CSV's pixels), and, for another ``spec``, the whole photo
     resized to its size in its channels (``faces``). Files whose names carry no labels
     are skipped and counted."""
+    # OpenCV: only for photo folders (the CLI imports this module for --help: kept light)
     import cv2
 
     folder = Path(folder)

@@ -134,6 +134,7 @@ def cluster_errors(
 ) -> dict:
     """Cluster the misclassified faces of ``split`` by ``head``; write clusters.json and
     figures."""
+    # matplotlib: loaded only when figures are drawn
     from .plots import evaluate as plots
 
     out_dir, sub = Path(out_dir), faces.subset(split)

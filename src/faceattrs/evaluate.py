@@ -22,6 +22,7 @@ from . import bootstrap as BS
 from . import metrics as M
 from .bundle import NAMED_MODELS, resolve
 from .dataset import FaceSet
+from .devices import check_device
 from .exceptions import FaceattrsError
 from .io import write_json_atomic, write_with
 from .labels import ETHNICITIES, GENDERS
@@ -46,8 +47,6 @@ def resolve_device(device: str | None) -> str:
     ``auto``: cuda when available, else cpu."""
     if device in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    from .devices import check_device
-
     check_device(device)
     return device
 
@@ -98,7 +97,10 @@ def _require(faces: FaceSet, spec, path: Path) -> None:
     try:
         faces.require(spec, str(path))
     except FaceattrsError as e:
-        if tuple(faces.images.shape[1:]) == (48, 48) and (NAMED_MODELS["utk48"] / "best.json").exists():
+        if (
+            tuple(faces.images.shape[1:]) == (48, 48)
+            and (NAMED_MODELS["utk48"] / "best.json").exists()
+        ):
             raise FaceattrsError(f"{e}; for 48x48 grayscale faces use --model utk48") from None
         raise
 
@@ -239,6 +241,7 @@ def evaluate_run(
     ``resamples``: bootstrap resamples of the 95 % intervals (``metrics.json["ci95"]``,
     and ``["age"]["ci95"]``); 0: none.
     """
+    # matplotlib: loaded only when figures are drawn
     from .plots import evaluate as plots
 
     sub = faces.subset(split)

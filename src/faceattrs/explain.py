@@ -29,6 +29,7 @@ from .exceptions import FaceattrsError
 from .io import write_json_atomic, write_with
 from .labels import ETHNICITIES
 from .model import predict
+from .photo import extract_faces, load_image
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,7 @@ def grad_cam(
         else:
             t = torch.as_tensor(target[start : start + batch_size], device=device).long()
         raw = layer_cam(model, x, head, t).unsqueeze(1)
-        up = F.interpolate(
-            raw, size=(size, size), mode="bilinear", align_corners=False
-        )[:, 0]
+        up = F.interpolate(raw, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
         peak = up.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
         out.append((up / peak).clamp_(0, 1).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, size, size), np.float32)
@@ -215,7 +214,7 @@ def explain_photo(
     face: crop, gender and ethnicity overlays with predicted labels and probabilities),
     ``STEM_gradcam.npz`` (the face-sized maps) and ``STEM.json``.
     """
-    from .photo import extract_faces, load_image
+    # matplotlib: loaded only when figures are drawn
     from .plots import evaluate as plots
 
     photo, out_dir = Path(photo), Path(out_dir)

@@ -45,6 +45,7 @@ from .postprocess import softmax
 
 log = logging.getLogger(__name__)
 
+
 def export_onnx(
     model: str | Path | None,
     out_dir: str | Path,
@@ -172,6 +173,7 @@ def _export_all(tm, out_dir: Path, opset: int, check_faces, quant=None) -> dict[
     graphs, manifest = write_graphs(tm, out_dir, opset)
     spec = tm.bundle.input
     if quant is not None:
+        # onnxruntime: an optional dependency, loaded only for export checks
         import onnxruntime
 
         for name in graphs.values():

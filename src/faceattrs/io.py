@@ -113,6 +113,7 @@ def _exchange(a: Path, b: Path) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
+        # ctypes: Linux only (the other systems never reach here)
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)

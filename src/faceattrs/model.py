@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .dlib_resnet import INPUT as DLIB_INPUT
 from .dlib_resnet import DlibFaceResNet
@@ -352,8 +353,6 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
     """
     if model.training:
         raise ValueError("fuse_batchnorm needs a model in eval mode")
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     pairs = [("conv1", "bn1"), ("conv2", "bn2")]
     for mod in list(model.modules()):
         if isinstance(mod, BasicBlock):

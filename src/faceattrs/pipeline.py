@@ -12,7 +12,16 @@ import logging
 import time
 from pathlib import Path
 
+from .age import PRESETS as AGE_PRESETS
+from .age import AgeConfig, train_age
+from .calibrate import calibrate_run
+from .config import resolve
+from .errors import cluster_errors
+from .evaluate import evaluate_run
+from .explain import explain_misclassified
 from .prepare import PrepareConfig, load_prepared, prepare
+from .report import build_report
+from .training import fit, resolve_config, resume_settings
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +43,6 @@ def run_all(
 
     ``overrides`` are training settings (``["epochs=3"]``), ``age_overrides`` age settings.
     """
-    from .calibrate import calibrate_run
-    from .errors import cluster_errors
-    from .evaluate import evaluate_run
-    from .explain import explain_misclassified
-    from .report import build_report
-    from .training import fit, resolve_config, resume_settings
 
     out = Path(out)
     timings = {}
@@ -64,10 +67,6 @@ def run_all(
     if age and cfg.age_head:  # the network's own age head is the age model (calibrate wrote it)
         log.info("age: the network's own age head (age_head=true); no two-stage age model")
     elif age:
-        from .age import PRESETS as AGE_PRESETS
-        from .age import AgeConfig, train_age
-        from .config import resolve
-
         age_preset = preset if preset in AGE_PRESETS else None
         age_cfg = resolve(AgeConfig, AGE_PRESETS, age_preset, age_overrides)
         stage(

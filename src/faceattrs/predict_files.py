@@ -27,6 +27,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
 from .exceptions import FaceattrsError
 from .inputs import links_not_searched
@@ -306,8 +308,6 @@ def annotate(image: np.ndarray, records: list[dict]) -> np.ndarray:
 
 
 def save_image(path: Path, rgb: np.ndarray) -> None:
-    from PIL import Image
-
     fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
     write_with(path, lambda tmp: Image.fromarray(rgb).save(tmp, format=fmt, quality=92))
 
@@ -381,8 +381,6 @@ def predict_files(
     Returns ``{"files", "faces", "failed"}`` counts and ``"failures"``: ``"FILE: reason"``
     of the first :data:`FAILURES_SHOWN` failed files.
     """
-    from tqdm import tqdm
-
     empty: list[str] = []
     files = expand_inputs(inputs, empty)
     if not files:

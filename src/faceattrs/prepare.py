@@ -298,6 +298,7 @@ def _removed_csv(raw: RawFaces, dup, keep, conflicted) -> str:
 
 
 def _figures(out: Path, raw: RawFaces, dup, faces: FaceSet) -> None:
+    # matplotlib: loaded only when figures are drawn
     from .plots.data import duplicate_pairs, label_distribution
 
     label_distribution(faces, out / "label_distribution.png")

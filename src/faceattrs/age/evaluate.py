@@ -234,6 +234,7 @@ def evaluate_age(
             **{k: v for k, v in pred.items() if k != "embedding"},
         )
         if figures:
+            # matplotlib: loaded only when figures are drawn
             from ..plots import age as ageplots
 
             write_json_atomic(out_dir / "age_metrics.json", metrics)
