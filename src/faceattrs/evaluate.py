@@ -20,6 +20,7 @@ import torch
 
 from . import bootstrap as BS
 from . import metrics as M
+from .backends import OnnxAgeModel, in_batches
 from .bundle import NAMED_MODELS, resolve
 from .dataset import FaceSet
 from .devices import check_device
@@ -28,6 +29,8 @@ from .io import write_json_atomic, write_with
 from .labels import ETHNICITIES, GENDERS
 from .model import predict
 from .postprocess import softmax
+from .predict import load_models
+from .settings import InferenceSettings
 
 log = logging.getLogger(__name__)
 
@@ -366,9 +369,6 @@ def _evaluate_age(
 
 def _int8_outputs(model, images: np.ndarray, batch: int = 256):
     """``(bundle, logits per head, age model or None)`` of an int8 export on ``images``."""
-    from .backends import OnnxAgeModel, in_batches
-    from .predict import load_models
-    from .settings import InferenceSettings
 
     backend = load_models(model, InferenceSettings(backend="onnx", dtype="int8"))
     logits = in_batches(backend.logits, images, batch)

@@ -131,6 +131,7 @@ def _faces_array(faces, what: str, spec) -> np.ndarray:
 def quantize_int8(path: Path, faces: np.ndarray, batch: int = 64) -> None:
     """Replace the fp32 graph at ``path`` by its static int8 version (QDQ, per-channel int8
     weights, uint8 activations), activation ranges (min/max) measured on ``faces``."""
+    # onnxruntime: an optional dependency, loaded only to quantize
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,

@@ -66,7 +66,7 @@ def connect(address: str | None = None):
         if address:
             ray.init(address=address)
         else:
-            from ..devices import cpu_cores
+            from ..devices import cpu_cores  # torch: only when this process starts Ray
 
             # Ray runs its workers at nice 15: beside any other work they would get a
             # sliver of the CPU; here they run as the single-process command would
@@ -122,6 +122,7 @@ def _dataset(sources, model=None, *, address=None, num_workers=None, batch_size=
              threads=None, ray_remote_args=None):  # fmt: skip
     """:func:`predict_dataset`, and the number of inputs (None: unknown to the driver)."""
     ray = import_ray()
+    # Pillow's pixel limit and the model's heads, read here: the driver loads no network
     from PIL import Image
 
     from ..bundle import resolve

@@ -81,6 +81,7 @@ class Analyzer:
     bytes)`` rows in, record rows out (:func:`records_table`)."""
 
     def __init__(self, model, analyzer: dict, detect: bool, pillow_limit, cwd: str):
+        # the model and the photo path load in the actor, never in the driver
         from .. import photo as photomod
         from ..predict import FaceAnalyzer
 
