@@ -175,3 +175,28 @@ def test_jitter_moves_the_face():
     torch.manual_seed(0)
     moved = Augmenter(cfg)(images, eth)
     assert ((moved - still).abs().flatten(1).amax(1) > 0.1).float().mean() > 0.9
+
+
+def test_colour_shifts_change_hue_and_saturation_of_colour_faces_only():
+    """saturation / hue (camera white balance) act on colour models' faces: a gray pixel
+    stays gray, coloured ones shift between channels; a grayscale model has no such op."""
+    from faceattrs.inputs import InputSpec
+
+    rgb = InputSpec(size=48, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(40, 216, (16, 48, 48, 3), generator=g, dtype=torch.uint8)
+    images[0] = 128  # a gray face: no colour to shift
+    eth = torch.zeros(16, dtype=torch.long)
+    off = dataclasses.replace(IDENTITY_BASE, camera_p=1.0, contrast=0.0, gamma=0.0,
+                              blur_sigma=0.1, noise_std=0.0)  # fmt: skip
+    on = dataclasses.replace(off, saturation=0.5, hue=0.1)
+    torch.manual_seed(0)
+    a = Augmenter(off, spec=rgb)(images, eth)
+    torch.manual_seed(0)
+    b = Augmenter(on, spec=rgb)(images, eth)
+    assert torch.allclose(b[0], a[0], atol=1e-3)  # gray stays gray
+    assert ((b - a).abs().flatten(1).mean(1)[1:] > 0.01).all()  # colours moved
+    # the channels' relation changes (not a brightness change): per-pixel channel spread
+    assert not torch.allclose(b[1:].std(1), a[1:].std(1), atol=1e-2)
+    gray = Augmenter(on)  # 48x48 grayscale: no colour op in the camera list
+    assert not any(type(m).__name__ == "ColorJitter" for m in gray.camera)
