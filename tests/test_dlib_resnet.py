@@ -180,3 +180,36 @@ def test_dlib_arch_from_the_preset_starts_from_dlibs_weights(port, dlib_chips, t
         T.resolve_config("dlib", {"image_size": 96})
     with pytest.raises(T.TrainError, match="arch=dlib_resnet"):
         T.load_init(build_model(T.model_config(T.resolve_config("paper"))), "dlib")
+
+
+def test_dlib_heads_preset_trains_the_heads_on_dlibs_frozen_network(port, tmp_path):
+    """``dlib-heads`` (the default model's first stage) is the ``dlib`` preset's network
+    from dlib's weights with the backbone frozen and no augmentation: its 128-d descriptors
+    are computed once, the three heads train on them, and the backbone ends as dlib's."""
+    from conftest import synthetic_faceset
+    from safetensors.torch import load_file
+
+    from faceattrs import training as T
+    from faceattrs.dataset import FaceSet
+    from faceattrs.model import build_model
+
+    heads, stage2 = T.resolve_config("dlib-heads"), T.resolve_config("dlib")
+    assert T.model_config(heads) == T.model_config(stage2)  # one network: stage 2's init=
+    assert (heads.init, heads.freeze, heads.augment.enabled) == ("dlib", "backbone", False)
+    assert (heads.epochs, heads.lr, heads.min_lr, heads.warmup_epochs) == (40, 3e-3, 3e-3, 0)
+    assert heads.age_head and heads.ema == 0 and not heads.balanced
+
+    small = synthetic_faceset(30)
+    rng = np.random.default_rng(0)
+    chips = rng.integers(0, 256, (30, *dr.INPUT.shape), dtype=np.uint8)
+    faces = FaceSet.of(chips, small.age, small.gender, small.ethnicity, small.split, small.names)
+    cfg = T.resolve_config("dlib-heads", {"epochs": 2, "batch_size": 8, "device": "cpu",
+                                          "threads": 1, "lr": 1e-2, "min_lr": 1e-2})  # fmt: skip
+    T.fit(faces, tmp_path / "run", cfg, progress=False)
+    last = load_file(str(tmp_path / "run" / "last.safetensors"))
+    dlib = port.state_dict()
+    assert all(torch.equal(last[f"backbone.{k}"], v) for k, v in dlib.items())
+    torch.manual_seed(cfg.seed)  # the heads' initial weights, as fit draws them
+    init = build_model(T.model_config(cfg)).state_dict()
+    moved = [k for k in last if k.startswith("heads.") and not torch.equal(last[k], init[k])]
+    assert moved == [k for k in last if k.startswith("heads.")] and len(moved) == 12

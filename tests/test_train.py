@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import logging
 import math
 import os
 import socket
@@ -26,6 +27,7 @@ from faceattrs.metrics import scores_from_confusion
 from faceattrs.model import FaceResNet
 from faceattrs.prepare import data_key
 from faceattrs.training import losses, state
+from faceattrs.training import run as run_module
 from faceattrs.training.loop import evaluate_heads
 from faceattrs.training.run import split_tensors
 
@@ -106,6 +108,7 @@ def test_config_presets_and_overrides():
     with pytest.raises(cfgmod.ConfigError):
         T.resolve_config("cpu", ["augment.rotaton=1"])
     assert paper.ema == 0.0  # the reference averages no weights
+    assert paper.freeze == "" and paper.augment.enabled  # every weight trains, augmented
     with pytest.raises(cfgmod.ConfigError, match="ema"):
         T.resolve_config("cpu", ["ema=1"])
 
@@ -221,11 +224,14 @@ def test_blocks_set_the_depth_and_the_checkpoint_keeps_it(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "ema,age_head", [(0.0, False), (0.9, False), (0.0, True)], ids=["plain", "ema", "age_head"]
+    "ema,age_head,frozen",
+    [(0.0, False, False), (0.9, False, False), (0.0, True, False), (0.9, True, True)],
+    ids=["plain", "ema", "age_head", "frozen"],
 )
-def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, ema, age_head):
+def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, ema, age_head, frozen):
     faces = synthetic_faceset(80)
-    cfg = tiny_cfg(epochs=3, patience=10, ema=ema, age_head=age_head)
+    frozen_kw = {"freeze": "backbone", "augment.enabled": False} if frozen else {}
+    cfg = tiny_cfg(epochs=3, patience=10, ema=ema, age_head=age_head, **frozen_kw)
     T.fit(faces, tmp_path / "full", cfg)
 
     saves = []
@@ -256,6 +262,10 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, ema, age_head):
              _history(tmp_path / "full" / "history.csv")]  # fmt: skip
     assert strip == [{k: v for k, v in r.items() if k not in timing}
                      for r in _history(tmp_path / "cut" / "history.csv")]  # fmt: skip
+    if frozen:  # its optimiser holds the heads alone: resuming it unfrozen is one line
+        with pytest.raises(T.TrainError, match="keep its freeze setting"):
+            T.fit(faces, tmp_path / "cut", tiny_cfg(epochs=4, patience=10, ema=ema,
+                  age_head=age_head, **{"augment.enabled": False}), resume=True)  # fmt: skip
 
 
 def test_evaluate_heads_age_mae_and_cs5_of_the_median_year():
@@ -338,6 +348,79 @@ def test_ema_run_evaluates_and_saves_the_average(tmp_path):
     assert score == pytest.approx(float(_history(run / "history.csv")[-1]["val_score"]), abs=1e-6)
     with pytest.raises(T.TrainError, match="keep its ema setting"):
         T.fit(faces, run, tiny_cfg(epochs=3, patience=10, ema=0.0), resume=True)
+
+
+# ------------------------------------------------------------------ freeze=backbone
+
+FROZEN = {"freeze": "backbone", "augment.enabled": False, "epochs": 2, "patience": 10}
+
+
+def _initial_weights(cfg: T.TrainConfig) -> dict[str, torch.Tensor]:
+    torch.manual_seed(cfg.seed)  # as fit builds the network
+    return FaceResNet(T.model_config(cfg)).state_dict()
+
+
+@pytest.mark.parametrize("augment", [False, True], ids=["cached", "augmented"])
+def test_frozen_backbone_keeps_its_weights_and_the_heads_train(tmp_path, caplog, augment):
+    """freeze=backbone: after fit the backbone (weights and BatchNorm statistics) is the
+    initial one bit for bit, every head's weight moved, the optimiser holds the heads
+    alone; without augmentation the backbone's features are computed once, with it every
+    step runs the whole network (the log says which, once)."""
+    cfg = tiny_cfg(**{**FROZEN, "augment.enabled": augment})
+    with caplog.at_level(logging.INFO, logger="faceattrs.training.run"):
+        T.fit(synthetic_faceset(80), tmp_path / "run", cfg)
+    init = _initial_weights(cfg)
+    last = load_file(str(tmp_path / "run" / "last.safetensors"))
+    heads = [k for k in last if k.startswith("heads.")]
+    backbone = [k for k in last if not k.startswith("heads.")]
+    assert heads and any("running_var" in k for k in backbone)
+    assert all(torch.equal(last[k], init[k]) for k in backbone)
+    assert all(not torch.equal(last[k], init[k]) for k in heads)
+    groups = T.read_train_state(tmp_path / "run")["resume"]["optimizer_param_groups"]
+    assert sum(len(g["params"]) for g in groups) == len(heads)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("freeze=")]
+    assert len(said) == 1 and ("computed once" in said[0]) is not augment, said
+
+
+def test_cached_features_train_the_heads_the_whole_forward_trains(tmp_path, monkeypatch):
+    """Without augmentation, the heads trained on features computed once equal (to float
+    rounding) those trained by the whole network's forward at every step: the same
+    sampling order, the same dropout draws (the frozen backbone draws none), the same
+    inputs (the training faces normalised by the augmenter, validation's by the network);
+    the EMA and the age head included."""
+    faces = synthetic_faceset(80)
+    cfg = tiny_cfg(**FROZEN, ema=0.9, age_head=True, lr=1e-2)
+    T.fit(faces, tmp_path / "fast", cfg)
+    calls = []
+    monkeypatch.setattr(run_module, "_frozen_path", calls.append)  # no features cached
+    T.fit(faces, tmp_path / "slow", cfg)
+    assert len(calls) == 1  # the second run took the whole-forward path
+    init = _initial_weights(cfg)
+    for name in ("last", "best"):
+        fast, slow = (
+            load_file(str(tmp_path / r / f"{name}.safetensors")) for r in ("fast", "slow")
+        )
+        assert fast.keys() == slow.keys()
+        for k in fast:
+            assert torch.allclose(fast[k], slow[k], rtol=0, atol=1e-6), (name, k)
+    moved = max((fast[k] - init[k]).abs().max().item() for k in fast if k.startswith("heads."))
+    assert moved > 1e-3  # far above the tolerance
+    rows = [_history(tmp_path / r / "history.csv") for r in ("fast", "slow")]
+    for a, b in zip(*rows, strict=True):
+        for col in ("train_loss", "val_loss", "val_score", "val_age_mae"):
+            assert float(a[col]) == pytest.approx(float(b[col]), rel=1e-5), col
+
+
+def test_bad_freeze_value_is_one_line(tmp_path, capsys):
+    from faceattrs.cli import main
+
+    with pytest.raises(cfgmod.ConfigError, match="'freeze' must be backbone"):
+        tiny_cfg(freeze="heads")
+    argv = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "freeze=heads"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'freeze' must be backbone" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_one_epoch_on_real_data(tmp_path, shared_csv, monkeypatch, capsys):

@@ -22,8 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="prepared folder or CSV (as `faceattrs prepare` reads it)")
     p.add_argument("--out", help="run folder to create (holds best/last checkpoints, history)")
     p.add_argument(
-        "--preset", default="paper", help="paper (the reference) or cpu (default: paper)"
-    )
+        "--preset", default="paper",
+        help="paper (the reference), cpu, rgb, dlib or dlib-heads: docs/training.md "
+        "(default: paper)",
+    )  # fmt: skip
     p.add_argument("--resume", metavar="RUN", help="continue the interrupted run in RUN")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings, e.g. epochs=10")

@@ -41,6 +41,7 @@ HEADS = {h: len(names) for h, names in DEFAULT_HEADS.items()}
 AGE_YEARS = 117  # the age head's classes: whole years 0..116 (UTKFace's range)
 BF16_WORDS = ("auto", "on", "off", "true", "false", "1", "0", "yes", "no")
 HEAD_KINDS = ("classes", "age")
+FREEZE = ("", "backbone")  # TrainConfig.freeze's values
 
 
 class TrainError(FaceattrsError):
@@ -173,6 +174,10 @@ class TrainConfig:
     # an ensemble, "default" (the model bundled with the package) or "dlib" (arch
     # dlib_resnet: dlib's face-recognition weights, heads random); "" = random (the reference)
     init_member: int = 0  # which network of an ensemble ``init`` starts from
+    freeze: str = ""  # [ours] "" = every weight trains; "backbone" = only the heads train
+    # (the backbone's weights fixed, out of the optimiser, in eval mode: its BatchNorm
+    # statistics fixed too). With augment.enabled=false its features are computed once
+    # per split and the epochs run the heads alone on them (the dlib-heads preset)
     limit: int = 0  # use at most this many faces per split (0 = all; smoke tests)
     max_batches: int = 0  # stop each epoch after this many batches (0 = full; smoke tests)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # override as augment.KEY
@@ -218,6 +223,11 @@ class TrainConfig:
             raise cfgmod.ConfigError(str(e)) from None
         for key in ("ema", "distill_weight", "dropout", "age_smoothing"):
             c(self, key, 0, 1, high_open=True)
+        if self.freeze not in FREEZE:
+            raise cfgmod.ConfigError(
+                f"setting 'freeze' must be backbone (only the heads train) or empty (every "
+                f"weight trains), got {self.freeze!r}"
+            )
         if str(self.bf16).lower() not in BF16_WORDS:
             raise cfgmod.ConfigError(f"setting 'bf16' must be auto, on or off, got {self.bf16!r}")
         check_device_name(self.device)
@@ -257,10 +267,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # [ours] dlib's face-recognition ResNet (public domain weights, trained on ~3 million
     # faces), fine-tuned with the three heads on dlib's chips of the UTKFace photos
     # (`prepare --size 150 --color --crop dlib`): two epochs at a low rate, the second stage
-    # of the default model (its first: heads trained on the frozen network; pass that run
-    # as init=RUN; init=dlib starts the heads at random). At lr 3e-4 from random heads the
-    # first epoch lost most of dlib's features (validation score 0.736 against 0.853 here):
-    # docs/results/trials.md
+    # of the default model (its first: the dlib-heads preset below, the heads trained on
+    # the frozen network; pass that run as init=RUN; init=dlib starts the heads at random).
+    # At lr 3e-4 from random heads the first epoch lost most of dlib's features (validation
+    # score 0.736 against 0.853 here): docs/results/trials.md
     "dlib": {
         "arch": "dlib_resnet",
         "init": "dlib",
@@ -274,6 +284,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "age_head": True,
         "batch_size": 64,
     },
+}
+# [ours] the first stage of the default model: the three heads on dlib's frozen network
+# (freeze=backbone; no augmentation, so its 128-d descriptors are computed once per split
+# and the epochs run the heads alone), 40 epochs at a constant lr of 3e-3 (no warm-up, no
+# cosine) in batches of 128, plain shuffling, fp32: what the trial that made v6's first
+# stage did (docs/training.md, "dlib's network in two stages"). Its run is the dlib
+# preset's init=RUN
+PRESETS["dlib-heads"] = {
+    **PRESETS["dlib"],
+    "freeze": "backbone",
+    "augment": AugmentConfig(enabled=False),
+    "epochs": 40,
+    "lr": 3e-3,
+    "warmup_epochs": 0.0,
+    "min_lr": 3e-3,
+    "batch_size": 128,
+    "balanced": False,
+    "bf16": "off",
 }
 
 

@@ -48,7 +48,7 @@ from .loop import (
 )
 from .losses import multitask_loss, save_teacher_targets, teacher_targets_cached, with_age_head
 from .state import AGE_COLUMNS, check_fresh, resume_run, save_epoch
-from .weights import load_init, make_ema
+from .weights import FrozenBackbone, backbone_features, freeze_backbone, load_init, make_ema
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,10 @@ class _Run:
     loss_fn: Any = None
     age_edges: list | None = None
     init: dict | None = None  # where the first weights came from (config.json's "init")
+    # freeze=backbone without augmentation: train["image"] and val["image"] hold the
+    # backbone's features, computed once, and the epochs run the heads alone on them
+    cached: bool = False
+    scored: Any = None  # what validation runs: ``served``, or its heads on the features
 
     @property
     def main(self) -> bool:
@@ -169,7 +173,13 @@ def _fit(faces, out_dir: Path, cfg: TrainConfig, resume, data_ref, progress) -> 
         len(run.val["image"]), device, world, run.bf16, cfg.width,
         ",".join(map(str, cfg.blocks)), start_epoch, cfg.epochs, run.minority,
     )  # fmt: skip
-    run.net = ddp.wrap(run.model, device, world)
+    trained, run.scored = run.model, run.served
+    if cfg.freeze:  # the backbone's weights are final (init's, or a resume's): use them
+        _frozen_path(run)
+        trained = FrozenBackbone(run.model, features=run.cached)
+        if run.cached:
+            run.scored = FrozenBackbone(run.served, features=True)
+    run.net = ddp.wrap(trained, device, world)
     if cfg.compile:
         run.net = torch.compile(run.net)
 
@@ -233,7 +243,8 @@ def _build(run: _Run, resume: bool) -> None:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     run.model = model
-    run.optimizer = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
+    params = freeze_backbone(model) if cfg.freeze else model.parameters()
+    run.optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay)
     share = len(run.train["image"]) // run.world
     steps = math.ceil(share / cfg.batch_size)
     if cfg.max_batches > 0:
@@ -249,6 +260,31 @@ def _build(run: _Run, resume: bool) -> None:
         run.age_edges = [float(e) for e in edges]
         run.loss_fn = with_age_head(run.loss_fn, cfg, run.age_edges)
     run.ema = make_ema(model, cfg.ema)
+
+
+def _frozen_path(run: _Run) -> None:
+    """freeze=backbone: without augmentation, replace both splits' faces by the backbone's
+    features (computed once, as the whole network's forward would give them to the heads);
+    with it, every step runs the whole network. Says which, once."""
+    cfg = run.cfg
+    if cfg.augment.enabled:
+        log.info("freeze=backbone: augmentation on, so every step runs the whole network; "
+                 "only the heads train (set augment.enabled=false to compute the backbone's "
+                 "features once)")  # fmt: skip
+        return
+    t0 = time.perf_counter()
+    settings = {"batch_size": cfg.eval_batch_size, "bf16": run.bf16,
+                "channels_last": cfg.channels_last}  # fmt: skip
+    # the training faces through the augmenter (off: it only normalises, as in training),
+    # validation's uint8 faces as evaluate_heads gives them to the network
+    train = backbone_features(
+        run.model, run.train, lambda b: run.augmenter(b["image"], b["ethnicity"]), **settings
+    )
+    val = backbone_features(run.model, run.val, lambda b: b["image"], **settings)
+    run.train["image"], run.val["image"], run.cached = train, val, True
+    log.info("freeze=backbone, no augmentation: the backbone's %d-d features of %d train and "
+             "%d val faces computed once (%.1f s); the epochs train the heads on them",
+             train.shape[1], len(train), len(val), time.perf_counter() - t0)  # fmt: skip
 
 
 def _write_config(run: _Run, resume: bool) -> None:
@@ -276,11 +312,12 @@ def _epoch(run: _Run, epoch: int) -> dict[str, Any]:
     seed_epoch(cfg.seed, epoch, run.rank)
     n_train = len(run.train["image"])
     order = epoch_order(run.weights, n_train, cfg.seed, epoch, run.rank, run.world)
+    prepare = (lambda batch: batch["image"]) if run.cached else (
+        lambda batch: run.augmenter(batch["image"], batch["ethnicity"]))  # fmt: skip
     tr = train_one_epoch(
-        run.net, run.loss_fn, run.train, order.to(run.device), run.optimizer,
-        lambda batch: run.augmenter(batch["image"], batch["ethnicity"]),
+        run.net, run.loss_fn, run.train, order.to(run.device), run.optimizer, prepare,
         batch_size=cfg.batch_size, scheduler=run.scheduler, bf16=run.bf16,
-        channels_last=cfg.channels_last, max_batches=cfg.max_batches,
+        channels_last=cfg.channels_last and not run.cached, max_batches=cfg.max_batches,
         progress=f"epoch {epoch}/{cfg.epochs}" if (run.progress and run.main) else False,
         after_step=(lambda: ema.update_parameters(model)) if ema is not None else None,
     )  # fmt: skip
@@ -290,7 +327,7 @@ def _epoch(run: _Run, epoch: int) -> dict[str, Any]:
     shard = torch.arange(run.rank, len(run.val["image"]), run.world, device=run.device)
     heads = class_heads(cfg)
     ev = evaluate_heads(
-        run.served, run.val, heads, batch_size=cfg.eval_batch_size, loss_fn=run.loss_fn,
+        run.scored, run.val, heads, batch_size=cfg.eval_batch_size, loss_fn=run.loss_fn,
         bf16=run.bf16, channels_last=cfg.channels_last, indices=shard,
         years=AGE_HEAD if cfg.age_head else None,
     )  # fmt: skip

@@ -219,9 +219,15 @@ def resume_run(
     snap = read_train_state(out_dir)
     model.load_state_dict(snap["model"])
     resume = snap["resume"]
-    optimizer.load_state_dict(
-        {"state": snap["optim"], "param_groups": resume["optimizer_param_groups"]}
-    )
+    try:
+        optimizer.load_state_dict(
+            {"state": snap["optim"], "param_groups": resume["optimizer_param_groups"]}
+        )
+    except ValueError:  # another number of trained weights than the saved state's
+        raise TrainError(
+            f"cannot resume {out_dir}: its optimiser state is for other trained weights; "
+            "keep its freeze setting"
+        ) from None
     scheduler.load_state_dict(
         {**resume["scheduler"], "lr_lambdas": scheduler.state_dict()["lr_lambdas"]}
     )
