@@ -61,6 +61,20 @@ def tiny_faces():
     return synthetic_faceset()
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run folder holding an untrained width-0.125 network as ``best`` (no training: a
+    save), for the commands that need a model (test_crash_consistency, test_bad_inputs).
+    Session-scoped: made once for both modules; the tests only read it."""
+    from faceattrs.checkpoint import save_checkpoint
+    from faceattrs.model import FaceResNet, ModelConfig
+
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    save_checkpoint(run, "best", FaceResNet(ModelConfig(width=0.125)), {"epoch": 0})
+    return run
+
+
 def load_script(name: str):
     """Import ``tools/NAME.py`` or ``benchmarks/NAME.py`` as a module (not a package)."""
     import importlib.util
