@@ -1,5 +1,5 @@
 """``faceattrs train`` as torchrun runs it, keeping each rank's final weights for
-tests/test_train.py (``torchrun ... tests/torchrun_train.py DUMP_DIR TRAIN_ARGS...``):
+tests/test_train_ddp.py (``torchrun ... tests/torchrun_train.py DUMP_DIR TRAIN_ARGS...``):
 after training, every rank writes its model's weights to ``DUMP_DIR/rankN.safetensors``."""
 
 from __future__ import annotations
