@@ -580,12 +580,12 @@ def test_bad_analyze_options_are_one_clear_error(analyzer):
 def test_photo_workers_decode_under_the_callers_pillow_guard(run_dir, tmp_path):
     """Worker processes take the calling process's Pillow guard: a program keeps it in its
     workers too (the same answer as in threads), a faceattrs command lifts it in both."""
-    from test_photo import _png_header
+    from photo_helpers import png_header
 
     from faceattrs.photo import PhotoConfig, pillow_limit_lifted
 
     bomb = tmp_path / "bomb.png"
-    bomb.write_bytes(_png_header(20000, 20000))  # 400 megapixels in the header, no pixels
+    bomb.write_bytes(png_header(20000, 20000))  # 400 megapixels in the header, no pixels
     cfg = PhotoConfig(max_pixels=0)
     for workers in ("threads", "processes"):
         an = FaceAnalyzer(run_dir, photo=cfg, photo_workers=workers)
