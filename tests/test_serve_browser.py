@@ -23,7 +23,7 @@ pytest.importorskip("fastapi", reason="serving needs the 'serve' extra (fastapi,
 pytest.importorskip("uvicorn", reason="serving needs the 'serve' extra (fastapi, uvicorn)")
 from conftest import child_env, descendants, outliving  # noqa: E402
 from photo_helpers import png_header  # noqa: E402
-from test_predict import make_run  # noqa: E402
+from predict_helpers import make_run  # noqa: E402
 from test_serve import shared_photos_dir  # noqa: E402
 
 import faceattrs  # noqa: E402
