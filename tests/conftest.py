@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 # ../shared/data beside the checkout; FACEATTRS_SHARED_DATA points elsewhere (a worktree)
@@ -73,6 +74,44 @@ def tiny_run(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     save_checkpoint(run, "best", FaceResNet(ModelConfig(width=0.125)), {"epoch": 0})
     return run
+
+
+# ---------------------------------------------------------------- the prediction tests' inputs
+# (test_predict_api.py, test_predict_cli.py, test_photo_workers.py). Session-scoped: the
+# model is built once for the three modules; the tests only read them. A module that needs
+# another model or other photos defines its own fixture of the same name.
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory) -> Path:
+    """predict_helpers.make_run's tiny random-init bundle (multitask model, age model,
+    gender calibrated at temperature 2)."""
+    from predict_helpers import make_run
+
+    return make_run(tmp_path_factory.mktemp("run"), temperatures={"gender": 2.0})
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[Path]:
+    """The shared face photos (200x200 JPEGs), sorted; skipped when absent."""
+    if not SHARED_PHOTOS.is_dir():
+        pytest.skip(f"real photos not available: {SHARED_PHOTOS} is absent (outside the repo)")
+    return sorted(SHARED_PHOTOS.glob("*.jpg"))
+
+
+@pytest.fixture(scope="session")
+def image_files(tmp_path_factory) -> list:
+    """Ten random images as files, one bad file, and two in-memory arrays (CI has no photos)."""
+    d = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(1)
+    files = []
+    for i in range(10):
+        f = d / f"img{i:02d}.png"
+        Image.fromarray(rng.integers(0, 256, (50 + 3 * i, 48, 3), dtype=np.uint8)).save(f)
+        files.append(f)
+    (d / "bad.jpg").write_text("not an image")
+    arrays = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    return [*files[:4], arrays[0], d / "bad.jpg", str(files[4]), *files[5:], arrays[1]]
 
 
 def load_script(name: str):

@@ -1,5 +1,5 @@
 """Composed test scenes from face photos, with the truth: several faces on one background,
-turned faces, small faces, and pictures without a face. Used by tests/test_photo.py and
+turned faces, small faces, and pictures without a face. Used by tests/test_photo_detect.py and
 benchmarks/compare_detectors.py (which puts this folder on sys.path)."""
 
 from __future__ import annotations

@@ -167,7 +167,7 @@ def test_explain_leaves_the_age_head_out(run, faces):
 
 
 def test_age_json_naming_a_missing_head_is_one_line(run, tmp_path, capsys):
-    from test_predict import make_run
+    from predict_helpers import make_run
 
     two = make_run(tmp_path / "two")  # gender and ethnicity only
     shutil.rmtree(two / "age")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_predict import make_run
+from predict_helpers import make_run
 
 import faceattrs
 from faceattrs import bundle as B

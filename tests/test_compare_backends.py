@@ -13,7 +13,7 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from test_predict import make_run
+    from predict_helpers import make_run
 
     from faceattrs.export import export_onnx
 

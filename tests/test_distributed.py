@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SHARED_PHOTOS
-from test_predict import make_run
+from predict_helpers import make_run
 
 from faceattrs.cli import main
 from faceattrs.exceptions import FaceattrsError

@@ -24,7 +24,7 @@ from conftest import SHARED_PHOTOS  # ../shared/data/photos, or FACEATTRS_SHARED
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    from test_predict import make_run  # the same tiny bundle (multitask + age + calibration)
+    from predict_helpers import make_run  # the same tiny bundle (multitask + age + calibration)
 
     return make_run(tmp_path_factory.mktemp("run"), temperatures={"ethnicity": 1.7})
 

@@ -233,7 +233,7 @@ def test_model_folders_are_read_in_one_module():
 def test_inference_imports_no_training_library(tmp_path):
     """Loading a bundle and analysing a face imports no training library (kornia,
     matplotlib, scikit-learn, SciPy) and no training code (faceattrs.training)."""
-    from test_predict import make_run
+    from predict_helpers import make_run
 
     run = make_run(tmp_path / "run", temperatures={"gender": 2.0})
     code = f"""

@@ -15,7 +15,7 @@ from faceattrs.predict import FaceAnalyzer
 
 @pytest.fixture
 def packaged(tmp_path, monkeypatch):
-    from test_predict import make_run
+    from predict_helpers import make_run
 
     pdm = load_script("package_default_model")
     run = make_run(tmp_path / "run", temperatures={"gender": 2.0})

@@ -21,7 +21,7 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="serving needs the 'serve' extra (fastapi, uvicorn)")
 pytest.importorskip("multipart", reason="serving needs python-multipart (the 'serve' extra)")
 from fastapi.testclient import TestClient  # noqa: E402
-from test_predict import make_run  # noqa: E402  (the same tiny bundle)
+from predict_helpers import make_run  # noqa: E402  (the same tiny bundle)
 
 from faceattrs.bundle import NAMED_MODELS  # noqa: E402
 

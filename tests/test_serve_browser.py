@@ -22,8 +22,8 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="serving needs the 'serve' extra (fastapi, uvicorn)")
 pytest.importorskip("uvicorn", reason="serving needs the 'serve' extra (fastapi, uvicorn)")
 from conftest import child_env, descendants, outliving  # noqa: E402
-from test_photo import _png_header  # noqa: E402
-from test_predict import make_run  # noqa: E402
+from photo_helpers import png_header  # noqa: E402
+from predict_helpers import make_run  # noqa: E402
 from test_serve import shared_photos_dir  # noqa: E402
 
 import faceattrs  # noqa: E402
@@ -232,7 +232,7 @@ def test_page_explains_errors(server, browser, tmp_path):
     big = tmp_path / "big.jpg"
     big.write_bytes(os.urandom((LIMIT_MB + 1) * 1024 * 1024))
     bomb = tmp_path / "bomb.png"  # a PNG header claiming 20000 x 20000 pixels
-    bomb.write_bytes(_png_header(20000, 20000))
+    bomb.write_bytes(png_header(20000, 20000))
     page = browser.new_page()
     # which files the page turned into pictures (a preview decodes the whole image)
     page.add_init_script(

@@ -170,7 +170,7 @@ def test_onnx_export_bakes_the_flip_in(tta_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def age_run(tmp_path_factory):
-    from test_predict import make_run
+    from predict_helpers import make_run
 
     return make_run(tmp_path_factory.mktemp("agerun"))
 
@@ -216,7 +216,7 @@ def test_choose_age_flip_refits_the_interval(age_run):
 
 
 def test_calibrate_chooses_for_the_age_model_too(tmp_path):
-    from test_predict import make_run
+    from predict_helpers import make_run
 
     run = make_run(tmp_path / "run")
     result = calibrate_run(run, _age_val(), flip_tta="on")
@@ -240,7 +240,7 @@ def test_calibrate_chooses_for_the_age_model_too(tmp_path):
 
 
 def test_bad_age_flip_value_is_one_clear_error(tmp_path):
-    from test_predict import make_run
+    from predict_helpers import make_run
 
     from faceattrs.checkpoint import CheckpointError
 
