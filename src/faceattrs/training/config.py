@@ -289,7 +289,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # (freeze=backbone; no augmentation, so its 128-d descriptors are computed once per split
 # and the epochs run the heads alone), 40 epochs at a constant lr of 3e-3 (no warm-up, no
 # cosine) in batches of 128, plain shuffling, fp32: what the trial that made v6's first
-# stage did (docs/training.md, "dlib's network in two stages"). Its run is the dlib
+# stage did (docs/training.md, "dlib's network in stages"). Its run is the dlib
 # preset's init=RUN
 PRESETS["dlib-heads"] = {
     **PRESETS["dlib"],
