@@ -193,17 +193,19 @@ def flat_record(rec: dict) -> dict:
     return row
 
 
-def check_out_file(path) -> None:
-    """FaceattrsError before any work for an ``--out`` that cannot be written."""
+def check_out_file(path, suffixes=(".jsonl", ".json", ".csv"), kinds=".jsonl or .csv") -> None:
+    """FaceattrsError before any work for an ``--out`` that cannot be written: a name
+    without one of ``suffixes`` (``kinds`` names them), a folder, a file as its folder.
+    The Ray path (faceattrs.distributed) passes its own suffixes."""
     if path is None:
         return
     path = Path(path)
-    if path.suffix.lower() == ".parquet":
+    if path.suffix.lower() == ".parquet" and ".parquet" not in suffixes:
         raise FaceattrsError(f"--out {path}: Parquet is written with --engine ray; or use .jsonl")
-    if path.suffix.lower() not in (".jsonl", ".json", ".csv"):
-        raise FaceattrsError(f"--out {path}: use a .jsonl or .csv file name")
+    if path.suffix.lower() not in suffixes:
+        raise FaceattrsError(f"--out {path}: use a {kinds} file name")
     if path.is_dir():
-        raise FaceattrsError(f"--out {path}: is a folder; name a .jsonl or .csv file")
+        raise FaceattrsError(f"--out {path}: is a folder; name a {kinds} file")
     if path.parent.exists() and not path.parent.is_dir():
         raise FaceattrsError(f"--out {path}: {path.parent} is not a folder")
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..exceptions import FaceattrsError
 from ..io import atomic_path, clean_stale_temps
+from ..predict_files import check_out_file
 from .sources import is_uri
 
 OUT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -54,15 +55,9 @@ def check_out(out) -> None:
     """FaceattrsError before any work for an ``--out`` this engine cannot write."""
     if out is None:
         return
-    path = Path(out)
     if is_uri(out):
         raise FaceattrsError(f"--out {out}: name a file of this machine, not a URI")
-    if path.suffix.lower() not in OUT_SUFFIXES:
-        raise FaceattrsError(f"--out {out}: use a .jsonl, .csv or .parquet name")
-    if path.is_dir():
-        raise FaceattrsError(f"--out {out}: is a folder; name a .jsonl, .csv or .parquet file")
-    if path.parent.exists() and not path.parent.is_dir():
-        raise FaceattrsError(f"--out {out}: {path.parent} is not a folder")
+    check_out_file(out, OUT_SUFFIXES, ".jsonl, .csv or .parquet")
 
 
 @contextmanager
