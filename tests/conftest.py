@@ -77,9 +77,10 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 # ---------------------------------------------------------------- the prediction tests' inputs
-# (test_predict_api.py, test_predict_cli.py, test_photo_workers.py). Session-scoped: the
-# model is built once for the three modules; the tests only read them. A module that needs
-# another model or other photos defines its own fixture of the same name.
+# (test_predict_api.py, test_predict_cli.py, test_photo_workers.py; run_dir and photos also
+# test_serve.py, test_distributed.py, test_bundle.py, test_layers.py). Session-scoped: the
+# model is built once for all of them, so no test may write into these folders (copy first).
+# A module that needs another model or other photos defines its own fixture of the same name.
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from predict_helpers import make_run
 
 import faceattrs
 from faceattrs import bundle as B
@@ -21,9 +20,10 @@ from faceattrs.inputs import ETHNICITIES, GENDERS
 from faceattrs.predict import FaceAnalyzer
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp("bundle") / "run", temperatures={"gender": 2.0})
+@pytest.fixture
+def run(run_dir) -> Path:
+    """conftest's session bundle (gender calibrated at 2): read, or copied before a change."""
+    return run_dir
 
 
 @pytest.fixture

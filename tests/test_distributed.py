@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SHARED_PHOTOS
-from predict_helpers import make_run
 
 from faceattrs.cli import main
 from faceattrs.exceptions import FaceattrsError
@@ -53,16 +52,8 @@ def local_ray():
         signal.signal(s, handler)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp("run"), temperatures={"gender": 2.0})
-
-
-@pytest.fixture(scope="module")
-def photos() -> list[Path]:
-    if not SHARED_PHOTOS.is_dir():
-        pytest.skip(f"real photos not available: {SHARED_PHOTOS} is absent (outside the repo)")
-    return sorted(SHARED_PHOTOS.glob("*.jpg"))
+# run_dir (the tiny bundle, gender calibrated at 2) and photos are conftest's session
+# fixtures: the tests only read them.
 
 
 def read_jsonl(path: Path) -> list[dict]:

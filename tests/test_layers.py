@@ -230,18 +230,16 @@ def test_model_folders_are_read_in_one_module():
     assert readers - report <= allowed and "faceattrs.bundle" in readers, readers
 
 
-def test_inference_imports_no_training_library(tmp_path):
-    """Loading a bundle and analysing a face imports no training library (kornia,
-    matplotlib, scikit-learn, SciPy) and no training code (faceattrs.training)."""
-    from predict_helpers import make_run
-
-    run = make_run(tmp_path / "run", temperatures={"gender": 2.0})
+def test_inference_imports_no_training_library(run_dir):
+    """Loading a bundle (conftest's session bundle, only read) and analysing a face imports
+    no training library (kornia, matplotlib, scikit-learn, SciPy) and no training code
+    (faceattrs.training)."""
     code = f"""
 import sys
 import numpy as np
 import faceattrs
 from faceattrs import predict_files  # the `predict` command's module
-an = faceattrs.FaceAnalyzer({str(run)!r})
+an = faceattrs.FaceAnalyzer({str(run_dir)!r})
 rec = an.analyze(np.full((48, 48), 128, np.uint8), detect=False)[0]
 assert rec["age"] is not None and rec["gender"]["label"]
 heavy = sorted(m for m in ("kornia", "matplotlib", "sklearn", "scipy") if m in sys.modules)

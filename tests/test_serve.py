@@ -8,7 +8,6 @@ import asyncio
 import base64
 import io
 import json
-import os
 import re
 import socket
 import threading
@@ -21,7 +20,6 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="serving needs the 'serve' extra (fastapi, uvicorn)")
 pytest.importorskip("multipart", reason="serving needs python-multipart (the 'serve' extra)")
 from fastapi.testclient import TestClient  # noqa: E402
-from predict_helpers import make_run  # noqa: E402  (the same tiny bundle)
 
 from faceattrs.bundle import NAMED_MODELS  # noqa: E402
 
@@ -39,10 +37,8 @@ from faceattrs.serve import (  # noqa: E402
     create_app,
 )
 
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp("run"), temperatures={"gender": 2.0})
+# run_dir (the tiny bundle, gender calibrated at 2) and photos are conftest's session
+# fixtures: the tests only read them.
 
 
 @pytest.fixture(scope="module")
@@ -62,22 +58,6 @@ def strict(analyzer):
     cfg = ServeConfig(max_upload_bytes=64 * 1024, max_pixels=1_000_000, max_images=2)
     with TestClient(create_app(cfg, analyzer=analyzer)) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def photos() -> list[Path]:
-    folder = shared_photos_dir()
-    if not folder.is_dir():
-        pytest.skip(f"real photos not available: {folder} is absent (outside the repo)")
-    return sorted(folder.glob("*.jpg"))
-
-
-def shared_photos_dir() -> Path:
-    """``../shared/data/photos``, or ``$FACEATTRS_SHARED_DATA/photos`` (e.g. in a worktree)."""
-    from conftest import SHARED_PHOTOS
-
-    env = os.environ.get("FACEATTRS_SHARED_DATA")
-    return Path(env) / "photos" if env else SHARED_PHOTOS
 
 
 def png(size=(200, 200), value=128) -> bytes:
