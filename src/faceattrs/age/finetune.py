@@ -41,6 +41,7 @@ from ..training.loop import (
     train_one_epoch,
     write_history,
 )
+from ..training.weights import FrozenBackbone, freeze_backbone
 from .bins import assign_bins
 from .regress import BinRegressors
 
@@ -59,25 +60,6 @@ def from_backbone(mt_model: FaceResNet, heads: dict[str, int]) -> FaceResNet:
     if unexpected or any(not k.startswith("heads.") for k in missing):
         raise RuntimeError(f"backbone mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return net
-
-
-class HeadOnly(nn.Module):
-    """Wraps a network so that ``train()`` leaves its frozen backbone in eval mode."""
-
-    def __init__(self, net: FaceResNet):
-        super().__init__()
-        self.net = net
-        for name, p in net.named_parameters():
-            p.requires_grad_(not name.startswith(BACKBONE))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.net.stem.eval()
-        self.net.stages.eval()
-        return self
-
-    def forward(self, x):
-        return self.net(x)
 
 
 def augmenter_for(mt_meta: dict, train: FaceSet, device) -> Augmenter:
@@ -167,12 +149,11 @@ def train_two_stages(
         if run_epochs(range(1, n + 1), epoch_fn, stopper, on_epoch):
             log.info("%s: early stop after stage-%d epoch %d", name, stage, stopper.epoch)
 
-    # Stage 1: only the new head learns; the backbone (batch-norm statistics too) is frozen.
+    # Stage 1: only the new head learns; the backbone (batch-norm statistics too) is frozen,
+    # as a freeze=backbone training run freezes it.
     torch.manual_seed(cfg.seed)
-    head_only = HeadOnly(net)
-    opt = make_optimizer(
-        [p for p in net.parameters() if p.requires_grad], cfg.head_lr, cfg.weight_decay
-    )
+    head_only = FrozenBackbone(net)
+    opt = make_optimizer(freeze_backbone(net), cfg.head_lr, cfg.weight_decay)
     no_stop = EarlyStopping(monitor, mode, patience=math.inf)
     epochs(1, head_only, opt, None, cfg.head_epochs, no_stop)
     for p in net.parameters():

@@ -94,7 +94,7 @@ def freeze_backbone(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 class FrozenBackbone(torch.nn.Module):
     """``net`` (a :class:`HeadsNet` after :func:`freeze_backbone`) as a ``freeze=backbone``
-    run trains it: ``train()`` puts only the heads in training mode (their dropout), the
+    run (and the age heads' head-only first stage, ``age.finetune``) trains it: ``train()`` puts only the heads in training mode (their dropout), the
     backbone stays in eval mode (its BatchNorm statistics, and any dropout of its own,
     unchanged). With ``features`` the input is the backbone's features
     (:func:`backbone_features`, computed once) and ``forward`` runs the heads alone;
