@@ -24,7 +24,6 @@ pytest.importorskip("uvicorn", reason="serving needs the 'serve' extra (fastapi,
 from conftest import child_env, descendants, outliving  # noqa: E402
 from photo_helpers import png_header  # noqa: E402
 from predict_helpers import make_run  # noqa: E402
-from test_serve import shared_photos_dir  # noqa: E402
 
 import faceattrs  # noqa: E402
 
@@ -174,11 +173,8 @@ def browser():
         b.close()
 
 
-def test_page_shows_boxes_labels_bars_and_grad_cam(server, browser, tmp_path):
-    base, _ = server
-    photos = sorted(shared_photos_dir().glob("*.jpg"))
-    if not photos:
-        pytest.skip(f"real photos not available: {shared_photos_dir()} is absent")
+def test_page_shows_boxes_labels_bars_and_grad_cam(server, browser, tmp_path, photos):
+    base, _ = server  # photos: the shared photos (conftest; skips where they are absent)
     model = get_json(base + "/model")
     page = browser.new_page(viewport={"width": 1100, "height": 900})
     errors, failed = [], []
