@@ -148,7 +148,9 @@ def test_per_bin_regressor_never_sees_other_bins(monkeypatch):
 
     monkeypatch.setattr(finetune, "_fit_one", spy)
     z = np.column_stack([age, rng.normal(size=(200, 3))]).astype(np.float32)  # col 0 = age
-    finetune.train_regressors(z[:150], age[:150], z[150:], age[150:], edges, AgeConfig(reg_epochs=2))
+    finetune.train_regressors(
+        z[:150], age[:150], z[150:], age[150:], edges, AgeConfig(reg_epochs=2)
+    )
     lo, hi = [0, *edges], [*edges, np.inf]
     assert sorted(seen) == list(range(6))
     for k, (x, y, yv) in seen.items():

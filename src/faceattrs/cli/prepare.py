@@ -33,7 +33,9 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--seed", type=int, help="split seed (default 0)")
     p.add_argument(
-        "--size", type=int, help="photo folders: store the faces at this side in pixels (default 48)"
+        "--size",
+        type=int,
+        help="photo folders: store the faces at this side in pixels (default 48)",
     )
     p.add_argument(
         "--crop", choices=["utkface", "dlib"],
