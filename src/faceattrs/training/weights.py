@@ -94,9 +94,9 @@ def freeze_backbone(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 class FrozenBackbone(torch.nn.Module):
     """``net`` (a :class:`HeadsNet` after :func:`freeze_backbone`) as a ``freeze=backbone``
-    run (and the age heads' head-only first stage, ``age.finetune``) trains it: ``train()`` puts only the heads in training mode (their dropout), the
-    backbone stays in eval mode (its BatchNorm statistics, and any dropout of its own,
-    unchanged). With ``features`` the input is the backbone's features
+    run (and the age heads' head-only first stage, ``age.finetune``) trains it: ``train()``
+    puts only the heads in training mode (their dropout), the backbone stays in eval mode
+    (its BatchNorm statistics, and any dropout of its own, unchanged). With ``features`` the input is the backbone's features
     (:func:`backbone_features`, computed once) and ``forward`` runs the heads alone;
     without, the whole network runs and the backward pass reaches only the heads.
     ``net`` itself is what a checkpoint saves."""
